@@ -1,0 +1,1 @@
+"""The dallm daemon: store, scheduler, worker supervision, sockets (`dallm-daemon`)."""

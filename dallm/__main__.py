@@ -1,0 +1,5 @@
+import sys
+
+from dallm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,294 @@
+"""Job configuration: a TOML file validated by pydantic, with `--set section.key=value` overrides.
+
+Every error names the key path (`train.lr`) and the reason, in one line.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot be used; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = "micro"  # "micro" (the shipped miniature model), a hub id, or a local diffusers folder
+    revision: str | None = None
+    variant: str | None = None
+    resolution: int | None = Field(default=None, ge=8)  # None: the UNet's sample_size x VAE factor
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
+
+
+class DataConfig(_Section):
+    dir: Path | None = None
+    instance_prompt: str = ""  # used for images without a same-name .txt caption
+    caption_ext: str = ".txt"
+    limit: int | None = Field(default=None, ge=1)  # use the first N images (sorted by name)
+    random_flip: bool = False
+    center_crop: bool = True
+    min_size: int | None = Field(default=None, ge=1)  # smaller images are bad; None: resolution / 2
+    on_bad_image: Literal["error", "skip"] = "error"
+    # Prior preservation (DreamBooth): class images keep the model's notion of the class.
+    class_dir: Path | None = None
+    class_prompt: str = ""
+    prior_loss_weight: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _class_prompt_needed(self) -> DataConfig:
+        if self.class_dir is not None and not self.class_prompt:
+            raise ValueError("class_prompt: required when class_dir is set")
+        return self
+
+
+class LoraConfig(_Section):
+    rank: int = Field(default=4, ge=1)
+    alpha: float | None = Field(default=None, gt=0)  # None: alpha = rank (scale 1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    init: Literal["default", "gaussian"] = "default"  # peft's init_lora_weights (B = 0 either way)
+    text_encoder: bool = False
+    text_encoder_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
+    text_encoder_rank: int | None = Field(default=None, ge=1)
+
+
+class TokensConfig(_Section):
+    """Textual inversion / pivotal tuning: new tokens learned before and with the LoRA."""
+
+    new: list[str] = Field(default_factory=list)  # e.g. ["<s1>", "<s2>"]
+    init_word: str | None = None  # None: random rows scaled to the embedding std
+    ti_steps: int = Field(default=0, ge=0)  # steps training the embeddings alone, before LoRA joins
+    lr: float = Field(default=5e-4, gt=0)
+
+    @field_validator("new")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("tokens must be distinct")
+        if any(not t or any(c.isspace() for c in t) for t in v):
+            raise ValueError("a token must be non-empty and contain no whitespace")
+        return v
+
+
+class TrainConfig(_Section):
+    method: Literal["lora"] = "lora"
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    text_encoder_lr: float | None = Field(default=None, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=1e-2, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = Field(default=0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
+        return v
+
+
+class MonitorConfig(_Section):
+    cs: bool = True  # CS (Eq. 2) every step
+    window: int = Field(default=10, ge=2)  # M of Eqs. 3-4
+    early_stop: Literal["auto", "notify", "off"] = "notify"
+    # Noise guard of the turning-point detector: a valley counts only when CS-Fluctuation has risen
+    # from it by this fraction of the curve's range so far, and valleys closer than
+    # `min_valley_distance` steps (default: window) are merged.
+    min_rise: float = Field(default=0.1, ge=0)
+    min_valley_distance: int | None = Field(default=None, ge=1)
+    log_every: int = Field(default=1, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(default=250, ge=1)
+    keep: int | None = Field(default=3, ge=1)  # None keeps all
+
+
+class SamplesConfig(_Section):
+    every: int = Field(default=0, ge=0)  # 0: off
+    prompts: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    steps: int = Field(default=25, ge=1)
+    guidance: float = Field(default=5.0, ge=0)
+    thumbnail: int = Field(default=64, ge=8)
+
+
+class EvalConfig(_Section):
+    every: int = Field(default=0, ge=0)  # 0: off (still at the end when val_dir or prompts are set)
+    features: str = "micro"  # micro | inception | clip:FOLDER
+    prompts: list[str] = Field(default_factory=list)  # empty: the data's captions
+    num_images: int = Field(default=20, ge=2)
+    val_dir: Path | None = None
+    subset_size: int = Field(default=1000, ge=2)
+    num_subsets: int = Field(default=100, ge=1)
+    steps: int = Field(default=25, ge=1)
+    guidance: float = Field(default=5.0, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    inception_weights: Path | None = None
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: str) -> str:
+        if v not in ("micro", "inception") and not (v.startswith("clip:") and len(v) > 5):
+            raise ValueError(f"unknown feature extractor {v!r}; use micro, inception or clip:FOLDER")
+        return v
+
+
+class JobConfig(_Section):
+    name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = 0
+    output_dir: Path | None = None  # None: runs/<name>
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        steps = self.train.steps
+        if self.data.dir is None:
+            raise ValueError("data.dir: required (a folder of target images)")
+        if self.monitor.window > steps:
+            raise ValueError(f"monitor.window: {self.monitor.window} is larger than train.steps ({steps})")
+        if self.train.warmup_steps > steps:
+            raise ValueError(f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps ({steps})")
+        if self.tokens.ti_steps >= steps and self.tokens.ti_steps > 0:
+            raise ValueError(f"tokens.ti_steps: {self.tokens.ti_steps} leaves no LoRA steps (train.steps={steps})")
+        if self.tokens.ti_steps and not self.tokens.new:
+            raise ValueError("tokens.ti_steps: set, but tokens.new lists no tokens")
+        if self.samples.every and not self.samples.prompts:
+            raise ValueError("samples.prompts: required when samples.every > 0")
+        if self.train.mixed_precision != "no" and self.train.device == "cpu":
+            raise ValueError("train.mixed_precision: bf16/fp16 autocast needs a CUDA device")
+        return self
+
+    @property
+    def out(self) -> Path:
+        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    # Model-level validators put the key path at the start of their message.
+    where = loc if loc else msg.split(":", 1)[0]
+    if not loc and ":" in msg:
+        msg = msg.split(":", 1)[1].strip()
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{extra}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). The value is read as TOML, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Relative data paths in a config file are relative to the file's folder."""
+    for section, key in (("data", "dir"), ("data", "class_dir"), ("eval", "val_dir"), ("eval", "inception_weights")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[section][key] = str((base_dir / value).resolve())
+        elif isinstance(value, str):
+            data[section][key] = str(Path(value).expanduser())
+    base = data.get("model", {}).get("base") if isinstance(data.get("model"), dict) else None
+    if isinstance(base, str) and (base.startswith(".") or base.startswith("/") or base.startswith("~")):
+        data["model"]["base"] = str((base_dir / Path(base).expanduser()).resolve())
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    data = resolve_paths(data, path.resolve().parent)
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
+    """Plain TOML-able data (None values dropped, paths as strings)."""
+    return cfg.model_dump(mode="json", exclude_none=True)
+
+
+def config_to_toml(cfg: JobConfig) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def save_config(cfg: JobConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(config_to_toml(cfg))
+    tmp.replace(path)
