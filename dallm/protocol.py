@@ -57,6 +57,24 @@ class LogEvent(_Message):
     message: str
 
 
+class StartedEvent(_Message):
+    """The engine is ready and about to run steps `start_step + 1 .. total_steps`."""
+
+    kind: Literal["started"] = "started"
+    start_step: int
+    total_steps: int
+    device: str
+    trainable_params: int
+
+
+class RolledBackEvent(_Message):
+    """Weights and optimizer state are now those of `step`; history after it is superseded."""
+
+    kind: Literal["rolled_back"] = "rolled_back"
+    step: int
+    resume: bool
+
+
 class FinishedEvent(_Message):
     """The engine is done: `result_step` is the step whose weights were written as the result."""
 
@@ -67,7 +85,14 @@ class FinishedEvent(_Message):
 
 
 JobEvent = Annotated[
-    MetricsEvent | SampleEvent | CheckpointEvent | TurningPointEvent | LogEvent | FinishedEvent,
+    MetricsEvent
+    | SampleEvent
+    | CheckpointEvent
+    | TurningPointEvent
+    | LogEvent
+    | StartedEvent
+    | RolledBackEvent
+    | FinishedEvent,
     Field(discriminator="kind"),
 ]
 job_event_adapter: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)
