@@ -1,0 +1,110 @@
+"""Loading a Stable-Diffusion-format model: UNet, VAE, text encoder, tokenizer, noise scheduler.
+
+`model.base` is "micro" (the miniature model shipped in the repository), a local diffusers folder,
+or a hub id. Everything goes through diffusers' / transformers' `from_pretrained`; a hub id that
+cannot be reached fails in one line that says to give a local folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dallm.config import ConfigError, ModelConfig
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class ModelParts:
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    noise_scheduler: Any  # diffusers DDPMScheduler (training noise schedule)
+    source: str  # the folder or hub id they came from
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.noise_scheduler.config.prediction_type)
+
+
+def resolve_base(base: str) -> str:
+    """ "micro" -> the shipped micro model folder; a folder -> its absolute path; else the hub id."""
+    if base == "micro":
+        try:
+            from dallm.micro import MODEL_DIR  # type: ignore[attr-defined]
+        except ImportError:
+            raise ConfigError("model.base: the micro model is not available in this installation") from None
+        folder = Path(MODEL_DIR)
+        if not (folder / "unet").is_dir():
+            raise ConfigError(
+                f"model.base: micro model folder {folder} is missing; rebuild it with `dallm micro build`"
+            )
+        return str(folder)
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "unet").is_dir():
+            raise ConfigError(f"model.base: {path} is not a diffusers model folder (no unet/ subfolder)")
+        return str(path.resolve())
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise ConfigError(f"model.base: folder {base} does not exist")
+    return base
+
+
+def _hub_error(base: str, err: Exception) -> ConfigError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(
+        f"model.base: cannot load {base!r} from the model hub ({first[:160]}); "
+        "give a local diffusers folder (e.g. one saved with save_pretrained) or 'micro'"
+    )
+
+
+def load_parts(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    weight_dtype: torch.dtype = torch.float32,
+) -> ModelParts:
+    """Load the five parts with `from_pretrained`, frozen, on `device` in `weight_dtype`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_base(cfg.base)
+    kw: dict[str, Any] = {"revision": cfg.revision}
+    try:
+        # transformers logs a warning per missing optional file; keep the console quiet.
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=cfg.revision)
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", attn_implementation="sdpa", variant=cfg.variant, **kw
+        )
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        if Path(source).is_dir():
+            raise ConfigError(f"model.base: cannot load {source}: {str(e).splitlines()[0][:200]}") from None
+        raise _hub_error(source, e) from None
+    if cfg.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(device=device, dtype=weight_dtype)
+    vae.eval()
+    text_encoder.eval()
+    return ModelParts(unet, vae, text_encoder, tokenizer, noise_scheduler, source)
