@@ -1,0 +1,200 @@
+"""A fast, deterministic stand-in for `dallm.train.train`, for daemon tests and the benchmark.
+
+Same signature and contract as the engine: emits StartedEvent, MetricsEvent per step, SampleEvent
+(a PNG thumbnail) every `samples.every`, CheckpointEvent every `checkpoint.every` (written atomically
+to checkpoints/step-N/), FinishedEvent; calls `poll()` once per step and obeys Stop / Rollback /
+CheckpointNow / Interrupt; `resume` takes a checkpoint folder or the output folder (latest
+checkpoint) and truncates metrics.jsonl after the resume step.
+
+Step time: $DALLM_FAKE_STEP_S (default 0.02 s). Faults come from dot-separated tokens in the job
+name, e.g. name "a-nan.5": `nan.N` (NaN loss at step N), `oom.N` (CUDA OOM at step N), `diskfull.N`
+(ENOSPC while writing the checkpoint of step N), `exit.N` (the process dies at step N), `tp.N`
+(turning point at step N, seen 3 steps later), `blast.N` (N metric events per step, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dallm.config import JobConfig
+from dallm.protocol import (
+    CheckpointEvent,
+    CheckpointNowCommand,
+    FinishedEvent,
+    InterruptCommand,
+    JobCommand,
+    JobEvent,
+    LogEvent,
+    MetricsEvent,
+    RollbackCommand,
+    RolledBackEvent,
+    SampleEvent,
+    StartedEvent,
+    StopCommand,
+    TurningPointEvent,
+)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_step: int
+    result_step: int
+    reason: str
+    turning_point: int | None = None
+
+
+def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def faults(name: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"(nan|oom|diskfull|exit|tp|blast)\.(\d+)", name)}
+
+
+def loss_at(step: int) -> float:
+    return 1.0 / (1.0 + 0.05 * step) + 0.01 * ((step * 7919) % 13) / 13
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    steps = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in (folder / "checkpoints").glob("step-*")
+        if p.name[5:].isdigit()
+    )
+    return steps[-1][1] if steps else None
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    path = out / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train(
+    cfg: JobConfig,
+    *,
+    out_dir: Path | None = None,
+    resume: Path | None = None,
+    emit: Callable[[JobEvent], None] | None = None,
+    poll: Callable[[], JobCommand | None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    out = Path(out_dir) if out_dir is not None else cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    send = emit or (lambda ev: None)
+    get = poll or (lambda: None)
+    step_s = float(os.environ.get("DALLM_FAKE_STEP_S", "0.02"))
+    fault = faults(cfg.name)
+    total = cfg.train.steps
+    every = cfg.checkpoint.every
+
+    def save(step: int) -> None:
+        final = out / "checkpoints" / f"step-{step}"
+        tmp = out / "checkpoints" / f".tmp-step-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            if fault.get("diskfull") == step:
+                (tmp / "state.json").write_text("{")
+                raise OSError(errno.ENOSPC, f"No space left on device: '{tmp / 'state.json'}'")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss_at(step)}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        send(CheckpointEvent(step=step, path=f"checkpoints/step-{step}"))
+
+    start = 0
+    if resume is not None:
+        resume = Path(resume)
+        ckpt = resume if (resume / "state.json").exists() else _latest_checkpoint(resume)
+        if ckpt is not None:
+            start = json.loads((ckpt / "state.json").read_text())["step"]
+        _truncate_metrics(out, start)
+    send(StartedEvent(start_step=start, total_steps=total, device="cpu", trainable_params=1234))
+    turning: int | None = None
+
+    def finish(reason: str, final: int, result: int) -> TrainResult:
+        (out / "result.json").write_text(
+            json.dumps({"reason": reason, "final_step": final, "result_step": result})
+        )
+        send(FinishedEvent(reason=reason, final_step=final, result_step=result))  # type: ignore[arg-type]
+        return TrainResult(out, final, result, reason, turning)
+
+    step = start
+    metrics = (out / "metrics.jsonl").open("a")
+    try:
+        while step < total:
+            cmd = get()
+            if isinstance(cmd, StopCommand):
+                return finish("stopped", step, turning if turning is not None else step)
+            if isinstance(cmd, InterruptCommand):
+                if step > 0:
+                    save(step)
+                return finish("interrupted", step, step)
+            if isinstance(cmd, CheckpointNowCommand) and step > 0:
+                save(step)
+            if isinstance(cmd, RollbackCommand):
+                if cmd.step > step:
+                    send(LogEvent(level="error", message=f"rollback: step {cmd.step} is in the future"))
+                else:
+                    send(RolledBackEvent(step=cmd.step, resume=cmd.resume))
+                    metrics.close()
+                    _truncate_metrics(out, cmd.step)
+                    metrics = (out / "metrics.jsonl").open("a")
+                    if not cmd.resume:
+                        return finish("rolled_back", step, cmd.step)
+                    step = cmd.step
+                    continue
+            step += 1
+            if step_s:
+                time.sleep(step_s)
+            if fault.get("exit") == step:
+                os._exit(17)
+            if fault.get("oom") == step:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+            if fault.get("nan") == step:
+                raise FloatingPointError(f"loss is NaN at step {step}")
+            for _ in range(fault.get("blast", 1)):
+                send(MetricsEvent(step=step, values={"loss": loss_at(step), "lr": cfg.train.lr}))
+            metrics.write(json.dumps({"step": step, "loss": loss_at(step)}) + "\n")
+            metrics.flush()
+            if cfg.samples.every and step % cfg.samples.every == 0:
+                send(
+                    SampleEvent(
+                        step=step,
+                        path=f"samples/step-{step}.png",
+                        png=tiny_png(),
+                        prompts=cfg.samples.prompts,
+                    )
+                )
+            if fault.get("tp") is not None and step == fault["tp"] + 3:
+                turning = fault["tp"]
+                send(TurningPointEvent(step=turning, seen_at=step))
+            if step % every == 0 or step == total:
+                save(step)
+        return finish("completed", step, step)
+    finally:
+        metrics.close()

@@ -1,0 +1,254 @@
+"""The daemon's store: SQLite in WAL mode, written by the daemon only (readers may open it too).
+
+Tables: jobs (one row per job: config, state, priority, device, timestamps, reason/error, output,
+turning point), transitions (every state change with its reason), events (the journal of every
+published event: metrics, samples with their PNG thumbnail, checkpoints, logs, states; `seq` is the
+daemon-wide sequence number, `superseded` marks history replaced by a rollback or a resume).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dallm.protocol import CheckpointInfo, JobSummary, Transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    ended REAL,
+    device TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    out_dir TEXT NOT NULL DEFAULT '',
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    resume_path TEXT,
+    pending TEXT,
+    pid INTEGER,
+    turning_point INTEGER,
+    result_step INTEGER,
+    kid_val REAL,
+    steps_per_s REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    t REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions (job_id, id);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    prev INTEGER NOT NULL DEFAULT 0,
+    job_id INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER,
+    t REAL NOT NULL,
+    data TEXT NOT NULL,
+    blob BLOB,
+    superseded INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, kind, step);
+"""
+
+SUMMARY_COLUMNS = (
+    "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
+    "turning_point, result_step, kid_val, steps_per_s"
+)
+
+# seq, prev, job, topic, kind, step, t, data, blob
+EventRow = tuple[int, int, int, str, str, int | None, float, str, bytes | None]
+
+
+def summary_from_row(row: Sequence[Any]) -> JobSummary:
+    keys = [k.strip() for k in SUMMARY_COLUMNS.split(",")]
+    return JobSummary(
+        **{k: v for k, v in zip(keys, row, strict=True) if v is not None or k in ("device", "reason")}
+    )
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def add_job(self, name: str, config: dict, priority: int, total_steps: int, retries: int) -> int:
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO jobs (name, config, state, priority, created, updated, total_steps, retries, reason) "
+            "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 'submitted')",
+            (name, json.dumps(config), priority, now, now, total_steps, retries),
+        )
+        job_id = int(cur.lastrowid or 0)
+        self.db.execute(
+            "INSERT INTO transitions (job_id, t, from_state, to_state, reason) VALUES (?, ?, NULL, 'queued', 'submitted')",
+            (job_id, now),
+        )
+        return job_id
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        cur = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
+    def find_job(self, ref: str) -> dict[str, Any] | None:
+        """A job by id, else the newest job with that name."""
+        if ref.isdigit():
+            return self.job(int(ref))
+        row = self.db.execute(
+            "SELECT id FROM jobs WHERE name = ? ORDER BY id DESC LIMIT 1", (ref,)
+        ).fetchone()
+        return self.job(row[0]) if row else None
+
+    def summary(self, job_id: int) -> JobSummary:
+        row = self.db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return summary_from_row(row)
+
+    def list_jobs(self, states: Iterable[str] | None = None, limit: int | None = None) -> list[JobSummary]:
+        sql = f"SELECT {SUMMARY_COLUMNS} FROM jobs"
+        args: list[Any] = []
+        if states:
+            states = list(states)
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += states
+        sql += " ORDER BY id"
+        if limit:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            args.append(limit)
+        return [summary_from_row(r) for r in self.db.execute(sql, args)]
+
+    def ids_in(self, *states: str) -> list[int]:
+        q = f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY id"
+        return [r[0] for r in self.db.execute(q, states)]
+
+    def next_queued(self) -> int | None:
+        row = self.db.execute(
+            "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, id LIMIT 1"
+        ).fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def transition(self, job_id: int, to_state: str, reason: str, **fields: Any) -> str | None:
+        """Set the state (and other fields) and record the transition; returns the previous state."""
+        row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        prev = row[0] if row else None
+        now = time.time()
+        self.db.execute("BEGIN")
+        try:
+            self.update_job(job_id, state=to_state, reason=reason, **fields)
+            self.db.execute(
+                "INSERT INTO transitions (job_id, t, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
+                (job_id, now, prev, to_state, reason),
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return prev
+
+    def transitions(self, job_id: int) -> list[Transition]:
+        rows = self.db.execute(
+            "SELECT t, from_state, to_state, reason FROM transitions WHERE job_id = ? ORDER BY id", (job_id,)
+        )
+        return [Transition(t=t, from_state=f, to_state=s, reason=r) for t, f, s, r in rows]
+
+    # --- events ------------------------------------------------------------------------------
+
+    def head(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    def topic_heads(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT topic, MAX(seq) FROM events GROUP BY topic").fetchall())
+
+    def add_events(self, rows: list[EventRow], job_updates: dict[int, dict[str, Any]] | None = None) -> None:
+        """One transaction: the events and the job rows they change."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT INTO events (seq, prev, job_id, topic, kind, step, t, data, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            for job_id, fields in (job_updates or {}).items():
+                self.update_job(job_id, **fields)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def supersede(self, job_id: int, after_step: int, before_seq: int) -> int:
+        """Mark the job's step events after `after_step` (stored before `before_seq`) superseded."""
+        cur = self.db.execute(
+            "UPDATE events SET superseded = 1 WHERE job_id = ? AND step > ? AND seq < ? AND superseded = 0 "
+            "AND kind IN ('metrics', 'sample', 'checkpoint', 'turning_point')",
+            (job_id, after_step, before_seq),
+        )
+        return cur.rowcount
+
+    def history(
+        self, since: int, topics: list[str] | None, limit: int, kinds: list[str] | None = None
+    ) -> list[tuple[int, int, int, str, int, float, str, bytes | None]]:
+        """Rows (seq, prev, job, topic, superseded, t, data, blob), oldest first."""
+        sql = "SELECT seq, prev, job_id, topic, superseded, t, data, blob FROM events WHERE seq > ?"
+        args: list[Any] = [since]
+        if topics is not None:
+            sql += f" AND topic IN ({','.join('?' * len(topics))})"
+            args += topics
+        if kinds is not None:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += kinds
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return self.db.execute(sql, args).fetchall()
+
+    def checkpoints(self, job_id: int) -> list[CheckpointInfo]:
+        rows = self.db.execute(
+            "SELECT step, data, superseded FROM events WHERE job_id = ? AND kind = 'checkpoint' ORDER BY seq",
+            (job_id,),
+        )
+        return [CheckpointInfo(step=s, path=json.loads(d)["path"], superseded=bool(x)) for s, d, x in rows]
+
+    def last_metrics(self, job_id: int) -> dict[str, float]:
+        row = self.db.execute(
+            "SELECT data FROM events WHERE job_id = ? AND kind = 'metrics' AND superseded = 0 ORDER BY seq DESC LIMIT 1",
+            (job_id,),
+        ).fetchone()
+        return json.loads(row[0])["values"] if row else {}
+
+    def metric_steps(self, job_id: int, include_superseded: bool = False) -> list[int]:
+        sql = "SELECT step FROM events WHERE job_id = ? AND kind = 'metrics'"
+        if not include_superseded:
+            sql += " AND superseded = 0"
+        return [r[0] for r in self.db.execute(sql + " ORDER BY seq", (job_id,))]

@@ -1,0 +1,182 @@
+"""A worker process: runs the training engine for one job and talks to the daemon over one DEALER
+socket (events up, commands down). It is independent of how it was started: all it needs is the
+daemon's worker endpoint, the job id/attempt, the config (JSON file) and the output folder.
+
+    python -m dallm.daemon.worker --endpoint ipc://... --job 3 --attempt 1 --config cfg.json --out DIR
+                                  [--resume PATH] [--runner dallm.train:train] [--parent PID]
+
+The engine is `--runner` (default $DALLM_JOB_RUNNER, else dallm.train:train), any callable with
+the signature of `dallm.train.train`. The worker dies with the daemon (PR_SET_PDEATHSIG), so a
+killed daemon never leaves an orphan training that a restarted daemon would collide with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import errno
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dallm.protocol import (
+    MAX_WORKER_BYTES,
+    JobCommand,
+    JobEvent,
+    SampleEvent,
+    WorkerDone,
+    WorkerError,
+    WorkerHello,
+    job_command_adapter,
+)
+
+DEFAULT_RUNNER = "dallm.train:train"
+
+
+def load_runner(spec: str) -> Callable[..., Any]:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "train")
+
+
+def _die_with_parent(parent: int | None) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(3)  # the daemon died before we could ask to follow it
+
+
+def classify(exc: BaseException) -> WorkerError:
+    """One clear line for the job's reason: CUDA OOM, NaN loss, full disk, or the error itself."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".strip()
+    tb = "".join(traceback.format_exception(exc))
+    for item in chain:
+        if type(item).__name__ == "OutOfMemoryError" or "out of memory" in str(item).lower():
+            return WorkerError(category="oom", message=f"CUDA out of memory: {text}", traceback=tb)
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            return WorkerError(category="disk_full", message=f"disk full: {text}", traceback=tb)
+    lowered = text.lower()
+    if (
+        isinstance(exc, FloatingPointError)
+        or " nan" in lowered
+        or "nan " in lowered
+        or "non-finite" in lowered
+    ):
+        return WorkerError(category="nan", message=f"NaN loss: {text}", traceback=tb)
+    return WorkerError(category="error", message=text, traceback=tb)
+
+
+class WorkerLink:
+    """The worker end of the daemon link: `emit` and `poll` as the engine wants them."""
+
+    def __init__(self, endpoint: str, job: int, attempt: int) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"{job}.{attempt}".encode())
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 30_000)
+        self.sock.connect(endpoint)
+        self.lock = threading.Lock()
+        self.pending: collections.deque[JobCommand] = collections.deque()
+        self.send(b"hello", WorkerHello(job=job, attempt=attempt, pid=os.getpid()).model_dump_json())
+
+    def send(self, tag: bytes, body: str) -> None:
+        with self.lock:
+            self.sock.send_multipart([tag, body.encode()])
+
+    def emit(self, event: JobEvent) -> None:
+        t = repr(time.time()).encode()
+        if isinstance(event, SampleEvent) and event.png:
+            frames = [b"ev", t, event.model_dump_json(exclude={"png"}).encode(), event.png]
+        else:
+            frames = [b"ev", t, event.model_dump_json().encode()]
+        with self.lock:
+            self.sock.send_multipart(frames, copy=len(frames) < 4)
+
+    def poll(self) -> JobCommand | None:
+        with self.lock:
+            while True:
+                try:
+                    frame = self.sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self.pending.append(job_command_adapter.validate_json(frame))
+                except ValueError:
+                    continue
+        return self.pending.popleft() if self.pending else None
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def run(args: argparse.Namespace) -> int:
+    _die_with_parent(args.parent)
+    link = WorkerLink(args.endpoint, args.job, args.attempt)
+    code = 0
+    try:
+        from dallm.config import config_from_dict
+
+        cfg = config_from_dict(json.loads(Path(args.config).read_text()), source=f"job {args.job}")
+        runner = load_runner(args.runner)
+        result = runner(
+            cfg,
+            out_dir=Path(args.out),
+            resume=Path(args.resume) if args.resume else None,
+            emit=link.emit,
+            poll=link.poll,
+            progress=False,
+        )
+        done = WorkerDone(
+            out_dir=str(getattr(result, "out_dir", args.out)),
+            final_step=int(result.final_step),
+            result_step=int(result.result_step),
+            reason=str(result.reason),
+            turning_point=getattr(result, "turning_point", None),
+        )
+        link.send(b"done", done.model_dump_json())
+    except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
+        err = classify(e)
+        print(err.traceback, file=sys.stderr, flush=True)
+        link.send(b"error", err.model_dump_json())
+        code = 1
+    finally:
+        link.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dallm-worker")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--job", type=int, required=True)
+    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume")
+    p.add_argument("--runner", default=os.environ.get("DALLM_JOB_RUNNER", DEFAULT_RUNNER))
+    p.add_argument("--parent", type=int)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
