@@ -1,0 +1,309 @@
+"""`dallm-tui`: the jobs of one dallm daemon, live, with stop and rollback from the keyboard."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Footer
+
+from . import images
+from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, Outcome
+from .link import DaemonLink
+from .model import Model
+from .screens import ConfirmScreen, HelpScreen, RollbackScreen
+from .thumbnail import Thumbnail
+from .widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
+
+EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
+
+
+class DallmApp(App[None]):
+    """The dashboard. All daemon traffic goes through `DaemonLink` (a thread) and `Connection.send`
+    (thread workers); the handlers here only update the model and the widgets."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "dallm"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    BINDINGS = [
+        Binding("s", "stop", "Stop"),
+        Binding("r", "rollback", "Rollback"),
+        Binding("c", "cancel_job", "Cancel"),
+        Binding("plus,equals_sign", "priority(1)", "Pri+", key_display="+"),
+        Binding("minus", "priority(-1)", "Pri-", key_display="-"),
+        Binding("t", "toggle_charts", "Charts"),
+        Binding("left_square_bracket", "older_sample", "Older", key_display="["),
+        Binding("right_square_bracket", "newer_sample", "Newer", key_display="]"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    selected: reactive[str | None] = reactive(None)
+
+    class ActionAnswered(Message):
+        """The daemon answered (or could not be asked) a request made from the keyboard."""
+
+        def __init__(self, action: Action, outcome: Outcome) -> None:
+            super().__init__()
+            self.action, self.outcome = action, outcome
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        images_mode: images.ImageMode = "halfblock",
+        poll_timeout: float = 0.1,
+        backoff: tuple[float, float] = (0.5, 10.0),
+    ) -> None:
+        super().__init__()
+        self.connection = connection
+        self.images_mode = images_mode
+        self.model = Model()
+        self.link = DaemonLink(connection, self.post_message, poll_timeout=poll_timeout, backoff=backoff)
+        self.was_connected = False
+        self.listed = False
+
+    def compose(self) -> ComposeResult:
+        yield ConnectionBar(id="connection")
+        yield JobTable(id="jobs")
+        yield JobHeader(id="job-header")
+        with Horizontal(id="main"):
+            yield Charts(id="charts")
+            with Vertical(id="side"):
+                yield Thumbnail(self.images_mode, id="thumbnail")
+                yield CheckpointList(id="checkpoints")
+        yield EventLog(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(ConnectionBar).endpoint = self.connection.endpoint
+        self.query_one(JobHeader).show(None)
+        self.query_one(JobTable).focus()
+        self.run_worker(self.link.run, thread=True, name="daemon-link", exit_on_error=False)
+
+    def on_unmount(self) -> None:
+        self.link.stop()
+
+    # -- the daemon link ------------------------------------------------------------------------
+
+    def on_daemon_link_connected(self, message: DaemonLink.Connected) -> None:
+        bar = self.query_one(ConnectionBar)
+        bar.connected = True
+        if self.was_connected:
+            self.notify("reconnected; history backfilled", title="daemon")
+        self.was_connected = True
+        self.query_one(EventLog).note(f"connected to {message.endpoint}")
+
+    def on_daemon_link_disconnected(self, message: DaemonLink.Disconnected) -> None:
+        bar = self.query_one(ConnectionBar)
+        if bar.connected:
+            self.notify(message.error, title="daemon disconnected", severity="error")
+            self.query_one(EventLog).note(f"disconnected: {message.error}", style="bold red")
+        bar.connected = False
+        bar.detail = f"retrying in {message.retry_in:g}s · {message.error}"
+
+    def on_daemon_link_jobs_listed(self, message: DaemonLink.JobsListed) -> None:
+        self.model.set_jobs(message.jobs)
+        self.listed = True
+        self._show_queue()
+
+    def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
+        self.model.apply_history(message.job, message.envelopes)
+        if message.job == self.selected:
+            self._show_detail()
+
+    def on_daemon_link_events_received(self, message: DaemonLink.EventsReceived) -> None:
+        touched = self.model.apply_live(message.envelopes)
+        self._show_queue()
+        if self.selected in touched:
+            self._show_detail()
+
+    # -- showing --------------------------------------------------------------------------------
+
+    def _show_queue(self) -> None:
+        table = self.query_one(JobTable)
+        table.show_jobs(list(self.model.jobs.values()))
+        if self.selected not in self.model.jobs:
+            self.selected = table.current_job
+        elif self.selected is not None:
+            self.query_one(JobHeader).show(self.model.jobs[self.selected])
+        if not self.model.jobs and self.listed:
+            self.query_one(JobHeader).update(Text(EMPTY_QUEUE, style="italic"))
+
+    def watch_selected(self, job: str | None) -> None:
+        if job is not None:
+            data = self.model.data_for(job)
+            if not data.loaded:
+                self.link.want_history(job)
+        self._show_detail()
+
+    def _show_detail(self) -> None:
+        job = self.selected
+        row = self.model.jobs.get(job) if job else None
+        data = self.model.data.get(job) if job else None
+        if data is not None and not data.loaded:
+            data = None
+        self.query_one(JobHeader).show(row)
+        if row is None and self.listed and not self.model.jobs:
+            self.query_one(JobHeader).update(Text(EMPTY_QUEUE, style="italic"))
+        self.query_one(Charts).show(data)
+        self.query_one(Thumbnail).show(job, data.samples if data else [])
+        self.query_one(CheckpointList).show(data)
+        self.query_one(EventLog).show(data)
+
+    def on_job_table_job_highlighted(self, message: JobTable.JobHighlighted) -> None:
+        self.selected = message.job
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _selected_row(self, verb: str):
+        row = self.model.jobs.get(self.selected) if self.selected else None
+        if row is None:
+            self.notify(f"no job to {verb}", severity="warning")
+        return row
+
+    def action_stop(self) -> None:
+        row = self._selected_row("stop")
+        if row is None:
+            return
+        if row.state in TERMINAL_STATES:
+            self.notify(f"{row.id} is already {row.state}", severity="warning")
+            return
+        data = self.model.data.get(row.id)
+        tp = data.turning_point if data else row.turning_point
+        weights = f"the turning-point weights (step {tp})" if tp is not None else "the current weights"
+        question = f"Stop job {row.id} ({row.name}) now?\nIt finishes with {weights}."
+        self.push_screen(ConfirmScreen(question, "Stop"), partial(self._confirmed, Action("stop", row.id)))
+
+    def action_cancel_job(self) -> None:
+        row = self._selected_row("cancel")
+        if row is None:
+            return
+        if row.state in TERMINAL_STATES:
+            self.notify(f"{row.id} is already {row.state}", severity="warning")
+            return
+        question = f"Cancel job {row.id} ({row.name})?\nIts results are discarded."
+        self.push_screen(
+            ConfirmScreen(question, "Cancel job"), partial(self._confirmed, Action("cancel", row.id))
+        )
+
+    def action_rollback(self) -> None:
+        row = self._selected_row("roll back")
+        if row is None:
+            return
+        step = self.query_one(CheckpointList).chosen_step
+        if step is None:
+            self.notify("no checkpoint chosen: pick one in the checkpoint list", severity="warning")
+            return
+        data = self.model.data.get(row.id)
+        kid = data.kid_at(step) if data else None
+        kid_note = f" (val KID {kid:.4f})" if kid is not None else ""
+        question = f"Roll job {row.id} ({row.name}) back to step {step}{kid_note}?\nFinish there, or resume training from it?"
+
+        def answered(choice: str | None) -> None:
+            if choice is not None:
+                self.send(Action("rollback", row.id, step=step, resume=choice == "resume"))
+
+        self.push_screen(RollbackScreen(question), answered)
+
+    def action_priority(self, delta: int) -> None:
+        row = self._selected_row("reprioritise")
+        if row is not None:
+            self.send(Action("priority", row.id, priority=row.priority + delta))
+
+    def _confirmed(self, action: Action, yes: bool | None) -> None:
+        if yes:
+            self.send(action)
+
+    def send(self, action: Action) -> None:
+        """Send `action` from a thread worker; the answer comes back as `ActionAnswered`."""
+        self.query_one(EventLog).note(f"→ {action.describe()}")
+        self.run_worker(
+            partial(self._send_blocking, action), thread=True, group="actions", exit_on_error=False
+        )
+
+    def _send_blocking(self, action: Action) -> None:
+        try:
+            outcome = self.connection.send(action)
+        except ConnectionLost as e:
+            outcome = Outcome(False, f"not sent: {e}")
+        except Exception as e:
+            outcome = Outcome(False, f"{type(e).__name__}: {e}")
+        self.post_message(self.ActionAnswered(action, outcome))
+
+    def on_dallm_app_action_answered(self, message: ActionAnswered) -> None:
+        ok, text = message.outcome.ok, message.outcome.message
+        self.notify(text, title=message.action.describe(), severity="information" if ok else "error")
+        self.query_one(EventLog).note(("✓ " if ok else "✗ ") + text, style="green" if ok else "bold red")
+        self.link.refresh_jobs()
+
+    def action_toggle_charts(self) -> None:
+        charts = self.query_one(Charts)
+        charts.view = "loss" if charts.view == "fluct" else "fluct"
+        self._show_detail()
+
+    def action_older_sample(self) -> None:
+        self.query_one(Thumbnail).older()
+
+    def action_newer_sample(self) -> None:
+        self.query_one(Thumbnail).newer()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dallm-tui", description=__doc__)
+    p.add_argument(
+        "--connect", metavar="ENDPOINT", help="the daemon's control endpoint (default: the local daemon)"
+    )
+    p.add_argument(
+        "--home", metavar="DIR", help="the daemon's home (default: $DALLM_HOME or the user data dir)"
+    )
+    p.add_argument(
+        "--images",
+        default="auto",
+        choices=images.IMAGE_MODES,
+        help="how to draw sample thumbnails (default: auto-detect, half-blocks when unsure)",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="show made-up jobs from a fake daemon (no daemon needed)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    mode = images.resolve_mode(args.images)
+    if args.demo:
+        from .demo import DemoRunner, demo_connection
+
+        conn = demo_connection()
+        runner = DemoRunner(conn)
+        runner.start()
+        DallmApp(conn, images_mode=mode).run()
+        runner.stop()
+        return 0
+    try:
+        from .daemon_connection import open_connection
+
+        conn = open_connection(connect=args.connect, home=args.home)
+    except Exception as e:
+        print(f"dallm-tui: {e}", file=sys.stderr)
+        return 1
+    DallmApp(conn, images_mode=mode).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

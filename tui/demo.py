@@ -1,0 +1,148 @@
+"""Deterministic fake jobs for tests, snapshots, the benchmark and `dallm-tui --demo`."""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+
+from PIL import Image, ImageDraw
+
+from dallm.protocol import (
+    CheckpointEvent,
+    LogEvent,
+    MetricsEvent,
+    SampleEvent,
+    StartedEvent,
+    TurningPointEvent,
+)
+
+from .connection import Event, FakeConnection, JobSummary, StateChange
+
+COLORS = [(220, 60, 60), (60, 170, 80), (70, 90, 220), (230, 200, 40), (200, 80, 200), (60, 200, 210)]
+
+
+def sample_png(step: int, cells: int = 4, size: int = 24) -> bytes:
+    """A grid of `cells` simple shapes whose colours drift with `step` (something that changes)."""
+    image = Image.new("RGB", (cells * size, size), (30, 30, 36))
+    draw = ImageDraw.Draw(image)
+    for i in range(cells):
+        c = COLORS[(i + step // 100) % len(COLORS)]
+        bg = COLORS[(i + 3) % len(COLORS)]
+        x = i * size
+        draw.rectangle((x, 0, x + size - 1, size - 1), fill=tuple(v // 3 for v in bg))
+        r = 5 + (step // 50 + i) % 5
+        if i % 2:
+            draw.ellipse((x + 12 - r, 12 - r, x + 12 + r, 12 + r), fill=c)
+        else:
+            draw.rectangle((x + 12 - r, 12 - r, x + 12 + r, 12 + r), fill=c)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def metrics_at(step: int, total: int, phase: float = 0.0) -> dict[str, float]:
+    """Smooth, deterministic curves shaped like a real run: falling loss, rising CS, two valleys."""
+    x = step / max(total, 1)
+    values = {
+        "loss": 0.08 + 0.25 * math.exp(-4 * x) + 0.01 * math.sin(step * 0.7 + phase),
+        "lr": 1e-4,
+        "cs": 0.02 + 0.3 * (1 - math.exp(-3 * x)),
+        "cs_fluct": 1.0
+        + math.cos(2 * math.pi * 2.2 * x + phase) * math.exp(-x)
+        + 0.05 * math.sin(step * 1.3),
+        "steps_per_s": 4.0,
+    }
+    return values
+
+
+def kid_at(step: int, total: int) -> dict[str, float]:
+    x = step / max(total, 1)
+    return {
+        "kid_train": 0.09 * math.exp(-3 * x) + 0.004,
+        "kid_val": 0.09 * math.exp(-2.5 * x) + 0.012 + 0.03 * max(0.0, x - 0.6) ** 2,
+        "kid_base": 0.01 + 0.08 * (1 - math.exp(-2 * x)),
+    }
+
+
+def job_events(
+    step_to: int,
+    total: int,
+    *,
+    start: int = 0,
+    phase: float = 0.0,
+    eval_every: int = 50,
+    ckpt_every: int = 100,
+    tp: int | None = None,
+    samples: bool = True,
+) -> list[Event]:
+    """The events of a job from `start` (exclusive) to `step_to` (inclusive)."""
+    out: list[Event] = []
+    if start == 0:
+        out.append(StartedEvent(start_step=0, total_steps=total, device="cpu", trainable_params=811_008))
+    for step in range(start + 1, step_to + 1):
+        values = metrics_at(step, total, phase)
+        if step % eval_every == 0:
+            values |= kid_at(step, total)
+        out.append(MetricsEvent(step=step, values=values))
+        if samples and step % eval_every == 0:
+            out.append(SampleEvent(step=step, path=f"samples/step-{step:06d}.png", png=sample_png(step)))
+        if step % ckpt_every == 0:
+            out.append(CheckpointEvent(step=step, path=f"checkpoints/step-{step}"))
+            out.append(LogEvent(message=f"step {step}: loss {values['loss']:.4f}"))
+        if tp is not None and step == tp + 3:
+            out.append(TurningPointEvent(step=tp, seen_at=step))
+    return out
+
+
+def demo_connection(points: int = 400, jobs: int = 4) -> FakeConnection:
+    """A daemon with a running job (turning point found), a finished one, a failed one, a queued one,
+    and further running jobs when `jobs` > 4."""
+    conn = FakeConnection(endpoint="demo://fake-daemon")
+    total = 1000
+    specs = [
+        ("1", "quickstart-r4", "running", points, int(points * 0.6)),
+        ("2", "sweep-r16-n20", "finished", total, 620),
+        ("3", "sweep-r1-n5", "failed", 137, None),
+        ("4", "teacher-style-50", "queued", 0, None),
+    ]
+    for i in range(4, jobs):
+        specs.append((str(i + 1), f"bulk-{i + 1}", "running", points, None))
+    for job_id, name, state, steps, tp in specs[:jobs]:
+        conn.add_job(JobSummary(id=job_id, name=name, state="queued", total_steps=total, priority=0))
+        if steps:
+            conn.emit(job_id, *job_events(steps, total, tp=tp, phase=int(job_id) * 0.3), live=False)
+        if state == "finished":
+            conn.emit(job_id, StateChange("finished", "completed"), live=False)
+        elif state == "failed":
+            conn.emit(job_id, LogEvent(level="error", message="CUDA out of memory at step 137"), live=False)
+            conn.emit(job_id, StateChange("failed", "oom: CUDA out of memory at step 137"), live=False)
+        elif state == "running":
+            conn.emit(job_id, StateChange("running"), live=False)
+    return conn
+
+
+class DemoRunner:
+    """Advances the running demo jobs by one step every `interval` seconds (for `--demo`)."""
+
+    def __init__(self, conn: FakeConnection, interval: float = 0.1) -> None:
+        self.conn, self.interval = conn, interval
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for job in ("1",):
+                row = self.conn.summary(job)
+                if row.state != "running" or row.step >= row.total_steps:
+                    continue
+                tp = int(row.total_steps * 0.35) if row.turning_point is None else None
+                events = job_events(row.step + 1, row.total_steps, start=row.step, tp=tp, phase=0.3)
+                self.conn.emit(job, *events)
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, daemon=True, name="dallm-demo")
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()

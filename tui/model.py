@@ -1,0 +1,237 @@
+"""What the TUI knows about the daemon's jobs: the queue rows and, for jobs whose history was loaded,
+every metric point, sample, checkpoint and log line. Pure data, no Textual: easy to test and bench.
+
+Events are applied in sequence order and deduplicated by sequence number, so a snapshot (history since
+seq N) and live events can be merged in any interleaving without gaps or duplicates.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dallm.protocol import (
+    CheckpointEvent,
+    FinishedEvent,
+    LogEvent,
+    MetricsEvent,
+    RolledBackEvent,
+    SampleEvent,
+    StartedEvent,
+    TurningPointEvent,
+)
+
+from .connection import Envelope, JobSummary, StateChange, apply_to_summary
+
+LOG_LINES = 2000
+
+
+class Series:
+    """A growing (step, value) series in numpy arrays (amortised O(1) append)."""
+
+    __slots__ = ("_steps", "_values", "n")
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._steps = np.empty(capacity, dtype=np.float64)
+        self._values = np.empty(capacity, dtype=np.float64)
+        self.n = 0
+
+    def append(self, step: float, value: float) -> None:
+        if self.n and step <= self._steps[self.n - 1]:
+            # A rollback with resume rewrites history from `step` on: drop the superseded tail.
+            self.n = int(np.searchsorted(self._steps[: self.n], step, side="left"))
+        if self.n == len(self._steps):
+            self._steps = np.resize(self._steps, 2 * self.n)
+            self._values = np.resize(self._values, 2 * self.n)
+        self._steps[self.n] = step
+        self._values[self.n] = value
+        self.n += 1
+
+    def truncate_after(self, step: float) -> None:
+        self.n = int(np.searchsorted(self._steps[: self.n], step, side="right"))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self._steps[: self.n]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values[: self.n]
+
+    def at(self, step: float) -> float | None:
+        """The value recorded exactly at `step`, if any."""
+        i = int(np.searchsorted(self.steps, step))
+        if i < self.n and self._steps[i] == step:
+            return float(self._values[i])
+        return None
+
+    def last(self) -> float | None:
+        return float(self._values[self.n - 1]) if self.n else None
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: str
+
+
+@dataclass
+class Sample:
+    step: int
+    png: bytes
+    path: str
+    prompts: list[str]
+
+
+@dataclass
+class JobData:
+    """The full history of one job, as far as it was loaded."""
+
+    job: str
+    loaded: bool = False
+    last_seq: int = 0
+    series: dict[str, Series] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    turning_point: int | None = None
+    log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=LOG_LINES))  # (level, text)
+    pending: list[Envelope] = field(default_factory=list)  # live events seen before the history
+    log_total: int = 0  # lines ever logged (the deque keeps the last LOG_LINES)
+    version: int = 0  # bumped on every change: widgets redraw when it moved
+
+    def _log(self, entry: tuple[str, str]) -> None:
+        self.log.append(entry)
+        self.log_total += 1
+
+    def series_for(self, name: str) -> Series:
+        s = self.series.get(name)
+        if s is None:
+            s = self.series[name] = Series()
+        return s
+
+    def kid_at(self, step: int) -> float | None:
+        s = self.series.get("kid_val")
+        return s.at(step) if s is not None else None
+
+    def apply(self, env: Envelope) -> bool:
+        """Apply one event; False when it was already applied (seq not newer)."""
+        if env.seq <= self.last_seq:
+            return False
+        self.last_seq = env.seq
+        self.version += 1
+        ev = env.event
+        if isinstance(ev, MetricsEvent):
+            for name, value in ev.values.items():
+                self.series_for(name).append(ev.step, value)
+        elif isinstance(ev, SampleEvent):
+            self.samples = [s for s in self.samples if s.step < ev.step]
+            self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))
+        elif isinstance(ev, CheckpointEvent):
+            self.checkpoints = [c for c in self.checkpoints if c.step != ev.step]
+            self.checkpoints.append(Checkpoint(ev.step, ev.path))
+            self.checkpoints.sort(key=lambda c: c.step)
+            self._log(("info", f"checkpoint at step {ev.step}"))
+        elif isinstance(ev, TurningPointEvent):
+            self.turning_point = ev.step
+            self._log(("info", f"turning point at step {ev.step} (seen at step {ev.seen_at})"))
+        elif isinstance(ev, LogEvent):
+            self._log((ev.level, ev.message))
+        elif isinstance(ev, StartedEvent):
+            self._log(
+                (
+                    "info",
+                    f"started at step {ev.start_step}/{ev.total_steps} on {ev.device}, "
+                    f"{ev.trainable_params:,} trainable parameters",
+                )
+            )
+        elif isinstance(ev, RolledBackEvent):
+            for s in self.series.values():
+                s.truncate_after(ev.step)
+            self.samples = [s for s in self.samples if s.step <= ev.step]
+            if self.turning_point is not None and self.turning_point > ev.step:
+                self.turning_point = None
+            how = "resuming" if ev.resume else "finishing there"
+            self._log(("warning", f"rolled back to step {ev.step}, {how}"))
+        elif isinstance(ev, FinishedEvent):
+            self._log(
+                ("info", f"finished ({ev.reason}) at step {ev.final_step}, result = step {ev.result_step}")
+            )
+        elif isinstance(ev, StateChange):
+            level = "error" if ev.state == "failed" else "info"
+            self._log((level, f"state {ev.state}" + (f": {ev.reason}" if ev.reason else "")))
+        return True
+
+
+class Model:
+    """The queue plus the loaded job histories."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobSummary] = {}
+        self.data: dict[str, JobData] = {}
+        self.queue_version = 0
+
+    def set_jobs(self, jobs: list[JobSummary]) -> None:
+        self.jobs = {j.id: j for j in jobs}
+        self.queue_version += 1
+
+    def data_for(self, job: str) -> JobData:
+        d = self.data.get(job)
+        if d is None:
+            d = self.data[job] = JobData(job)
+        return d
+
+    def apply_history(self, job: str, envelopes: list[Envelope]) -> None:
+        """A snapshot (or backfill) of `job`'s history arrived: apply it, then the live events held."""
+        d = self.data_for(job)
+        for env in envelopes:
+            d.apply(env)
+        d.loaded = True
+        pending, d.pending = d.pending, []
+        for env in sorted(pending, key=lambda e: e.seq):
+            d.apply(env)
+        d.version += 1
+
+    def apply_live(self, envelopes: list[Envelope]) -> set[str]:
+        """Live events: update the rows; keep the detail of loaded jobs. Returns the jobs touched."""
+        touched: set[str] = set()
+        for env in envelopes:
+            touched.add(env.job)
+            row = self.jobs.get(env.job)
+            if row is None:
+                row = JobSummary(id=env.job, name=env.job)
+            self.jobs[env.job] = apply_to_summary(row, env.event)
+            d = self.data.get(env.job)
+            if d is None:
+                continue
+            if d.loaded:
+                d.apply(env)
+            else:
+                d.pending.append(env)
+        self.queue_version += 1
+        return touched
+
+    def last_seq(self, job: str) -> int:
+        d = self.data.get(job)
+        return d.last_seq if d is not None and d.loaded else 0
+
+
+def eta_seconds(row: JobSummary) -> float | None:
+    if row.state not in ("running", "stopping") or not row.steps_per_s or row.total_steps <= 0:
+        return None
+    return max(0, row.total_steps - row.step) / row.steps_per_s
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -1,0 +1,245 @@
+"""The dashboard's widgets: queue table, job header, charts, checkpoints, event log, connection bar."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import DataTable, OptionList, RichLog, Static
+from textual.widgets.option_list import Option
+
+from .chart import Chart, Trace
+from .connection import JobSummary
+from .model import JobData, eta_seconds, format_eta
+
+STATE_STYLES = {
+    "queued": "dim",
+    "running": "bold green",
+    "stopping": "yellow",
+    "finished": "cyan",
+    "stopped-early": "cyan",
+    "failed": "bold red",
+    "cancelled": "dim",
+}
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def kid_text(kid: float | None) -> str:
+    return "-" if kid is None else f"{kid:.4f}"
+
+
+class ConnectionBar(Static):
+    """One line: where the TUI is connected, or that it is not and when it retries."""
+
+    endpoint: reactive[str] = reactive("")
+    connected: reactive[bool] = reactive(False)
+    detail: reactive[str] = reactive("connecting…")
+
+    def render(self) -> Text:
+        if self.connected:
+            return Text.assemble(("● connected ", "bold green"), (self.endpoint, "dim"))
+        return Text.assemble(
+            ("○ disconnected ", "bold red"), (self.endpoint, "dim"), ("  " + self.detail, "red")
+        )
+
+    def watch_connected(self, connected: bool) -> None:
+        self.set_class(not connected, "-disconnected")
+
+
+class JobTable(DataTable):
+    """The queue. Posts `JobHighlighted` when the cursor lands on a job."""
+
+    COLUMNS = (
+        ("id", "ID"),
+        ("name", "Name"),
+        ("state", "State"),
+        ("step", "Step"),
+        ("kid", "KID val"),
+        ("tp", "TP"),
+        ("eta", "ETA"),
+        ("device", "Device"),
+        ("pri", "Pri"),
+    )
+
+    class JobHighlighted(Message):
+        def __init__(self, job: str) -> None:
+            super().__init__()
+            self.job = job
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = True
+        for key, label in self.COLUMNS:
+            self.add_column(label, key=key)
+
+    @staticmethod
+    def cells(row: JobSummary) -> dict[str, object]:
+        step = f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
+        return {
+            "id": row.id,
+            "name": row.name,
+            "state": state_text(row.state),
+            "step": step,
+            "kid": kid_text(row.kid_val),
+            "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
+            "eta": format_eta(eta_seconds(row)),
+            "device": row.device or "-",
+            "pri": str(row.priority),
+        }
+
+    def show_jobs(self, rows: list[JobSummary]) -> None:
+        """Bring the table in line with `rows`, touching only the cells that changed."""
+        wanted = {r.id for r in rows}
+        for key in [k for k in self.rows if k.value not in wanted]:
+            self.remove_row(key)
+        present = {k.value for k in self.rows}
+        for row in rows:
+            cells = self.cells(row)
+            if row.id not in present:
+                self.add_row(*cells.values(), key=row.id)
+                continue
+            for col, value in cells.items():
+                if str(self.get_cell(row.id, col)) != str(value):
+                    self.update_cell(row.id, col, value)
+
+    @property
+    def current_job(self) -> str | None:
+        if not self.row_count:
+            return None
+        key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        return key.value
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        if event.row_key.value is not None:
+            self.post_message(self.JobHighlighted(event.row_key.value))
+
+
+class JobHeader(Static):
+    """The selected job's name, state and the reason for it (a failed job's error)."""
+
+    def show(self, row: JobSummary | None) -> None:
+        if row is None:
+            self.update(Text("no job selected", style="dim"))
+            return
+        text = Text.assemble((f"{row.id} ", "bold"), (row.name + "  ", ""), state_text(row.state))
+        if row.reason:
+            style = "bold red" if row.state == "failed" else "yellow"
+            text.append(f"  {row.reason}", style=style)
+        self.update(text)
+
+
+class Charts(Vertical):
+    """Two charts of the selected job: CS-Fluctuation + KID, or (toggled) loss + CS."""
+
+    view: reactive[str] = reactive("fluct")  # or "loss"
+
+    def compose(self) -> ComposeResult:
+        yield Chart("CS-Fluctuation", id="chart-top")
+        yield Chart("KID", id="chart-bottom")
+
+    def show(self, data: JobData | None) -> None:
+        top, bottom = self.query_one("#chart-top", Chart), self.query_one("#chart-bottom", Chart)
+        if data is None:
+            top.set_data([], None)
+            bottom.set_data([], None)
+            return
+        key = (data.job, data.version, self.view)
+
+        def trace(name: str, label: str, color: str) -> list[Trace]:
+            s = data.series.get(name)
+            return [Trace(label, s.steps, s.values, color)] if s is not None and len(s) else []
+
+        marker = None
+        if data.turning_point is not None:
+            marker = (float(data.turning_point), f"turning point {data.turning_point}")
+        steps = [s.steps for s in data.series.values() if len(s)]
+        x_range = (min(float(s[0]) for s in steps), max(float(s[-1]) for s in steps)) if steps else None
+        if self.view == "fluct":
+            top.set_data(
+                trace("cs_fluct", "cs_fluct", "magenta"),
+                key,
+                marker=marker,
+                x_range=x_range,
+                title="CS-Fluctuation",
+            )
+            kid = trace("kid_train", "train", "blue") + trace("kid_val", "val", "green")
+            kid += trace("kid_base", "base", "red")
+            bottom.set_data(kid, key, x_range=x_range, title="KID")
+        else:
+            top.set_data(trace("loss", "loss", "cyan"), key, x_range=x_range, title="Loss")
+            bottom.set_data(trace("cs", "cs", "magenta"), key, marker=marker, x_range=x_range, title="CS")
+
+
+class CheckpointList(OptionList):
+    """Checkpoints of the selected job (step, KID where known); the turning point is starred."""
+
+    class CheckpointChosen(Message):
+        def __init__(self, step: int) -> None:
+            super().__init__()
+            self.step = step
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._shown: tuple = ()
+
+    def show(self, data: JobData | None) -> None:
+        rows: list[tuple[int, float | None, bool]] = []
+        if data is not None:
+            steps = {c.step for c in data.checkpoints}
+            if data.turning_point is not None:
+                steps.add(data.turning_point)
+            rows = [(s, data.kid_at(s), s == data.turning_point) for s in sorted(steps, reverse=True)]
+        shown = (data.job if data else None, tuple(rows))
+        if shown == self._shown:
+            return
+        keep = self.chosen_step if data is not None and self._shown and self._shown[0] == data.job else None
+        self._shown = shown
+        self.clear_options()
+        for step, kid, tp in rows:
+            label = Text(f"step {step:>6}  KID {kid_text(kid):>7}")
+            if tp:
+                label.append(" ★ TP", style="yellow")
+            self.add_option(Option(label, id=str(step)))
+        if rows:
+            steps_list = [r[0] for r in rows]
+            self.highlighted = steps_list.index(keep) if keep in steps_list else 0
+
+    @property
+    def chosen_step(self) -> int | None:
+        if self.highlighted is None or not self.option_count:
+            return None
+        option = self.get_option_at_index(self.highlighted)
+        return int(option.id) if option.id is not None else None
+
+
+class EventLog(RichLog):
+    """Log lines and events of the selected job, and the outcome of every action."""
+
+    LEVEL_STYLES = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(max_lines=1000, wrap=False, markup=False, **kwargs)
+        self._shown: tuple[str | None, int] = (None, 0)
+
+    def show(self, data: JobData | None) -> None:
+        """Append what is new in `data.log` (or start over for another job)."""
+        job = data.job if data else None
+        total = data.log_total if data else 0
+        last_job, last_total = self._shown
+        if job != last_job or total < last_total:
+            self.clear()
+            last_total = 0
+        if data is not None and total > last_total:
+            new = min(total - last_total, len(data.log))
+            for level, line in list(data.log)[len(data.log) - new :]:
+                self.write(Text(line, style=self.LEVEL_STYLES.get(level, "")))
+        self._shown = (job, total)
+
+    def note(self, line: str, style: str = "italic") -> None:
+        self.write(Text(line, style=style))
