@@ -129,19 +129,22 @@ def _upscale(im: Image.Image, size: int) -> Image.Image:
 
 
 def labelled_grid(
-    cells: list[list[Image.Image]], col_labels: Sequence[str], row_labels: Sequence[str] = ()
+    cells: list[list[Image.Image]], col_labels: Sequence[str], row_labels: Sequence[str] = (), title: str = ""
 ) -> Image.Image:
     """cells[row][col] on white, a label above each column (and left of each row when given)."""
     cells = [[_upscale(c, MIN_CELL) for c in row] for row in cells]
     w, h = cells[0][0].size
     font = _font(max(10, min(16, w // 6)))
-    top = 18
+    head = 18 if title else 0
+    top = head + 18
     left = max((int(font.getlength(t)) for t in row_labels), default=0) + (8 if row_labels else 0)
     cols = max(len(r) for r in cells)
     out = Image.new("RGB", (left + cols * (w + PAD) + PAD, top + len(cells) * (h + PAD) + PAD), "white")
     draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((PAD, 2), title, fill="black", font=font)
     for c, text in enumerate(col_labels):
-        draw.text((left + PAD + c * (w + PAD), 2), text, fill="black", font=font)
+        draw.text((left + PAD + c * (w + PAD), head + 2), text, fill="black", font=font)
     for r, row in enumerate(cells):
         y = top + PAD + r * (h + PAD)
         if r < len(row_labels):
@@ -173,11 +176,15 @@ def write_evolution(out_dir: Path, max_frames: int = 16) -> list[Path]:
     for p in range(last.rows):
         row = slice(p * last.cols, (p + 1) * last.cols)
         by_seed = [[all_cells[r.label][row][s] for r in strip_frames] for s in range(last.cols)]
-        strip = labelled_grid(by_seed, [frame_label(r) for r in strip_frames])
+        title = f"{last.prompts[p]}  (rows: seeds {', '.join(map(str, last.seeds))})"
+        strip = labelled_grid(by_seed, [frame_label(r) for r in strip_frames], title=title)
         path = out_dir / "samples" / f"evolution-{p:02d}.png"
         strip.save(path)
         written.append(path)
-        frames = [labelled_grid([all_cells[r.label][row]], [f"step {frame_label(r)}"]) for r in records]
+        frames = [
+            labelled_grid([all_cells[r.label][row]], [f"step {frame_label(r)}"], title=last.prompts[p])
+            for r in records
+        ]
         gif = path.with_suffix(".gif")
         frames[0].save(gif, save_all=True, append_images=frames[1:], duration=400, loop=0)
         written.append(gif)

@@ -15,7 +15,8 @@ from dallm import __version__
 COMMAND_MODULES = [
     "dallm.cli.train",  # train, export
     "dallm.cli.jobs",  # submit, ls, show, logs, wait, stop, rollback, cancel, priority
-    "dallm.cli.evaluate",  # kid, report
+    "dallm.cli.evaluate",  # kid
+    "dallm.cli.report",  # report
     "dallm.cli.micro",  # micro build, synth
     "dallm.cli.sweep",  # sweep
 ]

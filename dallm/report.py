@@ -1,0 +1,218 @@
+"""`dallm report`: the study's figures from any job folder.
+
+Reads `metrics.jsonl` (one JSON object per line with an integer "step" and numeric metrics; rows of
+the same step merge, and a step lower than the last one starts a new history from there, as after a
+rollback) and `result.json` (the turning point, when one was found), and writes PNGs:
+
+- loss.png     loss (raw and smoothed), with lr and grad_norm panels when logged
+- cs.png       CS and CS-Fluctuation, the turning point marked
+- kid.png      KID to the training targets, the validation targets and the base model, +- std bands
+- samples.png  the sample evolution grid (cells of `samples/` grids as rows, steps as columns)
+
+A plot whose metrics the job did not log is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+KID_REFS = (
+    ("train", "training targets", "tab:blue"),
+    ("val", "validation targets", "tab:orange"),
+    ("base", "base model", "tab:gray"),
+)
+
+
+class ReportError(ValueError):
+    """A job folder whose metrics cannot be read; one line naming the file (and line)."""
+
+
+Rows = list[dict[str, float]]
+
+
+def read_metrics(path: Path) -> Rows:
+    """One merged row per step, in step order. A torn last line (a job still writing) is ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file (is this a job's output folder?)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    lines = text.split("\n")
+    by_step: dict[int, dict[str, float]] = {}
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: still being written
+                continue
+            raise ReportError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        step = obj.get("step") if isinstance(obj, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ReportError(f'{path}:{n}: expected a JSON object with a non-negative integer "step"')
+        if by_step and step < max(by_step):
+            by_step = {s: r for s, r in by_step.items() if s < step}  # superseded history
+        row = by_step.setdefault(step, {})
+        for key, value in obj.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                row[key] = float(value)
+    if not by_step:
+        raise ReportError(f"{path}: empty (no metrics written yet)")
+    return [{"step": float(s), **by_step[s]} for s in sorted(by_step)]
+
+
+def read_turning_point(out_dir: Path) -> int | None:
+    """The turning point from `result.json` ("turning_point": N or {"step": N}, or "turning_step")."""
+    path = out_dir / "result.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    value: Any = data.get("turning_point", data.get("turning_step"))
+    if isinstance(value, dict):
+        value = value.get("step")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else weight * acc + (1 - weight) * v
+        out.append(acc)
+    return out
+
+
+def _figure(panels: int) -> tuple[Any, list[Any]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.6 * panels + 0.6), sharex=True, squeeze=False)
+    return fig, list(axes[:, 0])
+
+
+def _save(fig: Any, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mark_turning(axes: Sequence[Any], turning: int | None) -> None:
+    if turning is None:
+        return
+    for i, ax in enumerate(axes):
+        ax.axvline(
+            turning,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"turning point ({turning})" if i == 0 else None,
+        )
+
+
+def plot_loss(rows: Rows, path: Path, title: str) -> Path | str:
+    steps, loss = series(rows, "loss")
+    if not steps:
+        return "no loss logged"
+    extra = [k for k in ("lr", "grad_norm") if series(rows, k)[0]]
+    fig, axes = _figure(1 + len(extra))
+    axes[0].plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    axes[0].plot(steps, _smooth(loss), color="tab:blue", linewidth=1.6, label="loss (smoothed)")
+    axes[0].set_ylabel("loss")
+    axes[0].legend(loc="upper right")
+    for ax, key in zip(axes[1:], extra, strict=True):
+        ax.plot(*series(rows, key), color="tab:green", linewidth=1.0)
+        ax.set_ylabel(key)
+    return _save(fig, path, f"{title}: training loss")
+
+
+def plot_cs(rows: Rows, turning: int | None, path: Path, title: str) -> Path | str:
+    cs, fl = series(rows, "cs"), series(rows, "cs_fluct")
+    if not cs[0] and not fl[0]:
+        return "no cs / cs_fluct logged"
+    fig, axes = _figure(2)
+    axes[0].plot(*cs, color="tab:purple", linewidth=1.2)
+    axes[0].set_ylabel("CS")
+    axes[1].plot(*fl, color="tab:brown", linewidth=1.2)
+    axes[1].set_ylabel("CS-Fluctuation")
+    if fl[1] and min(fl[1]) > 0 and max(fl[1]) / min(fl[1]) > 100:
+        axes[1].set_yscale("log")
+    _mark_turning(axes, turning)
+    if turning is not None:
+        axes[0].legend(loc="best")
+    return _save(fig, path, f"{title}: CS and CS-Fluctuation")
+
+
+def plot_kid(rows: Rows, turning: int | None, path: Path, title: str) -> Path | str:
+    present = [(ref, label, color) for ref, label, color in KID_REFS if series(rows, f"kid_{ref}")[0]]
+    if not present:
+        return "no kid_* metrics logged (eval.every = 0 and no eval.val_dir?)"
+    fig, axes = _figure(1)
+    ax = axes[0]
+    by_step = rows_by_step(rows)
+    for ref, label, color in present:
+        steps, mean = series(rows, f"kid_{ref}")
+        std = [by_step[s].get(f"kid_{ref}_std", 0.0) for s in steps]
+        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=f"KID to {label}")
+        if any(std):
+            lo = [m - s for m, s in zip(mean, std, strict=True)]
+            hi = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("KID")
+    _mark_turning(axes, turning)
+    ax.legend(loc="best")
+    return _save(fig, path, f"{title}: KID (mean +- std over subsets)")
+
+
+def rows_by_step(rows: Rows) -> dict[float, dict[str, float]]:
+    return {r["step"]: r for r in rows}
+
+
+def plot_samples(out_dir: Path, path: Path) -> Path | str:
+    from dallm.evolution import evolution_figure
+
+    figure = evolution_figure(out_dir)
+    if figure is None:
+        return "no sample grids in samples/ (samples.every = 0?)"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(path)
+    return path
+
+
+def write_report(out_dir: Path, dest: Path | None = None) -> dict[str, Path | str]:
+    """Write the plots; returns name -> written path, or the reason it was skipped."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ReportError(f"{out_dir}: no such job folder")
+    rows = read_metrics(out_dir / METRICS)
+    turning = read_turning_point(out_dir)
+    dest = Path(dest) if dest is not None else out_dir / "report"
+    title = out_dir.resolve().name
+    return {
+        "loss": plot_loss(rows, dest / "loss.png", title),
+        "cs": plot_cs(rows, turning, dest / "cs.png", title),
+        "kid": plot_kid(rows, turning, dest / "kid.png", title),
+        "samples": plot_samples(out_dir, dest / "samples.png"),
+    }

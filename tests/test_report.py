@@ -1,0 +1,143 @@
+"""`dallm report`: plots from a synthetic job folder, and clear errors for bad metrics files."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dallm.cli import main
+from dallm.evolution import read_index, write_evolution, write_grid
+from dallm.report import ReportError, read_metrics, read_turning_point, write_report
+from dallm.sampling import to_pil
+
+
+def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, samples: bool = True) -> Path:
+    rnd = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "metrics.jsonl").open("w") as f:
+        for s in range(1, steps + 1):
+            row = {
+                "step": s,
+                "loss": 0.1 + 0.5 * math.exp(-s / 30) + 0.05 * rnd.random(),
+                "lr": 1e-4,
+                "grad_norm": 1 + rnd.random(),
+                "cs": 0.01 * (1 - math.exp(-s / 50)),
+            }
+            if s >= 10:
+                row["cs_fluct"] = 1e-6 * (1 + math.sin(s / 15)) + 1e-8
+            f.write(json.dumps(row) + "\n")
+            if s % 25 == 0:  # evaluation rows arrive separately for the same step
+                kid = {"kid_train": 0.05 * math.exp(-s / 80), "kid_val": 0.06 * math.exp(-s / 100) + 0.01}
+                kid |= {"kid_base": 0.05 * (1 - math.exp(-s / 60)), "kid_train_std": 0.004}
+                kid |= {"kid_val_std": 0.005, "kid_base_std": 0.003, "eval_seconds": 2.0}
+                f.write(json.dumps({"step": s, **kid}) + "\n")
+    if turning is not None:
+        (folder / "result.json").write_text(json.dumps({"turning_point": turning, "result_step": turning}))
+    if samples:
+        gen = torch.Generator().manual_seed(0)
+        base = torch.rand(6, 3, 16, 16, generator=gen)
+        for step in [None, *range(25, steps + 1, 25)]:
+            shade = 0 if step is None else step / steps
+            images = to_pil(base * (1 - shade) + shade * torch.tensor([0.8, 0.6, 0.1])[:, None, None])
+            write_grid(folder, step, images, ["a red circle", "a cat", "a blue square"], [0, 1], thumbnail=32)
+    return folder
+
+
+def test_report_writes_all_plots(tmp_path: Path) -> None:
+    job = synthetic_job(tmp_path / "job")
+    results = write_report(job)
+    assert set(results) == {"loss", "cs", "kid", "samples"}
+    for name, path in results.items():
+        assert isinstance(path, Path), f"{name} skipped: {path}"
+        with Image.open(path) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    assert results["kid"] == job / "report" / "kid.png"
+
+
+def test_report_cli_out_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = synthetic_job(tmp_path / "job", samples=False, turning=None)
+    assert main(["report", str(job), "--out", str(tmp_path / "plots"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["written"]) == {"loss", "cs", "kid"}
+    assert "samples" in out["skipped"]
+    assert (tmp_path / "plots" / "cs.png").is_file()
+
+
+def test_report_skips_what_was_not_logged(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    results = write_report(job)
+    assert isinstance(results["loss"], Path)
+    assert "kid" in str(results["kid"]) and isinstance(results["kid"], str)
+    assert isinstance(results["cs"], str) and isinstance(results["samples"], str)
+
+
+def test_rows_merge_and_rollback_supersedes(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "loss": float(s)} for s in range(1, 6)]
+    lines += [{"step": 5, "kid_val": 0.5}, {"step": 3, "loss": 30.0}, {"step": 4, "loss": 40.0}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 5, "lo')  # torn last line
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["loss"] == 30.0 and rows[3]["loss"] == 40.0
+    assert all("kid_val" not in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"metrics.jsonl: no such file"),
+        ("", r"metrics.jsonl: empty"),
+        ("\n\n", r"metrics.jsonl: empty"),
+        ('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": \n{"step": 3}\n', r"metrics.jsonl:2: not valid JSON"),
+        ('{"step": 1}\n[1, 2]\n', r"metrics.jsonl:2: expected a JSON object"),
+        ('{"loss": 0.5}\n', r"metrics.jsonl:1: expected a JSON object with a non-negative integer \"step\""),
+        ('{"step": "3"}\n', r"metrics.jsonl:1: expected"),
+    ],
+)
+def test_bad_metrics_files(tmp_path: Path, content: str | None, message: str) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    if content is not None:
+        (job / "metrics.jsonl").write_text(content)
+    with pytest.raises(ReportError, match=message):
+        write_report(job)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"dallm report: {tmp_path / 'nope'}: no such job folder"
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "metrics.jsonl").write_text("not json\n")
+    assert main(["report", str(tmp_path / "job")]) == 1
+    assert "metrics.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_turning_point_formats(tmp_path: Path) -> None:
+    assert read_turning_point(tmp_path) is None
+    (tmp_path / "result.json").write_text('{"turning_point": {"step": 40, "seen_at": 55}}')
+    assert read_turning_point(tmp_path) == 40
+    (tmp_path / "result.json").write_text('{"turning_step": 7}')
+    assert read_turning_point(tmp_path) == 7
+    (tmp_path / "result.json").write_text('{"turning_point": null}')
+    assert read_turning_point(tmp_path) is None
+
+
+def test_evolution_strips_and_gif(tmp_path: Path) -> None:
+    job = synthetic_job(tmp_path / "job", steps=100)
+    records = read_index(job)
+    assert [r.step for r in records] == [None, 25, 50, 75, 100]
+    written = write_evolution(job)
+    assert [p.name for p in written] == [f"evolution-{i:02d}.{e}" for i in range(3) for e in ("png", "gif")]
+    with Image.open(job / "samples" / "evolution-00.gif") as gif:
+        assert gif.n_frames == 5
+    with Image.open(job / "samples" / "evolution-01.png") as strip:
+        assert strip.size[0] > 5 * 64 and strip.size[1] > 2 * 64  # 5 frames x 2 seeds, upscaled
