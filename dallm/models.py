@@ -64,6 +64,20 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def read_resolution(source: str, revision: str | None = None) -> int:
+    """The model's native image size (UNet sample_size x VAE factor), read from the configs only."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as e:
+        if Path(source).is_dir():
+            raise ConfigError(f"model.base: cannot read {source}: {str(e).splitlines()[0][:200]}") from None
+        raise _hub_error(source, e) from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def _hub_error(base: str, err: Exception) -> ConfigError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError(
@@ -82,8 +96,10 @@ def load_parts(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
     source = resolve_base(cfg.base)
+    transformers_logging.disable_progress_bar()
     kw: dict[str, Any] = {"revision": cfg.revision}
     try:
         # transformers logs a warning per missing optional file; keep the console quiet.
@@ -104,7 +120,10 @@ def load_parts(
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-        module.to(device=device, dtype=weight_dtype)
+        if weight_dtype == torch.float32:
+            module.to(device=device)
+        else:
+            module.to(device=device, dtype=weight_dtype)
     vae.eval()
     text_encoder.eval()
     return ModelParts(unet, vae, text_encoder, tokenizer, noise_scheduler, source)

@@ -1,0 +1,160 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a folder `checkpoints/step-000250/` holding
+- `pytorch_lora_weights.safetensors` (and `<name>_emb.safetensors`): the weights in the exported
+  format, so `dallm export OUT --step 250` and `load_lora_weights` work on it directly;
+- `state.pt`: the raw peft LoRA tensors, token rows, optimizer, LR scheduler, grad scaler, the RNG
+  states (python, numpy, torch, cuda, the training noise generator), the step, the CS history and
+  the in-memory weight snapshots the turning-point detector may still need.
+
+The folder is written as `.tmp-step-000250` and renamed into place, so a crash never leaves a half
+checkpoint; `keep` bounds how many stay on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """The trainable state at one step. Snapshots kept for the result may omit the optimizer part."""
+
+    step: int
+    unet_lora: dict[str, torch.Tensor]
+    text_encoder_lora: dict[str, torch.Tensor] | None = None
+    token_rows: torch.Tensor | None = None
+    optimizer: dict[str, Any] | None = None
+    lr_scheduler: dict[str, Any] | None = None
+    grad_scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # history, snapshots (checkpoints only)
+
+    def weights_only(self) -> TrainState:
+        return TrainState(self.step, self.unet_lora, self.text_encoder_lora, self.token_rows)
+
+    @property
+    def resumable(self) -> bool:
+        return self.optimizer is not None and self.rng is not None
+
+
+def deep_copy_state(obj: Any) -> Any:
+    """A real copy (tensors cloned to the CPU) of nested dicts/lists of tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: deep_copy_state(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(deep_copy_state(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(root: Path, state: TrainState, files: dict[str, Any] | None = None) -> Path:
+    """Write `state` (and `files`: name -> callable(folder) writing it) as root/step-N atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".tmp-{checkpoint_name(state.step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for writer in (files or {}).values():
+        writer(tmp)
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state.__dict__, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # re-checkpointing the same step (e.g. after a rollback): replace it
+        old = root / f".old-{checkpoint_name(state.step)}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(folder: Path) -> TrainState:
+    data = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    return TrainState(**data)
+
+
+def prune_checkpoints(root: Path, keep: int | None, protect: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    """Delete the oldest checkpoints beyond `keep` (never those in `protect`); returns the deleted steps."""
+    if keep is None:
+        return []
+    ckpts = list_checkpoints(root)
+    deleted = []
+    for step, path in ckpts[: max(0, len(ckpts) - keep)]:
+        if step in protect:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(step)
+    return deleted
+
+
+def find_checkpoint(path: Path, step: int | None = None) -> Path:
+    """A checkpoint folder from an output folder (latest, or `step`) or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file() and step is None:
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ckpts = dict(list_checkpoints(root))
+    if not ckpts:
+        raise FileNotFoundError(f"{path}: no checkpoints found")
+    if step is None:
+        return ckpts[max(ckpts)]
+    if step not in ckpts:
+        raise FileNotFoundError(
+            f"{path}: no checkpoint at step {step} (have {', '.join(map(str, sorted(ckpts)))})"
+        )
+    return ckpts[step]

@@ -1,0 +1,246 @@
+"""One training step and the state around it: the model with LoRA (and new tokens), the optimizer,
+the LR schedule, the loss, and capturing / restoring everything an exact resume needs.
+
+`dallm.train.train` drives a `Trainer`: it decides when to step, checkpoint, evaluate and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dallm.checkpoint import (
+    TrainState,
+    capture_rng,
+    deep_copy_state,
+    restore_rng,
+)
+from dallm.config import ConfigError, JobConfig
+from dallm.data import ImageSet, batch_indices
+from dallm.export import diffusers_lora_dict, emb_file_name, save_embeddings, save_lora
+from dallm.lora import add_lora, has_lora, load_lora_state, lora_parameters, lora_scalings, lora_state
+from dallm.models import ModelParts
+from dallm.tokens import NewTokens, add_tokens
+
+CLASS_SEED_OFFSET = 7919  # class images are drawn from their own shuffled sequence
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _scale(model: Any) -> float:
+    values = set(lora_scalings(model).values())
+    return values.pop() if len(values) == 1 else 1.0
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run evaluation without touching the training RNG streams (resume stays exact)."""
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class Trainer:
+    """The model, optimizer and the per-step logic of one job."""
+
+    def __init__(
+        self, cfg: JobConfig, parts: ModelParts, images: ImageSet, classes: ImageSet | None, device
+    ) -> None:
+        self.cfg, self.parts, self.images, self.classes, self.device = cfg, parts, images, classes, device
+        tc = cfg.train
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
+        self.use_autocast = self.autocast_dtype is not None and device.type == "cuda"
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, flips
+        self.tokens: NewTokens | None = add_tokens(
+            parts.tokenizer, parts.text_encoder, cfg.tokens, self.generator
+        )
+        add_lora(parts.unet, parts.text_encoder, cfg.lora)
+        self.train_text_encoder = cfg.lora.text_encoder or self.tokens is not None
+        if tc.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                parts.text_encoder.gradient_checkpointing_enable()
+        parts.unet.train()
+        parts.text_encoder.train(self.train_text_encoder)
+
+        self.unet_params = lora_parameters(parts.unet)
+        self.te_params = lora_parameters(parts.text_encoder) if cfg.lora.text_encoder else []
+        groups: list[dict[str, Any]] = [{"params": self.unet_params, "lr": tc.lr}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": tc.text_encoder_lr or tc.lr})
+        if self.tokens is not None:
+            groups.append({"params": [self.tokens.embedding], "lr": cfg.tokens.lr, "weight_decay": 0.0})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(
+            groups,
+            lr=tc.lr,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_eps,
+            weight_decay=tc.weight_decay,
+        )
+        from diffusers.optimization import get_scheduler
+
+        name = (
+            "constant_with_warmup" if tc.lr_scheduler == "constant" and tc.warmup_steps else tc.lr_scheduler
+        )
+        self.lr_scheduler = get_scheduler(
+            name, self.optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps
+        )
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.use_autocast and tc.mixed_precision == "fp16" else None
+        )
+        self._ids: dict[str, torch.Tensor] = {}
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _token_ids(self, captions: list[str]) -> torch.Tensor:
+        tok = self.parts.tokenizer
+        for c in captions:
+            if c not in self._ids:
+                self._ids[c] = tok(
+                    c,
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0]
+        return torch.stack([self._ids[c] for c in captions]).to(self.device)
+
+    def _draw(self, images: ImageSet, seed: int, start: int, n: int) -> tuple[torch.Tensor, list[str]]:
+        idx = batch_indices(len(images), seed, start, n)
+        pixels = images.pixels[idx]
+        if self.cfg.data.random_flip:
+            flip = torch.rand(n, generator=self.generator) < 0.5
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        return pixels, [images.captions[i] for i in idx]
+
+    def micro_batch_loss(self, step: int, micro: int) -> torch.Tensor:
+        """Noise-prediction loss of one micro-batch (instance, plus class images for prior preservation)."""
+        cfg, parts, bs = self.cfg, self.parts, self.cfg.train.batch_size
+        start = (step * cfg.train.grad_accum + micro) * bs
+        pixels, captions = self._draw(self.images, cfg.seed, start, bs)
+        if self.classes is not None:
+            cp, cc = self._draw(self.classes, cfg.seed + CLASS_SEED_OFFSET, start, bs)
+            pixels, captions = torch.cat([pixels, cp]), captions + cc
+        vae_dtype = next(parts.vae.parameters()).dtype
+        with torch.no_grad():
+            dist = parts.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+            latents = dist.sample(generator=self.generator).float() * parts.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        sched = parts.noise_scheduler
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator)
+        t = t.to(self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        ids = self._token_ids(captions)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.use_autocast
+        ):
+            with torch.set_grad_enabled(self.train_text_encoder):
+                hidden = parts.text_encoder(ids)[0]
+            pred = parts.unet(noisy, t, hidden).sample
+        pred, target = pred.float(), target.float()
+        if self.classes is None:
+            return F.mse_loss(pred, target)
+        pred, prior_pred = pred.chunk(2)
+        target, prior_target = target.chunk(2)
+        return F.mse_loss(pred, target) + cfg.data.prior_loss_weight * F.mse_loss(prior_pred, prior_target)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Train step `step + 1` (steps count from 1); returns loss, lr and grad_norm."""
+        tc = self.cfg.train
+        lr = self.lr_scheduler.get_last_lr()[0]
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            loss = self.micro_batch_loss(step, micro) / tc.grad_accum
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if step < self.cfg.tokens.ti_steps:  # textual inversion alone: LoRA waits
+            for p in self.unet_params + self.te_params:
+                p.grad = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        with_grad = [p for p in self.params if p.grad is not None]
+        max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm)) if with_grad else 0.0
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.tokens is not None:
+            self.tokens.restore_other_rows()
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def weights(self, step: int) -> TrainState:
+        te = lora_state(self.parts.text_encoder) if has_lora(self.parts.text_encoder) else None
+        rows = self.tokens.rows() if self.tokens is not None else None
+        return TrainState(step, lora_state(self.parts.unet), te, rows)
+
+    def state(self, step: int) -> TrainState:
+        """A real copy of everything an exact resume needs."""
+        s = self.weights(step)
+        s.optimizer = deep_copy_state(self.optimizer.state_dict())
+        s.lr_scheduler = deep_copy_state(self.lr_scheduler.state_dict())
+        s.grad_scaler = deep_copy_state(self.scaler.state_dict()) if self.scaler else None
+        s.rng = capture_rng(self.generator)
+        return s
+
+    def load(self, s: TrainState) -> None:
+        """Put `s` back: weights always; optimizer, scheduler and RNG when `s` has them."""
+        load_lora_state(self.parts.unet, s.unet_lora)
+        if s.text_encoder_lora is not None:
+            load_lora_state(self.parts.text_encoder, s.text_encoder_lora)
+        if s.token_rows is not None and self.tokens is not None:
+            self.tokens.set_rows(s.token_rows)
+        if s.optimizer is not None:
+            self.optimizer.load_state_dict(deep_copy_state(s.optimizer))
+        if s.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(s.lr_scheduler)
+        if s.grad_scaler is not None and self.scaler is not None:
+            self.scaler.load_state_dict(s.grad_scaler)
+        if s.rng is not None:
+            restore_rng(s.rng, self.generator)
+
+    def write_weights(self, folder: Path, s: TrainState) -> None:
+        """The result files of `s` into `folder`: LoRA (diffusers/peft keys) and token embeddings."""
+        te_scale = _scale(self.parts.text_encoder) if s.text_encoder_lora else 1.0
+        save_lora(
+            folder, diffusers_lora_dict(s.unet_lora, s.text_encoder_lora, _scale(self.parts.unet), te_scale)
+        )
+        if s.token_rows is not None and self.tokens is not None:
+            save_embeddings(folder / emb_file_name(self.cfg.name), s.token_rows, self.tokens.tokens)
+
+    @property
+    def trainable_params(self) -> int:
+        n = sum(p.numel() for p in self.unet_params + self.te_params)
+        return n + (len(self.tokens.ids) * self.tokens.embedding.shape[1] if self.tokens else 0)
