@@ -7,6 +7,7 @@ rollback) and `result.json` (the turning point, when one was found), and writes 
 - loss.png     loss (raw and smoothed), with lr and grad_norm panels when logged
 - cs.png       CS and CS-Fluctuation, the turning point marked
 - kid.png      KID to the training targets, the validation targets and the base model, +- std bands
+               (with the final evaluation and KID at the turning point from result.json's "eval")
 - samples.png  the sample evolution grid (cells of `samples/` grids as rows, steps as columns)
 
 A plot whose metrics the job did not log is skipped with the reason.
@@ -68,19 +69,54 @@ def read_metrics(path: Path) -> Rows:
     return [{"step": float(s), **by_step[s]} for s in sorted(by_step)]
 
 
+def read_result(out_dir: Path) -> dict[str, Any]:
+    """`result.json` of a finished job, or {} (a running job, or an unreadable file)."""
+    try:
+        data = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_turning_point(out_dir: Path) -> int | None:
     """The turning point from `result.json` ("turning_point": N or {"step": N}, or "turning_step")."""
-    path = out_dir / "result.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
+    data = read_result(out_dir)
     value: Any = data.get("turning_point", data.get("turning_step"))
     if isinstance(value, dict):
         value = value.get("step")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def merge_final_eval(rows: Rows, result: dict[str, Any]) -> Rows:
+    """Add the final evaluation that `result.json` holds ("eval": {"kid_val": ...} at "final_step")
+    when metrics.jsonl lacks it (an evaluation made only at the end)."""
+    final, ev = result.get("final_step"), result.get("eval")
+    if not isinstance(final, int) or not isinstance(ev, dict):
+        return rows
+    kid = {k: float(v) for k, v in ev.items() if k.startswith("kid_") and _number(v)}
+    if not kid:
+        return rows
+    by_step = rows_by_step(rows)
+    row = by_step.setdefault(float(final), {"step": float(final)})
+    for k, v in kid.items():
+        row.setdefault(k, v)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def turning_kid(result: dict[str, Any]) -> dict[str, float]:
+    """KID at the turning point ("eval": {"turning_kid_val": ...}) as {"kid_val": ...}."""
+    ev = result.get("eval")
+    if not isinstance(ev, dict):
+        return {}
+    return {
+        k.removeprefix("turning_"): float(v)
+        for k, v in ev.items()
+        if k.startswith("turning_kid_") and _number(v)
+    }
 
 
 def series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
@@ -164,7 +200,9 @@ def plot_cs(rows: Rows, turning: int | None, path: Path, title: str) -> Path | s
     return _save(fig, path, f"{title}: CS and CS-Fluctuation")
 
 
-def plot_kid(rows: Rows, turning: int | None, path: Path, title: str) -> Path | str:
+def plot_kid(
+    rows: Rows, turning: int | None, path: Path, title: str, at_turning: dict[str, float] | None = None
+) -> Path | str:
     present = [(ref, label, color) for ref, label, color in KID_REFS if series(rows, f"kid_{ref}")[0]]
     if not present:
         return "no kid_* metrics logged (eval.every = 0 and no eval.val_dir?)"
@@ -179,6 +217,10 @@ def plot_kid(rows: Rows, turning: int | None, path: Path, title: str) -> Path | 
             lo = [m - s for m, s in zip(mean, std, strict=True)]
             hi = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+        if turning is not None and at_turning and f"kid_{ref}" in at_turning:
+            ax.plot(
+                [turning], [at_turning[f"kid_{ref}"]], marker="*", markersize=12, color=color, linestyle=""
+            )
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel("KID")
     _mark_turning(axes, turning)
@@ -206,13 +248,14 @@ def write_report(out_dir: Path, dest: Path | None = None) -> dict[str, Path | st
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ReportError(f"{out_dir}: no such job folder")
-    rows = read_metrics(out_dir / METRICS)
+    result = read_result(out_dir)
+    rows = merge_final_eval(read_metrics(out_dir / METRICS), result)
     turning = read_turning_point(out_dir)
     dest = Path(dest) if dest is not None else out_dir / "report"
     title = out_dir.resolve().name
     return {
         "loss": plot_loss(rows, dest / "loss.png", title),
         "cs": plot_cs(rows, turning, dest / "cs.png", title),
-        "kid": plot_kid(rows, turning, dest / "kid.png", title),
+        "kid": plot_kid(rows, turning, dest / "kid.png", title, turning_kid(result)),
         "samples": plot_samples(out_dir, dest / "samples.png"),
     }

@@ -141,3 +141,17 @@ def test_evolution_strips_and_gif(tmp_path: Path) -> None:
         assert gif.n_frames == 5
     with Image.open(job / "samples" / "evolution-01.png") as strip:
         assert strip.size[0] > 5 * 64 and strip.size[1] > 2 * 64  # 5 frames x 2 seeds, upscaled
+
+
+def test_final_and_turning_kid_from_result_json(tmp_path: Path) -> None:
+    from dallm.report import merge_final_eval, read_result, turning_kid
+
+    job = synthetic_job(tmp_path / "job", steps=110, samples=False, turning=60)
+    ev = {"kid_val": 0.02, "kid_val_std": 0.001, "turning_kid_val": 0.03, "eval_seconds_total": 5.0}
+    (job / "result.json").write_text(json.dumps({"final_step": 110, "turning_point": 60, "eval": ev}))
+    result = read_result(job)
+    rows = merge_final_eval(read_metrics(job / "metrics.jsonl"), result)
+    assert rows[-1]["step"] == 110 and rows[-1]["kid_val"] == 0.02 and rows[-1]["loss"] > 0
+    assert "eval_seconds_total" not in rows[-1]
+    assert turning_kid(result) == {"kid_val": 0.03}
+    assert isinstance(write_report(job)["kid"], Path)
