@@ -1,0 +1,257 @@
+"""Pilot tests of dallm-tui against an in-memory daemon (FakeConnection): every key sends the right
+request and shows the answer; reconnect with backfill; empty queue; a failed job shows its reason."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from dallm.protocol import MetricsEvent
+from dallm.tui.app import EMPTY_QUEUE, DallmApp
+from dallm.tui.connection import Action, FakeConnection, Outcome
+from dallm.tui.demo import demo_connection, job_events
+from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
+from dallm.tui.thumbnail import Thumbnail
+from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
+
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_app(conn: FakeConnection) -> DallmApp:
+    return DallmApp(conn, poll_timeout=0.02, backoff=(0.05, 0.2))
+
+
+async def until(pilot, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.02)
+
+
+def loaded(app: DallmApp, job: str = "1") -> Callable[[], bool]:
+    def check() -> bool:
+        d = app.model.data.get(job)
+        return d is not None and d.loaded and app.query_one(ConnectionBar).connected
+
+    return check
+
+
+def log_text(app: DallmApp) -> str:
+    return "\n".join(strip.text for strip in app.query_one(EventLog).lines)
+
+
+def header_text(app: DallmApp) -> str:
+    return str(app.query_one(JobHeader).render())
+
+
+def notifications(app: DallmApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+@pytest.fixture
+def conn() -> FakeConnection:
+    return demo_connection(points=300)
+
+
+async def test_empty_queue() -> None:
+    app = make_app(FakeConnection())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.query_one(ConnectionBar).connected and app.listed)
+        await pilot.pause()
+        assert EMPTY_QUEUE in header_text(app)
+        assert app.query_one(JobTable).row_count == 0
+        await pilot.press("s")
+        await until(pilot, lambda: any("no job to stop" in m for m in notifications(app)))
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_failed_job_shows_its_reason(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("down", "down")  # job 3, the failed one
+        await until(pilot, loaded(app, "3"))
+        await pilot.pause()
+        assert app.selected == "3"
+        assert "oom: CUDA out of memory at step 137" in header_text(app)
+        assert "failed" in header_text(app)
+        assert "CUDA out of memory at step 137" in log_text(app)
+
+
+async def test_stop_asks_then_sends_and_shows_the_reply(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("s")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "turning-point weights (step 180)" in app.screen.question
+        await pilot.press("y")
+        await until(pilot, lambda: conn.sent == [Action("stop", "1")])
+        await until(pilot, lambda: "1: stopping" in notifications(app))
+        assert "✓ 1: stopping" in log_text(app)
+
+
+async def test_stop_declined_sends_nothing(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("s")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await pilot.pause(0.1)
+        assert conn.sent == []
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_stop_refused_by_the_daemon_shows_the_error(conn: FakeConnection) -> None:
+    conn.replies["stop"] = Outcome(False, "job 1 is not running")
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("s", "y")
+        await until(pilot, lambda: "job 1 is not running" in notifications(app))
+        assert "✗ job 1 is not running" in log_text(app)
+
+
+@pytest.mark.parametrize(("key", "resume"), [("f", False), ("r", True)])
+async def test_rollback_to_the_chosen_checkpoint(conn: FakeConnection, key: str, resume: bool) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        checkpoints = app.query_one(CheckpointList)
+        await until(pilot, lambda: checkpoints.option_count == 4)  # 300, 200, 180 (TP), 100
+        checkpoints.focus()
+        await pilot.press("down")
+        assert checkpoints.chosen_step == 200
+        await pilot.press("r")
+        assert isinstance(app.screen, RollbackScreen)
+        assert "step 200" in app.screen.question
+        await pilot.press(key)
+        await until(pilot, lambda: conn.sent == [Action("rollback", "1", step=200, resume=resume)])
+        await until(pilot, lambda: "1: rolling back" in notifications(app))
+
+
+async def test_rollback_back_out(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await until(pilot, lambda: app.query_one(CheckpointList).option_count > 0)
+        await pilot.press("r")
+        assert isinstance(app.screen, RollbackScreen)
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        assert conn.sent == []
+
+
+async def test_cancel_and_priority_keys(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("c")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await until(pilot, lambda: Action("cancel", "1") in conn.sent)
+        await pilot.press("plus")
+        await until(pilot, lambda: Action("priority", "1", priority=1) in conn.sent)
+        await until(pilot, lambda: app.model.jobs["1"].priority == 1)  # the queue was listed again
+        await pilot.press("minus")
+        await until(pilot, lambda: Action("priority", "1", priority=0) in conn.sent)
+        await until(pilot, lambda: "1: priority 0" in notifications(app))
+
+
+async def test_finished_job_cannot_be_stopped(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("down")
+        await until(pilot, lambda: app.selected == "2")
+        await pilot.press("s")
+        await until(pilot, lambda: any("already finished" in m for m in notifications(app)))
+        assert conn.sent == []
+
+
+async def test_live_events_update_queue_and_charts(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        series = app.model.data["1"].series["loss"]
+        assert len(series) == 300
+        conn.emit("1", *job_events(320, 1000, start=300))
+        await until(pilot, lambda: len(series) == 320)
+        table = app.query_one(JobTable)
+        await until(pilot, lambda: str(table.get_cell("1", "step")) == "320/1000")
+        assert app.model.data["1"].samples[-1].step == 300
+
+
+async def test_reconnect_backfills_without_gaps_or_duplicates(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        bar = app.query_one(ConnectionBar)
+        conn.go_down()
+        await until(pilot, lambda: not bar.connected)
+        assert "retrying in" in bar.detail
+        await until(pilot, lambda: any("no daemon" in m for m in notifications(app)))
+        # Actions while disconnected say so.
+        await pilot.press("plus")
+        await until(pilot, lambda: any(m.startswith("not sent") for m in notifications(app)))
+        # The job went on while the TUI could not see it.
+        conn.emit("1", *job_events(350, 1000, start=300), live=False)
+        conn.come_back()
+        await until(pilot, lambda: bar.connected)
+        series = app.model.data["1"].series["loss"]
+        await until(pilot, lambda: len(series) == 350)
+        conn.emit("1", MetricsEvent(step=351, values={"loss": 0.1}))
+        await until(pilot, lambda: len(series) == 351)
+        steps = series.steps
+        assert list(steps) == list(range(1, 352))
+        assert conn.connects >= 2
+        assert app.model.jobs["1"].step == 351
+
+
+async def test_help_toggle_and_sample_keys(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        charts = app.query_one(Charts)
+        await pilot.press("t")
+        assert charts.view == "loss"
+        await pilot.press("t")
+        assert charts.view == "fluct"
+        thumb = app.query_one(Thumbnail)
+        await until(pilot, lambda: len(thumb.samples) == 6)
+        assert thumb.position == 5 and thumb.current.step == 300
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        assert thumb.current.step == 200
+        await pilot.press("right_square_bracket")
+        assert thumb.current.step == 250
+        await pilot.press("right_square_bracket")
+        assert thumb.index == -1 and thumb.current.step == 300
+
+
+async def test_mouse_selects_a_job(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.click(JobTable, offset=(5, 3))  # header row, then rows 1..: row index 2 = job 3
+        await until(pilot, lambda: app.selected == "3")
+
+
+def test_main_rejects_unknown_image_mode(capsys) -> None:
+    from dallm.tui.app import main
+
+    with pytest.raises(SystemExit):
+        main(["--images", "png"])
+

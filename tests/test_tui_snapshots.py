@@ -1,0 +1,79 @@
+"""Snapshots of dallm-tui's main layouts (120x40 and 80x24) on deterministic fake jobs.
+
+Update after an intended change with: pytest tests/test_tui_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dallm.tui.app import DallmApp
+from dallm.tui.connection import FakeConnection
+from dallm.tui.demo import demo_connection
+from dallm.tui.widgets import ConnectionBar
+
+pytestmark = pytest.mark.xdist_group("tui")
+
+
+def app_with(conn: FakeConnection) -> DallmApp:
+    return DallmApp(conn, images_mode="halfblock", poll_timeout=0.02, backoff=(0.05, 0.2))
+
+
+def ready(job: str | None = "1"):
+    async def run_before(pilot) -> None:
+        app = pilot.app
+        deadline = time.monotonic() + 10
+
+        def done() -> bool:
+            if not (app.query_one(ConnectionBar).connected and app.listed):
+                return False
+            if job is None:
+                return True
+            d = app.model.data.get(job)
+            return d is not None and d.loaded and app.selected == job
+
+        while not done():
+            assert time.monotonic() < deadline, "the app did not load"
+            await pilot.pause(0.02)
+        await pilot.pause(0.1)
+
+    return run_before
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)], ids=["120x40", "80x24"])
+def test_running_job(snap_compare, size) -> None:
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=size, run_before=ready())
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)], ids=["120x40", "80x24"])
+def test_failed_job(snap_compare, size) -> None:
+    async def select_failed(pilot) -> None:
+        await ready()(pilot)
+        await pilot.press("down", "down")
+        await ready("3")(pilot)
+
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=size, run_before=select_failed)
+
+
+def test_empty_queue(snap_compare) -> None:
+    assert snap_compare(app_with(FakeConnection()), terminal_size=(80, 24), run_before=ready(None))
+
+
+def test_loss_and_cs_view(snap_compare) -> None:
+    async def toggle(pilot) -> None:
+        await ready()(pilot)
+        await pilot.press("t")
+        await pilot.pause(0.1)
+
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=(120, 40), run_before=toggle)
+
+
+def test_stop_confirmation(snap_compare) -> None:
+    async def ask(pilot) -> None:
+        await ready()(pilot)
+        await pilot.press("s")
+        await pilot.pause(0.1)
+
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=(80, 24), run_before=ask)
