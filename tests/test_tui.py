@@ -7,14 +7,14 @@ import time
 from collections.abc import Callable
 
 import pytest
-
-from dallm.protocol import MetricsEvent
 from dallm.tui.app import EMPTY_QUEUE, DallmApp
 from dallm.tui.connection import Action, FakeConnection, Outcome
 from dallm.tui.demo import demo_connection, job_events
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
 from dallm.tui.thumbnail import Thumbnail
 from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
+
+from dallm.protocol import MetricsEvent
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
 
@@ -254,4 +254,3 @@ def test_main_rejects_unknown_image_mode(capsys) -> None:
 
     with pytest.raises(SystemExit):
         main(["--images", "png"])
-

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from dallm.tui.app import DallmApp
 from dallm.tui.connection import FakeConnection
 from dallm.tui.demo import demo_connection
