@@ -6,7 +6,7 @@ The daemon section (requests, replies, framing, protocol version) is added by th
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -151,7 +151,7 @@ MAX_WORKER_BYTES = 64 << 20
 QUEUE_TOPIC = "queue"
 
 JobState = Literal["queued", "running", "stopping", "finished", "stopped-early", "failed", "cancelled"]
-JOB_STATES: tuple[str, ...] = ("queued", "running", "stopping", "finished", "stopped-early", "failed", "cancelled")
+JOB_STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL_STATES = frozenset({"finished", "stopped-early", "failed", "cancelled"})
 
 
@@ -256,6 +256,7 @@ class SubmitRequest(_Message):
     op: Literal["submit"] = "submit"
     config: dict  # a JobConfig as config_to_dict gives it; the daemon validates it again
     priority: int = 0
+    retries: int = Field(default=0, ge=0)  # times a crashed worker is restarted from the last checkpoint
     source: str = "config"  # the config's file name, for error messages
 
 
@@ -447,7 +448,9 @@ def _open_frame(frame: bytes, key: str) -> tuple[int, dict]:
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "frame is not a JSON object")
     if data.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError("bad_version", f"protocol version {data.get('v')!r}; this side speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            "bad_version", f"protocol version {data.get('v')!r}; this side speaks {PROTOCOL_VERSION}"
+        )
     req_id = data.get("id")
     if not isinstance(req_id, int) or isinstance(req_id, bool):
         raise ProtocolError("bad_request", "missing or non-integer id")
@@ -469,7 +472,11 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
 
 def _envelope_dict(env: EventEnvelope) -> tuple[dict, bytes | None]:
     blob = env.event.png if isinstance(env.event, SampleEvent) and env.event.png else None
-    data = env.model_dump(mode="json", exclude={"event": {"png"}}) if blob is not None else env.model_dump(mode="json")
+    data = (
+        env.model_dump(mode="json", exclude={"event": {"png"}})
+        if blob is not None
+        else env.model_dump(mode="json")
+    )
     return data, blob
 
 
@@ -533,3 +540,25 @@ def decode_envelope(frames: list[bytes]) -> EventEnvelope:
         return EventEnvelope.model_validate(_attach(data, frames[2:]))
     except (ValueError, TypeError, KeyError) as e:
         raise ProtocolError("bad_event", str(e).splitlines()[0]) from None
+
+
+def history_frames(
+    req_id: int, rows: list[tuple[int, int, int, str, int, float, str, bytes | None]], head: int, more: bool
+) -> list[bytes]:
+    """The daemon's fast path for a HistoryReply from stored rows (seq, prev, job, topic, superseded,
+    t, event JSON, png): no re-validation of events that were validated when they came in."""
+    blobs: list[bytes] = []
+    items = []
+    for seq, prev, job, topic, superseded, t, data, blob in rows:
+        tail = "}"
+        if blob:
+            tail = f',"blob":{len(blobs)}}}'
+            blobs.append(blob)
+        sup = "true" if superseded else "false"
+        items.append(
+            f'{{"seq":{seq},"prev":{prev},"topic":"{topic}","job":{job},"t":{t!r},"superseded":{sup},"event":{data}{tail}'
+        )
+    body = (
+        f'{{"op":"history","events":[{",".join(items)}],"head":{head},"more":{"true" if more else "false"}}}'
+    )
+    return [f'{{"v":{PROTOCOL_VERSION},"id":{int(req_id)},"rep":{body}}}'.encode(), *blobs]

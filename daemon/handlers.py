@@ -1,0 +1,234 @@
+"""Control requests: one function per request type, each returning the reply frames.
+
+Errors a client can act on are ProtocolError-like `Refused(code, message)` replies, one line each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dallm.config import ConfigError, config_from_dict
+from dallm.protocol import (
+    TERMINAL_STATES,
+    CancelRequest,
+    ErrorReply,
+    HistoryRequest,
+    JobDetail,
+    JobDetailReply,
+    JobListReply,
+    JobReply,
+    ListRequest,
+    LogLine,
+    LogsReply,
+    LogsRequest,
+    OkReply,
+    PingRequest,
+    PongReply,
+    PriorityRequest,
+    Request,
+    RollbackCommand,
+    RollbackRequest,
+    ShowRequest,
+    ShutdownRequest,
+    StopCommand,
+    StopRequest,
+    SubmitRequest,
+    encode_reply,
+    history_frames,
+)
+
+if TYPE_CHECKING:
+    from dallm.daemon.server import Daemon
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _job(d: Daemon, ref: str) -> dict:
+    row = d.store.find_job(ref)
+    if row is None:
+        raise Refused("not_found", f"no job {ref!r}")
+    return row
+
+
+def job_out_dir(d: Daemon, job: int, name: str, output_dir: str | None) -> Path:
+    """The job's output folder: <home>/jobs/<id>-<name>, or the config's output_dir (an absolute
+    path is used as given; a relative one is taken under <home>/jobs and may not leave it)."""
+    jobs = d.paths.jobs.resolve()
+    if output_dir is None:
+        return jobs / f"{job}-{name}"
+    p = Path(output_dir).expanduser()
+    if p.is_absolute():
+        return p
+    out = (jobs / p).resolve()
+    if not out.is_relative_to(jobs):
+        raise Refused("invalid_config", f"output_dir: {output_dir!r} leaves the daemon's jobs folder")
+    return out
+
+
+def submit(d: Daemon, req: SubmitRequest) -> JobReply:
+    if d.shutting_down:
+        raise Refused("conflict", "the daemon is shutting down")
+    cfg = config_from_dict(json.loads(json.dumps(req.config)), req.source)
+    data = cfg.model_dump(mode="json")
+    out_spec = data.get("output_dir")
+    if out_spec is not None and not Path(out_spec).expanduser().is_absolute():
+        job_out_dir(d, 0, cfg.name, out_spec)  # refuse before anything is queued
+    job = d.store.add_job(cfg.name, data, req.priority, cfg.train.steps, req.retries)
+    out = job_out_dir(d, job, cfg.name, out_spec)
+    d.store.update_job(job, out_dir=str(out))
+    d.publish_state(job, None, "submitted")
+    d.schedule()
+    return JobReply(job=d.store.summary(job), message=f"job {job} queued")
+
+
+def show(d: Daemon, req: ShowRequest) -> JobDetailReply:
+    row = _job(d, req.job)
+    job = row["id"]
+    out = Path(row["out_dir"] or ".")
+    checkpoints = [c for c in d.store.checkpoints(job) if c.superseded or (out / c.path).exists()]
+    detail = JobDetail(
+        summary=d.store.summary(job),
+        config=json.loads(row["config"]),
+        transitions=d.store.transitions(job),
+        checkpoints=checkpoints,
+        last_metrics=d.store.last_metrics(job),
+    )
+    return JobDetailReply(detail=detail)
+
+
+def stop(d: Daemon, req: StopRequest) -> JobReply:
+    row = _job(d, req.job)
+    job, state = row["id"], row["state"]
+    w = d.sched.by_job.get(job)
+    if state == "queued":
+        raise Refused("conflict", f"job {job} is queued, not running; `dallm cancel {job}` discards it")
+    if w is None or state != "running":
+        raise Refused("conflict", f"job {job} is {state}")
+    d.command(w, StopCommand())
+    d.set_state(job, "stopping", "stop requested: finish now (turning point weights when found)")
+    return JobReply(job=d.store.summary(job), message=f"job {job} stopping")
+
+
+def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
+    row = _job(d, req.job)
+    job, state = row["id"], row["state"]
+    how = "and resume" if req.resume else "and finish there"
+    w = d.sched.by_job.get(job)
+    if state in ("running", "stopping") and w is not None:
+        if req.step > max(w.last_step, row["step"]):
+            raise Refused(
+                "conflict",
+                f"job {job} is at step {max(w.last_step, row['step'])}; cannot roll back to {req.step}",
+            )
+        d.command(w, RollbackCommand(step=req.step, resume=req.resume))
+        if req.resume:
+            d.job_log(job, "info", f"rollback to step {req.step} requested (resume)")
+            d.flush()
+        else:
+            d.set_state(job, "stopping", f"rollback to step {req.step} {how} requested")
+        return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
+    if state == "queued":
+        raise Refused("conflict", f"job {job} is queued; nothing to roll back")
+    ckpt = Path(row["out_dir"]) / "checkpoints" / f"step-{req.step}"
+    if not ckpt.is_dir():
+        have = sorted(c.step for c in d.store.checkpoints(job) if (Path(row["out_dir"]) / c.path).is_dir())
+        raise Refused("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have or 'none'})")
+    pending = None if req.resume else RollbackCommand(step=req.step, resume=False).model_dump_json()
+    d.set_state(
+        job,
+        "queued",
+        f"rollback to step {req.step} {how}",
+        resume_path=str(ckpt),
+        pending=pending,
+        ended=None,
+    )
+    d.schedule()
+    return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
+
+
+def cancel(d: Daemon, req: CancelRequest) -> JobReply:
+    row = _job(d, req.job)
+    job, state = row["id"], row["state"]
+    if state in TERMINAL_STATES:
+        raise Refused("conflict", f"job {job} is already {state}")
+    w = d.sched.by_job.get(job)
+    if w is not None:
+        w.cancel = True
+        d.sched.kill(w)
+        d.set_state(job, "stopping", "cancel requested")
+    else:
+        d.set_state(
+            job, "cancelled", "cancelled by user (never ran)" if not row["attempts"] else "cancelled by user"
+        )
+    return JobReply(job=d.store.summary(job), message=f"job {job} cancelled")
+
+
+def priority(d: Daemon, req: PriorityRequest) -> JobReply:
+    row = _job(d, req.job)
+    job = row["id"]
+    d.store.update_job(job, priority=req.priority)
+    d.publish_state(job, row["state"], f"priority set to {req.priority}")
+    return JobReply(job=d.store.summary(job), message=f"job {job}: priority {req.priority}")
+
+
+def logs(d: Daemon, req: LogsRequest) -> LogsReply:
+    job = _job(d, req.job)["id"]
+    rows = d.store.db.execute(
+        "SELECT seq, t, kind, data FROM events WHERE job_id = ? AND seq > ? AND kind IN ('log', 'state') ORDER BY seq",
+        (job, req.since),
+    )
+    lines = []
+    for seq, t, kind, data in rows:
+        ev = json.loads(data)
+        if kind == "log":
+            lines.append(LogLine(seq=seq, t=t, level=ev["level"], message=ev["message"]))
+        else:
+            lines.append(
+                LogLine(seq=seq, t=t, level="state", message=f"{ev['job']['state']}: {ev['reason']}")
+            )
+    return LogsReply(lines=lines, head=d.seq)
+
+
+def handle(d: Daemon, req_id: int, req: Request) -> list[bytes]:
+    try:
+        if isinstance(req, HistoryRequest):
+            rows = d.store.history(req.since, req.topics, req.limit, req.kinds)
+            if not req.include_png:
+                rows = [(*r[:7], None) for r in rows]
+            return history_frames(req_id, rows, d.seq, len(rows) == req.limit)
+        if isinstance(req, PingRequest):
+            rep = PongReply(pid=os.getpid(), home=str(d.paths.home), started=d.started, head=d.seq,
+                            slots=d.slots, events=d.event_endpoints, counts=d.store.counts())  # fmt: skip
+        elif isinstance(req, SubmitRequest):
+            rep = submit(d, req)
+        elif isinstance(req, ListRequest):
+            rep = JobListReply(jobs=d.store.list_jobs(req.states, req.limit))
+        elif isinstance(req, ShowRequest):
+            rep = show(d, req)
+        elif isinstance(req, LogsRequest):
+            rep = logs(d, req)
+        elif isinstance(req, StopRequest):
+            rep = stop(d, req)
+        elif isinstance(req, RollbackRequest):
+            rep = rollback(d, req)
+        elif isinstance(req, CancelRequest):
+            rep = cancel(d, req)
+        elif isinstance(req, PriorityRequest):
+            rep = priority(d, req)
+        elif isinstance(req, ShutdownRequest):
+            d.begin_shutdown()
+            rep = OkReply(message=f"shutting down; {len(d.sched.by_job)} running job(s) checkpoint first")
+        else:  # pragma: no cover - the adapter admits nothing else
+            rep = ErrorReply(code="bad_request", message="unknown request")
+    except Refused as e:
+        rep = ErrorReply(code=e.code, message=str(e))
+    except ConfigError as e:
+        rep = ErrorReply(code="invalid_config", message=str(e))
+    return encode_reply(req_id, rep)

@@ -1,0 +1,424 @@
+"""The daemon: control socket (ROUTER, typed requests/replies), event socket (PUB), the worker
+socket (ROUTER: events up, commands down), the store, and the scheduler, in one thread and loop.
+
+Every event (a worker's engine events, job state changes) gets the next daemon-wide sequence number,
+is committed to the store, then published: whatever a subscriber sees can be read back with a
+history request. Batches of worker events are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+from dallm.daemon import handlers
+from dallm.daemon.paths import DaemonLock, DaemonPaths, write_info
+from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
+from dallm.daemon.security import (
+    event_endpoint,
+    is_loopback,
+    make_curve_server,
+    server_keys,
+    start_authenticator,
+)
+from dallm.daemon.store import EventRow, Store
+from pydantic import ValidationError
+
+from dallm.config import ConfigError
+from dallm.protocol import (
+    MAX_CONTROL_BYTES,
+    MAX_WORKER_BYTES,
+    QUEUE_TOPIC,
+    ErrorReply,
+    FinishedEvent,
+    InterruptCommand,
+    JobCommand,
+    JobStateEvent,
+    LogEvent,
+    MetricsEvent,
+    ProtocolError,
+    RolledBackEvent,
+    StartedEvent,
+    TurningPointEvent,
+    WorkerDone,
+    WorkerError,
+    WorkerHello,
+    decode_request,
+    encode_reply,
+    envelope_frames,
+    job_event_adapter,
+    job_topic,
+)
+
+log = logging.getLogger("dallm.daemon")
+PUB_HWM = 10_000  # per subscriber; beyond it PUB drops (training never waits on a subscriber)
+
+
+class Daemon:
+    def __init__(
+        self,
+        home: Path,
+        devices: list[str],
+        max_jobs: int | None = None,
+        bind: list[str] | None = None,
+        runner: str | None = None,
+        shutdown_timeout: float = 120.0,
+    ) -> None:
+        self.paths = DaemonPaths(home)
+        self.paths.prepare()
+        self.lock = DaemonLock(self.paths)
+        self.lock.acquire()
+        self.started = time.time()
+        self.store = Store(self.paths.db)
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.control: list[zmq.Socket] = []
+        self.pubs: list[zmq.Socket] = []
+        self.event_endpoints: list[str] = []
+        self._bind_ipc()
+        for endpoint in bind or []:
+            self._bind_tcp(endpoint)
+        self.slots = make_slots(devices, max_jobs)
+        self.sched = Scheduler(self.slots, self.paths.endpoint("workers"), runner)
+        self.seq = self.store.head()
+        self.topic_prev: dict[str, int] = self.store.topic_heads()
+        self.batch: list[EventRow] = []
+        self.out_frames: list[list[bytes]] = []
+        self.job_updates: dict[int, dict[str, Any]] = {}
+        self.shutting_down = False
+        self.shutdown_deadline = 0.0
+        self.shutdown_timeout = shutdown_timeout
+        self.stop_loop = False
+        self.stats = {"events_in": 0, "requests": 0, "bad_requests": 0}
+        write_info(
+            self.paths,
+            {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
+             "started": self.started},
+        )  # fmt: skip
+        self._recover()
+
+    # --- sockets ------------------------------------------------------------------------------
+
+    def _control_socket(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 1000)
+        s.setsockopt(zmq.RCVHWM, 1000)
+        return s
+
+    def _pub_socket(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.PUB)
+        s.setsockopt(zmq.SNDHWM, PUB_HWM)
+        s.setsockopt(zmq.LINGER, 0)
+        return s
+
+    def _bind_ipc(self) -> None:
+        ctl, pub = self._control_socket(), self._pub_socket()
+        ctl.bind(self.paths.endpoint("control"))
+        pub.bind(self.paths.endpoint("events"))
+        self.control.append(ctl)
+        self.pubs.append(pub)
+        self.control_endpoints = [self.paths.endpoint("control")]
+        self.event_endpoints.append(self.paths.endpoint("events"))
+        self.workers = self.ctx.socket(zmq.ROUTER)
+        self.workers.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_BYTES)
+        self.workers.setsockopt(zmq.RCVHWM, 100_000)
+        self.workers.setsockopt(zmq.LINGER, 0)
+        self.workers.bind(self.paths.endpoint("workers"))
+        for name in ("control", "events", "workers"):
+            with contextlib.suppress(OSError):
+                os.chmod(self.paths.socket_dir / f"{name}.ipc", 0o600)
+
+    def _bind_tcp(self, endpoint: str) -> None:
+        ctl, pub = self._control_socket(), self._pub_socket()
+        if not is_loopback(endpoint):
+            if self.auth is None:
+                self.auth = start_authenticator(self.ctx, self.paths.keys)
+            public, secret = server_keys(self.paths.keys)
+            make_curve_server(ctl, public, secret)
+            make_curve_server(pub, public, secret)
+        ctl.bind(endpoint)
+        pub.bind(event_endpoint(endpoint))
+        self.control.append(ctl)
+        self.pubs.append(pub)
+        self.control_endpoints.append(endpoint)
+        self.event_endpoints.append(event_endpoint(endpoint))
+
+    # --- events -------------------------------------------------------------------------------
+
+    def add_event(self, job: int, topic: str, kind: str, step: int | None, data: str, blob: bytes | None,
+                  t: float | None = None) -> int:  # fmt: skip
+        self.seq += 1
+        seq = self.seq
+        prev = self.topic_prev.get(topic, 0)
+        self.topic_prev[topic] = seq
+        t = time.time() if t is None else t
+        self.batch.append((seq, prev, job, topic, kind, step, t, data, blob))
+        self.out_frames.append(envelope_frames(seq, prev, topic, job, t, data, blob))
+        return seq
+
+    def flush(self) -> None:
+        if not self.batch and not self.job_updates:
+            return
+        self.store.add_events(self.batch, self.job_updates)
+        self.batch = []
+        self.job_updates = {}
+        for frames in self.out_frames:
+            for pub in self.pubs:
+                with contextlib.suppress(zmq.Again):
+                    pub.send_multipart(frames, zmq.NOBLOCK)
+        self.out_frames = []
+
+    def set_state(self, job: int, state: str, reason: str, **fields: Any) -> None:
+        self.flush()
+        prev = self.store.transition(job, state, reason, **fields)
+        self.publish_state(job, prev, reason)
+        log.info("job %s: %s -> %s (%s)", job, prev, state, reason)
+
+    def publish_state(self, job: int, prev: str | None, reason: str) -> None:
+        ev = JobStateEvent(job=self.store.summary(job), prev_state=prev, reason=reason)  # type: ignore[arg-type]
+        self.add_event(job, QUEUE_TOPIC, "state", None, ev.model_dump_json(), None)
+        self.flush()
+
+    def job_log(self, job: int, level: str, message: str) -> None:
+        ev = LogEvent(level=level, message=message)  # type: ignore[arg-type]
+        self.add_event(job, job_topic(job), "log", None, ev.model_dump_json(), None)
+
+    def command(self, w: WorkerProc, cmd: JobCommand) -> None:
+        if w.hello:
+            self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+        else:
+            w.pending.append(cmd)
+
+    # --- worker messages ----------------------------------------------------------------------
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        w = self.sched.by_identity.get(frames[0])
+        if w is None or len(frames) < 3:
+            return  # a worker of an earlier attempt, or garbage
+        tag = frames[1]
+        if tag == b"ev" and len(frames) >= 4:
+            self._on_event(w, frames)
+        elif tag == b"hello":
+            WorkerHello.model_validate_json(frames[2])
+            w.hello = True
+            for cmd in w.pending:
+                self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+            w.pending.clear()
+        elif tag == b"done":
+            w.done = WorkerDone.model_validate_json(frames[2])
+        elif tag == b"error":
+            w.error = WorkerError.model_validate_json(frames[2])
+            self.job_log(w.job, "error", w.error.message)
+            if w.error.traceback:
+                self.job_log(w.job, "debug", w.error.traceback)
+
+    def _on_event(self, w: WorkerProc, frames: list[bytes]) -> None:
+        raw = frames[3]
+        try:
+            ev = job_event_adapter.validate_json(raw)
+            t = float(frames[2])
+        except (ValidationError, ValueError):
+            log.warning("job %s: dropped an invalid event %r", w.job, raw[:200])
+            return
+        self.stats["events_in"] += 1
+        job = w.job
+        step = getattr(ev, "step", None)
+        blob = frames[4] if len(frames) > 4 else None
+        upd = self.job_updates.setdefault(job, {})
+        if isinstance(ev, MetricsEvent):
+            w.last_step = ev.step
+            upd["step"] = ev.step
+            for key in ("kid_val", "steps_per_s"):
+                if key in ev.values:
+                    upd[key] = ev.values[key]
+        elif isinstance(ev, StartedEvent | RolledBackEvent):
+            # A resume (or a rollback) replaces the history after its step.
+            after = ev.start_step if isinstance(ev, StartedEvent) else ev.step
+            self.flush()
+            self.store.supersede(job, after, self.seq + 1)
+            w.last_step = after
+            fields: dict[str, Any] = {"step": after}
+            if isinstance(ev, StartedEvent):
+                fields |= {"total_steps": ev.total_steps, "device": ev.device}
+            self.job_updates.setdefault(job, {}).update(fields)
+            step = None if isinstance(ev, StartedEvent) else ev.step
+        elif isinstance(ev, TurningPointEvent):
+            upd["turning_point"] = ev.step
+        elif isinstance(ev, FinishedEvent):
+            w.finished = ev
+            upd["result_step"] = ev.result_step
+        self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
+
+    def drain_workers(self, budget: int = 50_000) -> None:
+        for _ in range(budget):
+            try:
+                frames = self.workers.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                self._on_worker(frames)
+            except (ValidationError, ValueError) as e:
+                log.warning("bad worker message: %s", e)
+        self.flush()
+
+    # --- control requests ---------------------------------------------------------------------
+
+    def serve(self, sock: zmq.Socket, budget: int = 500) -> None:
+        for _ in range(budget):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            ident, rest = frames[0], frames[1:]
+            prefix = [ident]
+            if len(rest) > 1 and rest[0] == b"":
+                prefix.append(b"")
+                rest = rest[1:]
+            self.stats["requests"] += 1
+            req_id = 0
+            try:
+                if len(rest) != 1:
+                    raise ProtocolError("bad_request", f"expected one frame, got {len(rest)}")
+                req_id, req = decode_request(rest[0])
+                reply = handlers.handle(self, req_id, req)
+            except ProtocolError as e:
+                self.stats["bad_requests"] += 1
+                reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
+            except ConfigError as e:
+                reply = encode_reply(req_id, ErrorReply(code="invalid_config", message=str(e)))
+            except Exception as e:  # the daemon serves on whatever one request did
+                log.exception("request failed")
+                reply = encode_reply(req_id, ErrorReply(code="internal", message=f"{type(e).__name__}: {e}"))
+            with contextlib.suppress(zmq.Again, zmq.ZMQError):
+                sock.send_multipart(prefix + reply, zmq.NOBLOCK)
+            self.flush()
+
+    # --- scheduling and workers ---------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Jobs a dead daemon left running are queued again and resume from their last checkpoint."""
+        for job in self.store.ids_in("running", "stopping"):
+            row = self.store.job(job) or {}
+            pid = row.get("pid")
+            if pid and _is_our_worker(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+            self.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
+                           resume_path=row.get("out_dir"), pid=None)  # fmt: skip
+
+    def schedule(self) -> None:
+        while not self.shutting_down and self.sched.free_slot() is not None:
+            job = self.store.next_queued()
+            if job is None:
+                return
+            self.start_job(job)
+
+    def start_job(self, job: int) -> None:
+        row = self.store.job(job)
+        assert row is not None
+        out = Path(row["out_dir"])
+        attempt = row["attempts"] + 1
+        resume: Path | None = Path(row["resume_path"]) if row["resume_path"] else None
+        if resume is not None and resume == out and not any((out / "checkpoints").glob("step-*")):
+            resume = None  # nothing saved yet: start over
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg_path = out / "job-config.json"
+            cfg_path.write_text(row["config"])
+            w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log")
+        except OSError as e:
+            self.set_state(job, "failed", f"cannot start a worker: {e}", attempts=attempt)
+            return
+        if row["pending"]:
+            from dallm.protocol import job_command_adapter
+
+            w.pending.append(job_command_adapter.validate_json(row["pending"]))
+        how = (
+            f"resuming from {resume.name if resume != out else 'its last checkpoint'}"
+            if resume
+            else "from step 0"
+        )
+        self.set_state(job, "running", f"started on {w.device} (attempt {attempt}, {how})", attempts=attempt,
+                       pid=w.proc.pid, device=w.device, started=time.time(), pending=None)  # fmt: skip
+
+    def reap(self) -> None:
+        for w in self.sched.ended(time.time()):
+            self.drain_workers()
+            self.sched.release(w)
+            row = self.store.job(w.job) or {}
+            state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
+            if w.proc.returncode not in (0, None) and w.done is None and w.error is None:
+                self.job_log(
+                    w.job, "error", f"worker {reason}; see {Path(row.get('out_dir', '')) / 'worker.log'}"
+                )
+            fields: dict[str, Any] = {"pid": None, "resume_path": row.get("out_dir") if resume else None}
+            if state not in ("queued",):
+                fields["ended"] = time.time()
+            if w.done is not None:
+                fields |= {"result_step": w.done.result_step, "turning_point": w.done.turning_point}
+            self.set_state(w.job, state, reason, **fields)
+
+    def begin_shutdown(self) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.shutdown_deadline = time.time() + self.shutdown_timeout
+        log.info("shutting down: %d running job(s) checkpoint first", len(self.sched.by_job))
+        for w in self.sched.by_job.values():
+            self.command(w, InterruptCommand())
+
+    # --- loop ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        poller = zmq.Poller()
+        for s in self.control:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self.workers, zmq.POLLIN)
+        last_tick = 0.0
+        while True:
+            ready = dict(poller.poll(100))
+            if self.workers in ready:
+                self.drain_workers()
+            for s in self.control:
+                if s in ready:
+                    self.serve(s)
+            now = time.time()
+            if now - last_tick >= 0.05 or not ready:
+                last_tick = now
+                self.reap()
+                self.schedule()
+                if self.shutting_down:
+                    if now > self.shutdown_deadline:
+                        for w in list(self.sched.by_job.values()):
+                            self.sched.kill(w, signal.SIGKILL)
+                    if not self.sched.by_job:
+                        break
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        self.flush()
+        with contextlib.suppress(OSError):
+            self.paths.info.unlink()
+        for s in [*self.control, *self.pubs, self.workers]:
+            s.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+        self.store.close()
+        self.lock.release()
+
+
+def _is_our_worker(pid: int) -> bool:
+    try:
+        return b"dallm.daemon.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
