@@ -199,8 +199,9 @@ class Job:
         reading = self.watch.update(self.step, values["lr"])
         if reading.cs is not None:
             values["cs"] = reading.cs
-        if reading.cs_fluct is not None:
+        if reading.cs_fluct is not None and reading.cs_fluct_step is not None:
             values["cs_fluct"] = reading.cs_fluct
+            values["cs_fluct_step"] = float(reading.cs_fluct_step)
         if self.watch.wants_snapshot(self.step):
             self.watch.keep(self.trainer.state(self.step))
         tp = reading.turning_point
@@ -250,7 +251,7 @@ class Job:
             self.watch.rewind(state.step, state.extra.get("history", []))
             for snap in state.extra.get("snapshots", []):
                 if snap.step <= state.step:
-                    self.watch.keeper.keep(snap.step, snap)
+                    self.watch.keep(snap)
             self.turning_point = self.watch.turning_point
 
     def checkpoint(self) -> Path:

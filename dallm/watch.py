@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from dallm.checkpoint import TrainState
 from dallm.config import MonitorConfig
 
@@ -19,8 +21,24 @@ from dallm.config import MonitorConfig
 @dataclass
 class Reading:
     cs: float | None
-    cs_fluct: float | None
+    cs_fluct: float | None  # the newest CS-Fluctuation value; it belongs to step `cs_fluct_step`
+    cs_fluct_step: int | None  # = current step - 3 (window - 1): Eqs. 3-4 look ahead
     turning_point: int | None  # set once, at the step where the detector confirms it
+
+
+def flat_weights(state: TrainState) -> dict[str, Tensor]:
+    out = {f"unet.{k}": v for k, v in state.unet_lora.items()}
+    out.update({f"text_encoder.{k}": v for k, v in (state.text_encoder_lora or {}).items()})
+    if state.token_rows is not None:
+        out["token_rows"] = state.token_rows
+    return out
+
+
+def unflat_weights(step: int, flat: dict[str, Tensor]) -> TrainState:
+    unet = {k[5:]: v.clone() for k, v in flat.items() if k.startswith("unet.")}
+    te = {k[13:]: v.clone() for k, v in flat.items() if k.startswith("text_encoder.")}
+    rows = flat.get("token_rows")
+    return TrainState(step, unet, te or None, rows.clone() if rows is not None else None)
 
 
 class Watch:
@@ -33,31 +51,33 @@ class Watch:
             cfg.window, cfg.min_rise, cfg.min_valley_distance or cfg.window
         )
         self.detector = self._make_detector()
-        self.keeper = SnapshotKeeper()
+        self.keeper = SnapshotKeeper()  # weights at window boundaries
+        self._rest: dict[int, TrainState] = {}  # optimizer / scheduler / RNG of the same steps
         self.history: list[tuple[int, float, float]] = []
         self.turning_point: int | None = None
         self.detect = cfg.cs and cfg.early_stop != "off"
 
     def update(self, step: int, lr: float) -> Reading:
         if self.cs_fn is None:
-            return Reading(None, None, None)
+            return Reading(None, None, None, None)
         cs = float(self.cs_fn())
         self.history.append((step, cs, lr))
         found = self.detector.update(step, cs, lr)
         new_tp = None
         if found is not None and self.turning_point is None and self.detect:
             self.turning_point = new_tp = int(found)
-        return Reading(cs, self.latest_fluct(), new_tp)
+        fluct_step, fluct = self.latest_fluct()
+        return Reading(cs, fluct, fluct_step, new_tp)
 
-    def latest_fluct(self) -> float | None:
-        """The most recent CS-Fluctuation value (it lags the current step by the window)."""
+    def latest_fluct(self) -> tuple[int | None, float | None]:
+        """(index step, value) of the most recent CS-Fluctuation value."""
         series = self.detector.series
         if not series:
-            return None
-        last = series[-1]
-        value = last[-1] if isinstance(last, tuple | list) else last
-        value = float(value)
-        return value if math.isfinite(value) else None
+            return None, None
+        step, value = series[-1]
+        if value is None or not math.isfinite(value):
+            return step, None
+        return step, float(value)
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -65,17 +85,26 @@ class Watch:
         return self.detect and self.turning_point is None and step % self.cfg.window == 0
 
     def keep(self, state: TrainState) -> None:
-        self.keeper.keep(state.step, state)
-        oldest = self.detector.oldest_needed_step(state.step)
-        for s in list(self.keeper.steps):
-            if s < oldest and s != self.turning_point:
-                self.keeper.drop(s)
+        """Keep a real copy of `state` (weights, and the optimizer part when it has one)."""
+        self.keeper.keep(state.step, flat_weights(state))
+        if state.resumable:
+            self._rest[state.step] = state  # the caller's copy: Trainer.state() deep-copies
+        self.keeper.drop_before(self.detector.oldest_needed_step(state.step))
+        self._rest = {s: v for s, v in self._rest.items() if s in self.keeper}
 
     def snapshot(self, step: int) -> TrainState | None:
-        return self.keeper.get(step) if step in self.keeper.steps else None
+        """A fresh copy of the state kept at `step`, or None."""
+        if step not in self.keeper:
+            return None
+        state = unflat_weights(step, self.keeper.get(step))
+        rest = self._rest.get(step)
+        if rest is not None:
+            state.optimizer, state.lr_scheduler = rest.optimizer, rest.lr_scheduler
+            state.grad_scaler, state.rng = rest.grad_scaler, rest.rng
+        return state
 
     def snapshots(self) -> list[TrainState]:
-        return [self.keeper.get(s) for s in sorted(self.keeper.steps)]
+        return [s for s in (self.snapshot(step) for step in self.keeper.steps) if s is not None]
 
     # -- resume / rollback ---------------------------------------------------------------------
 
@@ -93,3 +122,4 @@ class Watch:
         for s in list(self.keeper.steps):
             if s > step:
                 self.keeper.drop(s)
+                self._rest.pop(s, None)

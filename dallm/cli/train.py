@@ -1,0 +1,115 @@
+"""`dallm train CONFIG` (a job in the foreground, no daemon) and `dallm export OUTPUT_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from dallm.cli import CommandError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="run a training job in the foreground (no daemon)")
+    p.add_argument("config", type=Path, help="job config (TOML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: output_dir of the config, else runs/<name>)"
+    )
+    p.add_argument(
+        "--resume", type=Path, metavar="DIR", help="continue from an output folder or a checkpoint folder"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a job's LoRA as diffusers or kohya weights")
+    e.add_argument("output_dir", type=Path, help="a job output folder")
+    e.add_argument("--step", type=int, help="export checkpoint N instead of the result")
+    e.add_argument("--format", choices=["diffusers", "kohya"], required=True)
+    e.add_argument("--out", type=Path, required=True, help="folder (diffusers) or .safetensors file (kohya)")
+    e.set_defaults(func=cmd_export)
+
+
+class _CtrlC:
+    """First Ctrl-C: ask the engine to checkpoint and stop between steps. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def poll(self) -> Any:
+        from dallm.protocol import InterruptCommand
+
+        return InterruptCommand() if self.pressed else None
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dallm.config import load_config
+    from dallm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    ctrl_c = _CtrlC()
+    try:
+        result = train(
+            cfg, out_dir=args.out, resume=args.resume, poll=ctrl_c.poll, progress=not args.no_progress
+        )
+    except FileNotFoundError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        ctrl_c.restore()
+    out = result.out_dir
+    if result.reason == "interrupted":
+        again = [
+            "dallm",
+            "train",
+            str(args.config),
+            *sum((["--set", o] for o in args.overrides), []),
+            "--resume",
+            str(out),
+        ]
+        print(f"interrupted at step {result.final_step}; resume with: {shlex.join(again)}", file=sys.stderr)
+        return 130
+    tp = f", turning point {result.turning_point}" if result.turning_point is not None else ""
+    print(
+        f"{result.reason}: step {result.final_step}, result = weights of step {result.result_step}{tp}; in {out}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dallm.checkpoint import find_checkpoint
+    from dallm.export import export_lora
+
+    src: Path = args.output_dir
+    if not src.is_dir():
+        raise CommandError(f"{src}: no such output folder")
+    if args.step is not None:
+        try:
+            src = find_checkpoint(src, args.step)
+        except FileNotFoundError as e:
+            raise CommandError(str(e)) from None
+    try:
+        path = export_lora(src, args.format, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    print(path)
+    return 0
