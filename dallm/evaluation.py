@@ -1,0 +1,348 @@
+"""Live evaluation of a training job: fixed-seed sample grids and KID to three references.
+
+The training loop constructs one `LiveEvaluator` per job and asks `due(step)` after each step;
+`run(step)` makes what is due, emits the `SampleEvent`s itself and returns the scalars (kid_train,
+kid_train_std, kid_val, kid_val_std, kid_base, kid_base_std, eval_seconds, eval_share) for the
+engine to fold into its own metrics row and `MetricsEvent` of that step. `finish(final_step,
+turning_step, turning_weights)` evaluates the final weights (emitting a `MetricsEvent` when that
+evaluation is new), KID at the turning point, writes the evolution strips and returns the results
+with a summary of the evaluation cost (the engine puts it in result.json under "eval").
+
+KID (the study's Section 2.3) compares `eval.num_images` images generated from the eval prompts
+(default: the training captions) with fixed initial noise to
+  (a) the training targets (`data.dir`, the first `data.limit` images),
+  (b) the held-out targets (`eval.val_dir`, when set),
+  (c) the base model's images for the same prompts (learned tokens removed) and the same noise,
+      generated once per job with every adapter off; their features are cached in
+      `eval/base_features.pt` (reused on resume when model, prompts and settings match) and the
+      images are kept in `eval/base/` to look at.
+Target features are computed once per job. The subset size is capped at the smaller sample count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dallm.config import ConfigError, JobConfig
+from dallm.evolution import write_evolution, write_grid
+from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
+from dallm.sampling import (
+    ModelLike,
+    SamplerSettings,
+    adapters_disabled,
+    generate,
+    initial_latents,
+    latent_shape,
+    sampling_mode,
+    strip_tokens,
+    to_pil,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+EVAL_SEED_OFFSET = 0x5EED  # eval noise differs from the sample grids' seeds
+Extractor = Callable[[Any], torch.Tensor]  # list of PIL images or [N,3,H,W] in [0,1] -> [N,D]
+
+
+def target_images(folder: Path, key: str, limit: int | None = None) -> list[Path]:
+    """Image files of `folder` sorted by name (the first `limit`), as the data loader orders them."""
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: folder {folder} does not exist")
+    paths = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    )
+    paths = paths[:limit] if limit else paths
+    if len(paths) < 2:
+        raise ConfigError(f"{key}: KID needs at least 2 images, {folder} has {len(paths)}")
+    return paths
+
+
+def _features_of_files(extractor: Extractor, paths: Sequence[Path], batch_size: int) -> torch.Tensor:
+    feats = []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start : start + batch_size]:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        feats.append(torch.as_tensor(extractor(images)).detach().float().cpu())
+    return torch.cat(feats)
+
+
+class LiveEvaluator:
+    """Sample grids every `samples.every` steps, KID every `eval.every` steps and at the end."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        parts: ModelLike,
+        out_dir: Path,
+        emit: Callable[[JobEvent], None],
+        device: torch.device,
+        weight_dtype: torch.dtype,
+        train_prompts: list[str],
+        *,
+        extractor: Extractor | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.cfg, self.parts, self.out_dir, self.emit = cfg, parts, Path(out_dir), emit
+        self.device, self.weight_dtype, self.clock = torch.device(device), weight_dtype, clock
+        self.started = clock()
+        self.samples_on = cfg.samples.every > 0 and bool(cfg.samples.prompts)
+        ev = cfg.eval
+        self.kid_on = ev.every > 0 or ev.val_dir is not None or bool(ev.prompts)
+        prompts = list(ev.prompts) or [p for p in train_prompts if p] or [cfg.data.instance_prompt]
+        self.eval_prompts = [prompts[i % len(prompts)] for i in range(ev.num_images)]
+        self.base_prompts = [strip_tokens(p, cfg.tokens.new) for p in self.eval_prompts]
+        shape = latent_shape(parts, cfg.model.resolution)
+        self._sample_latents = initial_latents(cfg.samples.seeds, shape)
+        gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
+        self._eval_latents = torch.randn((ev.num_images, *shape), generator=gen)
+        self._extractor = extractor
+        self._refs: dict[str, torch.Tensor] = {}
+        self.base_generations = 0  # how many times the base images were generated (tests: once)
+        self.kid_history: dict[int, dict[str, float]] = {}
+        self.sample_steps: list[int] = []
+        self.eval_seconds: list[float] = []  # per KID evaluation (the first includes the setup)
+        self.sample_seconds = 0.0
+        if self.kid_on:  # fail early on folders that cannot be used
+            self._train_files = target_images(Path(cfg.data.dir or "."), "data.dir", cfg.data.limit)
+            self._val_files = target_images(ev.val_dir, "eval.val_dir") if ev.val_dir else []
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def samples_due(self, step: int) -> bool:
+        return self.samples_on and step > 0 and step % self.cfg.samples.every == 0
+
+    def kid_due(self, step: int) -> bool:
+        return self.kid_on and self.cfg.eval.every > 0 and step > 0 and step % self.cfg.eval.every == 0
+
+    def due(self, step: int) -> bool:
+        return self.samples_due(step) or self.kid_due(step)
+
+    def run(self, step: int) -> dict[str, float]:
+        """Samples and/or KID at `step` with the current weights; returns the scalars for metrics."""
+        t0 = self.clock()
+        values: dict[str, float] = {}
+        if self.samples_due(step):
+            self.samples(step)
+        if self.kid_due(step) and step not in self.kid_history:
+            values.update(self.evaluate(step))
+        if values or self.samples_due(step):
+            values["eval_seconds"] = self.clock() - t0
+            values["eval_share"] = self.share()
+        return values
+
+    def finish(
+        self,
+        final_step: int,
+        turning_step: int | None = None,
+        turning_weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Final samples and KID (unless made at `final_step` already), the evolution strips, and KID
+        at the turning point: reused when an evaluation ran at that step, else computed from
+        `turning_weights` (the UNet's LoRA in peft format, as `dallm.lora.lora_state` gives; loaded
+        for the evaluation and put back after) when given, else left out.
+
+        Returns kid_* of the final step, turning_kid_* when known, and the cost summary
+        (eval_seconds_total, eval_seconds_mean, eval_count, sample_seconds_total, eval_share,
+        wall_seconds), which is also written to `eval/summary.json`.
+        """
+        out: dict[str, float] = {}
+        if self.samples_on and final_step not in self.sample_steps:
+            self.samples(final_step)
+        if self.kid_on:
+            if final_step in self.kid_history:
+                out.update(self.kid_history[final_step])
+            else:
+                out.update(self.evaluate(final_step))
+                self.emit(MetricsEvent(step=final_step, values=dict(out)))
+        if self.samples_on:
+            write_evolution(self.out_dir)
+        if self.kid_on and turning_step is not None:
+            res = self.kid_history.get(turning_step)
+            if res is None and turning_weights is not None:
+                with self._loaded(turning_weights):
+                    res = self.evaluate(turning_step)
+            if res is not None:
+                out.update({f"turning_{k}": v for k, v in res.items()})
+        summary = self.summary()
+        out.update(summary)
+        folder = self.out_dir / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(
+            json.dumps({"final_step": final_step, "turning_step": turning_step, **out}, indent=2) + "\n"
+        )
+        if self.eval_seconds or self.sample_seconds:
+            self.emit(
+                LogEvent(
+                    message=f"evaluation: {summary['eval_count']:.0f} KID runs, "
+                    f"{summary['eval_seconds_mean']:.1f} s each, samples {summary['sample_seconds_total']:.1f} s, "
+                    f"{100 * summary['eval_share']:.1f}% of {summary['wall_seconds']:.0f} s wall time"
+                )
+            )
+        return out
+
+    def summary(self) -> dict[str, float]:
+        total = sum(self.eval_seconds)
+        return {
+            "eval_count": float(len(self.eval_seconds)),
+            "eval_seconds_total": total,
+            "eval_seconds_mean": total / len(self.eval_seconds) if self.eval_seconds else 0.0,
+            "sample_seconds_total": self.sample_seconds,
+            "eval_share": self.share(),
+            "wall_seconds": self.clock() - self.started,
+        }
+
+    def share(self) -> float:
+        """Evaluation and sampling time as a fraction of the wall time since the evaluator was made."""
+        wall = max(self.clock() - self.started, 1e-9)
+        return (sum(self.eval_seconds) + self.sample_seconds) / wall
+
+    # -- samples --------------------------------------------------------------------------------
+
+    def _settings(self, steps: int, guidance: float) -> SamplerSettings:
+        return SamplerSettings(steps, guidance, self.cfg.eval.batch_size, self.cfg.model.resolution)
+
+    def _modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.parts.unet, self.parts.vae, self.parts.text_encoder)
+
+    def _generate(
+        self, prompts: Sequence[str], latents: torch.Tensor, settings: SamplerSettings, base: bool
+    ) -> torch.Tensor:
+        with sampling_mode(*self._modules()):
+            if base:
+                with adapters_disabled(self.parts.unet, self.parts.text_encoder):
+                    return generate(self.parts, prompts, latents, settings, self.device, self.weight_dtype)
+            return generate(self.parts, prompts, latents, settings, self.device, self.weight_dtype)
+
+    def sample_grid(self, base: bool = False) -> list[Image.Image]:
+        """The grid's images, row-major (prompts x seeds), from the current weights (or the base)."""
+        sc = self.cfg.samples
+        prompts = [strip_tokens(p, self.cfg.tokens.new) if base else p for p in sc.prompts]
+        grid_prompts = [p for p in prompts for _ in sc.seeds]
+        latents = self._sample_latents.repeat(len(prompts), 1, 1, 1)
+        return to_pil(self._generate(grid_prompts, latents, self._settings(sc.steps, sc.guidance), base))
+
+    def samples(self, step: int) -> None:
+        t0 = self.clock()
+        sc = self.cfg.samples
+        if not self.sample_steps and not (self.out_dir / "samples" / "base.png").exists():
+            write_grid(self.out_dir, None, self.sample_grid(base=True), sc.prompts, sc.seeds, sc.thumbnail)
+        record, thumb = write_grid(self.out_dir, step, self.sample_grid(), sc.prompts, sc.seeds, sc.thumbnail)
+        self.sample_steps.append(step)
+        self.sample_seconds += self.clock() - t0
+        self.emit(SampleEvent(step=step, path=record.path, png=thumb, prompts=list(sc.prompts)))
+
+    # -- KID ------------------------------------------------------------------------------------
+
+    @property
+    def extractor(self) -> Extractor:
+        if self._extractor is None:
+            from dallm.features import load_extractor
+
+            ev = self.cfg.eval
+            self._extractor = load_extractor(
+                ev.features, device=str(self.device), inception_weights=ev.inception_weights
+            )
+        return self._extractor
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        bs = self.cfg.eval.batch_size
+        return torch.cat(
+            [
+                torch.as_tensor(self.extractor(images[i : i + bs])).detach().float().cpu()
+                for i in range(0, len(images), bs)
+            ]
+        )
+
+    def _base_key(self) -> dict[str, Any]:
+        ev = self.cfg.eval
+        return {
+            "model": str(getattr(self.parts, "source", self.cfg.model.base)),
+            "features": ev.features,
+            "prompts": self.base_prompts,
+            "seed": self.cfg.seed,
+            "steps": ev.steps,
+            "guidance": ev.guidance,
+            "resolution": self.cfg.model.resolution,
+        }
+
+    def references(self) -> dict[str, torch.Tensor]:
+        """Features of the training targets, the validation targets and the base samples (once)."""
+        if self._refs:
+            return self._refs
+        bs = self.cfg.eval.batch_size
+        refs = {"train": _features_of_files(self.extractor, self._train_files, bs)}
+        if self._val_files:
+            refs["val"] = _features_of_files(self.extractor, self._val_files, bs)
+        refs["base"] = self._base_features()
+        self._refs = refs
+        return refs
+
+    def _base_features(self) -> torch.Tensor:
+        cache = self.out_dir / "eval" / "base_features.pt"
+        key = self._base_key()
+        if cache.is_file():
+            try:
+                saved = torch.load(cache, weights_only=True)
+                if saved.get("key") == key:
+                    return saved["features"]
+            except Exception as e:  # a torn or foreign file: regenerate
+                log.warning("ignoring %s: %s", cache, e)
+        ev = self.cfg.eval
+        images = self._generate(
+            self.base_prompts, self._eval_latents, self._settings(ev.steps, ev.guidance), base=True
+        )
+        self.base_generations += 1
+        feats = self._features(images)
+        (cache.parent / "base").mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(to_pil(images)):
+            im.save(cache.parent / "base" / f"{i:04d}.png")
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "features": feats}, tmp)
+        tmp.replace(cache)
+        return feats
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """KID of the current weights' eval images to each reference; recorded under `step`."""
+        from dallm.kid import kid
+
+        t0 = self.clock()
+        ev = self.cfg.eval
+        refs = self.references()
+        images = self._generate(
+            self.eval_prompts, self._eval_latents, self._settings(ev.steps, ev.guidance), base=False
+        )
+        feats = self._features(images)
+        values: dict[str, float] = {}
+        for name, ref in refs.items():
+            subset = min(ev.subset_size, len(feats), len(ref))
+            mean, std = kid(feats, ref, subset_size=subset, num_subsets=ev.num_subsets, seed=self.cfg.seed)
+            values[f"kid_{name}"], values[f"kid_{name}_std"] = float(mean), float(std)
+        self.kid_history[step] = values
+        self.eval_seconds.append(self.clock() - t0)
+        return values
+
+    # -- weights at another step ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _loaded(self, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """The UNet's LoRA set to `weights` (peft format, as `dallm.lora.lora_state` gives) for a while."""
+        from dallm.lora import load_lora_state, lora_state
+
+        saved = lora_state(self.parts.unet)
+        load_lora_state(self.parts.unet, dict(weights))
+        try:
+            yield
+        finally:
+            load_lora_state(self.parts.unet, saved)

@@ -1,0 +1,228 @@
+"""Live evaluation on the tiny model: sample grids, KID to train / validation / base, caching, cost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_sampling import lora_parts
+
+from dallm.config import ConfigError, JobConfig, config_from_dict
+from dallm.evaluation import LiveEvaluator
+from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
+
+pytest.importorskip("dallm.kid")  # lands with the KID estimator
+
+KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
+
+
+class FakeExtractor:
+    """Colour features that mean something for the tiny model: a 4x4 thumbnail and the mean colour."""
+
+    def __init__(self) -> None:
+        self.pil_images = 0
+        self.tensor_images = 0
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            self.tensor_images += len(images)
+            x = images.float()
+        else:
+            self.pil_images += len(images)
+            arrays = [np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32) / 255 for im in images]
+            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        x = F.interpolate(x, size=(4, 4), mode="area")
+        return torch.cat([x.flatten(1), x.mean((2, 3))], 1)
+
+
+def make_cfg(data: Path, out: Path, val: Path | None = None, **sections: dict[str, Any]) -> JobConfig:
+    raw: dict[str, Any] = {
+        "seed": 3,
+        "output_dir": str(out),
+        "data": {"dir": str(data)},
+        "train": {"steps": 6},
+        "monitor": {"window": 2},
+        "eval": {"every": 2, "num_images": 4, "steps": 3, "guidance": 2.0, "batch_size": 4, "num_subsets": 5},
+        "samples": {
+            "every": 2,
+            "prompts": ["a red circle", "a blue square <s1>"],
+            "seeds": [0, 1],
+            "steps": 3,
+        },
+        "tokens": {"new": ["<s1>"]},
+    }
+    if val is not None:
+        raw["eval"]["val_dir"] = str(val)
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return config_from_dict(raw)
+
+
+def train_a_little(parts: Any, step: int) -> None:
+    """Stand-in for an optimizer step: move the LoRA B matrices."""
+    gen = torch.Generator().manual_seed(100 + step)
+    with torch.no_grad():
+        for name, p in parts.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.fixture
+def job(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> dict[str, Any]:
+    data = image_dir(n=6, captions=True, name="train")
+    val = image_dir(n=5, name="val", seed=1, size=40)
+    events: list[JobEvent] = []
+    parts = lora_parts(tiny_sd, nonzero=False)  # B = 0: starts as the base model, like a real job
+    return {"data": data, "val": val, "events": events, "parts": parts, "out": tmp_path / "out"}
+
+
+def evaluator(
+    job: dict[str, Any], cfg: JobConfig, extractor: Any = None, prompts: list[str] | None = None
+) -> LiveEvaluator:
+    return LiveEvaluator(
+        cfg,
+        job["parts"],
+        job["out"],
+        job["events"].append,
+        torch.device("cpu"),
+        torch.float32,
+        prompts if prompts is not None else ["a red circle <s1>"] * 6,
+        extractor=extractor or FakeExtractor(),
+    )
+
+
+def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], job["val"])
+    ext = FakeExtractor()
+    ev = evaluator(job, cfg, ext)
+    series: dict[int, dict[str, float]] = {}
+    for step in range(1, 6):
+        train_a_little(job["parts"], step)
+        assert ev.due(step) == (step % 2 == 0)
+        if ev.due(step):
+            series[step] = ev.run(step)
+    assert sorted(series) == [2, 4]
+    for values in series.values():
+        assert set(values) >= KID_KEYS and values["eval_seconds"] > 0 and 0 < values["eval_share"] <= 1
+        assert all(np.isfinite(v) for v in values.values())
+    assert series[2]["kid_base"] != series[4]["kid_base"]
+    # Targets once: 6 train + 5 val PIL images; generated: base once + 2 evaluations, 4 images each.
+    assert ext.pil_images == 11 and ext.tensor_images == 3 * 4 and ev.base_generations == 1
+    assert (job["out"] / "eval" / "base_features.pt").is_file()
+    assert len(list((job["out"] / "eval" / "base").glob("*.png"))) == 4
+
+    done = ev.finish(5, turning_step=4)
+    assert set(done) >= KID_KEYS and {f"turning_{k}" for k in KID_KEYS} <= set(done)
+    assert done["turning_kid_val"] == series[4]["kid_val"]
+    assert done["eval_count"] == 3 and done["eval_seconds_total"] > 0 and 0 < done["eval_share"] < 1
+    assert ev.base_generations == 1 and ext.pil_images == 11
+
+    samples = [e for e in job["events"] if isinstance(e, SampleEvent)]
+    assert [e.step for e in samples] == [2, 4, 5]
+    assert samples[0].path == "samples/step-000002.png" and samples[0].png.startswith(b"\x89PNG")
+    with Image.open(job["out"] / samples[0].path) as im:
+        assert im.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2 prompts x 2 seeds of 16 px
+    assert (job["out"] / "samples" / "base.png").is_file()
+    assert (job["out"] / "samples" / "evolution-01.gif").is_file()
+    metrics = [e for e in job["events"] if isinstance(e, MetricsEvent)]
+    assert [e.step for e in metrics] == [5]  # run()'s values go out with the engine's own row
+    assert any(isinstance(e, LogEvent) and "wall time" in e.message for e in job["events"])
+    assert (job["out"] / "eval" / "summary.json").is_file()
+
+
+def test_same_weights_give_identical_grids(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], eval={"every": 0})
+    ev = evaluator(job, cfg)
+    train_a_little(job["parts"], 1)
+    ev.run(2)
+    ev.run(4)  # no training between: the same image
+    train_a_little(job["parts"], 5)
+    ev.run(6)
+    grid = {s: (job["out"] / "samples" / f"step-{s:06d}.png").read_bytes() for s in (2, 4, 6)}
+    assert grid[2] == grid[4]
+    assert grid[4] != grid[6]
+    assert not ev.kid_on
+
+
+def test_base_cache_is_reused_on_resume_and_invalidated_by_settings(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], samples={"every": 0})
+    first = evaluator(job, cfg)
+    first.run(2)
+    assert first.base_generations == 1
+    resumed = evaluator(job, cfg)
+    resumed.run(4)
+    assert resumed.base_generations == 0
+    assert torch.equal(resumed.references()["base"], first.references()["base"])
+    changed = evaluator(job, make_cfg(job["data"], job["out"], samples={"every": 0}, eval={"steps": 4}))
+    changed.run(2)
+    assert changed.base_generations == 1
+
+
+def test_base_prompts_drop_learned_tokens(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], tokens={"new": ["<s1>", "<s2>"]})
+    ev = evaluator(job, cfg, prompts=["a cat like <s1><s2>", "a dog <s1>"])
+    assert ev.eval_prompts == ["a cat like <s1><s2>", "a dog <s1>", "a cat like <s1><s2>", "a dog <s1>"]
+    assert ev.base_prompts == ["a cat like", "a dog", "a cat like", "a dog"]
+
+
+def test_twenty_images_against_five_targets(job: dict[str, Any], image_dir: Callable[..., Path]) -> None:
+    """Subset size is capped at the smaller sample count (the study's n = 20 works)."""
+    few = image_dir(n=5, name="few")
+    cfg = make_cfg(few, job["out"], samples={"every": 0}, eval={"num_images": 20, "subset_size": 1000})
+    values = evaluator(job, cfg).run(2)
+    assert {"kid_train", "kid_base"} <= set(values) and "kid_val" not in values
+    assert np.isfinite(values["kid_train"]) and np.isfinite(values["kid_base"])
+
+
+def test_turning_point_weights_are_evaluated_and_put_back(job: dict[str, Any]) -> None:
+    from dallm.lora import lora_state
+
+    cfg = make_cfg(job["data"], job["out"], samples={"every": 0}, eval={"every": 4})
+    ev = evaluator(job, cfg)
+    train_a_little(job["parts"], 1)
+    at_turning = lora_state(job["parts"].unet)
+    train_a_little(job["parts"], 2)
+    now = lora_state(job["parts"].unet)
+    out = ev.finish(3, turning_step=1, turning_weights=at_turning)
+    assert {"turning_kid_train", "kid_train"} <= set(out)
+    assert out["turning_kid_base"] != out["kid_base"]
+    after = lora_state(job["parts"].unet)
+    assert all(torch.equal(after[k], now[k]) for k in now)
+    assert ev.finish(3, turning_step=2).keys().isdisjoint({"turning_kid_train"})  # no weights, not evaluated
+
+
+def test_nothing_configured_means_nothing_due(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], samples={"every": 0}, eval={"every": 0})
+    ev = evaluator(job, cfg)
+    assert not any(ev.due(s) for s in range(1, 20))
+    assert set(ev.finish(19)) == {
+        "eval_count",
+        "eval_seconds_total",
+        "eval_seconds_mean",
+        "sample_seconds_total",
+        "eval_share",
+        "wall_seconds",
+    }
+    assert not (job["out"] / "samples").exists()
+
+
+def test_end_only_evaluation_with_val_dir(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], job["val"], samples={"every": 0}, eval={"every": 0})
+    ev = evaluator(job, cfg)
+    assert not ev.due(2)
+    assert set(ev.finish(6)) >= KID_KEYS
+    assert [e.step for e in job["events"] if isinstance(e, MetricsEvent)] == [6]
+
+
+def test_unusable_folders_fail_early(job: dict[str, Any], image_dir: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError, match=r"eval.val_dir: folder .*missing does not exist"):
+        evaluator(job, make_cfg(job["data"], job["out"], job["out"].parent / "missing"))
+    one = image_dir(n=1, name="one")
+    with pytest.raises(ConfigError, match=r"eval.val_dir: KID needs at least 2 images, .* has 1"):
+        evaluator(job, make_cfg(job["data"], job["out"], one))
