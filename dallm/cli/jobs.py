@@ -1,0 +1,289 @@
+"""`dallm submit / ls / show / logs / wait / stop / rollback / cancel / priority`: drive the daemon.
+
+Every command takes `--home DIR` (the daemon's home; default $DALLM_HOME, else the user data dir)
+or `--connect ENDPOINT`, and `--json` for scripts. Exit codes: 0 success; 1 refused or failed
+(bad config, unknown job, a waited-for job that failed or was cancelled); 3 no daemon to talk to;
+2 usage. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from dallm.cli import CommandError
+
+EXIT_UNAVAILABLE = 3
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Any:
+    from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+
+    try:
+        with DaemonClient(args.connect, home=args.home, timeout=args.timeout) as c:
+            yield c
+    except DaemonUnavailable as e:
+        raise CommandError(str(e), EXIT_UNAVAILABLE) from None
+    except DaemonError as e:
+        raise CommandError(str(e), 1) from None
+
+
+def _print_json(obj: Any) -> None:
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    elif isinstance(obj, list):
+        obj = [o.model_dump(mode="json") if hasattr(o, "model_dump") else o for o in obj]
+    print(json.dumps(obj, indent=None))
+
+
+def _ago(t: float) -> str:
+    s = max(0.0, time.time() - t)
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.0f}m"
+    if s < 172800:
+        return f"{s / 3600:.0f}h"
+    return f"{s / 86400:.0f}d"
+
+
+def _final(summary: Any, as_json: bool) -> int:
+    """Report a finished wait: exit 0 for finished/stopped-early, 1 for failed/cancelled."""
+    if as_json:
+        _print_json(summary)
+    elif summary.state in ("finished", "stopped-early"):
+        print(f"job {summary.id} {summary.state}: {summary.reason}; result in {summary.out_dir}")
+    if summary.state in ("failed", "cancelled"):
+        raise CommandError(f"job {summary.id} {summary.state}: {summary.reason}", 1)
+    return 0
+
+
+def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
+    if as_json or not sys.stderr.isatty():
+        return _final(c.wait(job, timeout=timeout), as_json)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("job {task.fields[job]} {task.fields[state]:<13}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[extra]}"),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None, job=job, state="", extra="")
+
+        def update(s: Any) -> None:
+            extra = f"KID {s.kid_val:.4f}" if s.kid_val is not None else ""
+            bar.update(task, total=s.total_steps or None, completed=s.step, state=s.state, extra=extra)
+
+        summary = c.wait(job, timeout=timeout, on_update=update)
+    return _final(summary, as_json)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dallm.config import load_config
+
+    cfg = load_config(args.config, args.set)  # ConfigError: one line with the key path; nothing queued
+    with _client(args) as c:
+        job = c.submit(cfg, priority=args.priority, retries=args.retries, source=str(args.config))
+        if args.wait:
+            if not args.json:
+                print(job.id, flush=True)
+            return _wait(c, job.id, None, args.json)
+        _print_json(job) if args.json else print(job.id)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        jobs = c.jobs(states=args.state or None, limit=args.limit)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "DEVICE", "AGE", "REASON")]
+    for j in jobs:
+        step = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step)
+        rows.append(
+            (str(j.id), j.name, j.state, str(j.priority), step, j.device or "-", _ago(j.created), j.reason)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1][:80])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        d = c.show(args.job)
+    if args.json:
+        _print_json(d)
+        return 0
+    s = d.summary
+    print(f"job {s.id} {s.name}: {s.state} ({s.reason})")
+    print(
+        f"  step {s.step}/{s.total_steps}  priority {s.priority}  device {s.device or '-'}  attempts {s.attempts}"
+    )
+    print(f"  output {s.out_dir}")
+    if s.turning_point is not None:
+        print(f"  turning point: step {s.turning_point}")
+    if s.result_step is not None:
+        print(f"  result: step {s.result_step}")
+    if d.last_metrics:
+        print("  last metrics: " + "  ".join(f"{k}={v:.5g}" for k, v in d.last_metrics.items()))
+    if d.checkpoints:
+        marks = [f"{c.step}{'*' if c.superseded else ''}" for c in d.checkpoints]
+        print(
+            f"  checkpoints: {', '.join(marks)}"
+            + ("  (* superseded)" if any(c.superseded for c in d.checkpoints) else "")
+        )
+    print("  history:")
+    for t in d.transitions:
+        when = datetime.fromtimestamp(t.t).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"    {when}  {t.from_state or '-':>13} -> {t.to_state:<13} {t.reason}")
+    return 0
+
+
+def _log_line(t: float, level: str, message: str) -> str:
+    return f"{datetime.fromtimestamp(t).strftime('%H:%M:%S')} {level:<7} {message}"
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from dallm.protocol import QUEUE_TOPIC, TERMINAL_STATES, JobStateEvent, LogEvent, job_topic
+
+    with _client(args) as c:
+        rep = c.logs(args.job)
+        for line in rep.lines:
+            print(json.dumps(line.model_dump()) if args.json else _log_line(line.t, line.level, line.message))
+        if not args.follow:
+            return 0
+        job = c.summary(args.job)
+        if job.state in TERMINAL_STATES:
+            return 0
+        with c.subscribe([QUEUE_TOPIC, job_topic(job.id)], since=rep.head) as sub:
+            for env in sub:
+                ev = env.event
+                if env.job != job.id:
+                    continue
+                if isinstance(ev, LogEvent):
+                    level, msg = ev.level, ev.message
+                elif isinstance(ev, JobStateEvent):
+                    level, msg = "state", f"{ev.job.state}: {ev.reason}"
+                else:
+                    continue
+                if args.json:
+                    print(
+                        json.dumps({"seq": env.seq, "t": env.t, "level": level, "message": msg}), flush=True
+                    )
+                else:
+                    print(_log_line(env.t, level, msg), flush=True)
+                if isinstance(ev, JobStateEvent) and ev.job.state in TERMINAL_STATES:
+                    return 0
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        try:
+            return _wait(c, args.job, args.wait_timeout, args.json)
+        except TimeoutError as e:
+            raise CommandError(str(e), 1) from None
+
+
+def _simple(args: argparse.Namespace, summary: Any, message: str) -> int:
+    _print_json(summary) if args.json else print(message)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.stop(args.job)
+    return _simple(args, s, f"job {s.id} stopping: it finishes now (turning-point weights when found)")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.rollback(args.job, args.step, resume=args.resume)
+    how = "resumes training from there" if args.resume else "finishes there"
+    return _simple(args, s, f"job {s.id} rolls back to step {args.step} and {how}")
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.cancel(args.job)
+    return _simple(args, s, f"job {s.id} cancelled")
+
+
+def cmd_priority(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.set_priority(args.job, args.priority)
+    return _simple(args, s, f"job {s.id} priority {s.priority}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="the daemon's home (default $DALLM_HOME, else the user data dir)")
+    common.add_argument("--connect", metavar="ENDPOINT", help="tcp://HOST:PORT or ipc://.../control.ipc")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon's answer")
+
+    p = sub.add_parser("submit", parents=[common], help="queue a job on the daemon")
+    p.add_argument("config", help="job config (TOML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--priority", type=int, default=0, help="higher runs sooner (default 0)")
+    p.add_argument(
+        "--retries", type=int, default=0, help="restart a crashed worker from its checkpoint N times"
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="show progress until the job ends; non-zero exit if it fails"
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("ls", parents=[common], help="list jobs")
+    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, help="only the newest N jobs")
+    p.set_defaults(func=cmd_ls)
+
+    for name, func, text in (
+        ("show", cmd_show, "a job's state, history, checkpoints and last metrics"),
+        ("stop", cmd_stop, "finish a running job now (turning-point weights when found)"),
+        ("cancel", cmd_cancel, "discard a queued or running job"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job", help="job id or name")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("logs", parents=[common], help="a job's log lines and state changes")
+    p.add_argument("job")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("wait", parents=[common], help="wait for a job to end; non-zero exit if it failed")
+    p.add_argument("job")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="S", help="give up after S seconds")
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser(
+        "rollback", parents=[common], help="restore the weights of step N; finish there or --resume"
+    )
+    p.add_argument("job")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--resume", action="store_true", help="continue training from step N")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("priority", parents=[common], help="change a job's priority")
+    p.add_argument("job")
+    p.add_argument("priority", type=int)
+    p.set_defaults(func=cmd_priority)
