@@ -171,9 +171,10 @@ class Job:
         if self.watch is not None and self.step == 0 and self.watch.wants_snapshot(0):
             self.watch.keep(self.trainer.state(0))
         while self.step < cfg.train.steps:
-            result = self._obey(self.poll())
-            if result is not None:
-                return result
+            while (cmd := self.poll()) is not None:  # every command queued between two steps
+                result = self._obey(cmd)
+                if result is not None:
+                    return result
             t0 = time.perf_counter()
             values = self.trainer.step(self.step)
             self.step += 1

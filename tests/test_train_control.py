@@ -1,0 +1,138 @@
+"""Early stopping at the turning point and the commands a running job obeys (scripted `poll`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from engine_helpers import job, losses, metrics, same_weights, weights
+
+from dallm.protocol import (
+    CheckpointEvent,
+    CheckpointNowCommand,
+    JobCommand,
+    JobEvent,
+    LogEvent,
+    RollbackCommand,
+    RolledBackEvent,
+    StopCommand,
+    TurningPointEvent,
+)
+from dallm.train import train
+
+# On the tiny model with these settings the detector confirms a turning point within ~30 steps.
+WATCH = {"window": 4, "min_rise": 0.05}
+
+
+def scripted(commands: dict[int, list[JobCommand]]) -> Callable[[], JobCommand | None]:
+    """poll() giving commands[n] one by one in the n-th pause between steps (pause n comes after
+    n steps of an uninterrupted run); a None ends a pause."""
+    queues = {k: list(v) for k, v in commands.items()}
+    pause = [0]
+
+    def poll() -> JobCommand | None:
+        queue = queues.get(pause[0], [])
+        if queue:
+            return queue.pop(0)
+        pause[0] += 1
+        return None
+
+    return poll
+
+
+@pytest.fixture
+def images(image_dir: Callable[..., Path]) -> Path:
+    return image_dir(n=4, captions=True)
+
+
+def test_auto_early_stop_returns_exact_turning_point_weights(
+    tiny_sd: Path, images: Path, tmp_path: Path
+) -> None:
+    events: list[JobEvent] = []
+    cfg = job(
+        tiny_sd,
+        images,
+        train={"steps": 80},
+        monitor={**WATCH, "early_stop": "auto"},
+        checkpoint={"every": 100},
+    )
+    r = train(cfg, out_dir=tmp_path / "auto", emit=events.append)
+    assert r.reason == "early_stop" and r.turning_point is not None
+    tp = r.turning_point
+    assert r.result_step == tp and tp % 4 == 0 and r.final_step > tp
+    (found,) = [e for e in events if isinstance(e, TurningPointEvent)]
+    assert (found.step, found.seen_at) == (tp, r.final_step)
+    # The same run stopped by its step budget at tp has exactly the returned weights.
+    plain = job(tiny_sd, images, train={"steps": tp}, monitor=WATCH, checkpoint={"every": 100})
+    train(plain, out_dir=tmp_path / "plain")
+    assert same_weights(weights(tmp_path / "auto"), weights(tmp_path / "plain"))
+
+
+def test_notify_then_stop_uses_turning_point(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    events: list[JobEvent] = []
+    seen = [e for e in events if isinstance(e, TurningPointEvent)]
+
+    def poll() -> JobCommand | None:
+        seen[:] = [e for e in events if isinstance(e, TurningPointEvent)]
+        return StopCommand() if seen and metrics_steps() >= seen[0].seen_at + 3 else None
+
+    def metrics_steps() -> int:
+        return max((e.step for e in events if e.kind == "metrics"), default=0)
+
+    cfg = job(
+        tiny_sd,
+        images,
+        train={"steps": 80},
+        monitor={**WATCH, "early_stop": "notify"},
+        checkpoint={"every": 100},
+    )
+    r = train(cfg, out_dir=tmp_path / "notify", emit=events.append, poll=poll)
+    assert r.reason == "stopped" and seen and r.result_step == seen[0].step == r.turning_point
+    assert r.final_step == seen[0].seen_at + 3
+    assert any(isinstance(e, LogEvent) and "turning point" in e.message for e in events)
+    plain = job(tiny_sd, images, train={"steps": r.result_step}, monitor=WATCH, checkpoint={"every": 100})
+    train(plain, out_dir=tmp_path / "plain")
+    assert same_weights(weights(tmp_path / "notify"), weights(tmp_path / "plain"))
+
+
+def test_stop_without_turning_point_and_checkpoint_now(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    events: list[JobEvent] = []
+    poll = scripted({5: [CheckpointNowCommand(), StopCommand()]})
+    r = train(
+        job(tiny_sd, images, checkpoint={"every": 100}), out_dir=tmp_path, emit=events.append, poll=poll
+    )
+    assert (r.reason, r.final_step, r.result_step, r.turning_point) == ("stopped", 5, 5, None)
+    assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [5]
+    assert same_weights(weights(tmp_path), weights(tmp_path / "checkpoints" / "step-000005"))
+
+
+def test_rollback_and_finish(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    events: list[JobEvent] = []
+    r = train(
+        job(tiny_sd, images),
+        out_dir=tmp_path,
+        emit=events.append,
+        poll=scripted({5: [RollbackCommand(step=3)]}),
+    )
+    assert (r.reason, r.final_step, r.result_step) == ("rolled_back", 5, 3)
+    assert [e for e in events if isinstance(e, RolledBackEvent)] == [RolledBackEvent(step=3, resume=False)]
+    assert same_weights(weights(tmp_path), weights(tmp_path / "checkpoints" / "step-000003"))
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_rollback_and_resume_from_snapshot(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    """Step 2 is no checkpoint (every 3) but a window boundary: its in-memory snapshot is used, with
+    the optimizer and RNG state, so training on from it repeats the original steps 3..6 exactly."""
+    train(job(tiny_sd, images, monitor={"early_stop": "notify"}), out_dir=tmp_path / "whole")
+    events: list[JobEvent] = []
+    poll = scripted({5: [RollbackCommand(step=2, resume=True)], 7: [RollbackCommand(step=1)]})
+    cfg = job(tiny_sd, images, monitor={"early_stop": "notify"})
+    r = train(cfg, out_dir=tmp_path / "rb", emit=events.append, poll=poll)
+    assert (r.reason, r.final_step) == ("completed", 6)
+    assert [m["step"] for m in metrics(tmp_path / "rb")] == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "rb") == losses(tmp_path / "whole")
+    assert same_weights(weights(tmp_path / "rb"), weights(tmp_path / "whole"))
+    assert [e.step for e in events if isinstance(e, RolledBackEvent)] == [2]
+    # Step 1 was never kept: the command is refused with a log line and training goes on.
+    assert any(isinstance(e, LogEvent) and e.level == "error" and "step 1" in e.message for e in events)
