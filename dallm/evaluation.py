@@ -78,6 +78,13 @@ def _features_of_files(extractor: Extractor, paths: Sequence[Path], batch_size: 
     return torch.cat(feats)
 
 
+def configured_extractor(cfg: JobConfig, device: torch.device) -> Extractor:
+    """The feature extractor `eval.features` names (micro, inception, clip:FOLDER)."""
+    from dallm.features import load_extractor
+
+    return load_extractor(cfg.eval.features, device=str(device), inception_weights=cfg.eval.inception_weights)
+
+
 class LiveEvaluator:
     """Sample grids every `samples.every` steps, KID every `eval.every` steps and at the end."""
 
@@ -248,12 +255,7 @@ class LiveEvaluator:
     @property
     def extractor(self) -> Extractor:
         if self._extractor is None:
-            from dallm.features import load_extractor
-
-            ev = self.cfg.eval
-            self._extractor = load_extractor(
-                ev.features, device=str(self.device), inception_weights=ev.inception_weights
-            )
+            self._extractor = configured_extractor(self.cfg, self.device)
         return self._extractor
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:

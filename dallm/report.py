@@ -125,10 +125,11 @@ def series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
 
 
 def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else weight * acc + (1 - weight) * v
-        out.append(acc)
+    """Exponential moving average, debiased at the start (as TensorBoard draws it)."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, start=1):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight**t))
     return out
 
 
@@ -171,7 +172,7 @@ def plot_loss(rows: Rows, path: Path, title: str) -> Path | str:
     steps, loss = series(rows, "loss")
     if not steps:
         return "no loss logged"
-    extra = [k for k in ("lr", "grad_norm") if series(rows, k)[0]]
+    extra = [k for k in ("lr", "grad_norm") if len(set(series(rows, k)[1])) > 1]  # constant lr: no panel
     fig, axes = _figure(1 + len(extra))
     axes[0].plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
     axes[0].plot(steps, _smooth(loss), color="tab:blue", linewidth=1.6, label="loss (smoothed)")

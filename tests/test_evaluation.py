@@ -226,3 +226,38 @@ def test_unusable_folders_fail_early(job: dict[str, Any], image_dir: Callable[..
     one = image_dir(n=1, name="one")
     with pytest.raises(ConfigError, match=r"eval.val_dir: KID needs at least 2 images, .* has 1"):
         evaluator(job, make_cfg(job["data"], job["out"], one))
+
+
+def test_engine_job_with_evaluation_then_report(
+    tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through `dallm.train.train`: the KID series for all three references lands in metrics.jsonl,
+    the final summary in result.json, and `dallm report` draws every plot from the folder."""
+    import json
+
+    from engine_helpers import job as engine_job
+
+    from dallm.report import write_report
+    from dallm.train import train
+
+    monkeypatch.setattr("dallm.evaluation.configured_extractor", lambda cfg, device: FakeExtractor())
+    data = image_dir(n=6, captions=True, name="train")
+    val = image_dir(n=5, name="val", seed=1)
+    cfg = engine_job(
+        tiny_sd,
+        data,
+        eval={"every": 2, "num_images": 4, "steps": 3, "val_dir": str(val), "num_subsets": 5},
+        samples={"every": 2, "prompts": ["a red circle", "a cat"], "seeds": [0, 1], "steps": 3},
+    )
+    out = tmp_path / "job"
+    events: list[JobEvent] = []
+    train(cfg, out_dir=out, emit=events.append)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kid_steps = [r["step"] for r in rows if "kid_val" in r]
+    assert kid_steps == [2, 4, 6]
+    assert all(set(r) >= KID_KEYS and r["eval_seconds"] > 0 for r in rows if "kid_val" in r)
+    result = json.loads((out / "result.json").read_text())
+    assert result["eval"]["eval_count"] == 3 and 0 < result["eval"]["eval_share"] < 1
+    assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4, 6]
+    written = write_report(out)
+    assert all(isinstance(p, Path) and p.is_file() for p in written.values()), written
