@@ -123,7 +123,7 @@ def train(
     trainer = Trainer(cfg, parts, images, classes, device)
     watch = Watch(parts.unet, cfg.monitor) if cfg.monitor.cs else None
     evaluator = None
-    if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir:
+    if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir or cfg.eval.prompts:
         from dallm.evaluation import LiveEvaluator
 
         evaluator = LiveEvaluator(cfg, parts, out, emit, device, weight_dtype, images.captions)
@@ -184,7 +184,8 @@ class Job:
             if self.evaluator is not None and self.evaluator.due(self.step):
                 with isolated_rng():
                     values.update(self.evaluator.run(self.step))
-            if self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps:
+            due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
+            if due or "eval_seconds" in values:  # evaluation results are always logged
                 self.log.write(self.step, values)
                 self.emit(MetricsEvent(step=self.step, values=values))
             if self.step % cfg.checkpoint.every == 0:
