@@ -65,7 +65,9 @@ def lora_state(model: Any) -> dict[str, torch.Tensor]:
     """peft-format LoRA tensors (`...to_q.lora_A.weight`), detached copies on the CPU."""
     return {
         k: v.detach().to("cpu", copy=True)
-        for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()
+        for k, v in get_peft_model_state_dict(
+            model, adapter_name=ADAPTER, save_embedding_layers=False
+        ).items()
     }
 
 

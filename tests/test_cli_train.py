@@ -1,0 +1,75 @@
+"""`dallm train` end to end on the tiny model: config file, --set, --out, Ctrl-C and --resume."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from engine_helpers import losses
+
+from dallm.cli import main
+
+
+@pytest.fixture
+def config(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> Path:
+    image_dir(n=3, captions=True)
+    path = tmp_path / "job.toml"
+    path.write_text(
+        f'name = "cli"\n[model]\nbase = "{tiny_sd}"\n[data]\ndir = "images"\n'
+        '[train]\nsteps = 20\ndevice = "cpu"\n[monitor]\nwindow = 2\n[checkpoint]\nevery = 2\n'
+    )
+    return path
+
+
+def test_train_end_to_end(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--set", "train.steps=4", "--out", str(out)]) == 0
+    assert "completed: step 4, result = weights of step 4" in capsys.readouterr().out
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and len(losses(out)) == 4
+    assert "steps = 4" in (out / "config.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "lora.rank=0"], "lora.rank: Input should be greater than or equal to 1"),
+        (["--set", "train.lr"], "expected KEY=VALUE"),
+        (["--set", "train.nope=1"], "train.nope: unknown key"),
+        (["--set", "monitor.window=50"], "monitor.window: 50 is larger than train.steps (20)"),
+        (["--resume", "/nonexistent"], "--resume: /nonexistent: no checkpoints found"),
+    ],
+)
+def test_train_errors_are_one_line(
+    config: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", str(config), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dallm train: ") and message in err and err.count("\n") == 1
+
+
+def test_ctrl_c_checkpoints_and_resumes(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dallm.trainer import Trainer
+
+    real_step = Trainer.step
+
+    def step(self: Trainer, n: int) -> dict[str, float]:
+        if n == 2:  # Ctrl-C while step 3 runs
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, n)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--set", "train.steps=6", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert (
+        f"interrupted at step 3; resume with: dallm train {config} --set train.steps=6 --resume {out}" in err
+    )
+    assert (out / "checkpoints" / "step-000003" / "state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(Trainer, "step", real_step)
+    assert main(["train", str(config), "--set", "train.steps=6", "--resume", str(out)]) == 0
+    assert len(losses(out)) == 6
