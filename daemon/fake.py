@@ -110,8 +110,8 @@ def train(
     every = cfg.checkpoint.every
 
     def save(step: int) -> None:
-        final = out / "checkpoints" / f"step-{step}"
-        tmp = out / "checkpoints" / f".tmp-step-{step}"
+        final = out / "checkpoints" / f"step-{step:06d}"
+        tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -124,7 +124,7 @@ def train(
             raise
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        send(CheckpointEvent(step=step, path=f"checkpoints/step-{step}"))
+        send(CheckpointEvent(step=step, path=f"checkpoints/step-{step:06d}"))
 
     start = 0
     if resume is not None:

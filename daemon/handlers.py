@@ -136,10 +136,12 @@ def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
         return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
     if state == "queued":
         raise Refused("conflict", f"job {job} is queued; nothing to roll back")
-    ckpt = Path(row["out_dir"]) / "checkpoints" / f"step-{req.step}"
-    if not ckpt.is_dir():
-        have = sorted(c.step for c in d.store.checkpoints(job) if (Path(row["out_dir"]) / c.path).is_dir())
-        raise Refused("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have or 'none'})")
+    out = Path(row["out_dir"])
+    kept = {c.step: out / c.path for c in d.store.checkpoints(job) if (out / c.path).is_dir()}
+    ckpt = kept.get(req.step)
+    if ckpt is None:
+        have = ", ".join(map(str, sorted(kept))) or "none"
+        raise Refused("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have})")
     pending = None if req.resume else RollbackCommand(step=req.step, resume=False).model_dump_json()
     d.set_state(
         job,

@@ -1,0 +1,175 @@
+# ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
+"""Job semantics through a real daemon process with the fake engine: queue order, stop, rollback,
+cancel, priorities, graceful daemon stop and resume, one daemon per home, and the `dallm` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemon_helpers import config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
+
+from dallm.cli import main as dallm_main
+from dallm.client import DaemonError
+from dallm.protocol import MetricsEvent, job_topic
+
+
+def test_submit_runs_to_finished_with_history(daemons) -> None:
+    d = daemons(step_s=0.005)
+    with d.client() as c:
+        job = c.submit(config("a", steps=20, every=5, samples={"every": 10, "prompts": ["a cat"]}))
+        assert job.state in ("queued", "running") and job.out_dir.endswith(f"jobs/{job.id}-a")
+        s = wait_state(c, job.id, "finished")
+        assert s.step == 20 and s.result_step == 20 and s.reason == "completed 20 steps"
+        detail = c.show(job.id)
+        assert [t.to_state for t in detail.transitions] == ["queued", "running", "finished"]
+        assert all(t.reason for t in detail.transitions)
+        assert [k.step for k in detail.checkpoints] == [5, 10, 15, 20]
+        assert metric_steps(c, job.id) == list(range(1, 21))
+        events, head = c.history_all(0, [job_topic(job.id)], kinds=["sample"])
+        assert [e.event.step for e in events] == [10, 20] and events[0].event.png.startswith(b"\x89PNG")
+        assert (Path(s.out_dir) / "result.json").exists()
+
+
+def test_priorities_then_fifo(daemons) -> None:
+    d = daemons(step_s=0.01)
+    with d.client() as c:
+        first = c.submit(config("first", steps=30))
+        wait_state(c, first.id, "running")
+        low = c.submit(config("low", steps=2, every=1))
+        high1 = c.submit(config("high1", steps=2, every=1), priority=5)
+        high2 = c.submit(config("high2", steps=2, every=1), priority=5)
+        for j in (first, low, high1, high2):
+            wait_state(c, j.id, "finished")
+        started = {j.id: c.show(j.id).transitions[1].t for j in (first, low, high1, high2)}
+        assert sorted(started, key=started.get) == [first.id, high1.id, high2.id, low.id]
+
+
+def test_stop_finishes_with_turning_point_weights(daemons) -> None:
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        job = c.submit(config("a-tp.4", steps=500, every=5))
+        wait_step(c, job.id, 10)
+        c.stop(job.id)
+        s = wait_state(c, job.id, "stopped-early")
+        assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        with pytest.raises(DaemonError) as err:
+            c.stop(job.id)
+        assert err.value.code == "conflict"
+
+
+def test_rollback_resume_marks_later_history_superseded(daemons) -> None:
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        job = c.submit(config("a", steps=40, every=5))
+        wait_step(c, job.id, 12)
+        c.rollback(job.id, 5, resume=True)
+        s = wait_state(c, job.id, "finished")
+        assert s.step == 40
+        assert metric_steps(c, job.id) == list(range(1, 41))  # the live history has no duplicates
+        everything = metric_steps(c, job.id, include_superseded=True)
+        assert len(everything) > 40 and everything[:5] == [1, 2, 3, 4, 5]
+        # rollback of a finished job to a checkpoint, finishing there
+        c.rollback(job.id, 20)
+        s = wait_state(c, job.id, "stopped-early")
+        assert s.result_step == 20 and s.reason == "rolled back to step 20"
+        assert json.loads((Path(s.out_dir) / "result.json").read_text())["result_step"] == 20
+        with pytest.raises(DaemonError) as err:
+            c.rollback(job.id, 7)
+        assert err.value.code == "not_found" and "have: 5, 10" in str(err.value)
+
+
+def test_cancel_queued_and_running(daemons) -> None:
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        running = c.submit(config("r", steps=1000))
+        queued = c.submit(config("q", steps=10))
+        wait_step(c, running.id, 2)
+        assert c.cancel(queued.id).state == "cancelled"
+        c.cancel(running.id)
+        assert wait_state(c, running.id, "cancelled").reason == "cancelled by user"
+        with pytest.raises(DaemonError):
+            c.cancel(running.id)
+        assert c.ping().counts == {"cancelled": 2}
+
+
+def test_graceful_daemon_stop_checkpoints_and_resumes(daemons) -> None:
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        job = c.submit(config("a", steps=60, every=50))
+        waiting = c.submit(config("b", steps=3))
+        wait_step(c, job.id, 12)
+    assert d.stop() == 0
+    d2 = daemons(step_s=0.01)
+    with d2.client() as c:
+        s = c.summary(job.id)
+        assert s.state in ("queued", "running")
+        detail = c.show(job.id)
+        interrupted = [t for t in detail.transitions if t.from_state == "running" and t.to_state == "queued"]
+        assert interrupted and "daemon stopped" in interrupted[0].reason
+        s = wait_state(c, job.id, "finished")
+        assert "resuming" in c.show(job.id).transitions[-2].reason
+        assert metric_steps(c, job.id) == list(range(1, 61))
+        assert wait_state(c, waiting.id, "finished")
+
+
+def test_one_daemon_per_home(daemons, home: Path) -> None:
+    daemons()
+    second = subprocess.run(
+        [sys.executable, "-m", "dallm.daemon.cli", "start", "--foreground", "--home", str(home)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1 and "already runs" in second.stderr
+    again = subprocess.run([sys.executable, "-m", "dallm.daemon.cli", "start", "--home", str(home)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0 and "already running" in again.stderr
+
+
+def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
+    daemons(step_s=0.005)
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('name = "cli"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
+    base = ["--home", str(home)]
+    assert dallm_main(["submit", str(cfg), "--set", "train.lr=-1", *base]) == 1
+    assert "train.lr" in capsys.readouterr().err
+    assert dallm_main(["ls", "--json", *base]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # nothing was queued
+    assert dallm_main(["submit", str(cfg), "--wait", *base]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "1" and "finished" in out
+    assert dallm_main(["submit", str(cfg), "--set", "name=bad-nan.3", "--wait", *base]) == 1
+    assert "NaN loss" in capsys.readouterr().err
+    assert dallm_main(["ls", *base]) == 0
+    table = capsys.readouterr().out
+    assert "finished" in table and "failed" in table
+    assert dallm_main(["show", "1", "--json", *base]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["state"] == "finished"
+    assert dallm_main(["logs", "bad-nan.3", *base]) == 0
+    assert "error" in capsys.readouterr().out
+    assert dallm_main(["show", "nope", *base]) == 1
+    assert "no job 'nope'" in capsys.readouterr().err
+    assert dallm_main(["priority", "1", "3", *base]) == 0
+    assert dallm_main(["ls", "--home", str(home / "elsewhere")]) == 3
+    # data paths in a config file are resolved against the file's folder before they are sent
+    assert c_config(home, 1)["data"]["dir"] == str(tmp_path / "imgs")
+
+
+def c_config(home: Path, job: int) -> dict:
+    from dallm.client import DaemonClient
+
+    with DaemonClient(home=home) as c:
+        return c.show(job).config
+
+
+def test_metrics_events_are_typed(daemons) -> None:
+    d = daemons(step_s=0.0)
+    with d.client() as c:
+        job = c.submit(config("m", steps=5, every=5))
+        wait_state(c, job.id, "finished")
+        events, _ = c.history_all(0, [job_topic(job.id)])
+        kinds = [e.event.kind for e in events]
+        assert kinds[0] == "started" and kinds[-1] == "finished"
+        assert all(isinstance(e.event, MetricsEvent) for e in events if e.event.kind == "metrics")

@@ -1,0 +1,100 @@
+"""Store, scheduler rules, paths and lock: no sockets, no processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dallm.daemon.paths import DaemonLock, DaemonPaths, LockHeld, lock_is_held
+from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
+from dallm.daemon.store import Store
+
+from dallm.protocol import WorkerDone, WorkerError
+
+
+def test_queue_order_priorities_then_fifo(tmp_path: Path) -> None:
+    s = Store(tmp_path / "d.db")
+    ids = [s.add_job(f"j{i}", {}, prio, 10, 0) for i, prio in enumerate([0, 5, 0, 5, -1])]
+    order = []
+    while (job := s.next_queued()) is not None:
+        order.append(job)
+        s.transition(job, "running", "test")
+    assert order == [ids[1], ids[3], ids[0], ids[2], ids[4]]
+    assert [t.to_state for t in s.transitions(ids[0])] == ["queued", "running"]
+    assert s.counts() == {"running": 5}
+
+
+def test_supersede_marks_only_later_steps(tmp_path: Path) -> None:
+    s = Store(tmp_path / "d.db")
+    job = s.add_job("a", {}, 0, 10, 0)
+    rows = [(i, i - 1, job, "job/1/", "metrics", i, float(i), f'{{"kind":"metrics","step":{i},"values":{{}}}}', None)
+            for i in range(1, 11)]  # fmt: skip
+    s.add_events(rows, {job: {"step": 10}})
+    assert s.supersede(job, 6, 11) == 4
+    assert s.metric_steps(job) == [1, 2, 3, 4, 5, 6]
+    assert s.metric_steps(job, include_superseded=True) == list(range(1, 11))
+    assert s.head() == 10 and s.topic_heads() == {"job/1/": 10}
+
+
+def test_listing_500_jobs_is_fast(tmp_path: Path) -> None:
+    s = Store(tmp_path / "d.db")
+    cfg = {"name": "x", "train": {"steps": 10}, "data": {"dir": "/d"}, "lora": {"targets": ["to_q"] * 20}}
+    for i in range(500):
+        s.add_job(f"j{i}", cfg, i % 3, 10, 0)
+    t0 = time.perf_counter()
+    jobs = s.list_jobs()
+    assert len(jobs) == 500 and time.perf_counter() - t0 < 0.2
+    assert [j.id for j in s.list_jobs(limit=3)] == [498, 499, 500]
+    assert len(s.list_jobs(states=["queued"])) == 500
+
+
+def _worker(**kw) -> WorkerProc:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return WorkerProc(
+        job=1, attempt=kw.pop("attempt", 1), slot=0, device="cpu", proc=proc, identity=b"1.1", **kw
+    )
+
+
+def test_outcomes() -> None:
+    done = WorkerDone(out_dir="o", final_step=9, result_step=5, reason="stopped")
+    assert outcome(_worker(done=done), False, 0)[0] == "stopped-early"
+    done = done.model_copy(update={"reason": "completed"})
+    assert outcome(_worker(done=done), False, 0)[:2] == ("finished", "completed 9 steps")
+    done = done.model_copy(update={"reason": "interrupted"})
+    assert outcome(_worker(done=done), True, 0)[0::2] == ("queued", True)
+    err = WorkerError(category="nan", message="NaN loss: FloatingPointError: loss is nan at step 3")
+    assert outcome(_worker(error=err), False, 3)[:2] == ("failed", err.message)
+    assert outcome(_worker(), False, 0)[0] == "failed"  # died without a word
+    assert outcome(_worker(attempt=1), False, 1)[0::2] == ("queued", True)  # retried
+    assert outcome(_worker(cancel=True), False, 1)[0] == "cancelled"
+
+
+def test_slots_and_devices() -> None:
+    assert make_slots(["cpu"], None) == ["cpu"]
+    assert make_slots(["cpu"], 3) == ["cpu", "cpu", "cpu"]
+    assert make_slots(["0", "1", "2"], 2) == ["0", "1"]
+    assert detect_devices("0,1") == ["0", "1"] and detect_devices("cpu") == ["cpu"]
+    with pytest.raises(ValueError):
+        detect_devices("gpu0")
+
+
+def test_lock_keeps_a_second_daemon_out(tmp_path: Path) -> None:
+    paths = DaemonPaths(tmp_path / "h")
+    paths.prepare()
+    assert (paths.home.stat().st_mode & 0o777) == 0o700 and (paths.state_dir.stat().st_mode & 0o777) == 0o700
+    first = DaemonLock(paths)
+    first.acquire()
+    assert lock_is_held(paths)
+    with pytest.raises(LockHeld):
+        DaemonLock(paths).acquire()
+    first.release()
+    assert not lock_is_held(paths)
+
+
+def test_long_homes_get_short_socket_paths(tmp_path: Path) -> None:
+    paths = DaemonPaths(tmp_path / ("x" * 120))
+    assert len(paths.endpoint("workers")) < 108 and paths.socket_dir != paths.state_dir
