@@ -80,9 +80,14 @@ def _features_of_files(extractor: Extractor, paths: Sequence[Path], batch_size: 
 
 def configured_extractor(cfg: JobConfig, device: torch.device) -> Extractor:
     """The feature extractor `eval.features` names (micro, inception, clip:FOLDER)."""
-    from dallm.features import load_extractor
+    from dallm.features import FeatureError, load_extractor
 
-    return load_extractor(cfg.eval.features, device=str(device), inception_weights=cfg.eval.inception_weights)
+    try:
+        return load_extractor(
+            cfg.eval.features, device=str(device), inception_weights=cfg.eval.inception_weights
+        )
+    except FeatureError as e:
+        raise ConfigError(f"eval.features: {e}") from None
 
 
 class LiveEvaluator:
@@ -121,9 +126,13 @@ class LiveEvaluator:
         self.sample_steps: list[int] = []
         self.eval_seconds: list[float] = []  # per KID evaluation (the first includes the setup)
         self.sample_seconds = 0.0
-        if self.kid_on:  # fail early on folders that cannot be used
+        self.setup_seconds = 0.0  # loading the feature extractor
+        if self.kid_on:  # fail before training on folders or an extractor that cannot be used
             self._train_files = target_images(Path(cfg.data.dir or "."), "data.dir", cfg.data.limit)
             self._val_files = target_images(ev.val_dir, "eval.val_dir") if ev.val_dir else []
+            t0 = clock()
+            _ = self.extractor
+            self.setup_seconds = clock() - t0
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -161,8 +170,10 @@ class LiveEvaluator:
         for the evaluation and put back after) when given, else left out.
 
         Returns kid_* of the final step, turning_kid_* when known, and the cost summary
-        (eval_seconds_total, eval_seconds_mean, eval_count, sample_seconds_total, eval_share,
-        wall_seconds), which is also written to `eval/summary.json`.
+        (eval_count, eval_seconds_total, eval_seconds_mean (the first includes the target features
+        and the base samples), eval_setup_seconds (loading the extractor), sample_seconds_total,
+        eval_share (all of these over the wall time since the evaluator was made), wall_seconds),
+        which is also written to `eval/summary.json`.
         """
         out: dict[str, float] = {}
         if self.samples_on and final_step not in self.sample_steps:
@@ -205,6 +216,7 @@ class LiveEvaluator:
             "eval_count": float(len(self.eval_seconds)),
             "eval_seconds_total": total,
             "eval_seconds_mean": total / len(self.eval_seconds) if self.eval_seconds else 0.0,
+            "eval_setup_seconds": self.setup_seconds,
             "sample_seconds_total": self.sample_seconds,
             "eval_share": self.share(),
             "wall_seconds": self.clock() - self.started,
@@ -213,7 +225,7 @@ class LiveEvaluator:
     def share(self) -> float:
         """Evaluation and sampling time as a fraction of the wall time since the evaluator was made."""
         wall = max(self.clock() - self.started, 1e-9)
-        return (sum(self.eval_seconds) + self.sample_seconds) / wall
+        return (self.setup_seconds + sum(self.eval_seconds) + self.sample_seconds) / wall
 
     # -- samples --------------------------------------------------------------------------------
 

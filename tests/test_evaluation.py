@@ -205,6 +205,7 @@ def test_nothing_configured_means_nothing_due(job: dict[str, Any]) -> None:
         "eval_count",
         "eval_seconds_total",
         "eval_seconds_mean",
+        "eval_setup_seconds",
         "sample_seconds_total",
         "eval_share",
         "wall_seconds",
@@ -261,3 +262,28 @@ def test_engine_job_with_evaluation_then_report(
     assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4, 6]
     written = write_report(out)
     assert all(isinstance(p, Path) and p.is_file() for p in written.values()), written
+
+
+def test_unusable_feature_extractor_fails_before_training(job: dict[str, Any], tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "pt_inception-2015-12-05.pth"
+    cfg = make_cfg(job["data"], job["out"], eval={"features": "inception", "inception_weights": str(missing)})
+    with pytest.raises(ConfigError, match=r"^eval.features: .*pt_inception-2015-12-05"):
+        LiveEvaluator(
+            cfg, job["parts"], job["out"], job["events"].append, torch.device("cpu"), torch.float32, []
+        )
+
+
+def test_micro_feature_net_through_load_extractor(job: dict[str, Any]) -> None:
+    """The real "micro" extractor (when the micro world is built) on the tiny model's 16 px images."""
+    micro = pytest.importorskip("dallm.micro")
+    if not getattr(micro, "FEATNET_PATH", Path("/nonexistent")).is_file():
+        pytest.skip("the micro feature net is not built")
+    from dallm.evaluation import configured_extractor
+
+    cfg = make_cfg(job["data"], job["out"], job["val"], samples={"every": 0}, eval={"features": "micro"})
+    ev = LiveEvaluator(
+        cfg, job["parts"], job["out"], job["events"].append, torch.device("cpu"), torch.float32, ["a cat"]
+    )
+    assert ev.extractor is not None and configured_extractor(cfg, torch.device("cpu")) is not None
+    values = ev.run(2)
+    assert set(values) >= KID_KEYS and all(np.isfinite(v) for v in values.values())
