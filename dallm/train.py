@@ -181,12 +181,13 @@ class Job:
             self._times = (self._times + [time.perf_counter() - t0])[-10:]
             values["steps_per_s"] = len(self._times) / sum(self._times)
             found = self._watch(values)
+            evaluated: dict[str, float] = {}
             if self.evaluator is not None and self.evaluator.due(self.step):
-                with isolated_rng():
-                    values.update(self.evaluator.run(self.step))
+                with isolated_rng():  # the evaluator emits its own MetricsEvent
+                    evaluated = self.evaluator.run(self.step)
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
-            if due or "eval_seconds" in values:  # evaluation results are always logged
-                self.log.write(self.step, values)
+            if due or evaluated:  # evaluation results are always logged
+                self.log.write(self.step, values | evaluated)
                 self.emit(MetricsEvent(step=self.step, values=values))
             if self.step % cfg.checkpoint.every == 0:
                 self.checkpoint()
