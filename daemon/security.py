@@ -91,7 +91,7 @@ def start_authenticator(ctx: zmq.Context, keys_dir: Path) -> ThreadAuthenticator
         )
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(allowed))
+    auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=str(allowed))
     return auth
 
 

@@ -1,0 +1,97 @@
+# ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
+"""Security: a 0700 run folder for IPC sockets, CURVE for TCP beyond loopback (unknown and
+plaintext clients refused), and job output that cannot leave the home."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
+from dallm.daemon.paths import DaemonPaths
+from dallm.daemon.security import create_client_keys, is_loopback
+
+from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+
+
+def free_port() -> int:
+    """A port whose next port is free too (events bind on PORT+1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def test_ipc_sockets_live_in_a_private_run_folder(daemons, home: Path) -> None:
+    daemons()
+    paths = DaemonPaths(home)
+    for folder in (home, paths.state_dir, paths.socket_dir, paths.jobs):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    for name in ("control", "events", "workers"):
+        assert (paths.socket_dir / f"{name}.ipc").stat().st_mode & 0o077 == 0
+
+
+def test_job_output_cannot_escape_the_home(daemons, home: Path) -> None:
+    d = daemons()
+    with d.client() as c:
+        with pytest.raises(DaemonError) as err:
+            c.submit(config("a") | {"output_dir": "../../etc"})
+        assert err.value.code == "invalid_config" and "output_dir" in str(err.value)
+        with pytest.raises(DaemonError) as err:
+            c.submit(config("a") | {"name": "../../x"})
+        assert err.value.code == "invalid_config" and "name" in str(err.value)
+        assert c.jobs() == []  # nothing queued
+        job = c.submit(config("ok", steps=2) | {"output_dir": "sub/dir"})
+        assert Path(job.out_dir) == (home / "jobs" / "sub" / "dir").resolve()
+        assert wait_state(c, job.id, "finished")
+
+
+def test_non_loopback_tcp_needs_curve_keys(home: Path) -> None:
+    port = free_port()
+    res = subprocess.run(
+        [sys.executable, "-m", "dallm.daemon.cli", "start", "--foreground", "--home", str(home),
+         "--bind", f"tcp://0.0.0.0:{port}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and "CURVE" in res.stderr
+
+
+def test_curve_refuses_unknown_and_plaintext_clients(daemons, home: Path) -> None:
+    keys = DaemonPaths(home).keys
+    home.mkdir(parents=True)
+    _, good = create_client_keys(keys, "alice")
+    import zmq.auth
+
+    stranger_dir = home.parent / "stranger"
+    stranger_dir.mkdir()
+    _, bad = zmq.auth.create_certificates(stranger_dir, "mallory")
+    port = free_port()
+    assert not is_loopback(f"tcp://0.0.0.0:{port}")
+    daemons("--bind", f"tcp://0.0.0.0:{port}")
+    server = keys / "server.key"
+    endpoint = f"tcp://127.0.0.2:{port}"
+    with DaemonClient(endpoint, server_key=server, client_key=good, timeout=5) as c:
+        assert c.ping().home == str(home)
+        job = c.submit(config("remote", steps=2))
+        with c.subscribe([f"job/{job.id}/"], since=0) as sub:
+            assert sub.get(timeout=10) is not None
+    for kw in ({"server_key": server, "client_key": bad}, {}):
+        with DaemonClient(endpoint, timeout=1.0, **kw) as c, pytest.raises(DaemonUnavailable):
+            c.ping()
+
+
+def test_loopback_tcp_without_keys(daemons) -> None:
+    port = free_port()
+    daemons("--bind", f"tcp://127.0.0.1:{port}")
+    with DaemonClient(f"tcp://127.0.0.1:{port}", timeout=5) as c:
+        assert c.ping().events[-1] == f"tcp://127.0.0.1:{port + 1}"
