@@ -142,3 +142,12 @@ def test_bad_image_fails_before_model_loads(
     monkeypatch.setattr("dallm.train.load_parts", no_load)
     with pytest.raises(DataError, match="broken.png"):
         train(job(tiny_sd, images), out_dir=tmp_path)
+
+
+def test_gradient_checkpointing_same_losses(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
+    images = image_dir(n=2)
+    for gc in (False, True):
+        cfg = job(tiny_sd, images, train={"steps": 2, "gradient_checkpointing": gc}, lora={"text_encoder": True})
+        train(cfg, out_dir=tmp_path / str(gc))
+    assert losses(tmp_path / "False") == losses(tmp_path / "True")
+    assert same_weights(weights(tmp_path / "False"), weights(tmp_path / "True"))
