@@ -17,8 +17,6 @@ from dallm.config import ConfigError, JobConfig, config_from_dict
 from dallm.evaluation import LiveEvaluator
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
 
-pytest.importorskip("dallm.kid")  # lands with the KID estimator
-
 KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
 
 
