@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dallm.cli import CommandError
-    from dallm.report import ReportError, write_report
+    from dallm.report import ReportError, read_result, write_report
 
     try:
         results = write_report(args.output_dir, args.out)
@@ -32,11 +32,23 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     written = {k: str(v) for k, v in results.items() if isinstance(v, Path)}
     skipped = {k: v for k, v in results.items() if isinstance(v, str)}
+    ev = read_result(args.output_dir).get("eval")
+    cost = (
+        {k: v for k, v in ev.items() if k.startswith(("eval_", "sample_", "wall_"))}
+        if isinstance(ev, dict)
+        else {}
+    )
     if args.json:
-        print(json.dumps({"written": written, "skipped": skipped}))
-    else:
-        for path in written.values():
-            print(path)
-        for name, why in skipped.items():
-            print(f"{name}: skipped ({why})")
+        print(json.dumps({"written": written, "skipped": skipped, "eval_cost": cost}))
+        return 0
+    for path in written.values():
+        print(path)
+    for name, why in skipped.items():
+        print(f"{name}: skipped ({why})")
+    if cost.get("eval_count"):
+        print(
+            f"evaluation cost: {cost['eval_count']:.0f} KID evaluations, {cost['eval_seconds_mean']:.1f} s each; "
+            f"samples {cost.get('sample_seconds_total', 0.0):.1f} s; {100 * cost['eval_share']:.1f}% of "
+            f"{cost['wall_seconds']:.0f} s"
+        )
     return 0
