@@ -270,14 +270,22 @@ class LiveEvaluator:
             self._extractor = configured_extractor(self.cfg, self.device)
         return self._extractor
 
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        bs = self.cfg.eval.batch_size
-        return torch.cat(
-            [
-                torch.as_tensor(self.extractor(images[i : i + bs])).detach().float().cpu()
-                for i in range(0, len(images), bs)
-            ]
-        )
+    def _generated_features(
+        self, prompts: Sequence[str], base: bool, save_dir: Path | None = None
+    ) -> torch.Tensor:
+        """Features of the eval images for `prompts`, a batch at a time (images are not all kept)."""
+        ev = self.cfg.eval
+        settings = self._settings(ev.steps, ev.guidance)
+        feats = []
+        for start in range(0, len(prompts), ev.batch_size):
+            end = min(start + ev.batch_size, len(prompts))
+            images = self._generate(prompts[start:end], self._eval_latents[start:end], settings, base)
+            feats.append(torch.as_tensor(self.extractor(images)).detach().float().cpu())
+            if save_dir is not None:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                for i, im in enumerate(to_pil(images), start=start):
+                    im.save(save_dir / f"{i:04d}.png")
+        return torch.cat(feats)
 
     def _base_key(self) -> dict[str, Any]:
         ev = self.cfg.eval
@@ -313,15 +321,8 @@ class LiveEvaluator:
                     return saved["features"]
             except Exception as e:  # a torn or foreign file: regenerate
                 log.warning("ignoring %s: %s", cache, e)
-        ev = self.cfg.eval
-        images = self._generate(
-            self.base_prompts, self._eval_latents, self._settings(ev.steps, ev.guidance), base=True
-        )
+        feats = self._generated_features(self.base_prompts, base=True, save_dir=cache.parent / "base")
         self.base_generations += 1
-        feats = self._features(images)
-        (cache.parent / "base").mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(to_pil(images)):
-            im.save(cache.parent / "base" / f"{i:04d}.png")
         tmp = cache.with_suffix(".tmp")
         torch.save({"key": key, "features": feats}, tmp)
         tmp.replace(cache)
@@ -334,10 +335,7 @@ class LiveEvaluator:
         t0 = self.clock()
         ev = self.cfg.eval
         refs = self.references()
-        images = self._generate(
-            self.eval_prompts, self._eval_latents, self._settings(ev.steps, ev.guidance), base=False
-        )
-        feats = self._features(images)
+        feats = self._generated_features(self.eval_prompts, base=False)
         values: dict[str, float] = {}
         for name, ref in refs.items():
             subset = min(ev.subset_size, len(feats), len(ref))
