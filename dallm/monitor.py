@@ -8,7 +8,7 @@ LLM after `get_peft_model(...)`, or a plain module after `inject_adapter_in_mode
 CS (Eq. 2)
     CS = mean_i cos(vec(B_i A_i), vec(W_i)) over the LoRA-adapted layers i, W_i the frozen weight.
     `CosineSimilarity` never forms B_i A_i (d x k):
-        <BA, W>_F  = sum((B^T W) * A)              (an r x k product)
+        <BA, W>_F  = sum((B^T W) * A) = sum(B * (W A^T))   (W A^T: a d x r product, reads W once)
         ||BA||_F^2 = sum((B^T B) * (A A^T))        (two r x r Gram matrices)
     and ||W_i|| is computed once. It runs under no_grad, in float32 whatever the weights' dtype, and
     synchronises once (one `.item()`) per call. Conventions:
@@ -223,9 +223,8 @@ class CosineSimilarity:
             b = p.b2d().detach().float()
             w = p.w2d().detach()
             w = w.float() if w.dtype != torch.float32 else w
-            bt = b.T
-            dots.append(torch.sum((bt @ w) * a))  # <BA, W>_F
-            sq.append(torch.sum((bt @ b) * (a @ a.T)))  # ||BA||_F^2
+            dots.append(torch.sum((w @ a.T) * b))  # <BA, W>_F = sum(B * (W A^T)) = sum((B^T W) * A)
+            sq.append(torch.sum((b.T @ b) * (a @ a.T)))  # ||BA||_F^2
         dev = self.device
         return torch.stack([t.to(dev) for t in dots]), torch.stack([t.to(dev) for t in sq])
 
