@@ -148,15 +148,22 @@ class LiveEvaluator:
     def run(self, step: int) -> dict[str, float]:
         """Samples and/or KID at `step` with the current weights; returns the scalars for metrics."""
         t0 = self.clock()
+        self._forget_from(step)
         values: dict[str, float] = {}
         if self.samples_due(step):
             self.samples(step)
-        if self.kid_due(step) and step not in self.kid_history:
+        if self.kid_due(step):
             values.update(self.evaluate(step))
         if values or self.samples_due(step):
             values["eval_seconds"] = self.clock() - t0
             values["eval_share"] = self.share()
         return values
+
+    def _forget_from(self, step: int) -> None:
+        """A step at or before one already seen: the job was rolled back and resumed; what was
+        recorded from there on belongs to the superseded history."""
+        self.kid_history = {s: v for s, v in self.kid_history.items() if s < step}
+        self.sample_steps = [s for s in self.sample_steps if s < step]
 
     def finish(
         self,

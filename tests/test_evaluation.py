@@ -285,3 +285,16 @@ def test_micro_feature_net_through_load_extractor(job: dict[str, Any]) -> None:
     assert ev.extractor is not None and configured_extractor(cfg, torch.device("cpu")) is not None
     values = ev.run(2)
     assert set(values) >= KID_KEYS and all(np.isfinite(v) for v in values.values())
+
+
+def test_rollback_and_resume_supersedes_recorded_steps(job: dict[str, Any]) -> None:
+    cfg = make_cfg(job["data"], job["out"], samples={"every": 0})
+    ev = evaluator(job, cfg)
+    train_a_little(job["parts"], 1)
+    first = ev.run(2)
+    ev.run(4)
+    train_a_little(job["parts"], 2)  # rolled back to step 1, resumed: other weights at step 2
+    again = ev.run(2)
+    assert again["kid_train"] != first["kid_train"]
+    assert sorted(ev.kid_history) == [2] and ev.kid_history[2]["kid_train"] == again["kid_train"]
+    assert ev.finish(2)["kid_train"] == again["kid_train"]  # the final step's evaluation is reused
