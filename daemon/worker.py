@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -71,7 +72,8 @@ def classify(exc: BaseException) -> WorkerError:
     for item in chain:
         if type(item).__name__ == "OutOfMemoryError" or "out of memory" in str(item).lower():
             return WorkerError(category="oom", message=f"CUDA out of memory: {text}", traceback=tb)
-        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = "no space left on device" in str(item).lower() or "disk quota exceeded" in str(item).lower()
+        if full or (isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT)):
             return WorkerError(category="disk_full", message=f"disk full: {text}", traceback=tb)
     lowered = text.lower()
     if (
@@ -157,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
         link.send(b"done", done.model_dump_json())
     except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
         err = classify(e)
-        print(err.traceback, file=sys.stderr, flush=True)
-        link.send(b"error", err.model_dump_json())
+        link.send(b"error", err.model_dump_json())  # first: the log below may be on a full disk
+        with contextlib.suppress(OSError):
+            print(err.traceback, file=sys.stderr, flush=True)
         code = 1
     finally:
         link.close()

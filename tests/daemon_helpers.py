@@ -60,10 +60,11 @@ class DaemonProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
             try:
-                DaemonClient(home=self.home, timeout=0.5).ping()
-                return self
+                if DaemonClient(home=self.home, timeout=0.5).ping().pid == self.proc.pid:
+                    return self
             except DaemonError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise RuntimeError("daemon did not start: " + self.log_text()[-2000:])
 
     def log_text(self) -> str:

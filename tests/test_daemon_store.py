@@ -98,3 +98,28 @@ def test_lock_keeps_a_second_daemon_out(tmp_path: Path) -> None:
 def test_long_homes_get_short_socket_paths(tmp_path: Path) -> None:
     paths = DaemonPaths(tmp_path / ("x" * 120))
     assert len(paths.endpoint("workers")) < 108 and paths.socket_dir != paths.state_dir
+
+
+def test_worker_errors_are_classified() -> None:
+    import errno
+
+    from dallm.daemon.worker import classify
+
+    assert classify(FloatingPointError("loss is nan at step 3")).category == "nan"
+    assert classify(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).category == "oom"
+    assert classify(OSError(errno.ENOSPC, "No space left on device")).category == "disk_full"
+    assert (
+        classify(
+            RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        ).category
+        == "disk_full"
+    )
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "full")
+        except OSError as e:
+            raise RuntimeError("checkpoint failed") from e
+    except RuntimeError as e:
+        assert classify(e).category == "disk_full"
+    err = classify(ValueError("bad\nsecond line"))
+    assert err.category == "error" and err.message == "ValueError: bad"
