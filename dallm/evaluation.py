@@ -124,7 +124,7 @@ class LiveEvaluator:
         self.base_generations = 0  # how many times the base images were generated (tests: once)
         self.kid_history: dict[int, dict[str, float]] = {}
         self.sample_steps: list[int] = []
-        self.eval_seconds: list[float] = []  # per KID evaluation (the first includes the setup)
+        self.eval_seconds: list[float] = []  # per KID evaluation (the first includes the references)
         self.sample_seconds = 0.0
         self.setup_seconds = 0.0  # loading the feature extractor
         if self.kid_on:  # fail before training on folders or an extractor that cannot be used
