@@ -1,0 +1,642 @@
+"""Rebuild the micro world's artefacts from fixed seeds: `dallm micro build`.
+
+Steps (each seeded):
+1. Data: world scenes (plain style) and teacher scenes (baroque style), rendered at 32x32.
+2. VAE (AutoencoderKL, 32x32 -> 4x8x8), trained on world and teacher images, so that the teacher's
+   look is representable in latent space (as a real model's VAE represents a larger model's images).
+3. Text encoder (CLIPTextModel, from scratch) and UNet2DConditionModel, trained jointly on the world
+   only: the model never sees the teacher's style. v-prediction on a zero-terminal-SNR schedule
+   (the prototype's colour failure: on SD's schedule the last noise level still carries the image
+   mean, so the model reads the colours from the noise rather than from the prompt), 10% empty
+   captions (classifier-free guidance needs a trained unconditional branch), EMA weights.
+4. Feature net: a CNN predicting shape, colours and style of world and teacher images (and of their
+   VAE reconstructions, so it also reads model samples); its penultimate layer is the KID feature.
+5. Quality figures (the feature net reads base-model samples) and MANIFEST.json with sha256 of
+   every file.
+
+Everything runs on the CPU in under 30 minutes on 2 cores at `steps_scale=1`, faster on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dallm.micro import featnet as featnet_mod
+from dallm.micro.teacher import render_teacher
+from dallm.micro.world import SIZE, WORDS, Scene, render, sample_scene
+
+MAX_TOKENS = 16
+LATENT = SIZE // 4
+
+
+@dataclass
+class Steps:
+    vae: int = 1000
+    unet: int = 3000
+    featnet: int = 1500
+    vae_batch: int = 32
+    unet_batch: int = 32
+    featnet_batch: int = 128
+    world_images: int = 12000
+    teacher_images: int = 3000
+
+    def scaled(self, f: float) -> Steps:
+        s = copy.copy(self)
+        s.vae = max(2, round(self.vae * f))
+        s.unet = max(2, round(self.unet * f))
+        s.featnet = max(2, round(self.featnet * f))
+        s.world_images = max(64, round(self.world_images * min(1.0, f * 4)))
+        s.teacher_images = max(64, round(self.teacher_images * min(1.0, f * 4)))
+        return s
+
+
+@dataclass
+class EvalSizes:
+    prompt_samples: int = 64  # base-model samples for prompt following and KID
+    style_images: int = 400  # held-out images per class for the style accuracy
+    teacher_ref: int = 200  # held-out teacher images (KID reference)
+    steps: int = 25
+    guidance: float = 5.0
+    subset_size: int = 50
+    num_subsets: int = 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def caption_with_style(scene: Scene, rng: np.random.Generator) -> str:
+    """The base model's training captions: 10% empty (for CFG), else the caption, 30% "in plain style"."""
+    u = rng.random()
+    if u < 0.1:
+        return ""
+    return scene.caption("plain") if u < 0.4 else scene.caption()
+
+
+def make_world(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    return np.stack([render(s) for s in scenes]), scenes
+
+
+def make_teacher(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    return np.stack([render_teacher(s, rng) for s in scenes]), scenes
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W,3] -> float [N,3,H,W] in [0,1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+
+
+def labels(scenes: list[Scene], style: int) -> torch.Tensor:
+    return torch.tensor([(*s.labels(), style) for s in scenes], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def write_tokenizer(folder: Path) -> None:
+    from dallm.tiny import write_clip_tokenizer
+
+    write_clip_tokenizer(folder, WORDS, max_length=MAX_TOKENS)
+
+
+def make_scheduler_config() -> dict:
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(vocab_size: int, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def make_unet(channels: tuple[int, int] = (48, 96)):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=16,
+        norm_num_groups=16,
+    )
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float = 0.999) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for p, s in zip(self.params, self.shadow, strict=True):
+            p.copy_(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training stages
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, device, gen: torch.Generator, log) -> float:
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    loss_v = float("nan")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, 1e-3, warmup=50)
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        x = images[idx].to(device) * 2 - 1
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
+        rec = vae.decode(z).sample
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).mean()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_v = float(loss)
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  vae {step:5d}/{steps} loss {loss_v:.4f}")
+    vae.eval().requires_grad_(False)
+    return loss_v
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, device, bs: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), bs):
+        post = vae.encode(images[i : i + bs].to(device) * 2 - 1).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, device, bs: int = 512) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), bs):
+        x = images[i : i + bs].to(device) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def train_unet(
+    unet, text_encoder, scheduler, mu, sd, scale, ids, steps, batch, device, gen, log
+) -> tuple[float, float]:
+    """Joint UNet + text encoder training (v-prediction), EMA weights copied in at the end."""
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    trainable = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(trainable, lr=5e-4, weight_decay=1e-2)
+    ema = EMA([unet, text_encoder], decay=0.999)
+    acp = scheduler.alphas_cumprod.to(device)
+    losses: list[float] = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, 5e-4)
+        idx = torch.randint(len(mu), (batch,), generator=gen)
+        eps_lat = torch.randn(mu[idx].shape, generator=gen)
+        lat = ((mu[idx] + sd[idx] * eps_lat) * scale).to(device)
+        noise = torch.randn(lat.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        a = acp[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+        noisy = a * lat + s * noise
+        target = a * noise - s * lat  # v
+        cond = text_encoder(ids[idx].to(device))[0]
+        pred = unet(noisy, t, cond).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(float(loss))
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  unet {step:5d}/{steps} loss {np.mean(losses[-100:]):.4f}")
+    ema.copy_to()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return float(np.mean(losses[-200:])), float(losses[-1])
+
+
+def train_featnet(net, images, targets, recon_images, recon_targets, steps, batch, device, gen, log) -> float:
+    net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    x_all = torch.cat([images, recon_images])
+    y_all = torch.cat([targets, recon_targets])
+    keys = list(featnet_mod.HEADS)
+    loss_v = float("nan")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, 2e-3, warmup=50)
+        idx = torch.randint(len(x_all), (batch,), generator=gen)
+        x = x_all[idx]
+        # Robustness to sample artefacts: noise, small brightness/contrast changes, slight blur.
+        x = x * (1 + 0.08 * (torch.rand(batch, 1, 1, 1, generator=gen) - 0.5))
+        x = x + 0.06 * torch.rand(batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+        blur = torch.rand(batch, generator=gen) < 0.3
+        if blur.any():
+            k = torch.tensor([1.0, 2.0, 1.0]) / 4
+            k2 = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
+            x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+        x = x.clamp(0, 1).to(device)
+        y = y_all[idx].to(device)
+        logits = net.logits(x)
+        loss = sum(F.cross_entropy(logits[k], y[:, i]) for i, k in enumerate(keys))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_v = float(loss)
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  featnet {step:5d}/{steps} loss {loss_v:.4f}")
+    net.eval().requires_grad_(False)
+    return loss_v
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subset_size: int = 50, num_subsets: int = 100, seed: int = 0):
+    """KID (unbiased MMD^2, cubic kernel (x.y/d + 1)^3): mean and std over random subsets."""
+    try:
+        from dallm.kid import kid as project_kid  # the project's implementation, once it exists
+    except ImportError:
+        project_kid = None
+    if project_kid is not None:
+        mean, std = project_kid(feats_a, feats_b, subset_size=subset_size, num_subsets=num_subsets, seed=seed)
+        return float(mean), float(std)
+    a = torch.as_tensor(feats_a, dtype=torch.float64)
+    b = torch.as_tensor(feats_b, dtype=torch.float64)
+    m = min(subset_size, len(a), len(b))
+    d = a.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(num_subsets):
+        x = a[torch.randperm(len(a), generator=g)[:m]]
+        y = b[torch.randperm(len(b), generator=g)[:m]]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        mmd = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+        mmd += (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        mmd -= 2 * kxy.mean()
+        vals.append(float(mmd))
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def eval_prompts(n: int, seed: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 64) -> torch.Tensor:
+    """Images [N,3,H,W] in [0,1]; one generator seeded once, noise drawn on the CPU."""
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        lat = torch.randn((len(chunk), 4, LATENT, LATENT), generator=gen)
+        img = pipe(
+            chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=lat.to(pipe.device),
+            output_type="pt",
+        ).images
+        out.append(img.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def prompt_following(net, images: torch.Tensor, scenes: list[Scene]) -> dict[str, float]:
+    pred = net.predict(images.to(next(net.parameters()).device))
+    y = labels(scenes, 0)
+    return {k: float((pred[k].cpu() == y[:, i]).float().mean()) for i, k in enumerate(("shape", "fg", "bg"))}
+
+
+@torch.no_grad()
+def features(net, images: torch.Tensor, bs: int = 512) -> torch.Tensor:
+    dev = next(net.parameters()).device
+    return torch.cat([net(images[i : i + bs].to(dev)).cpu() for i in range(0, len(images), bs)])
+
+
+def evaluate(pipe, net, sizes: EvalSizes, seed: int, log=print) -> dict:
+    """The quality figures of the issue, measured by the feature net."""
+    q: dict = {"steps": sizes.steps, "guidance": sizes.guidance, "samples": sizes.prompt_samples}
+    scenes = eval_prompts(sizes.prompt_samples, seed + 100)
+    base = sample(pipe, [s.caption() for s in scenes], sizes.steps, sizes.guidance, seed + 101)
+    q["prompt_following"] = prompt_following(net, base, scenes)
+    baroque_prompted = sample(pipe, [s.caption("baroque") for s in scenes], sizes.steps, sizes.guidance, seed + 102)
+    q["prompt_following_baroque_prompts"] = prompt_following(net, baroque_prompted, scenes)
+    pred = net.predict(baroque_prompted.to(next(net.parameters()).device))
+    q["base_baroque_prompts_judged_baroque"] = float(pred["style"].float().mean())
+    # Style accuracy on held-out world and teacher images.
+    w, _ = make_world(sizes.style_images, seed + 200)
+    t, _ = make_teacher(sizes.style_images, seed + 201)
+    pw = net.predict(to_tensor(w).to(next(net.parameters()).device))["style"].cpu()
+    pt = net.predict(to_tensor(t).to(next(net.parameters()).device))["style"].cpu()
+    q["style_accuracy"] = float(torch.cat([pw == 0, pt == 1]).float().mean())
+    # KID: base samples vs teacher, teacher split A vs split B, base vs world.
+    ta, _ = make_teacher(sizes.teacher_ref, seed + 300)
+    tb, _ = make_teacher(sizes.teacher_ref, seed + 301)
+    wr, _ = make_world(sizes.teacher_ref, seed + 302)
+    fa, fb = features(net, to_tensor(ta)), features(net, to_tensor(tb))
+    fw, fbase = features(net, to_tensor(wr)), features(net, base)
+    kw = dict(subset_size=sizes.subset_size, num_subsets=sizes.num_subsets, seed=seed)
+    k_base_teacher = kid(fbase, fa, **kw)
+    k_teacher = kid(fa, fb, **kw)
+    k_base_world = kid(fbase, fw, **kw)
+    q["kid"] = {
+        "base_vs_teacher": k_base_teacher,
+        "teacher_a_vs_b": k_teacher,
+        "base_vs_world": k_base_world,
+        "subset_size": min(sizes.subset_size, sizes.prompt_samples),
+        "num_subsets": sizes.num_subsets,
+    }
+    q["kid_ratio_base_teacher_over_teacher_split"] = k_base_teacher[0] / max(abs(k_teacher[0]), 1e-6)
+    q["_images"] = {"base": base, "baroque_prompted": baroque_prompted}
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
+# The build
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build(
+    out: Path,
+    steps_scale: float = 1.0,
+    device: str = "auto",
+    seed: int = 0,
+    eval_sizes: EvalSizes | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+    grid: Path | None = None,
+    unet_channels: tuple[int, int] = (48, 96),
+) -> dict:
+    """Build model/, featnet.safetensors (+ .json) and MANIFEST.json into `out`; return the manifest."""
+    import diffusers
+    import transformers
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    t_start = time.perf_counter()
+    dev = pick_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps().scaled(steps_scale)
+    sizes = eval_sizes or EvalSizes()
+    seconds: dict[str, float] = {}
+    figures: dict = {}
+
+    def stage(name: str, t0: float) -> None:
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        log(f"{name}: {seconds[name]} s")
+
+    # 1. data
+    t0 = time.perf_counter()
+    world, world_scenes = make_world(steps.world_images, seed + 1)
+    teacher, teacher_scenes = make_teacher(steps.teacher_images, seed + 2)
+    world_t, teacher_t = to_tensor(world), to_tensor(teacher)
+    stage("data", t0)
+
+    # 2. VAE
+    t0 = time.perf_counter()
+    torch.manual_seed(seed + 10)
+    gen = torch.Generator().manual_seed(seed + 11)
+    vae = make_vae()
+    vae_data = torch.cat([world_t[: max(len(teacher_t), len(world_t) // 2)], teacher_t])
+    figures["vae_loss"] = train_vae(vae, vae_data, steps.vae, steps.vae_batch, dev, gen, log)
+    mu, sd = encode(vae, world_t, dev)
+    scale = float(1.0 / (mu + sd * torch.randn(mu.shape, generator=gen)).std())
+    vae.register_to_config(scaling_factor=scale)
+    figures["vae_scaling_factor"] = scale
+    rec = reconstruct(vae, world_t[:256], dev)
+    figures["vae_recon_mse_world"] = float(F.mse_loss(rec, world_t[:256]))
+    rec_t = reconstruct(vae, teacher_t[:256], dev)
+    figures["vae_recon_mse_teacher"] = float(F.mse_loss(rec_t, teacher_t[:256]))
+    stage("vae", t0)
+
+    # 3. tokenizer, text encoder, UNet
+    t0 = time.perf_counter()
+    tmp_tok = out / "_tokenizer"
+    write_tokenizer(tmp_tok)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_tok)
+    shutil.rmtree(tmp_tok)
+    cap_rng = np.random.default_rng(seed + 20)
+    captions = [caption_with_style(s, cap_rng) for s in world_scenes]
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    torch.manual_seed(seed + 21)
+    text_encoder = make_text_encoder(len(tokenizer), tokenizer)
+    unet = make_unet(unet_channels)
+    sched_cfg = make_scheduler_config()
+    scheduler = DDIMScheduler(**sched_cfg)
+    gen = torch.Generator().manual_seed(seed + 22)
+    loss_avg, _ = train_unet(
+        unet, text_encoder, scheduler, mu, sd, scale, ids, steps.unet, steps.unet_batch, dev, gen, log
+    )
+    figures["unet_loss"] = loss_avg
+    stage("unet", t0)
+
+    # Save the pipeline (CPU, float32).
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    pipe = StableDiffusionPipeline(
+        unet=unet.cpu(),
+        vae=vae.cpu(),
+        text_encoder=text_encoder.cpu(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(model_dir)
+
+    # 4. feature net
+    t0 = time.perf_counter()
+    n_rec = min(len(world_t), 4000)
+    rec_w = reconstruct(vae.to(dev), world_t[:n_rec], dev)
+    rec_t = reconstruct(vae, teacher_t, dev)
+    torch.manual_seed(seed + 30)
+    net = featnet_mod.FeatureNet(width=16)
+    gen = torch.Generator().manual_seed(seed + 31)
+    images = torch.cat([world_t, teacher_t])
+    targets = torch.cat([labels(world_scenes, 0), labels(teacher_scenes, 1)])
+    rec_images = torch.cat([rec_w, rec_t])
+    rec_targets = torch.cat([labels(world_scenes[:n_rec], 0), labels(teacher_scenes, 1)])
+    figures["featnet_loss"] = train_featnet(
+        net, images, targets, rec_images, rec_targets, steps.featnet, steps.featnet_batch, dev, gen, log
+    )
+    net = net.cpu()
+    featnet_mod.save(net, out / "featnet.safetensors")
+    stage("featnet", t0)
+
+    # 5. quality, from the saved files
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    net = featnet_mod.load(out / "featnet.safetensors", dev)
+    q = evaluate(pipe, net, sizes, seed, log)
+    images_q = q.pop("_images")
+    figures.update(q)
+    stage("eval", t0)
+    if grid is not None:
+        save_grid(grid, [images_q["base"][:16], images_q["baroque_prompted"][:16]])
+
+    seconds["total"] = round(time.perf_counter() - t_start, 1)
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json"):
+        rel = path.relative_to(out).as_posix()
+        files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    manifest = {
+        "build_command": command or f"dallm micro build --steps-scale {steps_scale} --device {device}",
+        "seed": seed,
+        "steps_scale": steps_scale,
+        "steps": asdict(steps),
+        "eval": asdict(sizes),
+        "seconds": seconds,
+        "device": _device_name(dev),
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+        "quality": figures,
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+        "files": files,
+    }
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log(json.dumps({k: manifest[k] for k in ("seconds", "quality", "total_bytes")}, indent=1))
+    return manifest
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def save_grid(path: Path, rows: list[torch.Tensor], scale: int = 3) -> None:
+    """Rows of images [N,3,H,W] in [0,1] as one PNG (nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    arr = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    img = (arr.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def write_quickstart_data(root: Path, n_train: int = 20, n_val: int = 20, seed: int = 1234, token: str = "<s1><s2>"):
+    """Teacher images for the quickstart: train/ and val/ PNGs with captions "... in <s1><s2> style"."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        folder = Path(root) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            scene = sample_scene(rng)
+            Image.fromarray(render_teacher(scene, rng)).save(folder / f"{split}{i:03d}.png")
+            (folder / f"{split}{i:03d}.txt").write_text(scene.caption(token) + "\n")
+
+
+if __name__ == "__main__":  # python -m dallm.micro.build OUT [STEPS_SCALE] [DEVICE]
+    a = sys.argv[1:]
+    build(Path(a[0]), float(a[1]) if len(a) > 1 else 1.0, a[2] if len(a) > 2 else "auto")
