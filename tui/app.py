@@ -110,9 +110,14 @@ class DallmApp(App[None]):
         bar.detail = f"retrying in {message.retry_in:g}s · {message.error}"
 
     def on_daemon_link_jobs_listed(self, message: DaemonLink.JobsListed) -> None:
+        first = not self.listed
         self.model.set_jobs(message.jobs)
         self.listed = True
         self._show_queue()
+        running = [j.id for j in message.jobs if j.state == "running"]
+        if first and running and self.selected not in running:
+            table = self.query_one(JobTable)
+            table.move_cursor(row=table.get_row_index(running[0]))
 
     def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
         self.model.apply_history(message.job, message.envelopes)

@@ -26,6 +26,7 @@ from dallm.protocol import (
 from .connection import Envelope, JobSummary, StateChange, apply_to_summary
 
 LOG_LINES = 2000
+_PLACED = frozenset({"cs_fluct", "cs_fluct_step"})  # series placed on a step of their own
 
 
 class Series:
@@ -126,8 +127,14 @@ class JobData:
         self.version += 1
         ev = env.event
         if isinstance(ev, MetricsEvent):
-            for name, value in ev.values.items():
+            values = ev.values
+            for name, value in values.items():
+                if name in _PLACED:
+                    continue
                 self.series_for(name).append(ev.step, value)
+            if "cs_fluct" in values:
+                # CS-Fluctuation lags the step (moving-average windows): plot it where it belongs.
+                self.series_for("cs_fluct").append(values.get("cs_fluct_step", ev.step), values["cs_fluct"])
         elif isinstance(ev, SampleEvent):
             self.samples = [s for s in self.samples if s.step < ev.step]
             self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))

@@ -105,7 +105,7 @@ class JobTable(DataTable):
                 continue
             for col, value in cells.items():
                 if str(self.get_cell(row.id, col)) != str(value):
-                    self.update_cell(row.id, col, value)
+                    self.update_cell(row.id, col, value, update_width=True)
 
     @property
     def current_job(self) -> str | None:
@@ -161,6 +161,7 @@ class Charts(Vertical):
         steps = [s.steps for s in data.series.values() if len(s)]
         x_range = (min(float(s[0]) for s in steps), max(float(s[-1]) for s in steps)) if steps else None
         if self.view == "fluct":
+            top.empty_text = "no CS-Fluctuation yet (t: loss and CS)"
             top.set_data(
                 trace("cs_fluct", "cs_fluct", "magenta"),
                 key,
@@ -172,6 +173,7 @@ class Charts(Vertical):
             kid += trace("kid_base", "base", "red")
             bottom.set_data(kid, key, x_range=x_range, title="KID")
         else:
+            top.empty_text = "no data yet"
             top.set_data(trace("loss", "loss", "cyan"), key, x_range=x_range, title="Loss")
             bottom.set_data(trace("cs", "cs", "magenta"), key, marker=marker, x_range=x_range, title="CS")
 

@@ -1,0 +1,162 @@
+"""`Connection` over the daemon's client library (`dallm.client`).
+
+Two clients, as the client library asks (each is for one thread): one for the link thread (queue,
+histories, heartbeat) with the live subscription, one for actions sent from thread workers.
+The subscription takes every topic live from the moment of connecting (rows of every job stay
+current); a job's history is read from the store when the user first looks at it, and again since
+the last seq after a reconnect.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dallm.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
+from dallm.protocol import EventEnvelope, JobStateEvent, job_topic
+from dallm.protocol import JobSummary as DaemonJobSummary
+
+from .connection import Action, ConnectionLost, Envelope, JobSummary, Outcome, StateChange
+
+HEARTBEAT_S = 2.0  # ping the daemon when the event stream was quiet this long
+
+
+def to_summary(job: DaemonJobSummary) -> JobSummary:
+    return JobSummary(
+        id=str(job.id),
+        name=job.name,
+        state=job.state,
+        step=job.step,
+        total_steps=job.total_steps,
+        priority=job.priority,
+        device=job.device,
+        kid_val=job.kid_val,
+        turning_point=job.turning_point,
+        reason=job.reason,
+        steps_per_s=job.steps_per_s,
+    )
+
+
+def to_envelope(env: EventEnvelope) -> Envelope:
+    ev = env.event
+    if isinstance(ev, JobStateEvent):
+        row = to_summary(ev.job)
+        return Envelope(env.seq, str(env.job), StateChange(row.state, ev.reason or row.reason, row))
+    return Envelope(env.seq, str(env.job), ev)
+
+
+class DaemonConnection:
+    def __init__(self, endpoint: str | None = None, home: str | None = None, timeout: float = 5.0) -> None:
+        self._endpoint_arg, self._home, self.timeout = endpoint, home, timeout
+        self.endpoint = endpoint or self._describe()
+        self._client: DaemonClient | None = None
+        self._sub: Subscription | None = None
+        self._action_client: DaemonClient | None = None
+        self._action_lock = threading.Lock()
+        self._quiet_since = time.monotonic()
+
+    def _describe(self) -> str:
+        try:
+            from dallm.daemon.paths import resolve_home
+
+            return f"home {resolve_home(self._home)}"
+        except Exception:
+            return "local daemon"
+
+    def _new_client(self) -> DaemonClient:
+        try:
+            return DaemonClient(self._endpoint_arg, home=self._home, timeout=self.timeout)
+        except DaemonError as e:
+            raise ConnectionLost(str(e)) from None
+
+    # -- Connection -----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        self.close()
+        client = self._new_client()
+        try:
+            client.ping()
+            self._sub = client.subscribe(topics=None, since=None)
+        except DaemonError as e:
+            client.close()
+            raise ConnectionLost(str(e)) from None
+        self._client = client
+        self.endpoint = self._endpoint_arg or client.endpoint
+        self._quiet_since = time.monotonic()
+
+    def close(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _live_client(self) -> DaemonClient:
+        if self._client is None:
+            raise ConnectionLost("not connected")
+        return self._client
+
+    def list_jobs(self) -> list[JobSummary]:
+        try:
+            return [to_summary(j) for j in self._live_client().jobs()]
+        except DaemonUnavailable as e:
+            raise ConnectionLost(str(e)) from None
+
+    def job_history(self, job: str, since_seq: int = 0) -> list[Envelope]:
+        try:
+            events, _ = self._live_client().history_all(since_seq, [job_topic(int(job))])
+        except DaemonUnavailable as e:
+            raise ConnectionLost(str(e)) from None
+        # Events a rollback replaced are left out: the model keeps the run as it now stands.
+        return [to_envelope(e) for e in events if not e.superseded]
+
+    def poll_events(self, timeout: float) -> list[Envelope]:
+        if self._sub is None:
+            raise ConnectionLost("not connected")
+        try:
+            events = self._sub.drain(timeout)
+        except DaemonUnavailable as e:
+            raise ConnectionLost(str(e)) from None
+        now = time.monotonic()
+        if events:
+            self._quiet_since = now
+        elif now - self._quiet_since >= HEARTBEAT_S:
+            # A SUB socket does not notice a dead publisher: ask the daemon whether it is there.
+            self._quiet_since = now
+            try:
+                self._live_client().ping(timeout=min(self.timeout, 2.0))
+            except DaemonUnavailable as e:
+                raise ConnectionLost(str(e)) from None
+        return [to_envelope(e) for e in events if not e.superseded]
+
+    def send(self, action: Action) -> Outcome:
+        with self._action_lock:
+            if self._action_client is None:
+                self._action_client = self._new_client()
+            c = self._action_client
+            try:
+                if action.kind == "stop":
+                    row, verb = c.stop(action.job), "stop requested"
+                elif action.kind == "cancel":
+                    row, verb = c.cancel(action.job), "cancel requested"
+                elif action.kind == "rollback":
+                    row = c.rollback(action.job, int(action.step or 0), resume=action.resume)
+                    verb = f"rollback to step {action.step} requested" + (
+                        ", then resume" if action.resume else ""
+                    )
+                else:
+                    row = c.set_priority(action.job, int(action.priority or 0))
+                    verb = f"priority {row.priority}"
+            except DaemonUnavailable as e:
+                self._action_client.close()
+                self._action_client = None
+                raise ConnectionLost(str(e)) from None
+            except DaemonError as e:
+                return Outcome(False, f"{action.job}: {e} ({e.code})")
+            return Outcome(True, f"{action.job}: {verb}; now {row.state}")
+
+
+def open_connection(connect: str | None = None, home: str | None = None) -> DaemonConnection:
+    """The connection `dallm-tui` uses; it connects (and reconnects) in the link thread."""
+    return DaemonConnection(connect, home)
