@@ -60,7 +60,7 @@ class DallmApp(App[None]):
         *,
         images_mode: images.ImageMode = "halfblock",
         poll_timeout: float = 0.1,
-        backoff: tuple[float, float] = (0.5, 10.0),
+        backoff: tuple[float, float] = (0.5, 5.0),
     ) -> None:
         super().__init__()
         self.connection = connection

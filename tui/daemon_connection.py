@@ -76,7 +76,7 @@ class DaemonConnection:
         client = self._new_client()
         try:
             client.ping()
-            self._sub = client.subscribe(topics=None, since=None)
+            self._sub = client.subscribe(topics=None, since=None, resync_s=10.0)
         except DaemonError as e:
             client.close()
             raise ConnectionLost(str(e)) from None
