@@ -109,7 +109,7 @@ def sd15_parts(device: torch.device, dtype: torch.dtype) -> Any:
     )
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
-        m.to(device=device, dtype=dtype)
+        m.to(device=device) if dtype == torch.float32 else m.to(device=device, dtype=dtype)
     return ModelParts(unet, vae, text_encoder, tokenizer, sched, "sd15-config")
 
 

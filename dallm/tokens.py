@@ -59,7 +59,8 @@ def add_tokens(
             init = weight[word_ids[0]].detach().clone().expand(len(ids), -1)
         else:
             old = weight[: min(ids)].float()
-            init = torch.randn(len(ids), weight.shape[1], generator=generator) * old.std() + old.mean()
+            noise = torch.randn(len(ids), weight.shape[1], generator=generator).to(weight.device)
+            init = noise * old.std() + old.mean()
         weight[ids] = init.to(weight.device, weight.dtype)
     weight.requires_grad_(True)
     keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)

@@ -170,16 +170,17 @@ class Trainer:
         return F.mse_loss(pred, target) + cfg.data.prior_loss_weight * F.mse_loss(prior_pred, prior_target)
 
     def step(self, step: int) -> dict[str, float]:
-        """Train step `step + 1` (steps count from 1); returns loss, lr and grad_norm."""
+        """Train step `step + 1` (steps count from 1); returns loss, lr and grad_norm.
+
+        The only device sync is at the end (reading loss and grad norm), as in a bare loop.
+        """
         tc = self.cfg.train
         lr = self.lr_scheduler.get_last_lr()[0]
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
             loss = self.micro_batch_loss(step, micro) / tc.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+            total += loss.detach()
         if step < self.cfg.tokens.ti_steps:  # textual inversion alone: LoRA waits
             for p in self.unet_params + self.te_params:
                 p.grad = None
@@ -187,7 +188,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         with_grad = [p for p in self.params if p.grad is not None]
         max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm)) if with_grad else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm) if with_grad else torch.zeros(())
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -197,7 +198,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.tokens is not None:
             self.tokens.restore_other_rows()
-        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step + 1}")
+        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
 
     # -- state ---------------------------------------------------------------------------------
 
