@@ -9,7 +9,8 @@ checkpoint) and truncates metrics.jsonl after the resume step.
 Step time: $DALLM_FAKE_STEP_S (default 0.02 s). Faults come from dot-separated tokens in the job
 name, e.g. name "a-nan.5": `nan.N` (NaN loss at step N), `oom.N` (CUDA OOM at step N), `diskfull.N`
 (ENOSPC while writing the checkpoint of step N), `exit.N` (the process dies at step N), `tp.N`
-(turning point at step N, seen 3 steps later), `blast.N` (N metric events per step, for benchmarks).
+(turning point at step N, seen 3 steps later), `blast.N` (N metric events per step, for benchmarks),
+`png.N` (N x N thumbnails).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 
             struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
         )
 
-    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    # Small ones are flat; bigger ones are noise, the size a real thumbnail grid compresses to.
+    raw = b"".join(
+        b"\x00" + (bytes(rgb) * width if width <= 8 else os.urandom(3 * width)) for _ in range(height)
+    )
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
@@ -68,7 +72,7 @@ def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 
 
 
 def faults(name: str) -> dict[str, int]:
-    return {k: int(v) for k, v in re.findall(r"(nan|oom|diskfull|exit|tp|blast)\.(\d+)", name)}
+    return {k: int(v) for k, v in re.findall(r"(nan|oom|diskfull|exit|tp|blast|png)\.(\d+)", name)}
 
 
 def loss_at(step: int) -> float:
@@ -177,8 +181,9 @@ def train(
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
             if fault.get("nan") == step:
                 raise FloatingPointError(f"loss is NaN at step {step}")
+            event = MetricsEvent(step=step, values={"loss": loss_at(step), "lr": cfg.train.lr})
             for _ in range(fault.get("blast", 1)):
-                send(MetricsEvent(step=step, values={"loss": loss_at(step), "lr": cfg.train.lr}))
+                send(event)
             metrics.write(json.dumps({"step": step, "loss": loss_at(step)}) + "\n")
             metrics.flush()
             if cfg.samples.every and step % cfg.samples.every == 0:
@@ -186,7 +191,7 @@ def train(
                     SampleEvent(
                         step=step,
                         path=f"samples/step-{step}.png",
-                        png=tiny_png(),
+                        png=tiny_png(fault.get("png", 8), fault.get("png", 8)),
                         prompts=cfg.samples.prompts,
                     )
                 )

@@ -183,7 +183,8 @@ def priority(d: Daemon, req: PriorityRequest) -> JobReply:
 def logs(d: Daemon, req: LogsRequest) -> LogsReply:
     job = _job(d, req.job)["id"]
     rows = d.store.db.execute(
-        "SELECT seq, t, kind, data FROM events WHERE job_id = ? AND seq > ? AND kind IN ('log', 'state') ORDER BY seq",
+        "SELECT seq, t, kind, data FROM events WHERE job_id = ? AND kind != 'metrics' AND seq > ? "
+        "AND kind IN ('log', 'state') ORDER BY seq",
         (job, req.since),
     )
     lines = []

@@ -57,6 +57,8 @@ from dallm.protocol import (
 )
 
 log = logging.getLogger("dallm.daemon")
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
 PUB_HWM = 10_000  # per subscriber; beyond it PUB drops (training never waits on a subscriber)
 
 
@@ -95,7 +97,7 @@ class Daemon:
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
-        self.stats = {"events_in": 0, "requests": 0, "bad_requests": 0}
+        self.stats = {"requests": 0, "bad_requests": 0}
         write_info(
             self.paths,
             {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
@@ -170,10 +172,13 @@ class Daemon:
         self.store.add_events(self.batch, self.job_updates)
         self.batch = []
         self.job_updates = {}
-        for frames in self.out_frames:
-            for pub in self.pubs:
-                with contextlib.suppress(zmq.Again):
-                    pub.send_multipart(frames, zmq.NOBLOCK)
+        more, last = _MORE, _LAST
+        for pub in self.pubs:
+            send = pub.send
+            for frames in self.out_frames:  # a PUB never blocks: it drops at a subscriber's HWM
+                for frame in frames[:-1]:
+                    send(frame, more)
+                send(frames[-1], last)
         self.out_frames = []
 
     def set_state(self, job: int, state: str, reason: str, **fields: Any) -> None:
@@ -228,18 +233,22 @@ class Daemon:
         except (ValidationError, ValueError):
             log.warning("job %s: dropped an invalid event %r", w.job, raw[:200])
             return
-        self.stats["events_in"] += 1
         job = w.job
+        upd = self.job_updates.get(job)
+        if upd is None:
+            upd = self.job_updates[job] = {}
+        if type(ev) is MetricsEvent:  # the bulk: keep this path short
+            w.last_step = upd["step"] = ev.step
+            values = ev.values
+            if "kid_val" in values:
+                upd["kid_val"] = values["kid_val"]
+            if "steps_per_s" in values:
+                upd["steps_per_s"] = values["steps_per_s"]
+            self.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
+            return
         step = getattr(ev, "step", None)
         blob = frames[4] if len(frames) > 4 else None
-        upd = self.job_updates.setdefault(job, {})
-        if isinstance(ev, MetricsEvent):
-            w.last_step = ev.step
-            upd["step"] = ev.step
-            for key in ("kid_val", "steps_per_s"):
-                if key in ev.values:
-                    upd[key] = ev.values[key]
-        elif isinstance(ev, StartedEvent | RolledBackEvent):
+        if isinstance(ev, StartedEvent | RolledBackEvent):
             # A resume (or a rollback) replaces the history after its step.
             after = ev.start_step if isinstance(ev, StartedEvent) else ev.step
             self.flush()

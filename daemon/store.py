@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dallm.protocol import CheckpointInfo, JobSummary, Transition
+from dallm.protocol import CheckpointInfo, JobSummary, Transition, job_topic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS events (
     superseded INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id, kind, step);
+-- Metric events (the bulk) are in the topic index only: inserting them stays cheap.
+DROP INDEX IF EXISTS events_job;
+CREATE INDEX IF NOT EXISTS events_job_misc ON events (job_id, kind) WHERE kind != 'metrics';
 """
 
 SUMMARY_COLUMNS = (
@@ -211,9 +213,9 @@ class Store:
     def supersede(self, job_id: int, after_step: int, before_seq: int) -> int:
         """Mark the job's step events after `after_step` (stored before `before_seq`) superseded."""
         cur = self.db.execute(
-            "UPDATE events SET superseded = 1 WHERE job_id = ? AND step > ? AND seq < ? AND superseded = 0 "
+            "UPDATE events SET superseded = 1 WHERE topic = ? AND seq < ? AND step > ? AND superseded = 0 "
             "AND kind IN ('metrics', 'sample', 'checkpoint', 'turning_point')",
-            (job_id, after_step, before_seq),
+            (job_topic(job_id), before_seq, after_step),
         )
         return cur.rowcount
 
@@ -235,20 +237,21 @@ class Store:
 
     def checkpoints(self, job_id: int) -> list[CheckpointInfo]:
         rows = self.db.execute(
-            "SELECT step, data, superseded FROM events WHERE job_id = ? AND kind = 'checkpoint' ORDER BY seq",
+            "SELECT step, data, superseded FROM events WHERE job_id = ? AND kind != 'metrics' AND kind = 'checkpoint' "
+            "ORDER BY seq",
             (job_id,),
         )
         return [CheckpointInfo(step=s, path=json.loads(d)["path"], superseded=bool(x)) for s, d, x in rows]
 
     def last_metrics(self, job_id: int) -> dict[str, float]:
         row = self.db.execute(
-            "SELECT data FROM events WHERE job_id = ? AND kind = 'metrics' AND superseded = 0 ORDER BY seq DESC LIMIT 1",
-            (job_id,),
+            "SELECT data FROM events WHERE topic = ? AND kind = 'metrics' AND superseded = 0 ORDER BY seq DESC LIMIT 1",
+            (job_topic(job_id),),
         ).fetchone()
         return json.loads(row[0])["values"] if row else {}
 
     def metric_steps(self, job_id: int, include_superseded: bool = False) -> list[int]:
-        sql = "SELECT step FROM events WHERE job_id = ? AND kind = 'metrics'"
+        sql = "SELECT step FROM events WHERE topic = ? AND kind = 'metrics'"
         if not include_superseded:
             sql += " AND superseded = 0"
-        return [r[0] for r in self.db.execute(sql + " ORDER BY seq", (job_id,))]
+        return [r[0] for r in self.db.execute(sql + " ORDER BY seq", (job_topic(job_id),))]

@@ -43,6 +43,7 @@ from dallm.protocol import (
 )
 
 DEFAULT_RUNNER = "dallm.train:train"
+_MORE = int(zmq.SNDMORE)
 
 
 def load_runner(spec: str) -> Callable[..., Any]:
@@ -107,12 +108,17 @@ class WorkerLink:
 
     def emit(self, event: JobEvent) -> None:
         t = repr(time.time()).encode()
-        if isinstance(event, SampleEvent) and event.png:
-            frames = [b"ev", t, event.model_dump_json(exclude={"png"}).encode(), event.png]
-        else:
-            frames = [b"ev", t, event.model_dump_json().encode()]
+        png = event.png if isinstance(event, SampleEvent) else b""
+        body = event.model_dump_json(exclude={"png"}) if png else event.model_dump_json()
         with self.lock:
-            self.sock.send_multipart(frames, copy=len(frames) < 4)
+            send = self.sock.send
+            send(b"ev", _MORE)
+            send(t, _MORE)
+            if png:
+                send(body.encode(), _MORE)
+                send(png, 0, copy=False)
+            else:
+                send(body.encode(), 0)
 
     def poll(self) -> JobCommand | None:
         with self.lock:

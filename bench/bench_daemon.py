@@ -1,0 +1,212 @@
+"""Daemon benchmark: event throughput, thumbnail latency, and step time under the daemon vs without.
+
+    .venv/bin/python bench/bench_daemon.py [--events 100000] [--steps 40] [--skip-step-time]
+
+1. Metric events/s taken in, stored (SQLite, one transaction per batch) and published: a fake job
+   emits `--events` MetricsEvents as fast as it can; a subscriber times the span from the job's
+   StartedEvent to its FinishedEvent (both published in order around every metric event) and the
+   store is checked to hold them all. Target: >= 20,000/s. Also reported: events per CPU second of
+   the daemon process (its capacity with a core of its own; the fake worker and the subscriber
+   compete for the same cores here).
+2. Thumbnail latency: a fake job sends a ~28 KB PNG every step; latency = subscriber receive time
+   minus the worker's emit time (same clock). Median and p95.
+3. Step time: the same tiny-model config trained by `dallm.train.train` in a plain process (what
+   `dallm train` runs) and by a daemon worker; per-step wall time from the emit times of the
+   MetricsEvents (median over steps after the first 5). Target: within 2%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from dallm.client import DaemonClient, DaemonError
+from dallm.protocol import FinishedEvent, MetricsEvent, SampleEvent, StartedEvent, decode_envelope, job_topic
+
+
+def start_daemon(home: Path, runner: str | None, **env: str) -> subprocess.Popen:
+    e = dict(os.environ) | env
+    if runner:
+        e["DALLM_JOB_RUNNER"] = runner
+    else:
+        e.pop("DALLM_JOB_RUNNER", None)
+    cmd = [sys.executable, "-m", "dallm.daemon.cli", "start", "--foreground", "--home", str(home)]
+    proc = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            if DaemonClient(home=home, timeout=0.5).ping().pid == proc.pid:
+                return proc
+        except DaemonError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("daemon did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: events per daemon CPU second is the daemon's capacity on
+    a core of its own, whatever else the machine is doing."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fake_config(name: str, steps: int, **extra: dict) -> dict:
+    cfg = {"name": name, "data": {"dir": "/x"}, "train": {"steps": steps}, "monitor": {"window": 2},
+           "checkpoint": {"every": steps}}  # fmt: skip
+    return cfg | extra
+
+
+def subscriber(c: DaemonClient, topic: str) -> zmq.Socket:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sub.connect(c.events_endpoint)
+    time.sleep(0.3)  # slow joiner
+    return sub
+
+
+def bench_throughput(home: Path, n_events: int) -> dict:
+    per_step = 1000
+    steps = max(1, n_events // per_step)
+    proc = start_daemon(home, "dallm.daemon.fake:train", DALLM_FAKE_STEP_S="0")
+    try:
+        with DaemonClient(home=home) as c:
+            sub = subscriber(c, job_topic(1))
+            cpu0 = cpu_seconds(proc.pid)
+            job = c.submit(fake_config(f"tput-blast.{per_step}", steps))
+            t_start = t_end = None
+            received = 0
+            while t_end is None:
+                if not sub.poll(60_000):
+                    raise RuntimeError("no events")
+                frames = sub.recv_multipart()
+                received += 1
+                if b'"kind":"started"' in frames[1] or b'"kind": "started"' in frames[1]:
+                    t_start = time.perf_counter()
+                elif b'"kind":"finished"' in frames[1]:
+                    t_end = time.perf_counter()
+            cpu = cpu_seconds(proc.pid) - cpu0
+            env = decode_envelope(frames)
+            assert isinstance(env.event, FinishedEvent)
+            events, _ = c.history_all(0, [job_topic(job.id)], kinds=["metrics"], include_png=False)
+            stored = len(events)
+            sub.close()
+        assert t_start is not None
+        rate = (steps * per_step) / (t_end - t_start)
+        return {"metric_events": steps * per_step, "stored": stored, "received_by_subscriber": received - 2,
+                "seconds": round(t_end - t_start, 3), "events_per_s": round(rate),
+                "daemon_cpu_s": round(cpu, 3), "events_per_daemon_cpu_s": round(steps * per_step / cpu)}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_thumbnails(home: Path, n: int = 60) -> dict:
+    proc = start_daemon(home, "dallm.daemon.fake:train", DALLM_FAKE_STEP_S="0.05")
+    try:
+        with DaemonClient(home=home) as c:
+            sub = subscriber(c, "job/")
+            c.submit(fake_config("thumbs-png.96", n, samples={"every": 1, "prompts": ["p"]}))
+            lat, size = [], 0
+            while len(lat) < n:
+                if not sub.poll(60_000):
+                    raise RuntimeError("no thumbnails")
+                frames = sub.recv_multipart()
+                now = time.time()
+                if len(frames) > 2:
+                    env = decode_envelope(frames)
+                    if isinstance(env.event, SampleEvent):
+                        lat.append((now - env.t) * 1000)
+                        size = len(env.event.png)
+            sub.close()
+        lat.sort()
+        return {"thumbnails": n, "png_bytes": size, "median_ms": round(statistics.median(lat), 2),
+                "p95_ms": round(lat[int(0.95 * (n - 1))], 2), "max_ms": round(lat[-1], 2)}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+PLAIN = """
+import json, sys, time
+from pathlib import Path
+from dallm.config import config_from_dict
+from dallm.protocol import MetricsEvent
+from dallm.train import train
+cfg = config_from_dict(json.loads(sys.argv[1]))
+times = []
+train(cfg, out_dir=Path(sys.argv[2]), emit=lambda e: times.append(time.time()) if isinstance(e, MetricsEvent) else None)
+print(json.dumps(times))
+"""
+
+
+def step_times(times: list[float], skip: int = 5) -> float:
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)][skip:]
+    return statistics.median(gaps)
+
+
+def bench_step_time(root: Path, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from dallm.tiny import build_tiny_sd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import write_images
+
+    model = build_tiny_sd(root / "model")
+    images = write_images(root / "images", 4)
+    cfg = {"name": "steptime", "model": {"base": str(model)}, "data": {"dir": str(images), "instance_prompt": "a red circle"},
+           "train": {"steps": steps, "device": "cpu"}, "monitor": {"window": 5, "early_stop": "off"},
+           "checkpoint": {"every": steps}}  # fmt: skip
+    env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(cfg), str(root / "plain")], env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    plain = step_times(json.loads(out.stdout.strip().splitlines()[-1]))
+    proc = start_daemon(root / "home", None, OMP_NUM_THREADS="1")
+    try:
+        with DaemonClient(home=root / "home") as c:
+            job = c.submit(cfg)
+            s = c.wait(job.id, timeout=600)
+            assert s.state == "finished", s.reason
+            events, _ = c.history_all(0, [job_topic(job.id)], kinds=["metrics", "started"])
+            times = [e.t for e in events if isinstance(e.event, MetricsEvent)]
+            assert any(isinstance(e.event, StartedEvent) for e in events)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    daemon = step_times(times)
+    return {"steps": steps, "plain_step_ms": round(plain * 1000, 2), "daemon_step_ms": round(daemon * 1000, 2),
+            "overhead_pct": round(100 * (daemon - plain) / plain, 2)}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--skip-step-time", action="store_true")
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="db", dir="/tmp"))
+    results = {"throughput": bench_throughput(root / "t", args.events)}
+    print(json.dumps(results["throughput"]), flush=True)
+    results["thumbnails"] = bench_thumbnails(root / "s")
+    print(json.dumps(results["thumbnails"]), flush=True)
+    if not args.skip_step_time:
+        results["step_time"] = bench_step_time(root, args.steps)
+        print(json.dumps(results["step_time"]), flush=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
