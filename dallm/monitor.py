@@ -223,8 +223,9 @@ class CosineSimilarity:
             b = p.b2d().detach().float()
             w = p.w2d().detach()
             w = w.float() if w.dtype != torch.float32 else w
-            dots.append(torch.sum((w @ a.T) * b))  # <BA, W>_F = sum(B * (W A^T)) = sum((B^T W) * A)
-            sq.append(torch.sum((b.T @ b) * (a @ a.T)))  # ||BA||_F^2
+            # <BA, W>_F = sum(B * (W A^T)) = sum((B^T W) * A);  ||BA||_F^2 = sum((B^T B) * (A A^T))
+            dots.append(torch.dot((w @ a.T).reshape(-1), b.reshape(-1)))
+            sq.append(torch.dot((b.T @ b).reshape(-1), (a @ a.T).reshape(-1)))
         dev = self.device
         return torch.stack([t.to(dev) for t in dots]), torch.stack([t.to(dev) for t in sq])
 
