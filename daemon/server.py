@@ -9,6 +9,7 @@ history request. Batches of worker events are committed in one transaction.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -341,10 +342,11 @@ class Daemon:
         try:
             out.mkdir(parents=True, exist_ok=True)
             cfg_path = out / "job-config.json"
-            cfg_path.write_text(row["config"])
+            cfg_path.write_text(json.dumps(for_slot(json.loads(row["config"]), self.slot_device())))
             w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log")
-        except OSError as e:
-            self.set_state(job, "failed", f"cannot start a worker: {e}", attempts=attempt)
+        except Exception as e:  # a job that cannot start fails alone; the daemon serves on
+            log.exception("job %s: cannot start", job)
+            self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
             return
         if row["pending"]:
             from dallm.protocol import job_command_adapter
@@ -357,6 +359,10 @@ class Daemon:
         )
         self.set_state(job, "running", f"started on {w.device} (attempt {attempt}, {how})", attempts=attempt,
                        pid=w.proc.pid, device=w.device, started=time.time(), pending=None)  # fmt: skip
+
+    def slot_device(self) -> str:
+        slot = self.sched.free_slot()
+        return self.sched.devices[slot] if slot is not None else "cpu"
 
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
@@ -394,22 +400,27 @@ class Daemon:
         last_tick = 0.0
         while True:
             ready = dict(poller.poll(100))
-            if self.workers in ready:
-                self.drain_workers()
-            for s in self.control:
-                if s in ready:
-                    self.serve(s)
             now = time.time()
-            if now - last_tick >= 0.05 or not ready:
-                last_tick = now
-                self.reap()
-                self.schedule()
-                if self.shutting_down:
-                    if now > self.shutdown_deadline:
-                        for w in list(self.sched.by_job.values()):
-                            self.sched.kill(w, signal.SIGKILL)
-                    if not self.sched.by_job:
-                        break
+            try:
+                if self.workers in ready:
+                    self.drain_workers()
+                for s in self.control:
+                    if s in ready:
+                        self.serve(s)
+                if now - last_tick >= 0.05 or not ready:
+                    last_tick = now
+                    self.reap()
+                    self.schedule()
+            except Exception:  # a bug in one path must not take the daemon (and every job) down
+                log.exception("daemon loop")
+                self.batch, self.out_frames, self.job_updates = [], [], {}
+                time.sleep(0.1)
+            if self.shutting_down:
+                if now > self.shutdown_deadline:
+                    for w in list(self.sched.by_job.values()):
+                        self.sched.kill(w, signal.SIGKILL)
+                if not self.sched.by_job:
+                    break
         self.close()
         return 0
 
@@ -424,6 +435,14 @@ class Daemon:
         self.ctx.term()
         self.store.close()
         self.lock.release()
+
+
+def for_slot(config: dict, device: str) -> dict:
+    """A worker sees one GPU (CUDA_VISIBLE_DEVICES), as cuda:0: `cuda:N` in a config means that one."""
+    train = config.get("train", {})
+    if device != "cpu" and str(train.get("device", "")).startswith("cuda:"):
+        config = {**config, "train": {**train, "device": "cuda"}}
+    return config
 
 
 def _is_our_worker(pid: int) -> bool:
