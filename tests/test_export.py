@@ -12,6 +12,7 @@ import torch
 from engine_helpers import job
 from safetensors.torch import load_file
 
+from dallm.checkpoint import load_checkpoint
 from dallm.cli import main
 from dallm.export import export_lora
 from dallm.train import train
@@ -68,6 +69,12 @@ def test_result_loads_and_changes_output(tiny_sd: Path, trained: Path) -> None:
     base = _image(pipe, "a red circle")
     pipe.load_lora_weights(trained)
     assert len(_deltas(pipe.unet)) == 32 and len(_deltas(pipe.text_encoder)) > 0
+    raw = load_checkpoint(
+        trained / "checkpoints" / "step-000004"
+    ).unet_lora  # peft tensors, scale alpha/r = 0.5
+    for name, delta in _deltas(pipe.unet).items():
+        expected = raw[f"{name}.lora_B.weight"] @ raw[f"{name}.lora_A.weight"] * 0.5
+        torch.testing.assert_close(delta, expected, rtol=0, atol=1e-6)
     with_lora = _image(pipe, "a red circle")
     assert np.abs(with_lora - base).max() > 1e-4
     rows = load_file(str(trained / "job_emb.safetensors"))["clip_l"]
