@@ -12,7 +12,8 @@ KID (the study's Section 2.3) compares `eval.num_images` images generated from t
 (default: the training captions) with fixed initial noise to
   (a) the training targets (`data.dir`, the first `data.limit` images),
   (b) the held-out targets (`eval.val_dir`, when set),
-  (c) the base model's images for the same prompts (learned tokens removed) and the same noise,
+  (c) the base model's images for the same prompts (learned tokens replaced by `tokens.init_word`,
+      or removed) and the same noise,
       generated once per job with every adapter off; their features are cached in
       `eval/base_features.pt` (reused on resume when model, prompts and settings match) and the
       images are kept in `eval/base/` to look at.
@@ -114,7 +115,7 @@ class LiveEvaluator:
         self.kid_on = ev.every > 0 or ev.val_dir is not None or bool(ev.prompts)
         prompts = list(ev.prompts) or [p for p in train_prompts if p] or [cfg.data.instance_prompt]
         self.eval_prompts = [prompts[i % len(prompts)] for i in range(ev.num_images)]
-        self.base_prompts = [strip_tokens(p, cfg.tokens.new) for p in self.eval_prompts]
+        self.base_prompts = [self.base_prompt(p) for p in self.eval_prompts]
         shape = latent_shape(parts, cfg.model.resolution)
         self._sample_latents = initial_latents(cfg.samples.seeds, shape)
         gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
@@ -133,6 +134,10 @@ class LiveEvaluator:
             t0 = clock()
             _ = self.extractor
             self.setup_seconds = clock() - t0
+
+    def base_prompt(self, prompt: str) -> str:
+        """`prompt` for the base model: learned tokens replaced by `tokens.init_word`, or removed."""
+        return strip_tokens(prompt, self.cfg.tokens.new, self.cfg.tokens.init_word or "")
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -254,7 +259,7 @@ class LiveEvaluator:
     def sample_grid(self, base: bool = False) -> list[Image.Image]:
         """The grid's images, row-major (prompts x seeds), from the current weights (or the base)."""
         sc = self.cfg.samples
-        prompts = [strip_tokens(p, self.cfg.tokens.new) if base else p for p in sc.prompts]
+        prompts = [self.base_prompt(p) if base else p for p in sc.prompts]
         grid_prompts = [p for p in prompts for _ in sc.seeds]
         latents = self._sample_latents.repeat(len(prompts), 1, 1, 1)
         return to_pil(self._generate(grid_prompts, latents, self._settings(sc.steps, sc.guidance), base))

@@ -90,10 +90,13 @@ def adapters_disabled(*modules: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def strip_tokens(prompt: str, tokens: Sequence[str]) -> str:
-    """The prompt without the learned tokens (for the base model, which does not know them)."""
-    for tok in tokens:
-        prompt = prompt.replace(tok, " ")
+def strip_tokens(prompt: str, tokens: Sequence[str], replacement: str = "") -> str:
+    """The prompt for the base model, which does not know the learned tokens: each run of them
+    ("<s1><s2>", "<s1> <s2>") becomes `replacement` (the word they were initialised from) or goes."""
+    if not tokens:
+        return prompt
+    tok = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    prompt = re.sub(rf"(?:{tok})(?:\s*(?:{tok}))*", f" {replacement} ", prompt)
     return re.sub(r"\s+", " ", prompt).strip()
 
 

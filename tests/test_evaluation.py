@@ -167,6 +167,9 @@ def test_base_prompts_drop_learned_tokens(job: dict[str, Any]) -> None:
     ev = evaluator(job, cfg, prompts=["a cat like <s1><s2>", "a dog <s1>"])
     assert ev.eval_prompts == ["a cat like <s1><s2>", "a dog <s1>", "a cat like <s1><s2>", "a dog <s1>"]
     assert ev.base_prompts == ["a cat like", "a dog", "a cat like", "a dog"]
+    cfg = make_cfg(job["data"], job["out"], tokens={"new": ["<s1>", "<s2>"], "init_word": "plain"})
+    ev = evaluator(job, cfg, prompts=["a cat in <s1><s2> style"])
+    assert ev.base_prompts[0] == "a cat in plain style"
 
 
 def test_twenty_images_against_five_targets(job: dict[str, Any], image_dir: Callable[..., Path]) -> None:

@@ -110,6 +110,8 @@ def test_strip_tokens() -> None:
     )
     assert strip_tokens("<s1> cat  <s2>", ["<s1>", "<s2>"]) == "cat"
     assert strip_tokens("a cat", []) == "a cat"
+    assert strip_tokens("a cat in <s1><s2> style", ["<s1>", "<s2>"], "plain") == "a cat in plain style"
+    assert strip_tokens("<s2> x <s1> <s2>", ["<s1>", "<s2>"], "w") == "w x w"
 
 
 def test_grid_round_trip_and_thumbnail() -> None:
