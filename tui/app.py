@@ -12,16 +12,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
+from textual.timer import Timer
 from textual.widgets import Footer
 
 from . import images
-from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, Outcome
+from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, Outcome, StateChange
 from .link import DaemonLink
 from .model import Model
 from .screens import ConfirmScreen, HelpScreen, RollbackScreen
 from .thumbnail import Thumbnail
 from .widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
 
+QUEUE_REFRESH_S = 0.5  # the queue table is redrawn at most this often for metrics alone
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
 
 
@@ -69,6 +71,7 @@ class DallmApp(App[None]):
         self.link = DaemonLink(connection, self.post_message, poll_timeout=poll_timeout, backoff=backoff)
         self.was_connected = False
         self.listed = False
+        self._queue_timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield ConnectionBar(id="connection")
@@ -126,13 +129,20 @@ class DallmApp(App[None]):
 
     def on_daemon_link_events_received(self, message: DaemonLink.EventsReceived) -> None:
         touched = self.model.apply_live(message.envelopes)
-        self._show_queue()
+        if any(isinstance(e.event, StateChange) for e in message.envelopes):
+            self._show_queue()
+        elif self._queue_timer is None:
+            # Step counters need no 60 fps: redrawing the table costs more than both charts.
+            self._queue_timer = self.set_timer(QUEUE_REFRESH_S, self._show_queue)
         if self.selected in touched:
             self._show_detail()
 
     # -- showing --------------------------------------------------------------------------------
 
     def _show_queue(self) -> None:
+        if self._queue_timer is not None:
+            self._queue_timer.stop()
+            self._queue_timer = None
         table = self.query_one(JobTable)
         table.show_jobs(list(self.model.jobs.values()))
         if self.selected not in self.model.jobs:

@@ -104,8 +104,10 @@ class JobTable(DataTable):
                 self.add_row(*cells.values(), key=row.id)
                 continue
             for col, value in cells.items():
-                if str(self.get_cell(row.id, col)) != str(value):
-                    self.update_cell(row.id, col, value, update_width=True)
+                old = str(self.get_cell(row.id, col))
+                if old != str(value):
+                    # Widening a column relayouts the table: only when the text got longer.
+                    self.update_cell(row.id, col, value, update_width=len(str(value)) > len(old))
 
     @property
     def current_job(self) -> str | None:
@@ -122,6 +124,11 @@ class JobTable(DataTable):
 
 class JobHeader(Static):
     """The selected job's name, state and the reason for it (a failed job's error)."""
+
+    def update(self, content="") -> None:  # type: ignore[override]
+        if str(content) != str(getattr(self, "_last", None)) or getattr(self, "_last", None) != content:
+            self._last = content
+            super().update(content)
 
     def show(self, row: JobSummary | None) -> None:
         if row is None:
