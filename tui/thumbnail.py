@@ -34,7 +34,7 @@ class Thumbnail(Widget):
         self._job: str | None = None
         self._cache_key: object = None
         self._lines: list[Strip] = []
-        self._written: object = None
+        self._graphics: tuple[object, str] | None = None  # (key, escape sequence) of the last image
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -97,6 +97,9 @@ class Thumbnail(Widget):
         if key != self._cache_key:
             self._cache_key = key
             self._lines = self._draw(sample, width, height)
+        if y == 1 and self.mode in ("sixel", "kitty"):
+            # Textual just (re)painted the blank cells under the image: draw it again over them.
+            self.call_after_refresh(self._write_graphics, sample, width, height - 1)
         return self._lines[y] if y < len(self._lines) else Strip.blank(width)
 
     def _draw(self, sample: Sample | None, width: int, height: int) -> list[Strip]:
@@ -109,19 +112,36 @@ class Thumbnail(Widget):
             return [caption, Strip([Segment("(unreadable image)", Style(dim=True))])]
         if self.mode == "halfblock":
             return [caption, *images.halfblock_strips(image, width, body_h)]
-        self.call_after_refresh(self._write_graphics, image, width, body_h)
         return [caption]
 
-    def _write_graphics(self, image, width: int, height: int) -> None:
+    def _write_graphics(self, sample: Sample | None, width: int, height: int) -> None:
         """Sixel/Kitty: draw the image over this widget's cells, below the caption."""
         driver = self.app._driver
-        if driver is None or not self.is_mounted:
+        if (
+            driver is None
+            or not self.is_mounted
+            or self.app.is_headless
+            or self.screen is not self.app.screen
+        ):
             return
-        region = self.content_region
+        if sample is None or height < 1:
+            if self.mode == "kitty":
+                driver.write(images.kitty_delete())
+            return
+        key = (id(sample), width, height)
+        if self._graphics is None or self._graphics[0] != key:
+            image = images.decode(sample.png)
+            if image is None:
+                return
+            if self.mode == "kitty":
+                seq = images.kitty(image, width, height)
+            else:
+                # Assume cells of about 10x20 pixels: fit the image to the box in pixels.
+                seq = images.sixel(images.fit(image, width * 10, height * 20))
+            self._graphics = (key, seq)
+        seq = self._graphics[1]
         if self.mode == "kitty":
-            seq = images.kitty_delete() + images.kitty(image, width, height)
-        else:
-            # Assume ~10x20 pixel cells: the image is fitted to the box in pixels.
-            seq = images.sixel(images.fit(image, width * 10, height * 20))
+            seq = images.kitty_delete() + seq
+        region = self.content_region
         driver.write(f"\x1b7\x1b[{region.y + 2};{region.x + 1}H{seq}\x1b8")
         driver.flush()
