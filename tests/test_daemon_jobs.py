@@ -153,6 +153,11 @@ def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
     assert "no job 'nope'" in capsys.readouterr().err
     assert dallm_main(["priority", "1", "3", *base]) == 0
     assert dallm_main(["ls", "--home", str(home / "elsewhere")]) == 3
+    capsys.readouterr()
+    assert dallm_main(["submit", str(cfg), "--set", "name=follow", "--set", "train.steps=60", *base]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert dallm_main(["logs", job_id, "-f", *base]) == 0  # returns when the job ends
+    assert "finished: completed 60 steps" in capsys.readouterr().out
     # data paths in a config file are resolved against the file's folder before they are sent
     assert c_config(home, 1)["data"]["dir"] == str(tmp_path / "imgs")
 
