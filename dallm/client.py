@@ -23,7 +23,9 @@ for requests and iterates a subscription (which has its own sockets) in a worker
 Subscriptions follow the zguide's Clone pattern: subscribe to the live topics, read the history
 since `since` from the store, then apply live events, dropping those already seen (seq) and
 refilling from history when an event's `prev` shows a gap (slow joiner, PUB high-water-mark drops).
-Events arrive in sequence order per topic, without gaps or duplicates. When idle for
+Events arrive without gaps or duplicates, in sequence order per topic; a subscription to every
+topic (topics=None) is in daemon-wide sequence order (a refill after a gap on one topic can
+otherwise hand out an older event of another topic after a newer one). When idle for
 `resync_s` seconds the subscription asks the store for anything newer, so a lost last event is
 found too.
 """
@@ -308,6 +310,7 @@ class Subscription:
         self.sub.connect(client.events_endpoint)
         self.ready: collections.deque[EventEnvelope] = collections.deque()
         self.last: dict[str, int] = {}
+        self.high = 0  # the highest seq taken in
         self.floor = 0
         self.last_seq = 0  # the seq of the last event handed out
         self._idle_since = time.monotonic()
@@ -327,12 +330,17 @@ class Subscription:
         if env.seq <= self.last.get(env.topic, 0):
             return
         self.last[env.topic] = env.seq
+        self.high = max(self.high, env.seq)
         self.ready.append(env)
 
     def _on_live(self, env: EventEnvelope) -> None:
         if env.seq <= self.floor or env.seq <= self.last.get(env.topic, 0):
             return  # already had it from the store
-        if env.prev > max(self.floor, self.last.get(env.topic, 0)):
+        if self.topics is None:  # every topic: the daemon-wide seq itself has no gaps
+            lost = env.seq > max(self.floor, self.high) + 1
+        else:
+            lost = env.prev > max(self.floor, self.last.get(env.topic, 0))
+        if lost:
             self._refill()  # something was lost between the store and here
         self._accept(env)
 

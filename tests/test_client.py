@@ -14,9 +14,10 @@ from dallm.client import DaemonClient, DaemonUnavailable, Subscription
 from dallm.protocol import QUEUE_TOPIC, TERMINAL_STATES, EventEnvelope, JobStateEvent, job_topic
 
 
-def follow(sub: Subscription, job: int, timeout: float = 60.0) -> list[EventEnvelope]:
-    """Events until `job` reaches a terminal state."""
+def follow(sub: Subscription, *jobs: int, timeout: float = 60.0) -> list[EventEnvelope]:
+    """Events until every one of `jobs` has reached a terminal state."""
     out: list[EventEnvelope] = []
+    waiting = set(jobs)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         env = sub.get(timeout=1.0)
@@ -24,16 +25,22 @@ def follow(sub: Subscription, job: int, timeout: float = 60.0) -> list[EventEnve
             continue
         out.append(env)
         ev = env.event
-        if isinstance(ev, JobStateEvent) and ev.job.id == job and ev.job.state in TERMINAL_STATES:
-            return out
-    raise AssertionError(f"job {job} did not end; got {len(out)} events")
+        if isinstance(ev, JobStateEvent) and ev.job.state in TERMINAL_STATES:
+            waiting.discard(ev.job.id)
+            if not waiting:
+                return out
+    raise AssertionError(f"jobs {waiting} did not end; got {len(out)} events")
 
 
-def check_in_order(events: list[EventEnvelope]) -> None:
+def check_in_order(events: list[EventEnvelope], globally: bool = False) -> None:
+    """No duplicates, no gaps, in seq order per topic (and across topics when `globally`)."""
     seqs = [e.seq for e in events]
-    assert seqs == sorted(set(seqs)), "duplicates or disorder"
+    assert len(seqs) == len(set(seqs)), "duplicates"
+    if globally:
+        assert seqs == sorted(seqs), "disorder"
     last: dict[str, int] = {}
     for e in events:
+        assert e.seq > last.get(e.topic, 0), f"disorder on {e.topic}"
         assert e.prev == last.get(e.topic, e.prev), f"gap before {e.seq} on {e.topic}"
         last[e.topic] = e.seq
 
@@ -48,7 +55,7 @@ def test_join_mid_run_gets_snapshot_then_live(daemons) -> None:
             got = follow(sub, job.id)
         check_in_order(got)
         stored, _ = c.history_all(0, topics)
-        assert [e.seq for e in got] == [e.seq for e in stored if e.seq <= got[-1].seq]
+        assert sorted(e.seq for e in got) == [e.seq for e in stored if e.seq <= max(e.seq for e in got)]
         assert [e.event.step for e in got if e.event.kind == "metrics"] == list(range(1, 151))
         assert all(e.event.png for e in got if e.event.kind == "sample")
 
@@ -70,7 +77,7 @@ def test_lost_live_frames_are_refilled_from_the_store(daemons) -> None:
         with Lossy(c, None, since=None) as sub:
             job = c.submit(config("a", steps=100, every=50))
             got = follow(sub, job.id)
-        check_in_order(got)
+        check_in_order(got, globally=True)
         assert [e.event.step for e in got if e.event.kind == "metrics"] == list(range(1, 101))
         assert sub.n > 0
 
@@ -80,7 +87,8 @@ def test_all_topics_have_consecutive_seqs_with_two_jobs(daemons) -> None:
     with d.client() as c, c.subscribe(None, since=0) as sub:
         a = c.submit(config("a", steps=60))
         b = c.submit(config("b", steps=50))
-        got = follow(sub, a.id) + follow(sub, b.id)
+        got = follow(sub, a.id, b.id)
+        check_in_order(got, globally=True)
         seqs = [e.seq for e in got]
         assert seqs == list(range(1, len(seqs) + 1))
         assert {e.job for e in got} == {a.id, b.id}
