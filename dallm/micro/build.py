@@ -329,6 +329,10 @@ def train_featnet(net, images, targets, recon_images, recon_targets, steps, batc
         if step % 250 == 0 or step == steps - 1:
             log(f"  featnet {step:5d}/{steps} loss {loss_v:.4f}")
     net.eval().requires_grad_(False)
+    with torch.no_grad():
+        sub = images[torch.linspace(0, len(images) - 1, min(len(images), 4096)).long()]
+        f = torch.cat([net.features(sub[i : i + 512].to(device)) for i in range(0, len(sub), 512)])
+        net.feature_scale.fill_(float(1.0 / f.pow(2).mean().sqrt().clamp_min(1e-6)))
     return loss_v
 
 
@@ -589,6 +593,7 @@ def build(
         "seed": seed,
         "steps_scale": steps_scale,
         "steps": asdict(steps),
+        "unet_channels": list(unet_channels),
         "eval": asdict(sizes),
         "seconds": seconds,
         "device": _device_name(dev),

@@ -41,6 +41,9 @@ class FeatureNet(nn.Module):
         # Mean and max pooling plus the (coarse) layout: 4*w*2 + 4*w*4 inputs to the embedding.
         self.embed = nn.Sequential(nn.Linear(4 * w * 2 + 4 * w * 4, feature_dim), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in HEADS.items()})
+        # Set after training so that the mean squared feature is 1 on the training images (KID's
+        # cubic kernel (x.y/d + 1)^3 then sees values of order one); the heads read unscaled features.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def config(self) -> dict:
         return {"width": self.body[0][0].out_channels, "feature_dim": self.feature_dim, "size": self.size}
@@ -56,8 +59,8 @@ class FeatureNet(nn.Module):
         return self.embed(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer features [N, feature_dim]."""
-        return self.features(x)
+        """Penultimate-layer features [N, feature_dim] (scaled by `feature_scale`)."""
+        return self.features(x) * self.feature_scale
 
     def logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(x)

@@ -59,9 +59,9 @@ def sample_scene(
     if bg is None:
         choices = [c for c in COLOUR_NAMES if c != fg]
         bg = choices[rng.integers(len(choices))]
-    size = float(rng.uniform(0.2, 0.32))
+    size = float(rng.uniform(0.24, 0.34))
     cx, cy = (float(v) for v in rng.uniform(0.5 - (0.42 - size) / 2, 0.5 + (0.42 - size) / 2, size=2))
-    angle = float(rng.uniform(-0.35, 0.35))
+    angle = float(rng.uniform(-0.25, 0.25))
     return Scene(shape, fg, bg, cx, cy, size, angle)
 
 
