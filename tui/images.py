@@ -49,6 +49,22 @@ def resolve_mode(requested: str, env: Mapping[str, str] | None = None) -> ImageM
     return detect_mode(env) if requested == "auto" else requested  # type: ignore[return-value]
 
 
+def cell_pixels(default: tuple[int, int] = (10, 20)) -> tuple[int, int]:
+    """(width, height) of one terminal cell in pixels, from TIOCGWINSZ where the terminal says."""
+    import fcntl
+    import struct
+    import termios
+
+    for fd in (2, 1, 0):
+        try:
+            rows, cols, xpix, ypix = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+        except OSError:
+            continue
+        if rows and cols and xpix and ypix:
+            return max(1, xpix // cols), max(1, ypix // rows)
+    return default
+
+
 def decode(png: bytes) -> Image.Image | None:
     try:
         image = Image.open(io.BytesIO(png))

@@ -136,8 +136,8 @@ class Thumbnail(Widget):
             if self.mode == "kitty":
                 seq = images.kitty(image, width, height)
             else:
-                # Assume cells of about 10x20 pixels: fit the image to the box in pixels.
-                seq = images.sixel(images.fit(image, width * 10, height * 20))
+                cw, ch = images.cell_pixels()
+                seq = images.sixel(images.fit(image, width * cw, height * ch))
             self._graphics = (key, seq)
         seq = self._graphics[1]
         if self.mode == "kitty":
