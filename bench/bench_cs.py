@@ -4,7 +4,8 @@ The UNet is built offline from SD 1.5's config (written below) with random weigh
 LoRA on to_q / to_k / to_v / to_out.0 like a dallm job (128 layers). Three ways of computing CS,
 timed side by side in one run, on the same weights:
 
-    identity  dallm.monitor.CosineSimilarity: <BA,W> = sum((B^T W) * A), ||BA||^2 = sum((B^T B)*(A A^T))
+    identity  dallm.monitor.CosineSimilarity: <BA,W> = sum(B * (W A^T)), ||BA||^2 = sum((B^T B)*(A A^T))
+              (on CUDA replayed from a CUDA graph; "eager" is the same without the graph)
     formed    the same in float32 but forming B A (d x k) per layer, one sync at the end
     peft-f64  dallm.monitor.cs_naive: peft's get_delta_weight, float64, a sync per layer (test reference)
 
@@ -99,12 +100,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     header = (
-        f"{'rank':>4} {'layers':>6} {'LoRA params':>11} | {'identity':>10} {'formed':>10} {'peft-f64':>10} | "
-        f"{'formed/identity':>15} {'f64/identity':>12} | {'|identity-f64|':>14}"
+        f"{'rank':>4} {'layers':>6} {'LoRA params':>11} | {'identity':>10} {'eager':>10} {'formed':>10} "
+        f"{'peft-f64':>10} | {'formed/identity':>15} {'f64/identity':>12} | {'|identity-f64|':>14}"
     )
     print(header)
     print("-" * len(header))
-    for i, rank in enumerate(args.rank):
+    for rank in args.rank:
         name = f"r{rank}"
         unet.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"),
@@ -118,17 +119,18 @@ def main() -> None:
         n_params = sum(p.a.numel() + p.b.numel() for p in pairs)
         cs = CosineSimilarity(unet, name)
         t_id, v_id = timed(cs, device, args.repeat)
+        t_eager, _ = timed(CosineSimilarity(unet, name, cuda_graph=False), device, args.repeat)
         t_formed, v_formed = timed(lambda pairs=pairs: cs_formed(pairs), device, args.repeat)
         if args.skip_f64:
             t_f64, v_f64 = float("nan"), float("nan")
         else:
             t_f64, v_f64 = timed(lambda name=name: cs_naive(unet, name), device, max(2, args.repeat // 5))
         print(
-            f"{rank:>4} {len(pairs):>6} {n_params / 1e6:>10.2f}M | {t_id * 1e3:>8.2f}ms {t_formed * 1e3:>8.2f}ms "
+            f"{rank:>4} {len(pairs):>6} {n_params / 1e6:>10.2f}M | {t_id * 1e3:>8.2f}ms {t_eager * 1e3:>8.2f}ms "
+            f"{t_formed * 1e3:>8.2f}ms "
             f"{t_f64 * 1e3:>8.1f}ms | {t_formed / t_id:>15.2f} {t_f64 / t_id:>12.1f} | {abs(v_id - v_f64):>14.2e}"
         )
         assert abs(v_id - v_formed) < 1e-4, (v_id, v_formed)
-        del i
 
 
 if __name__ == "__main__":

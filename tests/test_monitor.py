@@ -435,3 +435,30 @@ def test_lag_bound_formula_defaults():
     assert det.oldest_needed_step(1000) == 1000 - det.max_lag
     assert det.max_lag // det.window + 1 == 9  # boundary snapshots held with the defaults
     assert math.isclose(det.min_rise, 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cs_cuda_graph_matches_eager_and_follows_the_parameters():
+    model = toy().cuda()
+    randomize(model)
+    graphed, eager = CosineSimilarity(model), CosineSimilarity(model, cuda_graph=False)
+    assert graphed.cuda_graph and not eager.cuda_graph
+    assert abs(graphed() - cs_naive(model)) < 1e-5
+    for step in range(3):  # in-place updates, as an optimizer makes them: no new capture
+        with torch.no_grad():
+            for p in lora_pairs(model):
+                p.a.add_(0.1 * torch.randn_like(p.a))
+                p.b.add_(0.1 * torch.randn_like(p.b))
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # a trainer's autocast must not leak in
+            got = graphed.tensor()
+        assert abs(float(got) - eager()) < 1e-6, step
+        assert abs(float(got) - cs_naive(model)) < 1e-5, step
+    assert graphed.captures == 1
+    model.cpu().cuda()  # storage moved: captured again
+    assert abs(graphed() - cs_naive(model)) < 1e-5 and graphed.captures == 2
+    bf16 = toy().cuda()
+    randomize(bf16)
+    with torch.no_grad():
+        for p in lora_pairs(bf16):
+            p.w.data = p.w.data.to(torch.bfloat16)
+    assert abs(CosineSimilarity(bf16)() - cs_naive(bf16)) < 1e-5
