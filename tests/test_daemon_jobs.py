@@ -4,7 +4,10 @@ cancel, priorities, graceful daemon stop and resume, one daemon per home, and th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +181,26 @@ def test_metrics_events_are_typed(daemons) -> None:
         kinds = [e.event.kind for e in events]
         assert kinds[0] == "started" and kinds[-1] == "finished"
         assert all(isinstance(e.event, MetricsEvent) for e in events if e.event.kind == "metrics")
+
+
+def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
+    from dallm.daemon.paths import DaemonPaths
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dallm.daemon.cli", *args, "--home", str(home)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    try:
+        started = cli("start", "--devices", "cpu")
+        assert started.returncode == 0 and "started" in started.stdout, started.stderr
+        status = cli("status", "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["slots"] == ["cpu"]
+        stopped = cli("stop")
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert cli("status").returncode == 3
+        assert cli("stop").returncode == 3
+    finally:
+        info = DaemonPaths(home).read_info()
+        if info:
+            with contextlib.suppress(OSError):
+                os.kill(info["pid"], signal.SIGKILL)
