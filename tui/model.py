@@ -160,6 +160,7 @@ class JobData:
             for s in self.series.values():
                 s.truncate_after(ev.step)
             self.samples = [s for s in self.samples if s.step <= ev.step]
+            self.checkpoints = [c for c in self.checkpoints if c.step <= ev.step]  # superseded
             if self.turning_point is not None and self.turning_point > ev.step:
                 self.turning_point = None
             how = "resuming" if ev.resume else "finishing there"
@@ -228,7 +229,7 @@ class Model:
 
 
 def eta_seconds(row: JobSummary) -> float | None:
-    if row.state not in ("running", "stopping") or not row.steps_per_s or row.total_steps <= 0:
+    if row.state != "running" or not row.steps_per_s or row.total_steps <= 0:
         return None
     return max(0, row.total_steps - row.step) / row.steps_per_s
 
