@@ -232,7 +232,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, device, gen: to
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if step % 250 == 0 or step == steps - 1:
             log(f"  vae {step:5d}/{steps} loss {loss_v:.4f}")
     vae.eval().requires_grad_(False)
@@ -289,7 +289,7 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         ema.update()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 250 == 0 or step == steps - 1:
             log(f"  unet {step:5d}/{steps} loss {np.mean(losses[-100:]):.4f}")
     ema.copy_to()
@@ -325,7 +325,7 @@ def train_featnet(net, images, targets, recon_images, recon_targets, steps, batc
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if step % 250 == 0 or step == steps - 1:
             log(f"  featnet {step:5d}/{steps} loss {loss_v:.4f}")
     net.eval().requires_grad_(False)
