@@ -204,3 +204,25 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
         if info:
             with contextlib.suppress(OSError):
                 os.kill(info["pid"], signal.SIGKILL)
+
+
+def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from dallm.daemon.paths import DaemonPaths
+
+    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
+    monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('name = "run"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
+    try:
+        assert dallm_main(["run", str(cfg), "--home", str(home), "--devices", "cpu"]) == 0
+        out = capsys.readouterr()
+        assert (
+            "started" in out.err and "job 1 finished" in out.out and str(home / "jobs" / "1-run") in out.out
+        )
+        assert dallm_main(["run", str(cfg), "--home", str(home)]) == 0  # reuses the daemon
+        assert "started" not in capsys.readouterr().err
+    finally:
+        info = DaemonPaths(home).read_info()
+        if info:
+            with contextlib.suppress(OSError):
+                os.kill(info["pid"], signal.SIGKILL)

@@ -1,4 +1,7 @@
-"""`dallm submit / ls / show / logs / wait / stop / rollback / cancel / priority`: drive the daemon.
+"""`dallm submit / ls / show / logs / wait / stop / rollback / cancel / priority / run`: drive the daemon.
+
+`dallm run CONFIG` is the one-command path: it starts a daemon when none runs on the home, submits
+the job, shows it live (the TUI on a terminal, else a progress view) and prints where the result is.
 
 Every command takes `--home DIR` (the daemon's home; default $DALLM_HOME, else the user data dir)
 or `--connect ENDPOINT`, and `--json` for scripts. Exit codes: 0 success; 1 refused or failed
@@ -102,6 +105,58 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return _wait(c, job.id, None, args.json)
         _print_json(job) if args.json else print(job.id)
     return 0
+
+
+def ensure_daemon(home: str | None, devices: str | None = None) -> None:
+    """Start a background daemon on `home` unless one runs there."""
+    import subprocess
+
+    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
+
+    paths = DaemonPaths(resolve_home(home))
+    if lock_is_held(paths):
+        return
+    cmd = [sys.executable, "-m", "dallm.daemon.cli", "start", "--home", str(paths.home)]
+    if devices:
+        cmd += ["--devices", devices]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CommandError(
+            res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "cannot start the daemon"
+        )
+    print(res.stdout.strip(), file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start (or reuse) a daemon, submit, watch live (the TUI on a terminal, else a progress view)."""
+    from dallm.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.connect is None:
+        ensure_daemon(args.home, args.devices)
+    with _client(args) as c:
+        job = c.submit(cfg, priority=args.priority, source=str(args.config))
+        print(f"job {job.id} submitted; output in {job.out_dir}", file=sys.stderr)
+        if not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
+            try:
+                from dallm.tui.app import main as tui_main
+            except ImportError:
+                tui_main = None
+            if tui_main is not None:
+                where = (
+                    ["--connect", args.connect]
+                    if args.connect
+                    else ["--home", str(args.home)]
+                    if args.home
+                    else []
+                )
+                tui_main(where)
+                s = c.summary(job.id)
+                if s.state not in ("finished", "stopped-early", "failed", "cancelled"):
+                    print(f"job {s.id} is {s.state}; `dallm wait {s.id}` waits for it")
+                    return 0
+                return _final(s, args.json)
+        return _wait(c, job.id, None, args.json)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -250,6 +305,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--wait", action="store_true", help="show progress until the job ends; non-zero exit if it fails"
     )
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "run", parents=[common], help="start or reuse a daemon, submit a job and watch it live"
+    )
+    p.add_argument("config", help="job config (TOML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--devices", help="for a daemon started here: 0,1 or cpu")
+    p.add_argument("--no-tui", action="store_true", help="a progress view instead of the TUI")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ls", parents=[common], help="list jobs")
     p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
