@@ -345,7 +345,9 @@ class Subscription:
         self._accept(env)
 
     def get(self, timeout: float | None = None) -> EventEnvelope | None:
-        """The next event, waiting at most `timeout` seconds (None: forever); None on timeout."""
+        """The next event, waiting at most `timeout` seconds (None: forever); None on timeout.
+        Raises DaemonUnavailable when a gap must be refilled from the store and the daemon does not
+        answer (close the subscription and subscribe again with since=last_seq)."""
         end = None if timeout is None else time.monotonic() + timeout
         while not self.ready:
             wait = self.resync_s if end is None else min(self.resync_s, max(0.0, end - time.monotonic()))
