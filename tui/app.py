@@ -33,6 +33,7 @@ class DallmApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "dallm"
+    ENABLE_COMMAND_PALETTE = False  # every action has its key; the footer needs the room at 80 columns
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         Binding("s", "stop", "Stop"),
@@ -83,7 +84,7 @@ class DallmApp(App[None]):
                 yield Thumbnail(self.images_mode, id="thumbnail")
                 yield CheckpointList(id="checkpoints")
         yield EventLog(id="log")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one(ConnectionBar).endpoint = self.connection.endpoint
