@@ -120,6 +120,8 @@ def train(
         {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.mixed_precision] if mixed else torch.float32
     )
     parts = load_parts(cfg.model, device=device, weight_dtype=weight_dtype)
+    if cfg.tokens.new or cfg.lora.text_encoder:  # a trained text encoder stays float32 (autocast computes)
+        parts.text_encoder.to(torch.float32)
     trainer = Trainer(cfg, parts, images, classes, device)
     watch = Watch(parts.unet, cfg.monitor) if cfg.monitor.cs else None
     evaluator = None

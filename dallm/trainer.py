@@ -78,6 +78,8 @@ class Trainer:
             parts.tokenizer, parts.text_encoder, cfg.tokens, self.generator
         )
         add_lora(parts.unet, parts.text_encoder, cfg.lora)
+        if self.tokens is not None:  # peft froze every non-LoRA weight of the text encoder
+            self.tokens.embedding.requires_grad_(True)
         self.train_text_encoder = cfg.lora.text_encoder or self.tokens is not None
         if tc.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()

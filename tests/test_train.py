@@ -104,7 +104,13 @@ def test_token_rows_other_rows_fixed(tiny_sd: Path, image_dir: Callable[..., Pat
     from dallm.models import load_parts
     from dallm.trainer import Trainer
 
-    cfg = job(tiny_sd, image_dir(n=2), data={"instance_prompt": "a <s1> cat"}, tokens={"new": ["<s1>"]})
+    cfg = job(
+        tiny_sd,
+        image_dir(n=2),
+        data={"instance_prompt": "a <s1> cat"},
+        tokens={"new": ["<s1>"]},
+        lora={"text_encoder": True},  # peft freezes the text encoder's other weights: rows must still train
+    )
     images, _ = load_training_data(cfg.data, 16)
     trainer = Trainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
     assert trainer.tokens is not None
@@ -144,10 +150,14 @@ def test_bad_image_fails_before_model_loads(
         train(job(tiny_sd, images), out_dir=tmp_path)
 
 
-def test_gradient_checkpointing_same_losses(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
+def test_gradient_checkpointing_same_losses(
+    tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
+) -> None:
     images = image_dir(n=2)
     for gc in (False, True):
-        cfg = job(tiny_sd, images, train={"steps": 2, "gradient_checkpointing": gc}, lora={"text_encoder": True})
+        cfg = job(
+            tiny_sd, images, train={"steps": 2, "gradient_checkpointing": gc}, lora={"text_encoder": True}
+        )
         train(cfg, out_dir=tmp_path / str(gc))
     assert losses(tmp_path / "False") == losses(tmp_path / "True")
     assert same_weights(weights(tmp_path / "False"), weights(tmp_path / "True"))
