@@ -199,10 +199,11 @@ class CosineSimilarity:
     off, float32). Frozen-weight norms are computed once, here: build a new CosineSimilarity after
     the base weights change (merge, reload) or the model moves to another device.
 
-    On CUDA (`cuda_graph=None` means "on CUDA"), the per-layer work (5 small kernels per layer, which
-    eager PyTorch launches one by one: about 20 ms for SD 1.5's 128 layers on an H100, CPU-bound) is
+    With `cuda_graph=True` on CUDA, the per-layer work (5 small kernels per layer, which eager
+    PyTorch launches one by one: about 20 ms for SD 1.5's 128 layers on an H100, CPU-bound) is
     captured once in a CUDA graph and replayed; the graph is captured again whenever a parameter's
-    storage moved (data_ptr changed), and eager mode is used if capture fails.
+    storage moved (data_ptr changed), and eager mode is used if capture fails. It is opt-in until it
+    has been checked on a GPU (tests/test_monitor.py has the check; it skips without CUDA).
     """
 
     def __init__(self, module: nn.Module, adapter: str = "default", cuda_graph: bool | None = None) -> None:
@@ -218,7 +219,7 @@ class CosineSimilarity:
                 [torch.linalg.vector_norm(p.w.detach().float()).to(self.device) for p in self.pairs]
             )
         same_device = all(t.device == self.device for p in self.pairs for t in (p.a, p.b, p.w))
-        want = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        want = False if cuda_graph is None else bool(cuda_graph)
         self.cuda_graph = want and self.device.type == "cuda" and same_device
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: Tensor | None = None
