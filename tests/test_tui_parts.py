@@ -155,3 +155,26 @@ def test_eta() -> None:
     assert eta_seconds(row) == 300
     assert format_eta(300) == "5m00s" and format_eta(7300) == "2h01m" and format_eta(None) == "-"
     assert eta_seconds(JobSummary(id="1", name="a", state="queued", total_steps=10, steps_per_s=1.0)) is None
+
+
+def test_rollback_keeps_the_abandoned_branch_apart() -> None:
+    m = Model()
+    m.set_jobs([JobSummary(id="1", name="a", state="running")])
+    live = [Envelope(s, "1", MetricsEvent(step=s, values={"loss": 1.0})) for s in range(1, 11)]
+    m.apply_history("1", live)
+    m.apply_live([Envelope(11, "1", RolledBackEvent(step=6, resume=True))])
+    m.apply_live([Envelope(12, "1", MetricsEvent(step=7, values={"loss": 0.5}))])
+    d = m.data["1"]
+    assert list(d.series["loss"].steps) == [1, 2, 3, 4, 5, 6, 7]
+    assert list(d.superseded["loss"].steps) == [7, 8, 9, 10]
+    # The same run read back from the daemon's history, where the replaced events come flagged.
+    m2 = Model()
+    hist = [
+        Envelope(s, "1", MetricsEvent(step=s, values={"loss": 1.0}), superseded=s > 6) for s in range(1, 11)
+    ]
+    hist += [Envelope(11, "1", RolledBackEvent(step=6, resume=True))]
+    hist += [Envelope(12, "1", MetricsEvent(step=7, values={"loss": 0.5}))]
+    m2.apply_history("1", hist)
+    d2 = m2.data["1"]
+    assert list(d2.series["loss"].steps) == list(d.series["loss"].steps)
+    assert list(d2.superseded["loss"].steps) == [7, 8, 9, 10]

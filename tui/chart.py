@@ -28,6 +28,7 @@ class Trace:
     steps: np.ndarray
     values: np.ndarray
     color: str
+    dim: bool = False  # superseded by a rollback: drawn faint, under the others, not in the legend
 
 
 def format_number(v: float) -> str:
@@ -122,6 +123,8 @@ class Chart(Widget):
     def _legend(self, width: int) -> Strip:
         segs = [Segment(self.title, Style(bold=True))]
         for t in self.traces:
+            if t.dim:
+                continue
             last = t.values[-1] if len(t.values) else float("nan")
             segs += [
                 Segment("  "),
@@ -171,7 +174,7 @@ class Chart(Widget):
         if self.marker is not None and x1 > x0 and x0 <= self.marker[0] <= x1:
             marker_col = int((self.marker[0] - x0) / (x1 - x0) * (pw - 1) + 0.5) // 2
         chars = _BRAILLE[bits]
-        styles = [Style(color=t.color) for t in traces]
+        styles = [Style(color=t.color, dim=True) if t.dim else Style(color=t.color) for t in traces]
         marker_style = Style(color="yellow")
         labels = {0: format_number(y1), rows - 1: format_number(y0)}
         if rows >= 5:

@@ -70,6 +70,7 @@ class Envelope:
     seq: int
     job: str
     event: Event
+    superseded: bool = False  # history only: a later rollback replaced this part of the run
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def to_envelope(env: EventEnvelope) -> Envelope:
     if isinstance(ev, JobStateEvent):
         row = to_summary(ev.job)
         return Envelope(env.seq, str(env.job), StateChange(row.state, ev.reason or row.reason, row))
-    return Envelope(env.seq, str(env.job), ev)
+    return Envelope(env.seq, str(env.job), ev, superseded=env.superseded)
 
 
 class DaemonConnection:
@@ -108,8 +108,8 @@ class DaemonConnection:
             events, _ = self._live_client().history_all(since_seq, [job_topic(int(job))])
         except DaemonUnavailable as e:
             raise ConnectionLost(str(e)) from None
-        # Events a rollback replaced are left out: the model keeps the run as it now stands.
-        return [to_envelope(e) for e in events if not e.superseded]
+        # Events a rollback replaced come flagged: the model keeps their metrics apart (drawn dim).
+        return [to_envelope(e) for e in events]
 
     def poll_events(self, timeout: float) -> list[Envelope]:
         if self._sub is None:
@@ -128,7 +128,7 @@ class DaemonConnection:
                 self._live_client().ping(timeout=min(self.timeout, 2.0))
             except DaemonUnavailable as e:
                 raise ConnectionLost(str(e)) from None
-        return [to_envelope(e) for e in events if not e.superseded]
+        return [to_envelope(e) for e in events]
 
     def send(self, action: Action) -> Outcome:
         with self._action_lock:

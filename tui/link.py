@@ -120,6 +120,7 @@ class DaemonLink:
                 except queue.Empty:
                     break
                 if job not in self._tracked:
+                    self._tracked[job] = 0  # tracked first: a load cut short is redone after a reconnect
                     self._load(job, 0)
             if self._relist.is_set():
                 self._relist.clear()

@@ -50,8 +50,14 @@ class Series:
         self._values[self.n] = value
         self.n += 1
 
-    def truncate_after(self, step: float) -> None:
-        self.n = int(np.searchsorted(self._steps[: self.n], step, side="right"))
+    def truncate_after(self, step: float) -> Series:
+        """Drop the points after `step`; returns them as a new series."""
+        keep = int(np.searchsorted(self._steps[: self.n], step, side="right"))
+        tail = Series(max(2, self.n - keep))
+        for x, v in zip(self._steps[keep : self.n], self._values[keep : self.n], strict=True):
+            tail.append(float(x), float(v))
+        self.n = keep
+        return tail
 
     @property
     def steps(self) -> np.ndarray:
@@ -97,6 +103,7 @@ class JobData:
     loaded: bool = False
     last_seq: int = 0
     series: dict[str, Series] = field(default_factory=dict)
+    superseded: dict[str, Series] = field(default_factory=dict)  # the branch the last rollback left
     samples: list[Sample] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     turning_point: int | None = None
@@ -126,15 +133,15 @@ class JobData:
         self.last_seq = env.seq
         self.version += 1
         ev = env.event
+        if env.superseded:
+            # From the daemon's history: replaced by a later rollback. Metrics are kept apart.
+            if isinstance(ev, MetricsEvent):
+                for name, x, value in metric_points(ev):
+                    self.superseded.setdefault(name, Series()).append(x, value)
+            return True
         if isinstance(ev, MetricsEvent):
-            values = ev.values
-            for name, value in values.items():
-                if name in _PLACED:
-                    continue
-                self.series_for(name).append(ev.step, value)
-            if "cs_fluct" in values:
-                # CS-Fluctuation lags the step (moving-average windows): plot it where it belongs.
-                self.series_for("cs_fluct").append(values.get("cs_fluct_step", ev.step), values["cs_fluct"])
+            for name, x, value in metric_points(ev):
+                self.series_for(name).append(x, value)
         elif isinstance(ev, SampleEvent):
             self.samples = [s for s in self.samples if s.step < ev.step]
             self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))
@@ -157,8 +164,10 @@ class JobData:
                 )
             )
         elif isinstance(ev, RolledBackEvent):
-            for s in self.series.values():
-                s.truncate_after(ev.step)
+            for name, s in self.series.items():
+                tail = s.truncate_after(ev.step)
+                if len(tail):
+                    self.superseded[name] = tail
             self.samples = [s for s in self.samples if s.step <= ev.step]
             self.checkpoints = [c for c in self.checkpoints if c.step <= ev.step]  # superseded
             if self.turning_point is not None and self.turning_point > ev.step:
@@ -173,6 +182,15 @@ class JobData:
             level = "error" if ev.state == "failed" else "info"
             self._log((level, f"state {ev.state}" + (f": {ev.reason}" if ev.reason else "")))
         return True
+
+
+def metric_points(ev: MetricsEvent) -> list[tuple[str, float, float]]:
+    """(series, step, value) of a metrics event. CS-Fluctuation lags the step (its moving-average
+    windows): it is placed at `cs_fluct_step`, where the turning point it names is."""
+    out = [(name, float(ev.step), v) for name, v in ev.values.items() if name not in _PLACED]
+    if "cs_fluct" in ev.values:
+        out.append(("cs_fluct", ev.values.get("cs_fluct_step", float(ev.step)), ev.values["cs_fluct"]))
+    return out
 
 
 class Model:

@@ -159,13 +159,19 @@ class Charts(Vertical):
         key = (data.job, data.version, self.view)
 
         def trace(name: str, label: str, color: str) -> list[Trace]:
+            out = []
+            old = data.superseded.get(name)
+            if old is not None and len(old):
+                out.append(Trace(label, old.steps, old.values, "grey50", dim=True))
             s = data.series.get(name)
-            return [Trace(label, s.steps, s.values, color)] if s is not None and len(s) else []
+            if s is not None and len(s):
+                out.append(Trace(label, s.steps, s.values, color))
+            return out
 
         marker = None
         if data.turning_point is not None:
             marker = (float(data.turning_point), f"turning point {data.turning_point}")
-        steps = [s.steps for s in data.series.values() if len(s)]
+        steps = [s.steps for s in [*data.series.values(), *data.superseded.values()] if len(s)]
         x_range = (min(float(s[0]) for s in steps), max(float(s[-1]) for s in steps)) if steps else None
         if self.view == "fluct":
             top.empty_text = "no CS-Fluctuation yet (t: loss and CS)"
