@@ -254,3 +254,10 @@ def test_main_rejects_unknown_image_mode(capsys) -> None:
 
     with pytest.raises(SystemExit):
         main(["--images", "png"])
+
+
+async def test_initial_job_is_shown_first(conn: FakeConnection) -> None:
+    app = DallmApp(conn, poll_timeout=0.02, backoff=(0.05, 0.2), initial_job="4")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.selected == "4" and app.model.data["4"].loaded)
+        assert "teacher-style-50" in header_text(app)

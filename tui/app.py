@@ -64,8 +64,10 @@ class DallmApp(App[None]):
         images_mode: images.ImageMode = "halfblock",
         poll_timeout: float = 0.1,
         backoff: tuple[float, float] = (0.5, 5.0),
+        initial_job: str | None = None,
     ) -> None:
         super().__init__()
+        self.initial_job = initial_job
         self.connection = connection
         self.images_mode = images_mode
         self.model = Model()
@@ -118,10 +120,13 @@ class DallmApp(App[None]):
         self.model.set_jobs(message.jobs)
         self.listed = True
         self._show_queue()
-        running = [j.id for j in message.jobs if j.state == "running"]
-        if first and running and self.selected not in running:
-            table = self.query_one(JobTable)
-            table.move_cursor(row=table.get_row_index(running[0]))
+        if first:
+            ids = [j.id for j in message.jobs]
+            running = [j.id for j in message.jobs if j.state == "running"]
+            start = self.initial_job if self.initial_job in ids else (running[0] if running else None)
+            if start is not None and start != self.selected:
+                table = self.query_one(JobTable)
+                table.move_cursor(row=table.get_row_index(start))
 
     def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
         self.model.apply_history(message.job, message.envelopes)
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"dallm-tui: {e}", file=sys.stderr)
         return 1
-    DallmApp(conn, images_mode=mode).run()
+    DallmApp(conn, images_mode=mode, initial_job=args.job).run()
     return 0
 
 
