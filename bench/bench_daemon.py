@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -202,15 +203,18 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="step-time runs of each kind, alternated")
     p.add_argument("--skip-step-time", action="store_true")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="db", dir="/tmp"))
-    results = {"throughput": bench_throughput(root / "t", args.events)}
-    print(json.dumps(results["throughput"]), flush=True)
-    results["thumbnails"] = bench_thumbnails(root / "s")
-    print(json.dumps(results["thumbnails"]), flush=True)
-    if not args.skip_step_time:
-        results["step_time"] = bench_step_time(root, args.steps, args.repeats)
-        print(json.dumps(results["step_time"]), flush=True)
-    print(json.dumps(results, indent=2))
+    root = Path(tempfile.mkdtemp(prefix="db", dir="/tmp"))  # short: IPC paths are limited
+    try:
+        results = {"throughput": bench_throughput(root / "t", args.events)}
+        print(json.dumps(results["throughput"]), flush=True)
+        results["thumbnails"] = bench_thumbnails(root / "s")
+        print(json.dumps(results["thumbnails"]), flush=True)
+        if not args.skip_step_time:
+            results["step_time"] = bench_step_time(root, args.steps, args.repeats)
+            print(json.dumps(results["step_time"]), flush=True)
+        print(json.dumps(results, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
