@@ -10,8 +10,10 @@ from PIL import Image, ImageDraw
 
 from dallm.protocol import (
     CheckpointEvent,
+    FinishedEvent,
     LogEvent,
     MetricsEvent,
+    RolledBackEvent,
     SampleEvent,
     StartedEvent,
     TurningPointEvent,
@@ -127,10 +129,33 @@ class DemoRunner:
 
     def __init__(self, conn: FakeConnection, interval: float = 0.1) -> None:
         self.conn, self.interval = conn, interval
+        self._seen = 0
         self._stop = threading.Event()
+
+    def _obey(self) -> None:
+        """Play the daemon's part for the actions sent so far (stop, cancel, rollback)."""
+        while self._seen < len(self.conn.sent):
+            action = self.conn.sent[self._seen]
+            self._seen += 1
+            row = self.conn.summary(action.job)
+            if row.state != "running":
+                continue
+            if action.kind == "stop":
+                result = row.turning_point if row.turning_point is not None else row.step
+                self.conn.emit(
+                    action.job, FinishedEvent(reason="stopped", final_step=row.step, result_step=result)
+                )
+                self.conn.emit(action.job, StateChange("stopped-early", f"stopped at step {row.step}"))
+            elif action.kind == "cancel":
+                self.conn.emit(action.job, StateChange("cancelled", "cancelled by the user"))
+            elif action.kind == "rollback" and action.step is not None:
+                self.conn.emit(action.job, RolledBackEvent(step=action.step, resume=action.resume))
+                if not action.resume:
+                    self.conn.emit(action.job, StateChange("finished", f"rolled back to step {action.step}"))
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):
+            self._obey()
             for job in ("1",):
                 row = self.conn.summary(job)
                 if row.state != "running" or row.step >= row.total_steps:
