@@ -62,7 +62,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def fake_config(name: str, steps: int, **extra: dict) -> dict:
-    cfg = {"name": name, "data": {"dir": "/x"}, "train": {"steps": steps}, "monitor": {"window": 2},
+    cfg = {"name": name, "data": {"dir": tempfile.gettempdir()}, "train": {"steps": steps}, "monitor": {"window": 2},
            "checkpoint": {"every": steps}}  # fmt: skip
     return cfg | extra
 

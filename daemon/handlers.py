@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dallm.config import ConfigError, config_from_dict
 from dallm.protocol import (
@@ -72,10 +72,31 @@ def job_out_dir(d: Daemon, job: int, name: str, output_dir: str | None) -> Path:
     return out
 
 
+def check_folders(cfg: Any, source: str) -> None:
+    """Data folders must exist as the daemon (and its workers) see them: refuse now, not fail later."""
+    for key, value in (
+        ("data.dir", cfg.data.dir),
+        ("data.class_dir", cfg.data.class_dir),
+        ("eval.val_dir", cfg.eval.val_dir),
+    ):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise Refused(
+                "invalid_config", f"{source}: {key}: {value} is relative; the daemon needs an absolute path"
+            )
+        if not path.is_dir():
+            raise Refused(
+                "invalid_config", f"{source}: {key}: {value} is not a folder on the daemon's machine"
+            )
+
+
 def submit(d: Daemon, req: SubmitRequest) -> JobReply:
     if d.shutting_down:
         raise Refused("conflict", "the daemon is shutting down")
     cfg = config_from_dict(json.loads(json.dumps(req.config)), req.source)
+    check_folders(cfg, req.source)
     data = cfg.model_dump(mode="json")
     out_spec = data.get("output_dir")
     if out_spec is not None and not Path(out_spec).expanduser().is_absolute():

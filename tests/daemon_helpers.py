@@ -133,10 +133,10 @@ def daemons(home: Path) -> Iterator[Callable[..., DaemonProc]]:
 
 
 def config(name: str = "job", steps: int = 20, every: int = 5, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A job config dict for the fake engine (data.dir need not exist: the fake reads no data)."""
+    """A job config dict for the fake engine (data.dir: any folder; the fake reads no data)."""
     cfg: dict[str, Any] = {
         "name": name,
-        "data": {"dir": "/nonexistent-data"},
+        "data": {"dir": tempfile.gettempdir()},
         "train": {"steps": steps},
         "monitor": {"window": 2},
         "checkpoint": {"every": every, "keep": None},

@@ -134,6 +134,7 @@ def test_one_daemon_per_home(daemons, home: Path) -> None:
 def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
     daemons(step_s=0.005)
     cfg = tmp_path / "job.toml"
+    (tmp_path / "imgs").mkdir()
     cfg.write_text('name = "cli"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
     base = ["--home", str(home)]
     assert dallm_main(["submit", str(cfg), "--set", "train.lr=-1", *base]) == 1
@@ -212,6 +213,7 @@ def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path,
     monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
     cfg = tmp_path / "job.toml"
+    (tmp_path / "imgs").mkdir()
     cfg.write_text('name = "run"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
     try:
         assert dallm_main(["run", str(cfg), "--home", str(home), "--devices", "cpu"]) == 0

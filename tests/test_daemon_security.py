@@ -50,6 +50,10 @@ def test_job_output_cannot_escape_the_home(daemons, home: Path) -> None:
         with pytest.raises(DaemonError) as err:
             c.submit(config("a") | {"name": "../../x"})
         assert err.value.code == "invalid_config" and "name" in str(err.value)
+        with pytest.raises(DaemonError, match="data.dir: /nonexistent-folder is not a folder"):
+            c.submit(config("a", data={"dir": "/nonexistent-folder"}))
+        with pytest.raises(DaemonError, match="data.dir: rel/dir is relative"):
+            c.submit(config("a", data={"dir": "rel/dir"}))
         assert c.jobs() == []  # nothing queued
         job = c.submit(config("ok", steps=2) | {"output_dir": "sub/dir"})
         assert Path(job.out_dir) == (home / "jobs" / "sub" / "dir").resolve()
