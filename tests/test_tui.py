@@ -261,3 +261,17 @@ async def test_initial_job_is_shown_first(conn: FakeConnection) -> None:
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: app.selected == "4" and app.model.data["4"].loaded)
         assert "teacher-style-50" in header_text(app)
+
+
+def test_command_line() -> None:
+    from dallm.tui.app import build_parser
+
+    args = build_parser().parse_args(["--home", "/tmp/h", "--images", "halfblock", "--job", "3"])
+    assert (args.home, args.images, args.job, args.connect, args.demo) == (
+        "/tmp/h",
+        "halfblock",
+        "3",
+        None,
+        False,
+    )
+    assert build_parser().parse_args([]).images == "auto"

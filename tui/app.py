@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=images.IMAGE_MODES,
         help="how to draw sample thumbnails (default: auto-detect, half-blocks when unsure)",
     )
+    p.add_argument("--job", metavar="ID", help="the job to show first (default: the first running one)")
     p.add_argument(
         "--demo", action="store_true", help="show made-up jobs from a fake daemon (no daemon needed)"
     )
