@@ -19,6 +19,7 @@ import ctypes
 import errno
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ from dallm.protocol import (
     MAX_WORKER_BYTES,
     JobCommand,
     JobEvent,
+    MetricsEvent,
     SampleEvent,
     WorkerDone,
     WorkerError,
@@ -107,6 +109,11 @@ class WorkerLink:
             self.sock.send_multipart([tag, body.encode()])
 
     def emit(self, event: JobEvent) -> None:
+        if type(event) is MetricsEvent and not all(map(math.isfinite, event.values.values())):
+            # JSON has no NaN/inf: keep the step, leave out the values that are not numbers.
+            event = MetricsEvent(
+                step=event.step, values={k: v for k, v in event.values.items() if math.isfinite(v)}
+            )
         t = repr(time.time()).encode()
         png = event.png if isinstance(event, SampleEvent) else b""
         body = event.model_dump_json(exclude={"png"}) if png else event.model_dump_json()

@@ -123,3 +123,21 @@ def test_worker_errors_are_classified() -> None:
         assert classify(e).category == "disk_full"
     err = classify(ValueError("bad\nsecond line"))
     assert err.category == "error" and err.message == "ValueError: bad"
+
+
+def test_worker_leaves_out_values_json_cannot_carry(tmp_path: Path) -> None:
+    import zmq
+    from dallm.daemon.worker import WorkerLink
+
+    from dallm.protocol import MetricsEvent
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{tmp_path}/w.ipc"
+    router.bind(endpoint)
+    link = WorkerLink(endpoint, 1, 1)
+    link.emit(MetricsEvent(step=3, values={"loss": float("nan"), "lr": 1e-4, "grad_norm": float("inf")}))
+    frames = [router.recv_multipart() for _ in range(2)][1]
+    assert frames[1] == b"ev" and MetricsEvent.model_validate_json(frames[3]).values == {"lr": 1e-4}
+    link.sock.close(0)
+    router.close(0)
