@@ -218,6 +218,15 @@ class CosineSimilarity:
             self._w_norm = torch.stack(
                 [torch.linalg.vector_norm(p.w.detach().float()).to(self.device) for p in self.pairs]
             )
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(self.pairs):
+            key = (tuple(p.a2d().shape), tuple(p.b2d().shape), p.a.device, p.b.device)
+            groups.setdefault(key, []).append(i)
+        self._groups = list(groups.values())
+        flat = [i for g in self._groups for i in g]
+        self._order = torch.empty(len(flat), dtype=torch.long)
+        self._order[torch.tensor(flat)] = torch.arange(len(flat))
+        self._order = self._order.to(self.device)
         same_device = all(t.device == self.device for p in self.pairs for t in (p.a, p.b, p.w))
         want = False if cuda_graph is None else bool(cuda_graph)
         self.cuda_graph = want and self.device.type == "cuda" and same_device
@@ -233,19 +242,24 @@ class CosineSimilarity:
         return tuple(t.data_ptr() for p in self.pairs for t in (p.a, p.b, p.w))
 
     def _compute(self) -> Tensor:
-        dots, sq = [], []
+        """Per-layer cosines. Layers of equal shapes are batched: per layer only W A^T is its own
+        product (W differs); stacking, the Gram matrices and the reductions run once per shape."""
         dev = self.device
+        dots, sqs = [], []
         with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-            for p in self.pairs:
-                a = p.a2d().detach().float()
-                b = p.b2d().detach().float()
-                w = p.w2d().detach()
-                w = w.float() if w.dtype != torch.float32 else w
+            for group in self._groups:
+                a = torch.stack([self.pairs[i].a2d().detach() for i in group]).float()  # n x r x k
+                b = torch.stack([self.pairs[i].b2d().detach() for i in group]).float()  # n x d x r
+                wa = []
+                for n, i in enumerate(group):
+                    w = self.pairs[i].w2d().detach()
+                    wa.append((w.float() if w.dtype != torch.float32 else w) @ a[n].T)  # d x r
                 # <BA, W>_F = sum(B * (W A^T)) = sum((B^T W) * A);  ||BA||_F^2 = sum((B^T B) * (A A^T))
-                dots.append(torch.dot((w @ a.T).reshape(-1), b.reshape(-1)).to(dev))
-                sq.append(torch.dot((b.T @ b).reshape(-1), (a @ a.T).reshape(-1)).to(dev))
-            dot, sqn = torch.stack(dots), torch.stack(sq)
-            denom = torch.sqrt(sqn.clamp_min(0)) * self._w_norm
+                dots.append((torch.stack(wa) * b).sum((1, 2)).to(dev))
+                sqs.append(((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum((1, 2)).to(dev))
+            dot = torch.cat(dots)[self._order]
+            sq = torch.cat(sqs)[self._order]
+            denom = torch.sqrt(sq.clamp_min(0)) * self._w_norm
             ok = denom > 0  # B A = 0 (or W = 0): CS of the layer is 0 by definition
             return torch.where(
                 ok, dot / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dot)
