@@ -62,7 +62,7 @@ class DallmApp(App[None]):
         connection: Connection,
         *,
         images_mode: images.ImageMode = "halfblock",
-        poll_timeout: float = 0.1,
+        poll_timeout: float = 0.25,
         backoff: tuple[float, float] = (0.5, 5.0),
         initial_job: str | None = None,
     ) -> None:
