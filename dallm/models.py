@@ -100,7 +100,7 @@ def load_parts(
 
     source = resolve_base(cfg.base)
     transformers_logging.disable_progress_bar()
-    kw: dict[str, Any] = {"revision": cfg.revision}
+    kw: dict[str, Any] = {"revision": cfg.revision, "torch_dtype": weight_dtype}
     try:
         # transformers logs a warning per missing optional file; keep the console quiet.
         logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -120,10 +120,7 @@ def load_parts(
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-        if weight_dtype == torch.float32:
-            module.to(device=device)
-        else:
-            module.to(device=device, dtype=weight_dtype)
+        module.to(device=device)
     vae.eval()
     text_encoder.eval()
     return ModelParts(unet, vae, text_encoder, tokenizer, noise_scheduler, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,3 +162,36 @@ def test_gradient_checkpointing_same_losses(
         train(cfg, out_dir=tmp_path / str(gc))
     assert losses(tmp_path / "False") == losses(tmp_path / "True")
     assert same_weights(weights(tmp_path / "False"), weights(tmp_path / "True"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_precision_step(tiny_sd: Path, image_dir: Callable[..., Path], dtype: torch.dtype) -> None:
+    """The CUDA mixed-precision path (frozen weights in fp16/bf16, autocast, GradScaler for fp16, a
+    float32 text encoder when it trains) emulated on the CPU: every trainable group moves."""
+    from dallm.data import load_training_data
+    from dallm.models import load_parts
+    from dallm.trainer import Trainer
+
+    cfg = job(
+        tiny_sd,
+        image_dir(n=2),
+        data={"instance_prompt": "a <s1> cat"},
+        lora={"text_encoder": True},
+        tokens={"new": ["<s1>"], "ti_steps": 1},
+    )
+    images, _ = load_training_data(cfg.data, 16)
+    parts = load_parts(cfg.model, weight_dtype=dtype)
+    assert next(parts.unet.parameters()).dtype == dtype
+    parts.text_encoder.to(torch.float32)  # as train() does when the text encoder trains
+    trainer = Trainer(cfg, parts, images, None, torch.device("cpu"))
+    trainer.use_autocast, trainer.autocast_dtype = True, dtype
+    trainer.scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+    assert trainer.tokens is not None
+    rows, lora = trainer.tokens.rows(), [p.detach().clone() for p in trainer.unet_params + trainer.te_params]
+    for step in range(3):
+        assert math.isfinite(trainer.step(step)["loss"])
+    assert not torch.equal(rows, trainer.tokens.rows())
+    moved = [
+        not torch.equal(a, p) for a, p in zip(lora, trainer.unet_params + trainer.te_params, strict=True)
+    ]
+    assert all(p.dtype == torch.float32 for p in trainer.unet_params) and any(moved)
