@@ -16,7 +16,7 @@ from textual.timer import Timer
 from textual.widgets import Footer
 
 from . import images
-from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, Outcome, StateChange
+from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, JobSummary, Outcome, StateChange
 from .link import DaemonLink
 from .model import Model
 from .screens import ConfirmScreen, HelpScreen, RollbackScreen
@@ -184,7 +184,7 @@ class DallmApp(App[None]):
 
     # -- actions --------------------------------------------------------------------------------
 
-    def _selected_row(self, verb: str):
+    def _selected_row(self, verb: str) -> JobSummary | None:
         row = self.model.jobs.get(self.selected) if self.selected else None
         if row is None:
             self.notify(f"no job to {verb}", severity="warning")
