@@ -195,3 +195,15 @@ def test_mixed_precision_step(tiny_sd: Path, image_dir: Callable[..., Path], dty
         not torch.equal(a, p) for a, p in zip(lora, trainer.unet_params + trainer.te_params, strict=True)
     ]
     assert all(p.dtype == torch.float32 for p in trainer.unet_params) and any(moved)
+
+
+def test_sampling_does_not_change_training(
+    tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Sample grids during training draw no number from the training RNG streams."""
+    images = image_dir(n=2)
+    samples = {"every": 2, "prompts": ["a red circle"], "seeds": [0], "steps": 2}
+    train(job(tiny_sd, images, train={"steps": 4}, samples=samples), out_dir=tmp_path / "with")
+    train(job(tiny_sd, images, train={"steps": 4}), out_dir=tmp_path / "without")
+    assert losses(tmp_path / "with") == losses(tmp_path / "without")
+    assert (tmp_path / "with" / "samples" / "step-000004.png").is_file()
