@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from dallm.daemon.server import Daemon
 
 
+CANCEL = '"cancel"'  # the `pending` mark of a job being cancelled (not a JobCommand)
+
+
 class Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -133,7 +136,9 @@ def stop(d: Daemon, req: StopRequest) -> JobReply:
     if w is None or state != "running":
         raise Refused("conflict", f"job {job} is {state}")
     d.command(w, StopCommand())
-    d.set_state(job, "stopping", "stop requested: finish now (turning point weights when found)")
+    # `pending` survives a daemon crash: the resumed job is told again (see Daemon._recover).
+    d.set_state(job, "stopping", "stop requested: finish now (turning point weights when found)",
+                pending=StopCommand().model_dump_json())  # fmt: skip
     return JobReply(job=d.store.summary(job), message=f"job {job} stopping")
 
 
@@ -153,7 +158,8 @@ def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
             d.job_log(job, "info", f"rollback to step {req.step} requested (resume)")
             d.flush()
         else:
-            d.set_state(job, "stopping", f"rollback to step {req.step} {how} requested")
+            cmd = RollbackCommand(step=req.step, resume=False).model_dump_json()
+            d.set_state(job, "stopping", f"rollback to step {req.step} {how} requested", pending=cmd)
         return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
     if state == "queued":
         raise Refused("conflict", f"job {job} is queued; nothing to roll back")
@@ -185,7 +191,7 @@ def cancel(d: Daemon, req: CancelRequest) -> JobReply:
     if w is not None:
         w.cancel = True
         d.sched.kill(w)
-        d.set_state(job, "stopping", "cancel requested")
+        d.set_state(job, "stopping", "cancel requested", pending=CANCEL)
     else:
         d.set_state(
             job, "cancelled", "cancelled by user (never ran)" if not row["attempts"] else "cancelled by user"

@@ -314,13 +314,21 @@ class Daemon:
     # --- scheduling and workers ---------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Jobs a dead daemon left running are queued again and resume from their last checkpoint."""
+        """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
+        a stop or rollback asked before it died is asked again, a cancel is carried out."""
+        from dallm.daemon.handlers import CANCEL
+
         for job in self.store.ids_in("running", "stopping"):
             row = self.store.job(job) or {}
             pid = row.get("pid")
             if pid and _is_our_worker(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+            if row.get("pending") == CANCEL:
+                self.set_state(
+                    job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
+                )
+                continue
             self.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
                            resume_path=row.get("out_dir"), pid=None)  # fmt: skip
 
@@ -358,7 +366,7 @@ class Daemon:
             else "from step 0"
         )
         self.set_state(job, "running", f"started on {w.device} (attempt {attempt}, {how})", attempts=attempt,
-                       pid=w.proc.pid, device=w.device, started=time.time(), pending=None)  # fmt: skip
+                       pid=w.proc.pid, device=w.device, started=time.time())  # fmt: skip
 
     def slot_device(self) -> str:
         slot = self.sched.free_slot()
@@ -375,6 +383,8 @@ class Daemon:
                     w.job, "error", f"worker {reason}; see {Path(row.get('out_dir', '')) / 'worker.log'}"
                 )
             fields: dict[str, Any] = {"pid": None, "resume_path": row.get("out_dir") if resume else None}
+            if not resume:
+                fields["pending"] = None  # the stop/rollback/cancel it carried is done
             if state not in ("queued",):
                 fields["ended"] = time.time()
             if w.done is not None:

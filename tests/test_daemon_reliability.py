@@ -217,3 +217,25 @@ def test_500_queued_jobs_list_fast(daemons, home: Path, capsys) -> None:
     assert dallm_main(["ls", "--home", str(home)]) == 0
     assert time.perf_counter() - t0 < 1.0
     assert len(capsys.readouterr().out.splitlines()) == 502
+
+
+def test_stop_and_cancel_asked_before_a_daemon_crash_are_carried_out(daemons) -> None:
+    d = daemons(step_s=0.5)  # the workers poll for commands only every 0.5 s
+    with d.client() as c:
+        to_stop = c.submit(config("s", steps=1000, every=1))
+        wait_step(c, to_stop.id, 1)
+        c.stop(to_stop.id)
+    d.kill9()  # before the worker saw the stop
+    d2 = daemons("--max-jobs", "2", step_s=0.01)
+    with d2.client() as c:
+        s = wait_state(c, to_stop.id, {"stopped-early", "finished", "failed"})
+        assert s.state == "stopped-early", s.reason
+        assert any("daemon restarted" in t.reason for t in c.show(to_stop.id).transitions)
+        to_cancel = c.submit(config("c", steps=100_000, every=1000))
+        wait_step(c, to_cancel.id, 2)
+        c.cancel(to_cancel.id)
+    d2.kill9()  # most likely before it saw its worker end
+    d3 = daemons(step_s=0.01)
+    with d3.client() as c:
+        assert c.summary(to_cancel.id).state == "cancelled"
+        assert c.ping().counts == {"stopped-early": 1, "cancelled": 1}
