@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -266,6 +267,31 @@ class Daemon:
             w.finished = ev
             upd["result_step"] = ev.result_step
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
+        if isinstance(ev, StartedEvent) and ev.start_step > 0:
+            self._backfill(job, ev.start_step)
+
+    def _backfill(self, job: int, upto: int) -> None:
+        """Metric steps up to the resume step that the store lacks (events a killed daemon never
+        committed) are read back from the job's metrics.jsonl, so the history has no holes."""
+        from dallm.metrics_log import read_metrics
+
+        self.flush()
+        have = set(self.store.metric_steps(job))
+        out = (self.store.job(job) or {}).get("out_dir") or "."
+        missing = [
+            r
+            for r in read_metrics(Path(out) / "metrics.jsonl")
+            if r.get("step", 0) <= upto and r.get("step") not in have
+        ]
+        for row in missing:
+            values = {k: float(v) for k, v in row.items()
+                      if k != "step" and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
+            data = MetricsEvent(step=int(row["step"]), values=values).model_dump_json()
+            self.add_event(job, job_topic(job), "metrics", int(row["step"]), data, None)
+        if missing:
+            self.job_log(
+                job, "warning", f"{len(missing)} metric step(s) up to {upto} restored from metrics.jsonl"
+            )
 
     def drain_workers(self, budget: int = 50_000) -> None:
         for _ in range(budget):
