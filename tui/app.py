@@ -90,7 +90,7 @@ class DallmApp(App[None]):
 
     def on_mount(self) -> None:
         self.query_one(ConnectionBar).endpoint = self.connection.endpoint
-        self.query_one(JobHeader).show(None)
+        self.query_one(JobHeader).update(Text("waiting for the daemon…", style="dim italic"))
         self.query_one(JobTable).focus()
         self.run_worker(self.link.run, thread=True, name="daemon-link", exit_on_error=False)
 
