@@ -14,6 +14,8 @@ from dallm.config import ConfigError, config_from_dict
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
+    CheckpointNowCommand,
+    CheckpointRequest,
     ErrorReply,
     HistoryRequest,
     JobDetail,
@@ -199,6 +201,15 @@ def cancel(d: Daemon, req: CancelRequest) -> JobReply:
     return JobReply(job=d.store.summary(job), message=f"job {job} cancelled")
 
 
+def checkpoint(d: Daemon, req: CheckpointRequest) -> JobReply:
+    row = _job(d, req.job)
+    w = d.sched.by_job.get(row["id"])
+    if w is None or row["state"] != "running":
+        raise Refused("conflict", f"job {row['id']} is {row['state']}, not running")
+    d.command(w, CheckpointNowCommand())
+    return JobReply(job=d.store.summary(row["id"]), message=f"job {row['id']}: checkpoint requested")
+
+
 def priority(d: Daemon, req: PriorityRequest) -> JobReply:
     row = _job(d, req.job)
     job = row["id"]
@@ -250,6 +261,8 @@ def handle(d: Daemon, req_id: int, req: Request) -> list[bytes]:
             rep = rollback(d, req)
         elif isinstance(req, CancelRequest):
             rep = cancel(d, req)
+        elif isinstance(req, CheckpointRequest):
+            rep = checkpoint(d, req)
         elif isinstance(req, PriorityRequest):
             rep = priority(d, req)
         elif isinstance(req, ShutdownRequest):

@@ -46,6 +46,7 @@ import zmq
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
+    CheckpointRequest,
     ErrorReply,
     EventEnvelope,
     HistoryReply,
@@ -245,6 +246,10 @@ class DaemonClient:
 
     def cancel(self, job: int | str) -> JobSummary:
         return self.request(CancelRequest(job=str(job))).job
+
+    def checkpoint(self, job: int | str) -> JobSummary:
+        """Ask a running job to write a checkpoint at its next step."""
+        return self.request(CheckpointRequest(job=str(job))).job
 
     def set_priority(self, job: int | str, priority: int) -> JobSummary:
         return self.request(PriorityRequest(job=str(job), priority=priority)).job

@@ -305,6 +305,13 @@ class CancelRequest(_Message):
     job: str
 
 
+class CheckpointRequest(_Message):
+    """Ask a running job to write a checkpoint now (CheckpointNowCommand)."""
+
+    op: Literal["checkpoint"] = "checkpoint"
+    job: str
+
+
 class PriorityRequest(_Message):
     op: Literal["priority"] = "priority"
     job: str
@@ -327,6 +334,7 @@ Request = Annotated[
     | StopRequest
     | RollbackRequest
     | CancelRequest
+    | CheckpointRequest
     | PriorityRequest
     | ShutdownRequest,
     Field(discriminator="op"),

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,22 @@ def test_rollback_resume_marks_later_history_superseded(daemons) -> None:
         with pytest.raises(DaemonError) as err:
             c.rollback(job.id, 7)
         assert err.value.code == "not_found" and "have: 5, 10" in str(err.value)
+
+
+def test_checkpoint_now(daemons) -> None:
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        job = c.submit(config("a", steps=1000, every=1000))
+        wait_step(c, job.id, 7)
+        c.checkpoint(job.id)
+        end = time.monotonic() + 20
+        while not c.show(job.id).checkpoints and time.monotonic() < end:
+            time.sleep(0.05)
+        assert c.show(job.id).checkpoints[0].step >= 7
+        c.cancel(job.id)
+        wait_state(c, job.id, "cancelled")
+        with pytest.raises(DaemonError, match="not running"):
+            c.checkpoint(job.id)
 
 
 def test_cancel_queued_and_running(daemons) -> None:

@@ -9,6 +9,7 @@ import pytest
 from dallm.protocol import (
     PROTOCOL_VERSION,
     CancelRequest,
+    CheckpointRequest,
     ErrorReply,
     EventEnvelope,
     FinishedEvent,
@@ -50,6 +51,7 @@ REQUESTS = [
     StopRequest(job="3"),
     RollbackRequest(job="3", step=250, resume=True),
     CancelRequest(job="x"),
+    CheckpointRequest(job="3"),
     PriorityRequest(job="3", priority=-1),
     ShutdownRequest(),
 ]
