@@ -83,7 +83,10 @@ class TokensConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["lora"] = "lora"
+    # "full" fine-tunes every UNet weight (a baseline for comparison); CS / CS-Fluctuation are
+    # defined for LoRA only, so a full job runs without the monitor.
+    method: Literal["lora", "full"] = "lora"
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)  # full: the result is an EMA of the UNet
     steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=1, ge=1)
     grad_accum: int = Field(default=1, ge=1)
@@ -185,6 +188,16 @@ class JobConfig(_Section):
             raise ValueError("tokens.ti_steps: set, but tokens.new lists no tokens")
         if self.samples.every and not self.samples.prompts:
             raise ValueError("samples.prompts: required when samples.every > 0")
+        if self.train.method == "full":
+            if self.monitor.early_stop == "auto":
+                raise ValueError(
+                    'monitor.early_stop: "auto" needs CS-Fluctuation, defined only for LoRA; '
+                    'use "off" with train.method = "full"'
+                )
+            if self.lora.text_encoder:
+                raise ValueError('lora.text_encoder: LoRA on the text encoder with train.method = "full"')
+        elif self.train.ema_decay is not None:
+            raise ValueError('train.ema_decay: only for train.method = "full"')
         if self.train.mixed_precision != "no" and self.train.device == "cpu":
             raise ValueError("train.mixed_precision: bf16/fp16 autocast needs a CUDA device")
         return self

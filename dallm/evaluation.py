@@ -274,6 +274,15 @@ class LiveEvaluator:
         self.sample_seconds += self.clock() - t0
         self.emit(SampleEvent(step=step, path=record.path, png=thumb, prompts=list(sc.prompts)))
 
+    def prime_base(self) -> None:
+        """Make the base model's sample grid and KID features now (before training), for a job that
+        changes the base weights themselves (train.method = "full": no adapters to turn off)."""
+        sc = self.cfg.samples
+        if self.samples_on and not (self.out_dir / "samples" / "base.png").exists():
+            write_grid(self.out_dir, None, self.sample_grid(base=True), sc.prompts, sc.seeds, sc.thumbnail)
+        if self.kid_on:
+            self.references()
+
     # -- KID ------------------------------------------------------------------------------------
 
     @property

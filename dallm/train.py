@@ -123,12 +123,15 @@ def train(
     if cfg.tokens.new or cfg.lora.text_encoder:  # a trained text encoder stays float32 (autocast computes)
         parts.text_encoder.to(torch.float32)
     trainer = Trainer(cfg, parts, images, classes, device)
-    watch = Watch(parts.unet, cfg.monitor) if cfg.monitor.cs else None
+    full = cfg.train.method == "full"  # CS / CS-Fluctuation are defined for LoRA only
+    watch = Watch(parts.unet, cfg.monitor) if cfg.monitor.cs and not full else None
     evaluator = None
     if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir or cfg.eval.prompts:
         from dallm.evaluation import LiveEvaluator
 
         evaluator = LiveEvaluator(cfg, parts, out, emit, device, weight_dtype, images.captions)
+        if full and ckpt is None:  # the base model's samples and KID features before its weights move
+            evaluator.prime_base()
     job = Job(cfg, trainer, watch, evaluator, out, emit, poll)
     try:
         return job.run(ckpt)

@@ -30,7 +30,8 @@ from dallm.lora import add_lora, has_lora, load_lora_state, lora_parameters, lor
 from dallm.models import ModelParts
 from dallm.tokens import NewTokens, add_tokens
 
-CLASS_SEED_OFFSET = 7919  # class images are drawn from their own shuffled sequence
+CLASS_SEED_OFFSET = 7919
+UNET_FILE = "diffusion_pytorch_model.safetensors"  # class images are drawn from their own shuffled sequence
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,7 +78,11 @@ class Trainer:
         self.tokens: NewTokens | None = add_tokens(
             parts.tokenizer, parts.text_encoder, cfg.tokens, self.generator
         )
-        add_lora(parts.unet, parts.text_encoder, cfg.lora)
+        self.full = tc.method == "full"  # full fine-tuning of the UNet (a baseline): no LoRA
+        if self.full:
+            parts.unet.requires_grad_(True)
+        else:
+            add_lora(parts.unet, parts.text_encoder, cfg.lora)
         if self.tokens is not None:  # peft froze every non-LoRA weight of the text encoder
             self.tokens.embedding.requires_grad_(True)
         self.train_text_encoder = cfg.lora.text_encoder or self.tokens is not None
@@ -88,8 +93,11 @@ class Trainer:
         parts.unet.train()
         parts.text_encoder.train(self.train_text_encoder)
 
-        self.unet_params = lora_parameters(parts.unet)
+        self.unet_params = list(parts.unet.parameters()) if self.full else lora_parameters(parts.unet)
         self.te_params = lora_parameters(parts.text_encoder) if cfg.lora.text_encoder else []
+        self.ema: list[torch.Tensor] | None = (
+            [p.detach().clone() for p in self.unet_params] if self.full and tc.ema_decay else None
+        )
         groups: list[dict[str, Any]] = [{"params": self.unet_params, "lr": tc.lr}]
         if self.te_params:
             groups.append({"params": self.te_params, "lr": tc.text_encoder_lr or tc.lr})
@@ -196,6 +204,9 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            live = [p.detach() for p in self.unet_params]
+            torch._foreach_lerp_(self.ema, live, 1.0 - (self.cfg.train.ema_decay or 0.0))
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.tokens is not None:
@@ -210,6 +221,13 @@ class Trainer:
     def weights(self, step: int) -> TrainState:
         te = lora_state(self.parts.text_encoder) if has_lora(self.parts.text_encoder) else None
         rows = self.tokens.rows() if self.tokens is not None else None
+        if self.full:  # the whole UNet (state dict keys) in place of the LoRA tensors
+            unet = {k: v.detach().to("cpu", copy=True) for k, v in self.parts.unet.state_dict().items()}
+            s = TrainState(step, unet, te, rows)
+            if self.ema is not None:
+                names = [n for n, _ in self.parts.unet.named_parameters()]
+                s.extra["ema"] = {n: e.to("cpu", copy=True) for n, e in zip(names, self.ema, strict=True)}
+            return s
         return TrainState(step, lora_state(self.parts.unet), te, rows)
 
     def state(self, step: int) -> TrainState:
@@ -223,7 +241,13 @@ class Trainer:
 
     def load(self, s: TrainState) -> None:
         """Put `s` back: weights always; optimizer, scheduler and RNG when `s` has them."""
-        load_lora_state(self.parts.unet, s.unet_lora)
+        if self.full:
+            self.parts.unet.load_state_dict(s.unet_lora)
+            if self.ema is not None and "ema" in s.extra:
+                for e, v in zip(self.ema, s.extra["ema"].values(), strict=True):
+                    e.copy_(v)
+        else:
+            load_lora_state(self.parts.unet, s.unet_lora)
         if s.text_encoder_lora is not None:
             load_lora_state(self.parts.text_encoder, s.text_encoder_lora)
         if s.token_rows is not None and self.tokens is not None:
@@ -238,7 +262,18 @@ class Trainer:
             restore_rng(s.rng, self.generator)
 
     def write_weights(self, folder: Path, s: TrainState) -> None:
-        """The result files of `s` into `folder`: LoRA (diffusers/peft keys) and token embeddings."""
+        """The result files of `s` into `folder`: LoRA (diffusers/peft keys) and token embeddings;
+        with train.method = "full", the UNet (its EMA when kept) as a diffusers `unet/` folder."""
+        if self.full:
+            from safetensors.torch import save_file
+
+            unet = dict(s.unet_lora) | dict(s.extra.get("ema", {}))
+            (folder / "unet").mkdir(parents=True, exist_ok=True)
+            self.parts.unet.save_config(folder / "unet")
+            save_file({k: v.contiguous() for k, v in unet.items()}, folder / "unet" / UNET_FILE)
+            if s.token_rows is not None and self.tokens is not None:
+                save_embeddings(folder / emb_file_name(self.cfg.name), s.token_rows, self.tokens.tokens)
+            return
         te_scale = _scale(self.parts.text_encoder) if s.text_encoder_lora else 1.0
         save_lora(
             folder, diffusers_lora_dict(s.unet_lora, s.text_encoder_lora, _scale(self.parts.unet), te_scale)

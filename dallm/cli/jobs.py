@@ -160,22 +160,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from dallm.sweep import sweep_of  # a job in a sweep folder (`dallm sweep`) belongs to that sweep
+
     with _client(args) as c:
         jobs = c.jobs(states=args.state or None, limit=args.limit)
+    sweeps = {j.id: sweep_of(j.out_dir) for j in jobs}
+    if args.sweep:
+        jobs = [j for j in jobs if sweeps[j.id] == args.sweep]
+    jobs.sort(key=lambda j: (sweeps[j.id] is not None, sweeps[j.id] or ""))  # sweeps grouped, after the rest
     if args.json:
-        _print_json(jobs)
+        _print_json([j.model_dump(mode="json") | {"sweep": sweeps[j.id]} for j in jobs])
         return 0
     if not jobs:
         print("no jobs")
         return 0
     rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "DEVICE", "AGE", "REASON")]
+    group: str | None = None
     for j in jobs:
+        if sweeps[j.id] != group:
+            group = sweeps[j.id]
+            rows.append((f"sweep {group}:",))
         step = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step)
+        name = f"  {j.name}" if group else j.name
         rows.append(
-            (str(j.id), j.name, j.state, str(j.priority), step, j.device or "-", _ago(j.created), j.reason)
+            (str(j.id), name, j.state, str(j.priority), step, j.device or "-", _ago(j.created), j.reason)
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    widths = [max(len(r[i]) for r in rows if len(r) > 1) for i in range(len(rows[0]) - 1)]
     for r in rows:
+        if len(r) == 1:  # a sweep's heading
+            print(r[0])
+            continue
         print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1][:80])
     return 0
 
@@ -319,6 +333,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", parents=[common], help="list jobs")
     p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     p.add_argument("--limit", type=int, help="only the newest N jobs")
+    p.add_argument("--sweep", help="only the jobs of this sweep (`dallm sweep`)")
     p.set_defaults(func=cmd_ls)
 
     for name, func, text in (

@@ -1,4 +1,7 @@
-"""`dallm report OUTPUT_DIR [--out DIR] [--json]`: the study's plots from a job folder."""
+"""`dallm report OUTPUT_DIR [--out DIR] [--json]`: the study's plots from a job folder.
+
+`dallm report --sweep SWEEP_DIR_OR_ID [--out DIR]`: the comparison across a sweep's runs
+(`dallm.sweep_report`)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ def register(subparsers: Any) -> None:
         help="plot loss, CS / CS-Fluctuation, KID and the sample evolution of a job",
         description="Write PNG plots from a job's metrics.jsonl, result.json and samples/.",
     )
-    p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the job's output folder")
+    p.add_argument("output_dir", type=Path, nargs="?", metavar="OUTPUT_DIR", help="the job's output folder")
+    p.add_argument("--sweep", metavar="SWEEP", help="compare a sweep's runs (its folder or id) instead")
+    p.add_argument("--home", help="--sweep ID: the daemon's home to look in")
     p.add_argument(
         "--out", type=Path, default=None, help="where to write the PNGs (default: OUTPUT_DIR/report)"
     )
@@ -26,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from dallm.cli import CommandError
     from dallm.report import ReportError, read_result, write_report
 
+    if args.sweep is not None:
+        return _sweep(args)
+    if args.output_dir is None:
+        raise CommandError("give OUTPUT_DIR (a job folder) or --sweep SWEEP", 2)
     try:
         results = write_report(args.output_dir, args.out)
     except ReportError as e:
@@ -51,4 +60,21 @@ def run(args: argparse.Namespace) -> int:
             f"samples {cost.get('sample_seconds_total', 0.0):.1f} s; {100 * cost['eval_share']:.1f}% of "
             f"{cost['wall_seconds']:.0f} s"
         )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from dallm.sweep_report import find_sweep, write_sweep_report
+
+    folder = find_sweep(args.sweep, args.home)
+    results = write_sweep_report(folder, args.out)
+    written = {k: str(v) for k, v in results.items() if isinstance(v, Path)}
+    skipped = {k: v for k, v in results.items() if isinstance(v, str)}
+    if args.json:
+        print(json.dumps({"sweep": str(folder), "written": written, "skipped": skipped}))
+        return 0
+    for path in written.values():
+        print(path)
+    for name, why in skipped.items():
+        print(f"{name}: skipped ({why})")
     return 0
