@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv when missing,
 # installs the CPU torch wheel first (a bare torch requirement would pull a CUDA build), then dallm.
+# `make demo` starts (or reuses) a daemon, submits the quickstart and shows it live in the TUI.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dallm train configs/quickstart.toml
+	$(BIN)/dallm run configs/quickstart.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
