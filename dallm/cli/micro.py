@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training step count (default 1)")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
     b.add_argument("--eval-samples", type=int, default=64, help="base-model samples for the quality figures")
     b.add_argument("--grid", type=Path, default=None, help="also write a PNG of base samples")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -61,6 +62,7 @@ def _build(args: argparse.Namespace) -> int:
         command=command,
         log=log,
         grid=args.grid,
+        threads=args.threads or None,
     )
     if args.json:
         print(json.dumps(manifest, indent=2))

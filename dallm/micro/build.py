@@ -45,11 +45,11 @@ LATENT = SIZE // 4
 
 @dataclass
 class Steps:
-    vae: int = 1000
-    unet: int = 3000
-    featnet: int = 1500
+    vae: int = 600
+    unet: int = 2400
+    featnet: int = 800
     vae_batch: int = 32
-    unet_batch: int = 32
+    unet_batch: int = 48
     featnet_batch: int = 128
     world_images: int = 12000
     teacher_images: int = 3000
@@ -113,9 +113,20 @@ def labels(scenes: list[Scene], style: int) -> torch.Tensor:
 
 
 def write_tokenizer(folder: Path) -> None:
+    """CLIP BPE tokenizer: byte alphabet plus the world's words, each one token.
+
+    Longer words' merges come first, so that a short word's merge ("i n</w>" of "in") cannot split
+    a longer word ("plain" -> "pla" + "in</w>").
+    """
+    from transformers import CLIPTokenizer
+
     from dallm.tiny import write_clip_tokenizer
 
-    write_clip_tokenizer(folder, WORDS, max_length=MAX_TOKENS)
+    write_clip_tokenizer(folder, sorted(WORDS, key=len, reverse=True), max_length=MAX_TOKENS)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    split = [w for w in WORDS if len(tok.encode(w, add_special_tokens=False)) != 1]
+    if split:
+        raise RuntimeError(f"tokenizer splits world words: {split}")
 
 
 def make_scheduler_config() -> dict:
@@ -271,7 +282,7 @@ def train_unet(
     losses: list[float] = []
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, 5e-4)
+            g["lr"] = _lr(step, steps, 6e-4)
         idx = torch.randint(len(mu), (batch,), generator=gen)
         eps_lat = torch.randn(mu[idx].shape, generator=gen)
         lat = ((mu[idx] + sd[idx] * eps_lat) * scale).to(device)
@@ -471,6 +482,7 @@ def build(
     log: Callable[[str], None] = print,
     grid: Path | None = None,
     unet_channels: tuple[int, int] = (48, 96),
+    threads: int | None = 1,
 ) -> dict:
     """Build model/, featnet.safetensors (+ .json) and MANIFEST.json into `out`; return the manifest."""
     import diffusers
@@ -479,6 +491,10 @@ def build(
     from transformers import CLIPTokenizer
 
     t_start = time.perf_counter()
+    if threads:
+        # One thread by default: these models are small, and on a shared or busy CPU OpenMP's
+        # spinning threads made a VAE step 12 times slower with 2 threads than with 1.
+        torch.set_num_threads(threads)
     dev = pick_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
