@@ -257,11 +257,18 @@ def run_local(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         futures = {pool.submit(_train_one, d, out, threads): run for run, d, out in data}
         for run, _, _ in data:
             log(f"{run.name}: queued")
         for fut in as_completed(futures):
             _, seconds, error = fut.result()
             record(futures[fut], seconds, error)
+    except BaseException:  # Ctrl-C: end the running trainings too (they resume from checkpoints)
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return sweep

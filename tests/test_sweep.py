@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
 """Sweeps: grid validation before anything runs, run names and seeds, a local sweep on the tiny model
 and its report, the study's SD 1.5 config validated without weights."""
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import write_images
+from daemon_helpers import daemons, home  # noqa: F401 - fixtures
 
 from dallm.cli import main as dallm_main
 from dallm.config import ConfigError, load_config
@@ -99,7 +102,13 @@ def test_local_sweep_and_report(
 
     assert dallm_main(["report", "--sweep", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    for name in ("kid_train_method", "final_kid_train_method", "samples_train_method", "table_md", "table_csv"):
+    for name in (
+        "kid_train_method",
+        "final_kid_train_method",
+        "samples_train_method",
+        "table_md",
+        "table_csv",
+    ):
         assert Path(rep["written"][name]).is_file(), (name, rep)
     rows = list(csv.DictReader((out / "report" / "table.csv").open()))
     by = {r["train.method"]: r for r in rows}
@@ -135,3 +144,31 @@ def test_sd15_config_validates_without_weights(tmp_path: Path, image_dir: Callab
         check_paths(load_config(path, [f"data.dir={val}", *sets[1:]]))
     sweep, _ = plan_sweep(path, ["lora.rank=1,4,16"], sets=sets)  # the study's rank sweep plans here
     assert [r.name for r in sweep.runs] == [f"sd15-baroque-cat-r{r}-s0" for r in (1, 4, 16)]
+
+
+def test_daemon_sweep_grouped_in_ls_and_reported(daemons, home: Path, tmp_path: Path, capsys) -> None:
+    daemons(step_s=0.002)  # the fake engine
+    images = tmp_path / "imgs"
+    write_images(images, 3)
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(f'name = "ds"\n[data]\ndir = "{images}"\n[train]\nsteps = 6\n[monitor]\nwindow = 2\n')
+    base = ["--home", str(home)]
+    assert dallm_main(["sweep", str(cfg), "--grid", "lora.rank=1,0", *base]) == 1  # nothing queued
+    assert "--grid lora.rank=0" in capsys.readouterr().err
+    assert dallm_main(["submit", str(cfg), "--set", "name=alone", "--wait", *base]) == 0
+    argv = ["sweep", str(cfg), "--grid", "lora.rank=1,2", "--repeat", "2", "--id", "sw1", "--wait", "--json"]
+    assert dallm_main([*argv, *base]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [r["job"] for r in out["runs"]] == [2, 3, 4, 5] and {r["state"] for r in out["runs"]} == {
+        "finished"
+    }
+    folder = Path(out["folder"])
+    assert folder == home.resolve() / "jobs" / "sw1" and (folder / "ds-r2-s1" / "metrics.jsonl").is_file()
+    assert dallm_main(["ls", *base]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2] == "sweep sw1:" and "alone" in table[1] and "  ds-r1-s0" in table[3]
+    assert dallm_main(["ls", "--sweep", "sw1", "--json", *base]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [j["id"] for j in listed] == [2, 3, 4, 5] and listed[0]["sweep"] == "sw1"
+    assert dallm_main(["report", "--sweep", "sw1", *base]) == 0  # by id, found under the home
+    assert (folder / "report" / "table.csv").is_file()

@@ -1,0 +1,107 @@
+"""Run the study's experiments on the micro world (CPU), as `dallm sweep --local` sweeps, and report.
+
+    python experiments/run.py data                      # 50 train + 20 val teacher images
+    python experiments/run.py early_stop [--workers 2]  # >= 10 runs: seeds x learning rates
+    python experiments/run.py rank                      # lora.rank = 1, 4, 16
+    python experiments/run.py size                      # data.limit = 5, 10, 20, 50
+    python experiments/run.py full                      # train.method = lora, full
+    python experiments/run.py all                       # the four, in that order (priority order)
+
+Each sweep goes to runs/experiments/<name>/ and its report to runs/experiments/<name>/report/
+(`dallm report --sweep`); `early_stop` adds experiments/early_stop.py's analysis. A sweep that is
+interrupted continues where it stopped when run again. `--base FOLDER` trains another micro model
+than the shipped one; `--scale` multiplies every step count (the CPU budget: see docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "quickstart.toml"
+DATA = ROOT / "runs" / "experiments" / "data"
+OUT = ROOT / "runs" / "experiments"
+
+# The quickstart scaled to the CPU budget: fewer steps, a smaller batch, cheaper evaluation
+# (20 eval images sampled with 10 DDIM steps), KID every `every` steps, checkpoints at each KID.
+STEPS, EVERY = 200, 25
+EXPERIMENTS: dict[str, list[str]] = {
+    "early_stop": ["--grid", "train.lr=5e-4,2e-3", "--repeat", "5"],
+    "rank": ["--grid", "lora.rank=1,4,16", "--repeat", "2"],
+    "size": ["--grid", "data.limit=5,10,20,50", "--repeat", "2"],
+    "full": ["--grid", "train.method=lora,full", "--set", "monitor.early_stop=off"],
+}
+
+
+def common(base: str | None, scale: float) -> list[str]:
+    steps, every = max(40, round(STEPS * scale)), max(10, round(EVERY * scale))
+    sets = [
+        f"data.dir={DATA / 'train'}",
+        f"eval.val_dir={DATA / 'val'}",
+        "data.limit=20",
+        f"train.steps={steps}",
+        "train.batch_size=4",
+        f"tokens.ti_steps={max(5, steps // 12)}",
+        "monitor.early_stop=notify",  # record the turning point, train on: the whole curve is kept
+        f"checkpoint.every={every}",
+        "checkpoint.keep=2",
+        f"samples.every={every}",
+        "samples.steps=10",
+        "samples.seeds=[0]",
+        f"eval.every={every}",
+        "eval.num_images=20",
+        "eval.steps=10",
+        "eval.subset_size=10",  # of 20: the std over subsets then says something (20 of 20: always 0)
+        "eval.num_subsets=50",
+    ]
+    if base:
+        sets += [f"model.base={Path(base).resolve()}", "tokens.init_word=style"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def make_data() -> None:
+    from dallm.micro.build import write_quickstart_data
+
+    if (DATA / "train" / "train049.png").is_file():
+        print(f"{DATA}: ready")
+        return
+    write_quickstart_data(DATA, n_train=50, n_val=20, seed=1234)
+    print(f"{DATA}: 50 train + 20 val teacher images")
+
+
+def run(name: str, args: argparse.Namespace) -> None:
+    folder = OUT / name
+    cmd = [sys.executable, "-m", "dallm", "sweep", str(CONFIG), "--local", "--id", name, "--out", str(folder)]
+    cmd += (
+        common(args.base, args.scale) + EXPERIMENTS[name] + ["--workers", str(args.workers)]
+    )  # later --set wins
+    t0 = time.time()
+    print("$", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=ROOT)
+    print(f"{name}: sweep exit {rc} after {time.time() - t0:.0f} s", flush=True)
+    subprocess.call([sys.executable, "-m", "dallm", "report", "--sweep", str(folder)], cwd=ROOT)
+    if name == "early_stop":
+        subprocess.call([sys.executable, str(ROOT / "experiments" / "early_stop.py"), str(folder)], cwd=ROOT)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["data", *EXPERIMENTS, "all"])
+    p.add_argument("--base", default=None, help="a micro model folder (default: the shipped one)")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the step counts (default 1)")
+    args = p.parse_args()
+    make_data()
+    if args.what == "data":
+        return 0
+    for name in EXPERIMENTS if args.what == "all" else [args.what]:
+        run(name, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
