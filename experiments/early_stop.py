@@ -13,12 +13,20 @@ that step); the compute saved by stopping there (1 - turning / final steps); the
 
 Writes early_stop.md, early_stop.csv and early_stop.png (validation KID against step per run, the
 turning point and the best step marked) into DIR (default: the sweep's report/ folder).
+
+Guard variants (`guards.md`): the detector replayed offline on each run's logged CS and lr series
+with other noise guards -- the engine's own (a check: it must agree with the job), a smaller
+min_rise, the detector started only after the LoRA's warm-up (textual-inversion steps and LR
+warm-up, where CS jumps from 0 and CSF = Var / lr is inflated by a small lr), and the guard on
+log10(CSF) (CSF spans orders of magnitude). KID at a replayed turning point is read at the nearest
+evaluated step (evaluations are `eval.every` apart), so it is approximate.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -139,6 +147,102 @@ def _plot(rows: list[dict[str, Any]], folder: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def _series(rows: list[dict[str, float]]) -> tuple[list[int], list[float], list[float]]:
+    pts = [(int(r["step"]), r["cs"], r["lr"]) for r in rows if "cs" in r and "lr" in r]
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def replay(
+    rows: list[dict[str, float]], window: int, min_rise: float, start: int = 0, log: bool = False
+) -> int | None:
+    """The turning point of the detector fed the run's (step, cs, lr) from `start` on (None: none)."""
+    from dallm.monitor import TurningPointDetector, cs_fluctuation
+
+    steps, cs, lr = _series(rows)
+    keep = [i for i, s in enumerate(steps) if s > start]
+    if not keep:
+        return None
+    steps, cs, lr = [steps[i] for i in keep], [cs[i] for i in keep], [lr[i] for i in keep]
+    det = TurningPointDetector(window, min_rise)
+    if not log:
+        for st, c, r in zip(steps, cs, lr, strict=True):
+            tp = det.update(st, c, r)
+            if tp is not None:
+                return tp
+        return None
+    for st, v in zip(steps, cs_fluctuation(cs, window, lr), strict=True):
+        if v is not None and v > 0:
+            tp = det.observe_csf(st, math.log10(v))
+            if tp is not None:
+                return tp
+    return None
+
+
+def guards(folder: Path, dest: Path) -> list[str]:
+    import tomllib
+
+    sweep = read_manifest(folder)
+    runs = [rd for rd in load_runs(folder, sweep) if rd.rows]
+    variants: dict[str, Any] = {}
+    out_rows = []
+    for rd in runs:
+        cfg = tomllib.loads((rd.folder / "config.toml").read_text())
+        m = cfg.get("monitor", {})
+        window, min_rise = int(m.get("window", 10)), float(m.get("min_rise", 0.1))
+        warm = max(
+            int(cfg.get("tokens", {}).get("ti_steps", 0)), int(cfg.get("train", {}).get("warmup_steps", 0))
+        )
+        variants = {
+            f"engine (min_rise {min_rise:g})": lambda r=rd.rows, w=window, mr=min_rise: replay(r, w, mr),
+            "min_rise 0.02": lambda r=rd.rows, w=window: replay(r, w, 0.02),
+            f"after warm-up (step > {warm})": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+                r, w, mr, s
+            ),
+            "log10 CSF": lambda r=rd.rows, w=window, mr=min_rise: replay(r, w, mr, log=True),
+            "log10 CSF after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+                r, w, mr, s, True
+            ),
+        }
+        steps, vals = series(rd.rows, "kid_val")
+        best = min(range(len(vals)), key=vals.__getitem__)
+        row = {"run": rd.run.name, "best": int(steps[best]), "kid_best": vals[best], "final": int(steps[-1])}
+        for name, fn in variants.items():
+            tp = fn()
+            near = min(range(len(steps)), key=lambda i, t=tp: abs(steps[i] - t)) if tp is not None else None
+            row[name] = tp
+            row[name + " kid"] = vals[near] if near is not None else None
+        row["engine agrees"] = rd.result.get("turning_point") == row[next(iter(variants))]
+        out_rows.append(row)
+    lines = ["| run | best val step (KID) | final | " + " | ".join(variants) + " |"]
+    lines.append("|" + "---|" * (3 + len(variants)))
+    for r in out_rows:
+        cells = [f"{_f(r[n])} ({_f(r[n + ' kid'])})" for n in variants]
+        lines.append(
+            f"| {r['run']} | {r['best']} ({r['kid_best']:.4g}) | {r['final']} | " + " | ".join(cells) + " |"
+        )
+    summary = []
+    for name in variants:
+        found = [r for r in out_rows if r[name] is not None]
+        if not found:
+            summary.append(f"- {name}: no turning point in any of {len(out_rows)} runs")
+            continue
+        d = [r[name] - r["best"] for r in found]
+        regret = [r[name + " kid"] - r["kid_best"] for r in found]
+        summary.append(
+            f"- {name}: found in {len(found)}/{len(out_rows)}; turning - best step: median {statistics.median(d):+.0f} "
+            f"(range {min(d):+d}..{max(d):+d}); val KID there - best: median {statistics.median(regret):.4g}; "
+            f"steps saved: median {100 * statistics.median(1 - r[name] / r['final'] for r in found):.0f}%"
+        )
+    agree = sum(r["engine agrees"] for r in out_rows)
+    summary.append(
+        f"- the replay of the engine's guard agrees with the jobs' own turning point in {agree}/{len(out_rows)} runs"
+    )
+    (dest / "guards.md").write_text(
+        "\n".join([*summary, "", "Turning step (val KID at the nearest evaluation):", "", *lines]) + "\n"
+    )
+    return summary
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweep", type=Path)
@@ -148,7 +252,9 @@ def main() -> int:
     if not rows:
         print(f"{args.sweep}: no run has a validation KID yet", file=sys.stderr)
         return 1
-    write(rows, args.sweep, args.out or args.sweep / "report")
+    dest = args.out or args.sweep / "report"
+    write(rows, args.sweep, dest)
+    print("\n".join(guards(args.sweep, dest)))
     return 0
 
 

@@ -3,9 +3,10 @@
     python experiments/run.py data                      # 50 train + 20 val teacher images
     python experiments/run.py early_stop [--workers 2]  # >= 10 runs: seeds x learning rates
     python experiments/run.py rank                      # lora.rank = 1, 4, 16
+    python experiments/run.py early_stop_long           # 600 steps: the steps experiment
     python experiments/run.py size                      # data.limit = 5, 10, 20, 50
     python experiments/run.py full                      # train.method = lora, full
-    python experiments/run.py all                       # the four, in that order (priority order)
+    python experiments/run.py all                       # all, in this order (the priority order)
 
 Each sweep goes to runs/experiments/<name>/ and its report to runs/experiments/<name>/report/
 (`dallm report --sweep`); `early_stop` adds experiments/early_stop.py's analysis. A sweep that is
@@ -32,8 +33,11 @@ STEPS, EVERY = 200, 25
 EXPERIMENTS: dict[str, list[str]] = {
     "early_stop": ["--grid", "train.lr=5e-4,2e-3", "--repeat", "5"],
     "rank": ["--grid", "lora.rank=1,4,16", "--repeat", "2"],
+    # The steps experiment and a longer horizon for early stopping: 3x the steps, KID every 50.
+    "early_stop_long": ["--grid", "train.lr=1e-3,3e-3", "--repeat", "3", "--set", "train.steps=600"]
+    + ["--set", "eval.every=50", "--set", "samples.every=50", "--set", "checkpoint.every=50"],
     "size": ["--grid", "data.limit=5,10,20,50", "--repeat", "2"],
-    "full": ["--grid", "train.method=lora,full", "--set", "monitor.early_stop=off"],
+    "full": ["--grid", "train.method=lora,full", "--grid", "train.lr=1e-4,1e-3", "--set", "monitor.early_stop=off"],
 }
 
 
@@ -84,7 +88,7 @@ def run(name: str, args: argparse.Namespace) -> None:
     rc = subprocess.call(cmd, cwd=ROOT)
     print(f"{name}: sweep exit {rc} after {time.time() - t0:.0f} s", flush=True)
     subprocess.call([sys.executable, "-m", "dallm", "report", "--sweep", str(folder)], cwd=ROOT)
-    if name == "early_stop":
+    if name.startswith("early_stop"):
         subprocess.call([sys.executable, str(ROOT / "experiments" / "early_stop.py"), str(folder)], cwd=ROOT)
 
 
