@@ -37,7 +37,14 @@ EXPERIMENTS: dict[str, list[str]] = {
     "early_stop_long": ["--grid", "train.lr=1e-3,3e-3", "--repeat", "3", "--set", "train.steps=600"]
     + ["--set", "eval.every=50", "--set", "samples.every=50", "--set", "checkpoint.every=50"],
     "size": ["--grid", "data.limit=5,10,20,50", "--repeat", "2"],
-    "full": ["--grid", "train.method=lora,full", "--grid", "train.lr=1e-4,1e-3", "--set", "monitor.early_stop=off"],
+    "full": [
+        "--grid",
+        "train.method=lora,full",
+        "--grid",
+        "train.lr=1e-4,1e-3",
+        "--set",
+        "monitor.early_stop=off",
+    ],
 }
 
 
