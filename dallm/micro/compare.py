@@ -43,13 +43,15 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: flo
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=lat, output_type="pt").images
 
 
-def compare(job_dir: Path, out_png: Path, n: int = 8, n_kid: int = 64, token: str = "<s1><s2>") -> dict:
+def compare(
+    job_dir: Path, out_png: Path, n: int = 8, n_kid: int = 64, token: str = "<s1><s2>", model: Path = MODEL_DIR
+) -> dict:
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(1)
-    base = StableDiffusionPipeline.from_pretrained(MODEL_DIR, local_files_only=True)
+    base = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
     base.set_progress_bar_config(disable=True)
-    tuned = load_finetuned(job_dir)
+    tuned = load_finetuned(job_dir, model)
     scenes = eval_prompts(max(n, n_kid), 5150)
     rng = np.random.default_rng(5151)
     teacher = to_tensor(np.stack([render_teacher(s, rng) for s in scenes[:n]]))
@@ -70,8 +72,10 @@ def main() -> None:
     p.add_argument("job_dir", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n-kid", type=int, default=64)
+    p.add_argument("--model", type=Path, default=MODEL_DIR)
     a = p.parse_args()
-    print(json.dumps(compare(a.job_dir, a.out, a.n), indent=1))
+    print(json.dumps(compare(a.job_dir, a.out, a.n, a.n_kid, model=a.model), indent=1))
 
 
 if __name__ == "__main__":
