@@ -18,7 +18,8 @@ Guard variants (`guards.md`): the detector replayed offline on each run's logged
 with other noise guards -- the engine's own (a check: it must agree with the job), a smaller
 min_rise, the detector started only after the LoRA's warm-up (textual-inversion steps and LR
 warm-up, where CS jumps from 0 and CSF = Var / lr is inflated by a small lr), and the guard on
-log10(CSF) (CSF spans orders of magnitude). KID at a replayed turning point is read at the nearest
+log10(CSF) (CSF spans orders of magnitude), and
+larger windows M (2M, 4M) after the warm-up. KID at a replayed turning point is read at the nearest
 evaluated step (evaluations are `eval.every` apart), so it is approximate.
 """
 
@@ -201,6 +202,12 @@ def guards(folder: Path, dest: Path) -> list[str]:
             "log10 CSF": lambda r=rd.rows, w=window, mr=min_rise: replay(r, w, mr, log=True),
             "log10 CSF after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
                 r, w, mr, s, True
+            ),
+            f"window {2 * window}, after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+                r, 2 * w, mr, s
+            ),
+            f"window {4 * window}, after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+                r, 4 * w, mr, s
             ),
         }
         steps, vals = series(rd.rows, "kid_val")
