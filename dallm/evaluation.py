@@ -2,7 +2,8 @@
 
 The training loop constructs one `LiveEvaluator` per job and asks `due(step)` after each step;
 `run(step)` makes what is due, emits the `SampleEvent`s itself and returns the scalars (kid_train,
-kid_train_std, kid_val, kid_val_std, kid_base, kid_base_std, eval_seconds, eval_share) for the
+kid_train_std, kid_val, kid_val_std, kid_base, kid_base_std, base_kid_train, base_kid_val (+ _std:
+the base model's own KID to the targets, the level to beat), eval_seconds, eval_share) for the
 engine to fold into its own metrics row and `MetricsEvent` of that step. `finish(final_step,
 turning_step, turning_weights)` evaluates the final weights (emitting a `MetricsEvent` when that
 evaluation is new), KID at the turning point, writes the evolution strips and returns the results
@@ -122,6 +123,7 @@ class LiveEvaluator:
         self._eval_latents = torch.randn((ev.num_images, *shape), generator=gen)
         self._extractor = extractor
         self._refs: dict[str, torch.Tensor] = {}
+        self._base_kid: dict[str, float] = {}  # base_kid_train, base_kid_val (+ _std): constant lines
         self.base_generations = 0  # how many times the base images were generated (tests: once)
         self.kid_history: dict[int, dict[str, float]] = {}
         self.sample_steps: list[int] = []
@@ -357,11 +359,20 @@ class LiveEvaluator:
         ev = self.cfg.eval
         refs = self.references()
         feats = self._generated_features(self.eval_prompts, base=False)
+
+        def kid_to(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+            subset = min(ev.subset_size, len(a), len(b))
+            mean, std = kid(a, b, subset_size=subset, num_subsets=ev.num_subsets, seed=self.cfg.seed)
+            return {name: float(mean), f"{name}_std": float(std)}
+
         values: dict[str, float] = {}
         for name, ref in refs.items():
-            subset = min(ev.subset_size, len(feats), len(ref))
-            mean, std = kid(feats, ref, subset_size=subset, num_subsets=ev.num_subsets, seed=self.cfg.seed)
-            values[f"kid_{name}"], values[f"kid_{name}_std"] = float(mean), float(std)
+            values.update(kid_to(f"kid_{name}", feats, ref))
+        if not self._base_kid:  # where the job started from: the base model's samples to the targets
+            for name in ("train", "val"):
+                if name in refs:
+                    self._base_kid.update(kid_to(f"base_kid_{name}", refs["base"], refs[name]))
+        values.update(self._base_kid)
         self.kid_history[step] = values
         self.eval_seconds.append(self.clock() - t0)
         return values

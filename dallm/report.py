@@ -6,7 +6,8 @@ rollback) and `result.json` (the turning point, when one was found), and writes 
 
 - loss.png     loss (raw and smoothed), with lr and grad_norm panels when logged
 - cs.png       CS and CS-Fluctuation, the turning point marked
-- kid.png      KID to the training targets, the validation targets and the base model, +- std bands
+- kid.png      KID to the training targets, the validation targets and the base model, +- std bands,
+               and the base model's own KID to the targets (dotted: the level to beat)
                (with the final evaluation and KID at the turning point from result.json's "eval")
 - samples.png  the sample evolution grid (cells of `samples/` grids as rows, steps as columns)
 
@@ -218,6 +219,11 @@ def plot_kid(
             lo = [m - s for m, s in zip(mean, std, strict=True)]
             hi = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+        base_level = series(rows, f"base_kid_{ref}")[1]
+        if base_level:
+            ax.axhline(
+                base_level[-1], color=color, linestyle=":", linewidth=1.2, label=f"base model to {label}"
+            )
         if turning is not None and at_turning and f"kid_{ref}" in at_turning:
             ax.plot(
                 [turning], [at_turning[f"kid_{ref}"]], marker="*", markersize=12, color=color, linestyle=""
@@ -225,7 +231,8 @@ def plot_kid(
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel("KID")
     _mark_turning(axes, turning)
-    ax.legend(loc="best")
+    fig.set_size_inches(9.5, 3.6)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, path, f"{title}: KID (mean +- std over subsets)")
 
 

@@ -110,6 +110,8 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
         assert set(values) >= KID_KEYS and values["eval_seconds"] > 0 and 0 < values["eval_share"] <= 1
         assert all(np.isfinite(v) for v in values.values())
     assert series[2]["kid_base"] != series[4]["kid_base"]
+    base_levels = {"base_kid_train", "base_kid_train_std", "base_kid_val", "base_kid_val_std"}
+    assert base_levels <= set(series[2]) and all(series[2][k] == series[4][k] for k in base_levels)
     # Targets once: 6 train + 5 val PIL images; generated: base once + 2 evaluations, 4 images each.
     assert ext.pil_images == 11 and ext.tensor_images == 3 * 4 and ev.base_generations == 1
     assert (job["out"] / "eval" / "base_features.pt").is_file()

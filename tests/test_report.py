@@ -36,6 +36,7 @@ def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, sam
                 kid = {"kid_train": 0.05 * math.exp(-s / 80), "kid_val": 0.06 * math.exp(-s / 100) + 0.01}
                 kid |= {"kid_base": 0.05 * (1 - math.exp(-s / 60)), "kid_train_std": 0.004}
                 kid |= {"kid_val_std": 0.005, "kid_base_std": 0.003, "eval_seconds": 2.0}
+                kid |= {"base_kid_train": 0.045, "base_kid_val": 0.05}
                 f.write(json.dumps({"step": s, **kid}) + "\n")
     if turning is not None:
         (folder / "result.json").write_text(json.dumps({"turning_point": turning, "result_step": turning}))
