@@ -138,6 +138,12 @@ def _groups(runs: list[RunData], key: str) -> dict[Any, list[RunData]]:
     return dict(g)
 
 
+def _ordered(groups: dict[Any, list[RunData]]) -> list[tuple[Any, list[RunData]]]:
+    """Numbers in numeric order, then the rest by name (lora.rank 1, 4, 16; not 1, 16, 4)."""
+    num = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+    return sorted(groups.items(), key=lambda kv: (not num(kv[0]), kv[0] if num(kv[0]) else 0, str(kv[0])))
+
+
 def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -146,7 +152,7 @@ def plot_kid_vs_step(runs: list[RunData], key: str, path: Path) -> Path | str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     drawn = False
-    for gi, (value, group) in enumerate(sorted(_groups(runs, key).items(), key=lambda kv: str(kv[0]))):
+    for gi, (value, group) in enumerate(_ordered(_groups(runs, key))):
         color = f"C{gi % 10}"
         for ax, ref in zip(axes, ("train", "val"), strict=True):
             by_step: dict[float, list[float]] = defaultdict(list)
@@ -191,7 +197,7 @@ def plot_kid_vs_step(runs: list[RunData], key: str, path: Path) -> Path | str:
 
 def plot_final_kid(runs: list[RunData], key: str, path: Path) -> Path | str:
     plt = _plt()
-    groups = sorted(_groups(runs, key).items(), key=lambda kv: (not isinstance(kv[0], int | float), kv[0]))
+    groups = _ordered(_groups(runs, key))
     fig, ax = plt.subplots(figsize=(6, 3.8))
     xs = list(range(len(groups)))
     drawn = False
@@ -228,7 +234,7 @@ def samples_side_by_side(runs: list[RunData], key: str, path: Path, max_frames: 
     from dallm.evolution import _cells, labelled_grid, pick_frames, read_index
 
     rows, labels, cols = [], [], None
-    for value, group in sorted(_groups(runs, key).items(), key=lambda kv: str(kv[0])):
+    for value, group in _ordered(_groups(runs, key)):
         rd = min(group, key=lambda r: r.run.seed)
         records = (
             [r for r in read_index(rd.folder) if r.step is not None]
@@ -290,12 +296,14 @@ def _summary(runs: list[RunData], keys: list[str]) -> list[str]:
             f"| {key} | runs | final KID train | final KID val | best KID val | s/step | params | bytes |"
         ]
         out += ["|---|---|---|---|---|---|---|---|"]
-        for value, group in sorted(_groups(runs, key).items(), key=lambda kv: str(kv[0])):
+        for value, group in _ordered(_groups(runs, key)):
 
             def agg(col: str, group: list[RunData] = group) -> str:
                 vals = [rd.stats[col] for rd in group if isinstance(rd.stats.get(col), int | float)]
                 if not vals:
                     return "-"
+                if all(isinstance(v, int) for v in vals) and len(set(vals)) == 1:
+                    return str(vals[0])  # parameters, bytes: the same for every seed
                 m = statistics.fmean(vals)
                 return f"{m:.4g} +- {statistics.stdev(vals):.2g}" if len(vals) > 1 else f"{m:.4g}"
 
