@@ -18,8 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dallm.config import ConfigError, DataConfig
+from dallm.imagefiles import IMAGE_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 # Files that commonly sit next to images and are not bad images.
 IGNORED_EXTS = (".txt", ".json", ".toml", ".md", ".csv", ".caption")
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from dallm.config import ConfigError, JobConfig
 from dallm.evolution import write_evolution, write_grid
+from dallm.imagefiles import image_files
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
 from dallm.sampling import (
     ModelLike,
@@ -51,7 +52,6 @@ from dallm.sampling import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 EVAL_SEED_OFFSET = 0x5EED  # eval noise differs from the sample grids' seeds
 Extractor = Callable[[Any], torch.Tensor]  # list of PIL images or [N,3,H,W] in [0,1] -> [N,D]
 
@@ -60,9 +60,7 @@ def target_images(folder: Path, key: str, limit: int | None = None) -> list[Path
     """Image files of `folder` sorted by name (the first `limit`), as the data loader orders them."""
     if not folder.is_dir():
         raise ConfigError(f"{key}: folder {folder} does not exist")
-    paths = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-    )
+    paths = image_files(folder)
     paths = paths[:limit] if limit else paths
     if len(paths) < 2:
         raise ConfigError(f"{key}: KID needs at least 2 images, {folder} has {len(paths)}")

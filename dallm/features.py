@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+from dallm.imagefiles import IMAGE_EXTS, image_files
+
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
@@ -85,7 +86,7 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FeatureError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise FeatureError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = image_files(folder)
     if not files:
         raise FeatureError(f"{folder}: no images ({', '.join(e[1:] for e in IMAGE_EXTS)})")
     return files

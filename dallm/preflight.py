@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from dallm.config import ConfigError, JobConfig
-from dallm.data import IMAGE_EXTS
+from dallm.imagefiles import IMAGE_EXTS, image_files
 
 __all__ = ["check_paths", "count_images"]
 
 
 def count_images(folder: Path) -> int:
-    return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return len(image_files(folder))
 
 
 def _folder(key: str, value: Path | None, need: int = 1) -> None:

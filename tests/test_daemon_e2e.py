@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from daemon_helpers import daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
+from dallm.cli import main as dallm_main
 from dallm.protocol import (
     QUEUE_TOPIC,
     TERMINAL_STATES,
@@ -81,6 +82,16 @@ def test_real_job_live_then_graceful_restart_resumes(daemons, tiny_sd: Path, ima
         assert steps == list(range(1, len(steps) + 1)) and steps[-1] > stopped_at
         assert (Path(s.out_dir) / "pytorch_lora_weights.safetensors").exists()
         assert [k.step for k in c.show(job.id).checkpoints if not k.superseded][0] == stopped_at
+    # `dallm export JOB` finds the job's output folder through the daemon
+    kohya = d2.home / "export" / "real.safetensors"
+    argv = ["export", str(job.id), "--home", str(d2.home), "--format", "kohya", "--out", str(kohya)]
+    assert dallm_main(argv) == 0 and kohya.stat().st_size > 0
+    assert (
+        dallm_main(
+            ["export", "no-such-job", "--home", str(d2.home), "--format", "kohya", "--out", str(kohya)]
+        )
+        == 1
+    )
 
 
 @pytest.fixture

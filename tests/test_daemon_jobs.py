@@ -245,3 +245,14 @@ def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path,
         if info:
             with contextlib.suppress(OSError):
                 os.kill(info["pid"], signal.SIGKILL)
+
+
+def test_listing_does_not_import_torch(tmp_path: Path) -> None:
+    """`dallm ls` and friends talk to the daemon only: torch (seconds to import) stays unloaded."""
+    code = (
+        "import sys\nfrom dallm.cli import main\n"
+        f"rc = main(['ls', '--home', {str(tmp_path)!r}])\n"
+        "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["3", "[]"], out.stdout + out.stderr

@@ -33,7 +33,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a job's LoRA as diffusers or kohya weights")
-    e.add_argument("output_dir", type=Path, help="a job output folder")
+    e.add_argument(
+        "output_dir", metavar="JOB|OUTPUT_DIR", help="a job output folder, or a daemon job id or name"
+    )
+    e.add_argument(
+        "--home", help="the daemon's home, for a JOB (default $DALLM_HOME, else the user data dir)"
+    )
+    e.add_argument("--connect", metavar="ENDPOINT", help="the daemon's control endpoint, for a JOB")
     e.add_argument("--step", type=int, help="export checkpoint N instead of the result")
     e.add_argument("--format", choices=["diffusers", "kohya"], required=True)
     e.add_argument("--out", type=Path, required=True, help="folder (diffusers) or .safetensors file (kohya)")
@@ -95,13 +101,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_output(args: argparse.Namespace) -> Path:
+    """The output folder of the daemon's job `args.output_dir` (an id or a name)."""
+    from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+
+    try:
+        with DaemonClient(args.connect, home=args.home) as c:
+            summary = c.show(args.output_dir).summary
+    except DaemonUnavailable as e:
+        raise CommandError(f"{args.output_dir}: not a folder, and {e}", 3) from None
+    except DaemonError as e:
+        raise CommandError(f"{args.output_dir}: not a folder, and {e}") from None
+    if not summary.out_dir or not Path(summary.out_dir).is_dir():
+        raise CommandError(f"job {summary.id} ({summary.state}) has no output folder yet")
+    return Path(summary.out_dir)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dallm.checkpoint import find_checkpoint
     from dallm.export import export_lora
 
-    src: Path = args.output_dir
+    src = Path(args.output_dir)
     if not src.is_dir():
-        raise CommandError(f"{src}: no such output folder")
+        if "/" in args.output_dir or src.suffix:
+            raise CommandError(f"{src}: no such output folder")
+        src = _job_output(args)
     if args.step is not None:
         try:
             src = find_checkpoint(src, args.step)
