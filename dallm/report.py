@@ -125,6 +125,17 @@ def series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def cs_fluct_series(rows: Rows) -> tuple[list[float], list[float]]:
+    """CS-Fluctuation against the step it describes: the engine logs it when its windows are full,
+    3(M-1) steps later, with that step as `cs_fluct_step` (where a turning point is placed)."""
+    pts = [
+        (r.get("cs_fluct_step", r["step"]), r["cs_fluct"])
+        for r in rows
+        if "cs_fluct" in r and math.isfinite(r["cs_fluct"])
+    ]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average, debiased at the start (as TensorBoard draws it)."""
     out, acc = [], 0.0
@@ -186,7 +197,7 @@ def plot_loss(rows: Rows, path: Path, title: str) -> Path | str:
 
 
 def plot_cs(rows: Rows, turning: int | None, path: Path, title: str) -> Path | str:
-    cs, fl = series(rows, "cs"), series(rows, "cs_fluct")
+    cs, fl = series(rows, "cs"), cs_fluct_series(rows)
     if not cs[0] and not fl[0]:
         return "no cs / cs_fluct logged"
     fig, axes = _figure(2)

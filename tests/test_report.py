@@ -13,7 +13,7 @@ from PIL import Image
 
 from dallm.cli import main
 from dallm.evolution import read_index, write_evolution, write_grid
-from dallm.report import ReportError, read_metrics, read_turning_point, write_report
+from dallm.report import ReportError, cs_fluct_series, read_metrics, read_turning_point, write_report
 from dallm.sampling import to_pil
 
 
@@ -156,3 +156,13 @@ def test_final_and_turning_kid_from_result_json(tmp_path: Path) -> None:
     assert "eval_seconds_total" not in rows[-1]
     assert turning_kid(result) == {"kid_val": 0.03}
     assert isinstance(write_report(job)["kid"], Path)
+
+
+def test_cs_fluct_is_placed_on_the_step_it_describes() -> None:
+    rows = [
+        {"step": 1, "cs": 0.1},
+        {"step": 7, "cs": 0.2, "cs_fluct": 3.0, "cs_fluct_step": 1.0},
+        {"step": 8, "cs": 0.2, "cs_fluct": float("nan"), "cs_fluct_step": 2.0},
+        {"step": 9, "cs_fluct": 2.0},  # an older log without cs_fluct_step: its own step
+    ]
+    assert cs_fluct_series(rows) == ([1.0, 9], [3.0, 2.0])
