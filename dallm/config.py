@@ -183,7 +183,9 @@ class JobConfig(_Section):
         if self.train.warmup_steps > steps:
             raise ValueError(f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps ({steps})")
         if self.tokens.ti_steps >= steps and self.tokens.ti_steps > 0:
-            raise ValueError(f"tokens.ti_steps: {self.tokens.ti_steps} leaves no LoRA steps (train.steps={steps})")
+            raise ValueError(
+                f"tokens.ti_steps: {self.tokens.ti_steps} leaves no LoRA steps (train.steps={steps})"
+            )
         if self.tokens.ti_steps and not self.tokens.new:
             raise ValueError("tokens.ti_steps: set, but tokens.new lists no tokens")
         if self.samples.every and not self.samples.prompts:
@@ -255,7 +257,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """Relative data paths in a config file are relative to the file's folder."""
-    for section, key in (("data", "dir"), ("data", "class_dir"), ("eval", "val_dir"), ("eval", "inception_weights")):
+    for section, key in (
+        ("data", "dir"),
+        ("data", "class_dir"),
+        ("eval", "val_dir"),
+        ("eval", "inception_weights"),
+    ):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             data[section][key] = str((base_dir / value).resolve())

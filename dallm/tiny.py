@@ -15,7 +15,11 @@ WORDS = "a an the of in on with style picture photo painting red green blue yell
 
 def _bytes_to_unicode() -> dict[int, str]:
     # The byte -> printable-unicode table of GPT-2 / CLIP byte-level BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -60,7 +64,9 @@ def write_clip_tokenizer(folder: Path, words: list[str] = WORDS, max_length: int
     )
 
 
-def build_tiny_sd(folder: Path, sample_size: int = 8, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+def build_tiny_sd(
+    folder: Path, sample_size: int = 8, prediction_type: str = "epsilon", seed: int = 0
+) -> Path:
     """Write a tiny, randomly initialised Stable Diffusion folder (loads with from_pretrained)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -1,8 +1,8 @@
 """The engine's side of monitoring: CS every step, CS-Fluctuation, the turning point, and the
 in-memory weight snapshots that make the turning-point result exact.
 
-The metrics themselves live in `dallm.monitor` (pure functions and small classes); this module
-only wires them to a training run and keeps what a resume or a rollback needs: the (step, cs, lr)
+The metrics themselves live in `dallm.monitor` (CS) and `dallm.turning` (CS-Fluctuation, the
+turning point), pure functions and small classes; this module only wires them to a training run and keeps what a resume or a rollback needs: the (step, cs, lr)
 history (saved in checkpoints and replayed into a fresh detector) and the snapshots.
 """
 
@@ -43,7 +43,8 @@ def unflat_weights(step: int, flat: dict[str, Tensor]) -> TrainState:
 
 class Watch:
     def __init__(self, unet: Any, cfg: MonitorConfig) -> None:
-        from dallm.monitor import CosineSimilarity, SnapshotKeeper, TurningPointDetector
+        from dallm.monitor import CosineSimilarity
+        from dallm.turning import SnapshotKeeper, TurningPointDetector
 
         self.cfg = cfg
         self.cs_fn = CosineSimilarity(unet) if cfg.cs else None

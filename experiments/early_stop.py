@@ -157,7 +157,7 @@ def replay(
     rows: list[dict[str, float]], window: int, min_rise: float, start: int = 0, log: bool = False
 ) -> int | None:
     """The turning point of the detector fed the run's (step, cs, lr) from `start` on (None: none)."""
-    from dallm.monitor import TurningPointDetector, cs_fluctuation
+    from dallm.turning import TurningPointDetector, cs_fluctuation
 
     steps, cs, lr = _series(rows)
     keep = [i for i, s in enumerate(steps) if s > start]

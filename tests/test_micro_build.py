@@ -29,7 +29,9 @@ def test_build_end_to_end_tiny(tmp_path: Path) -> None:
         manifest["files"]
     )
     q = manifest["quality"]
-    assert {"prompt_following", "style_accuracy", "kid", "kid_ratio_base_teacher_over_teacher_split"} <= set(q)
+    assert {"prompt_following", "style_accuracy", "kid", "kid_ratio_base_teacher_over_teacher_split"} <= set(
+        q
+    )
     assert manifest["seconds"]["total"] > 0 and manifest["device"].startswith("cpu")
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)

@@ -109,7 +109,9 @@ def test_base_samples_follow_prompts_and_an_untrained_model_does_not(pipe, net) 
         random_acc = prompt_following(net, sample(pipe, prompts, STEPS, 5.0, 7), scenes)
     finally:
         pipe.unet = trained
-    assert not (random_acc["shape"] >= 0.6 and random_acc["fg"] >= 0.7 and random_acc["bg"] >= 0.7), random_acc
+    assert not (random_acc["shape"] >= 0.6 and random_acc["fg"] >= 0.7 and random_acc["bg"] >= 0.7), (
+        random_acc
+    )
 
 
 def test_kid_base_to_teacher_is_many_times_teacher_to_teacher(pipe, net) -> None:

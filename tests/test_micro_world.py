@@ -18,7 +18,9 @@ def test_import_is_light() -> None:
     import sys
 
     code = "import sys, dallm.micro; print('torch' in sys.modules); print(int(dallm.micro.feature_dim))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "128"]
 
 
@@ -44,7 +46,12 @@ def test_captions_parse_back_and_use_the_vocabulary() -> None:
             p = parse_prompt(cap)
             assert (p["shape"], p["fg"], p["bg"], p["style"]) == (s.shape, s.fg, s.bg, style)
     assert parse_prompt("a red circle on blue background in <s1><s2> style")["style"] == "<s1><s2>"
-    assert parse_prompt("something in baroque style") == {"shape": None, "fg": None, "bg": None, "style": "baroque"}
+    assert parse_prompt("something in baroque style") == {
+        "shape": None,
+        "fg": None,
+        "bg": None,
+        "style": "baroque",
+    }
 
 
 def test_teacher_keeps_the_scene_and_adds_a_frame() -> None:
@@ -74,7 +81,10 @@ def test_synth_cli_teacher(tmp_path: Path) -> None:
 
     from dallm.cli import main
 
-    assert main(["synth", "--model", "teacher", "--prompt", "a blue circle", "-n", "3", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["synth", "--model", "teacher", "--prompt", "a blue circle", "-n", "3", "--out", str(tmp_path)])
+        == 0
+    )
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 3 and Image.open(pngs[0]).size == (32, 32)
     assert pngs[0].with_suffix(".txt").read_text().startswith("a blue circle on ")
@@ -100,6 +110,6 @@ def test_quickstart_targets_are_shipped_and_reproducible(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("prompt", ["a circle", "on white background", "in baroque style"])
 def test_synth_fills_missing_attributes(prompt: str) -> None:
-    (img, cap), = synth(prompt, 1, seed=2)
+    ((img, cap),) = synth(prompt, 1, seed=2)
     p = parse_prompt(cap)
     assert None not in (p["shape"], p["fg"], p["bg"]) and img.shape == (32, 32, 3)

@@ -10,16 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from dallm.monitor import (
-    CosineSimilarity,
-    SnapshotKeeper,
-    TurningPointDetector,
-    cs_fluctuation,
-    cs_naive,
-    csf_lag,
-    lora_pairs,
-    scan_lora,
-)
+from dallm.monitor import CosineSimilarity, cs_naive, lora_pairs, scan_lora
+from dallm.turning import SnapshotKeeper, TurningPointDetector, cs_fluctuation, csf_lag
 
 # ----------------------------------------------------------------------------------------------
 # models

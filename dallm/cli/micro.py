@@ -16,8 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rebuild the micro model, feature net and MANIFEST.json from fixed seeds",
         description="Rebuild the micro model (diffusers folder), the feature net and MANIFEST.json.",
     )
-    b.add_argument("--out", type=Path, default=None, help="output folder (default: the installed dallm/micro)")
-    b.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training step count (default 1)")
+    b.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the installed dallm/micro)"
+    )
+    b.add_argument(
+        "--steps-scale", type=float, default=1.0, help="multiply every training step count (default 1)"
+    )
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
@@ -111,7 +115,9 @@ def _synth_pipeline(args: argparse.Namespace) -> int:
         )
     except Exception as e:  # noqa: BLE001 - one line for the user
         hint = "" if is_dir else " (no hub reachable? give a local diffusers folder)"
-        raise CommandError(f"cannot load {args.model!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from None
+        raise CommandError(
+            f"cannot load {args.model!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}"
+        ) from None
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

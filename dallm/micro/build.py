@@ -351,7 +351,9 @@ def train_featnet(net, images, targets, recon_images, recon_targets, steps, batc
 # Evaluation
 
 
-def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subset_size: int = 50, num_subsets: int = 100, seed: int = 0):
+def kid(
+    feats_a: torch.Tensor, feats_b: torch.Tensor, subset_size: int = 50, num_subsets: int = 100, seed: int = 0
+):
     """KID (unbiased MMD^2, cubic kernel (x.y/d + 1)^3): mean and std over random subsets."""
     try:
         from dallm.kid import kid as project_kid  # the project's implementation, once it exists
@@ -422,7 +424,9 @@ def evaluate(pipe, net, sizes: EvalSizes, seed: int, log=print) -> dict:
     scenes = eval_prompts(sizes.prompt_samples, seed + 100)
     base = sample(pipe, [s.caption() for s in scenes], sizes.steps, sizes.guidance, seed + 101)
     q["prompt_following"] = prompt_following(net, base, scenes)
-    baroque_prompted = sample(pipe, [s.caption("baroque") for s in scenes], sizes.steps, sizes.guidance, seed + 102)
+    baroque_prompted = sample(
+        pipe, [s.caption("baroque") for s in scenes], sizes.steps, sizes.guidance, seed + 102
+    )
     q["prompt_following_baroque_prompts"] = prompt_following(net, baroque_prompted, scenes)
     pred = net.predict(baroque_prompted.to(next(net.parameters()).device))
     q["base_baroque_prompts_judged_baroque"] = float(pred["style"].float().mean())
@@ -539,7 +543,9 @@ def build(
     shutil.rmtree(tmp_tok)
     cap_rng = np.random.default_rng(seed + 20)
     captions = [caption_with_style(s, cap_rng) for s in world_scenes]
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     torch.manual_seed(seed + 21)
     text_encoder = make_text_encoder(len(tokenizer), tokenizer)
     unet = make_unet(unet_channels)
@@ -644,7 +650,9 @@ def save_grid(path: Path, rows: list[torch.Tensor], scale: int = 3) -> None:
     Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def write_quickstart_data(root: Path, n_train: int = 20, n_val: int = 20, seed: int = 1234, token: str = "<s1><s2>"):
+def write_quickstart_data(
+    root: Path, n_train: int = 20, n_val: int = 20, seed: int = 1234, token: str = "<s1><s2>"
+):
     """Teacher images for the quickstart: train/ and val/ PNGs with captions "... in <s1><s2> style"."""
     from PIL import Image
 

@@ -30,7 +30,9 @@ def load_finetuned(job_dir: Path, base: Path = MODEL_DIR):
 
         weights = load_file(str(emb))["clip_l"]
         tokens = [f"<s{i + 1}>" for i in range(len(weights))]
-        pipe.load_textual_inversion(weights, token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(
+            weights, token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
     pipe.load_lora_weights(str(job_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -40,11 +42,18 @@ def load_finetuned(job_dir: Path, base: Path = MODEL_DIR):
 def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 5.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     lat = torch.randn((len(prompts), 4, LATENT, LATENT), generator=gen)
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=lat, output_type="pt").images
+    return pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, latents=lat, output_type="pt"
+    ).images
 
 
 def compare(
-    job_dir: Path, out_png: Path, n: int = 8, n_kid: int = 64, token: str = "<s1><s2>", model: Path = MODEL_DIR
+    job_dir: Path,
+    out_png: Path,
+    n: int = 8,
+    n_kid: int = 64,
+    token: str = "<s1><s2>",
+    model: Path = MODEL_DIR,
 ) -> dict:
     from diffusers import StableDiffusionPipeline
 
@@ -63,7 +72,10 @@ def compare(
     fr = features(net, to_tensor(ref))
     k_before = kid(features(net, before[:n_kid]), fr, subset_size=n_kid)
     k_after = kid(features(net, after[:n_kid]), fr, subset_size=n_kid)
-    style = {k: float(net.predict(x[:n_kid])["style"].float().mean()) for k, x in (("before", before), ("after", after))}
+    style = {
+        k: float(net.predict(x[:n_kid])["style"].float().mean())
+        for k, x in (("before", before), ("after", after))
+    }
     return {"kid_before": k_before, "kid_after": k_after, "judged_baroque": style, "samples": n_kid}
 
 

@@ -28,7 +28,9 @@ class FeatureNet(nn.Module):
         w = width
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU(inplace=True)
+            )
 
         self.body = nn.Sequential(
             block(3, w, 1),
@@ -50,7 +52,9 @@ class FeatureNet(nn.Module):
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return (x - 0.5) / 0.25
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,13 @@ def save(net: FeatureNet, path: Path) -> None:
 
     path = Path(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path))
-    cfg = {**net.config(), "heads": HEADS, "shapes": list(SHAPES), "colours": list(COLOUR_NAMES), "styles": list(STYLES)}
+    cfg = {
+        **net.config(),
+        "heads": HEADS,
+        "shapes": list(SHAPES),
+        "colours": list(COLOUR_NAMES),
+        "styles": list(STYLES),
+    }
     path.with_suffix(".json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
