@@ -121,6 +121,11 @@ class MonitorConfig(_Section):
     # `min_valley_distance` steps (default: window) are merged.
     min_rise: float = Field(default=0.1, ge=0)
     min_valley_distance: int | None = Field(default=None, ge=1)
+    # The detector sees CS only after this step (None: the LoRA's warm-up, the larger of
+    # tokens.ti_steps and train.warmup_steps). Before it CS jumps from 0 (LoRA B starts at 0, or
+    # is still frozen while the new tokens train) and CS-Fluctuation = Var / lr is inflated by the
+    # small warm-up lr: valleys found there are not the turning point (docs/results.md).
+    start_step: int | None = Field(default=None, ge=0)
     log_every: int = Field(default=1, ge=1)
 
 
@@ -180,6 +185,12 @@ class JobConfig(_Section):
             raise ValueError("data.dir: required (a folder of target images)")
         if self.monitor.window > steps:
             raise ValueError(f"monitor.window: {self.monitor.window} is larger than train.steps ({steps})")
+        start = self.monitor.start_step
+        if start is not None and start + 3 * self.monitor.window > steps:
+            raise ValueError(
+                f"monitor.start_step: {start} leaves fewer than 3 windows ({3 * self.monitor.window} steps) "
+                f"before train.steps ({steps}); CS-Fluctuation would never be computed"
+            )
         if self.train.warmup_steps > steps:
             raise ValueError(f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps ({steps})")
         if self.tokens.ti_steps >= steps and self.tokens.ti_steps > 0:
@@ -279,6 +290,13 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
         return JobConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+
+
+def monitor_start(cfg: JobConfig) -> int:
+    """The last step the turning-point detector ignores (monitor.start_step, resolved)."""
+    if cfg.monitor.start_step is not None:
+        return cfg.monitor.start_step
+    return max(cfg.tokens.ti_steps, cfg.train.warmup_steps)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

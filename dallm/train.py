@@ -31,7 +31,7 @@ from dallm.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dallm.config import ConfigError, JobConfig, save_config
+from dallm.config import ConfigError, JobConfig, monitor_start, save_config
 from dallm.data import load_training_data
 from dallm.metrics_log import MetricsLog
 from dallm.models import load_parts, read_resolution, resolve_base
@@ -124,7 +124,7 @@ def train(
         parts.text_encoder.to(torch.float32)
     trainer = Trainer(cfg, parts, images, classes, device)
     full = cfg.train.method == "full"  # CS / CS-Fluctuation are defined for LoRA only
-    watch = Watch(parts.unet, cfg.monitor) if cfg.monitor.cs and not full else None
+    watch = Watch(parts.unet, cfg.monitor, start=monitor_start(cfg)) if cfg.monitor.cs and not full else None
     evaluator = None
     if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir or cfg.eval.prompts:
         from dallm.evaluation import LiveEvaluator

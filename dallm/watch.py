@@ -42,7 +42,8 @@ def unflat_weights(step: int, flat: dict[str, Tensor]) -> TrainState:
 
 
 class Watch:
-    def __init__(self, unet: Any, cfg: MonitorConfig) -> None:
+    def __init__(self, unet: Any, cfg: MonitorConfig, start: int = 0) -> None:
+        """`start`: CS of steps up to it is logged but not given to the detector (warm-up)."""
         from dallm.monitor import CosineSimilarity
         from dallm.turning import SnapshotKeeper, TurningPointDetector
 
@@ -52,6 +53,7 @@ class Watch:
             cfg.window, cfg.min_rise, cfg.min_valley_distance or cfg.window
         )
         self.detector = self._make_detector()
+        self.start = start
         self.keeper = SnapshotKeeper()  # weights at window boundaries
         self._rest: dict[int, TrainState] = {}  # optimizer / scheduler / RNG of the same steps
         self.history: list[tuple[int, float, float]] = []
@@ -63,7 +65,7 @@ class Watch:
             return Reading(None, None, None, None)
         cs = float(self.cs_fn())
         self.history.append((step, cs, lr))
-        found = self.detector.update(step, cs, lr)
+        found = self.detector.update(step, cs, lr) if step > self.start else None
         new_tp = None
         if found is not None and self.turning_point is None and self.detect:
             self.turning_point = new_tp = int(found)
@@ -117,6 +119,8 @@ class Watch:
             if s > step:
                 break
             self.history.append((s, cs, lr))
+            if s <= self.start:
+                continue
             found = self.detector.update(s, cs, lr)
             if found is not None and self.turning_point is None and self.detect:
                 self.turning_point = int(found)

@@ -30,6 +30,7 @@ def _base(**over: dict) -> dict:
         ({"monitor": {"early_stop": "maybe"}}, "monitor.early_stop", "auto"),
         ({"data": {"on_bad_image": "ignore"}}, "data.on_bad_image", "error"),
         ({"tokens": {"ti_steps": 10}}, "tokens.ti_steps", "no tokens"),
+        ({"monitor": {"start_step": 80}}, "monitor.start_step", "fewer than 3 windows"),
     ],
 )
 def test_bad_config_names_key(override: dict, key: str, reason: str) -> None:
@@ -77,3 +78,14 @@ def test_relative_paths_and_round_trip(tmp_path: Path) -> None:
     save_config(cfg, tmp_path / "out" / "config.toml")
     again = load_config(tmp_path / "out" / "config.toml")
     assert again == cfg
+
+
+def test_monitor_start_is_the_lora_warm_up() -> None:
+    from dallm.config import monitor_start
+
+    cfg = config_from_dict(
+        _base(tokens={"new": ["<s1>"], "ti_steps": 30}, train={"steps": 100, "warmup_steps": 20})
+    )
+    assert monitor_start(cfg) == 30
+    assert monitor_start(config_from_dict(_base(monitor={"start_step": 5}))) == 5
+    assert monitor_start(config_from_dict(_base())) == 0

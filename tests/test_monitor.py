@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 
@@ -454,3 +455,25 @@ def test_cs_cuda_graph_matches_eager_and_follows_the_parameters():
         for p in lora_pairs(bf16):
             p.w.data = p.w.data.to(torch.bfloat16)
     assert abs(CosineSimilarity(bf16, cuda_graph=True)() - cs_naive(bf16)) < 1e-5
+
+
+def test_watch_ignores_the_warm_up_and_rewinds_the_same_way() -> None:
+    """CS of steps <= start is logged, not detected on; a rewind replays with the same rule."""
+    from dallm.config import MonitorConfig
+    from dallm.watch import Watch
+
+    layer = nn.Linear(8, 8)
+    inject = pytest.importorskip("peft").inject_adapter_in_model
+    from peft import LoraConfig
+
+    model = inject(LoraConfig(r=2, target_modules=["lin"]), nn.Sequential(collections.OrderedDict(lin=layer)))
+    watch = Watch(model, MonitorConfig(window=2, early_stop="notify"), start=5)
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.lin.lora_B["default"].weight.add_(0.01 * step)
+        watch.update(step, 1e-3)
+    first = watch.detector.series[0][0]
+    assert len(watch.history) == 12 and first >= 6
+    before = watch.detector.series
+    watch.rewind(12)
+    assert watch.detector.series == before
