@@ -15,11 +15,11 @@ Writes early_stop.md, early_stop.csv and early_stop.png (validation KID against 
 turning point and the best step marked) into DIR (default: the sweep's report/ folder).
 
 Guard variants (`guards.md`): the detector replayed offline on each run's logged CS and lr series
-with other noise guards -- the engine's own (a check: it must agree with the job), a smaller
-min_rise, the detector started only after the LoRA's warm-up (textual-inversion steps and LR
-warm-up, where CS jumps from 0 and CSF = Var / lr is inflated by a small lr), and the guard on
-log10(CSF) (CSF spans orders of magnitude), and
-larger windows M (2M, 4M) after the warm-up. KID at a replayed turning point is read at the nearest
+with other noise guards -- the engine's own (a check: it must agree with the job; it starts after
+the LoRA's warm-up, `monitor.start_step`), the paper's detector fed from step 0 (through the
+textual-inversion steps and LR warm-up, where CS jumps from 0 and CSF = Var / lr is inflated by a
+small lr), a smaller min_rise, the guard on log10(CSF) (CSF spans orders of magnitude), and larger
+windows M (2M, 4M). KID at a replayed turning point is read at the nearest
 evaluated step (evaluations are `eval.every` apart), so it is approximate.
 """
 
@@ -193,20 +193,21 @@ def guards(folder: Path, dest: Path) -> list[str]:
         warm = max(
             int(cfg.get("tokens", {}).get("ti_steps", 0)), int(cfg.get("train", {}).get("warmup_steps", 0))
         )
+        start = m.get("start_step")
+        start = warm if start is None else int(start)  # the engine's monitor.start_step, resolved
         variants = {
-            f"engine (min_rise {min_rise:g})": lambda r=rd.rows, w=window, mr=min_rise: replay(r, w, mr),
-            "min_rise 0.02": lambda r=rd.rows, w=window: replay(r, w, 0.02),
-            f"after warm-up (step > {warm})": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
-                r, w, mr, s
+            f"engine (min_rise {min_rise:g}, step > {start})": lambda r=rd.rows, w=window, mr=min_rise, s=start: (
+                replay(r, w, mr, s)
             ),
-            "log10 CSF": lambda r=rd.rows, w=window, mr=min_rise: replay(r, w, mr, log=True),
-            "log10 CSF after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+            "from step 0 (no warm-up guard)": lambda r=rd.rows, w=window, mr=min_rise: replay(r, w, mr),
+            f"min_rise 0.02, step > {warm}": lambda r=rd.rows, w=window, s=warm: replay(r, w, 0.02, s),
+            f"log10 CSF, step > {warm}": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
                 r, w, mr, s, True
             ),
-            f"window {2 * window}, after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+            f"window {2 * window}, step > {warm}": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
                 r, 2 * w, mr, s
             ),
-            f"window {4 * window}, after warm-up": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
+            f"window {4 * window}, step > {warm}": lambda r=rd.rows, w=window, mr=min_rise, s=warm: replay(
                 r, 4 * w, mr, s
             ),
         }

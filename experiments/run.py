@@ -89,7 +89,9 @@ def run(name: str, args: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "dallm", "sweep", str(CONFIG), "--local", "--id", name, "--out", str(folder)]
     cmd += (
         common(args.base, args.scale) + EXPERIMENTS[name] + ["--workers", str(args.workers)]
-    )  # later --set wins
+    )  # later --set (and --repeat) wins
+    if args.repeat is not None:
+        cmd += ["--repeat", str(args.repeat)]
     t0 = time.time()
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT)
@@ -105,6 +107,7 @@ def main() -> int:
     p.add_argument("--base", default=None, help="a micro model folder (default: the shipped one)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the step counts (default 1)")
+    p.add_argument("--repeat", type=int, default=None, help="seeds per grid point (default: per experiment)")
     args = p.parse_args()
     make_data()
     if args.what == "data":
