@@ -188,12 +188,12 @@ class Job:
             found = self._watch(values)
             evaluated: dict[str, float] = {}
             if self.evaluator is not None and self.evaluator.due(self.step):
-                with isolated_rng():  # the evaluator emits its own MetricsEvent
+                with isolated_rng():  # sample grids go out as their own events; KID comes back
                     evaluated = self.evaluator.run(self.step)
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
             if due or evaluated:  # evaluation results are always logged
                 self.log.write(self.step, values | evaluated)
-                self.emit(MetricsEvent(step=self.step, values=values))
+                self.emit(MetricsEvent(step=self.step, values=values | evaluated))
             if self.step % cfg.checkpoint.every == 0:
                 self.checkpoint()
             if found is not None and cfg.monitor.early_stop == "auto":

@@ -263,6 +263,10 @@ def test_engine_job_with_evaluation_then_report(
     result = json.loads((out / "result.json").read_text())
     assert result["eval"]["eval_count"] == 3 and 0 < result["eval"]["eval_share"] < 1
     assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4, 6]
+    # the live stream carries the same KID as the log (the daemon and the TUI only see events)
+    live = {e.step: e.values for e in events if isinstance(e, MetricsEvent) and "kid_val" in e.values}
+    assert sorted(live) == [2, 4, 6]
+    assert all(live[r["step"]]["kid_val"] == r["kid_val"] for r in rows if "kid_val" in r)
     written = write_report(out)
     assert all(isinstance(p, Path) and p.is_file() for p in written.values()), written
 
