@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from dallm.tui.app import EMPTY_QUEUE, DallmApp
+from dallm.tui.chart import Chart
 from dallm.tui.connection import Action, FakeConnection, Outcome
 from dallm.tui.demo import demo_connection, job_events
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
@@ -239,6 +240,33 @@ async def test_help_toggle_and_sample_keys(conn: FakeConnection) -> None:
         assert thumb.current.step == 250
         await pilot.press("right_square_bracket")
         assert thumb.index == -1 and thumb.current.step == 300
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)])
+async def test_help_fits_the_screen(conn: FakeConnection, size: tuple[int, int]) -> None:
+    # It was a 17-column strip of wrapped text, taller than the screen (seen in xterm at 160x48).
+    app = make_app(conn)
+    async with app.run_test(size=size) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await pilot.pause()
+        dialog = app.screen.query_one(".dialog")
+        assert app.screen.region.contains_region(dialog.region)
+        assert dialog.region.width >= min(90, size[0] * 0.8)
+
+
+async def test_charts_and_thumbnail_paint_their_background(conn: FakeConnection) -> None:
+    # Cells left at the terminal's default background showed as white panes in a stock xterm.
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        thumb = app.query_one(Thumbnail)
+        await until(pilot, lambda: len(thumb.samples) == 6)
+        for widget in (*app.query(Chart), thumb):
+            for y in range(widget.size.height + 1):  # one past the end: the blank line
+                for segment in widget.render_line(y):
+                    assert segment.style is not None and segment.style.bgcolor is not None, (widget, y)
 
 
 async def test_mouse_selects_a_job(conn: FakeConnection) -> None:

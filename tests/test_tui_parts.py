@@ -92,6 +92,16 @@ def test_sixel_sequence() -> None:
     assert "#0;2;" in body or "#1;2;" in body
 
 
+def test_fit_cells_keeps_the_aspect_ratio() -> None:
+    # A 2x3 sample grid in a 46x14-cell pane of 7x15-pixel cells (xterm, DejaVu Sans Mono 9):
+    # height-bound, so it covers fewer columns than the pane has (and is centred in it).
+    fitted, cols, rows = images.fit_cells(_image(200, 300), 46, 14, (7, 15))
+    assert fitted.size == (140, 210)
+    assert (cols, rows) == (20, 14)
+    _, cols, rows = images.fit_cells(_image(300, 100), 10, 10, (10, 20))
+    assert (cols, rows) == (10, 2)  # 100x33 pixels: two rows, not the ten Kitty would stretch it over
+
+
 def test_kitty_sequence_is_chunked() -> None:
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))

@@ -112,11 +112,15 @@ class Chart(Widget):
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
-        key = (self._key, self.size, self.title)
+        # The widget's own style (its background) goes under every cell: Textual does not add it
+        # to lines from render_line, and cells left at the terminal's default background show as
+        # white panes in a light-background terminal (seen in a stock xterm).
+        base = self.rich_style
+        key = (self._key, self.size, self.title, base)
         if key != self._cache_key:
-            self._lines = self._draw(self.size.width, self.size.height)
+            self._lines = [line.apply_style(base) for line in self._draw(self.size.width, self.size.height)]
             self._cache_key = key
-        return self._lines[y] if y < len(self._lines) else Strip.blank(self.size.width)
+        return self._lines[y] if y < len(self._lines) else Strip.blank(self.size.width, base)
 
     # -- drawing --------------------------------------------------------------------------------
 

@@ -82,6 +82,15 @@ def fit(image: Image.Image, max_w: int, max_h: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
 
 
+def fit_cells(
+    image: Image.Image, cols: int, rows: int, cell: tuple[int, int]
+) -> tuple[Image.Image, int, int]:
+    """The image fitted to `cols` x `rows` cells of `cell` (w, h) pixels, and the cells it covers."""
+    cw, ch = cell
+    fitted = fit(image, cols * cw, rows * ch)
+    return fitted, min(cols, -(-fitted.width // cw)), min(rows, -(-fitted.height // ch))
+
+
 def halfblock_strips(image: Image.Image, width: int, height: int) -> list[Strip]:
     """The image in `width` x `height` cells, two pixels per cell (upper half block: fg top, bg bottom).
 

@@ -34,7 +34,9 @@ class Thumbnail(Widget):
         self._job: str | None = None
         self._cache_key: object = None
         self._lines: list[Strip] = []
-        self._graphics: tuple[object, str] | None = None  # (key, escape sequence) of the last image
+        self._graphics: tuple[object, str, int] | None = (
+            None  # (key, escape sequence, left pad) of the last image
+        )
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -93,14 +95,15 @@ class Thumbnail(Widget):
     def render_line(self, y: int) -> Strip:
         width, height = self.size
         sample = self.current
-        key = (id(sample), width, height, self.index, self.mode)
+        base = self.rich_style  # the background under every cell, as in Chart.render_line
+        key = (id(sample), width, height, self.index, self.mode, base)
         if key != self._cache_key:
             self._cache_key = key
-            self._lines = self._draw(sample, width, height)
+            self._lines = [line.apply_style(base) for line in self._draw(sample, width, height)]
         if y == 1 and self.mode in ("sixel", "kitty"):
             # Textual just (re)painted the blank cells under the image: draw it again over them.
             self.call_after_refresh(self._write_graphics, sample, width, height - 1)
-        return self._lines[y] if y < len(self._lines) else Strip.blank(width)
+        return self._lines[y] if y < len(self._lines) else Strip.blank(width, base)
 
     def _draw(self, sample: Sample | None, width: int, height: int) -> list[Strip]:
         caption = Strip([Segment(self.caption(), Style(dim=True))]).crop_extend(0, width, None)
@@ -133,15 +136,13 @@ class Thumbnail(Widget):
             image = images.decode(sample.png)
             if image is None:
                 return
-            if self.mode == "kitty":
-                seq = images.kitty(image, width, height)
-            else:
-                cw, ch = images.cell_pixels()
-                seq = images.sixel(images.fit(image, width * cw, height * ch))
-            self._graphics = (key, seq)
-        seq = self._graphics[1]
+            fitted, cols, rows = images.fit_cells(image, width, height, images.cell_pixels())
+            # Kitty stretches the image over the cells it is given: give it the fitted box's cells.
+            seq = images.kitty(image, cols, rows) if self.mode == "kitty" else images.sixel(fitted)
+            self._graphics = (key, seq, (width - cols) // 2)  # centred, as the half-blocks are
+        _, seq, pad = self._graphics
         if self.mode == "kitty":
             seq = images.kitty_delete() + seq
         region = self.content_region
-        driver.write(f"\x1b7\x1b[{region.y + 2};{region.x + 1}H{seq}\x1b8")
+        driver.write(f"\x1b7\x1b[{region.y + 2};{region.x + 1 + pad}H{seq}\x1b8")
         driver.flush()
