@@ -281,10 +281,7 @@ def test_unusable_feature_extractor_fails_before_training(job: dict[str, Any], t
 
 
 def test_micro_feature_net_through_load_extractor(job: dict[str, Any]) -> None:
-    """The real "micro" extractor (when the micro world is built) on the tiny model's 16 px images."""
-    micro = pytest.importorskip("dallm.micro")
-    if not getattr(micro, "FEATNET_PATH", Path("/nonexistent")).is_file():
-        pytest.skip("the micro feature net is not built")
+    """The real (shipped) "micro" extractor on the tiny model's 16 px images."""
     from dallm.evaluation import configured_extractor
 
     cfg = make_cfg(job["data"], job["out"], job["val"], samples={"every": 0}, eval={"features": "micro"})

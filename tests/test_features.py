@@ -175,11 +175,7 @@ def test_inception_weights_in_torch_fidelity_format(inception_weights, tmp_path,
 def test_micro_extractor():
     import dallm.micro as micro
 
-    if not hasattr(micro, "load_feature_net"):
-        pytest.skip("dallm.micro.load_feature_net does not exist yet")
-    path = getattr(micro, "FEATNET_PATH", None)
-    if path is not None and not Path(path).is_file():
-        pytest.skip(f"the micro feature net is not built yet ({path})")
+    assert Path(micro.FEATNET_PATH).is_file()  # shipped in the repository
     ex = load_extractor("micro")
     feats = ex(mixed_images())
     assert feats.shape == (8, ex.dim) and torch.isfinite(feats).all()
@@ -263,11 +259,8 @@ def test_kid_command_errors(tiny_clip, tmp_path, capsys):
 
 def test_micro_extractor_with_a_random_feature_net(tmp_path, monkeypatch):
     import dallm.micro as micro
+    from dallm.micro import featnet
 
-    try:
-        from dallm.micro import featnet
-    except ImportError as e:
-        pytest.skip(f"dallm.micro.featnet does not exist yet ({e})")
     torch.manual_seed(0)
     path = tmp_path / "featnet.safetensors"
     featnet.save(featnet.FeatureNet(), path)
