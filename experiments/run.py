@@ -1,6 +1,6 @@
 """Run the study's experiments on the micro world (CPU), as `dallm sweep --local` sweeps, and report.
 
-    python experiments/run.py data                      # 50 train + 20 val teacher images
+    python experiments/run.py data                      # 50 train + 100 held-out teacher images
     python experiments/run.py early_stop [--workers 2]  # >= 10 runs: seeds x learning rates
     python experiments/run.py rank                      # lora.rank = 1, 4, 16
     python experiments/run.py early_stop_long           # 600 steps: the steps experiment
@@ -64,10 +64,10 @@ def common(base: str | None, scale: float) -> list[str]:
         "samples.steps=10",
         "samples.seeds=[0]",
         f"eval.every={every}",
-        "eval.num_images=20",
+        "eval.num_images=50",
         "eval.steps=10",
-        "eval.subset_size=10",  # of 20: the std over subsets then says something (20 of 20: always 0)
-        "eval.num_subsets=50",
+        "eval.subset_size=25",  # of 50 samples and 100 held-out images: the std over subsets says something
+        "eval.num_subsets=100",
     ]
     if base:
         sets += [f"model.base={Path(base).resolve()}", "tokens.init_word=style"]
@@ -77,11 +77,11 @@ def common(base: str | None, scale: float) -> list[str]:
 def make_data() -> None:
     from dallm.micro.build import write_quickstart_data
 
-    if (DATA / "train" / "train049.png").is_file():
+    if (DATA / "train" / "train049.png").is_file() and (DATA / "val" / "val099.png").is_file():
         print(f"{DATA}: ready")
         return
-    write_quickstart_data(DATA, n_train=50, n_val=20, seed=1234)
-    print(f"{DATA}: 50 train + 20 val teacher images")
+    write_quickstart_data(DATA, n_train=50, n_val=100, seed=1234)
+    print(f"{DATA}: 50 train + 100 held-out teacher images")
 
 
 def run(name: str, args: argparse.Namespace) -> None:
