@@ -159,8 +159,9 @@ def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
     assert dallm_main(["ls", "--json", *base]) == 0
     assert json.loads(capsys.readouterr().out) == []  # nothing was queued
     assert dallm_main(["submit", str(cfg), "--wait", *base]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert out.splitlines()[0] == "1" and "finished" in out
+    assert "job 1 finished      step 10/10" in err  # progress lines when stderr is no terminal
     assert dallm_main(["submit", str(cfg), "--set", "name=bad-nan.3", "--wait", *base]) == 1
     assert "NaN loss" in capsys.readouterr().err
     assert dallm_main(["ls", *base]) == 0

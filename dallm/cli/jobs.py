@@ -67,9 +67,30 @@ def _final(summary: Any, as_json: bool) -> int:
     return 0
 
 
+class _LineProgress:
+    """Progress for logs and pipes (no terminal): a line on each state change and every 10% of the
+    steps, at most one per 5 seconds, on stderr."""
+
+    def __init__(self) -> None:
+        self.state, self.tenth, self.last = "", -1, 0.0
+
+    def __call__(self, s: Any) -> None:
+        tenth = s.step * 10 // s.total_steps if s.total_steps else -1
+        now = time.monotonic()
+        if s.state == self.state and (tenth <= self.tenth or now - self.last < 5):
+            return
+        self.state, self.tenth, self.last = s.state, tenth, now
+        kid = f"  KID val {s.kid_val:.4f}" if s.kid_val is not None else ""
+        tp = f"  turning point {s.turning_point}" if s.turning_point is not None else ""
+        total = f"/{s.total_steps}" if s.total_steps else ""
+        print(f"job {s.id} {s.state:<13} step {s.step}{total}{kid}{tp}", file=sys.stderr, flush=True)
+
+
 def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
-    if as_json or not sys.stderr.isatty():
+    if as_json:
         return _final(c.wait(job, timeout=timeout), as_json)
+    if not sys.stderr.isatty():
+        return _final(c.wait(job, timeout=timeout, on_update=_LineProgress()), as_json)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
