@@ -266,6 +266,8 @@ class Daemon:
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
             upd["result_step"] = ev.result_step
+            if ev.result_kid_val is not None:  # the result's KID, not the last evaluated step's
+                upd["kid_val"] = ev.result_kid_val
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
             self._backfill(job, ev.start_step)

@@ -82,6 +82,7 @@ class FinishedEvent(_Message):
     reason: Literal["completed", "early_stop", "stopped", "rolled_back", "interrupted"]
     final_step: int
     result_step: int
+    result_kid_val: float | None = None  # validation KID of the result weights, when measured
 
 
 JobEvent = Annotated[

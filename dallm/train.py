@@ -299,6 +299,17 @@ class Job:
                 shutil.rmtree(folder, ignore_errors=True)
         return None
 
+    def _result_kid(self, extra: dict, final_step: int, result_step: int) -> float | None:
+        """Validation KID of the weights written as the result (not of the last step's, when the
+        job ends at its turning point or a rollback step)."""
+        if result_step == final_step:
+            return extra.get("kid_val")
+        if result_step == self.turning_point and "turning_kid_val" in extra:
+            return extra["turning_kid_val"]
+        if self.evaluator is not None:
+            return self.evaluator.kid_history.get(result_step, {}).get("kid_val")
+        return None
+
     def _snapshot_steps(self) -> list[int]:
         return [s.step for s in self.watch.snapshots()] if self.watch is not None else []
 
@@ -332,5 +343,11 @@ class Job:
         tmp = self.out / "result.json.tmp"
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, self.out / "result.json")
-        self.emit(FinishedEvent(reason=reason, final_step=final_step, result_step=result_step))  # type: ignore[arg-type]
+        finished = FinishedEvent(
+            reason=reason,  # type: ignore[arg-type]
+            final_step=final_step,
+            result_step=result_step,
+            result_kid_val=self._result_kid(extra, final_step, result_step),
+        )
+        self.emit(finished)
         return result

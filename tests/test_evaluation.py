@@ -15,7 +15,7 @@ from test_sampling import lora_parts
 
 from dallm.config import ConfigError, JobConfig, config_from_dict
 from dallm.evaluation import LiveEvaluator
-from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
+from dallm.protocol import FinishedEvent, JobEvent, LogEvent, MetricsEvent, SampleEvent
 
 KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
 
@@ -267,6 +267,8 @@ def test_engine_job_with_evaluation_then_report(
     live = {e.step: e.values for e in events if isinstance(e, MetricsEvent) and "kid_val" in e.values}
     assert sorted(live) == [2, 4, 6]
     assert all(live[r["step"]]["kid_val"] == r["kid_val"] for r in rows if "kid_val" in r)
+    finished = [e for e in events if isinstance(e, FinishedEvent)]
+    assert finished[0].result_step == 6 and finished[0].result_kid_val == live[6]["kid_val"]
     written = write_report(out)
     assert all(isinstance(p, Path) and p.is_file() for p in written.values()), written
 
