@@ -24,7 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default 0: every core; use 1 on a CPU busy with other work)",
+    )
     b.add_argument("--eval-samples", type=int, default=64, help="base-model samples for the quality figures")
     b.add_argument("--grid", type=Path, default=None, help="also write a PNG of base samples")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
