@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 WORDS = "a an the of in on with style picture photo painting red green blue yellow circle square triangle cat dog".split()
 
@@ -69,7 +70,7 @@ def build_tiny_sd(
 ) -> Path:
     """Write a tiny, randomly initialised Stable Diffusion folder (loads with from_pretrained)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -120,6 +121,16 @@ def build_tiny_sd(
         steps_offset=1,
         clip_sample=False,
     )
+    save_sd_pipeline(folder, unet, vae, text_encoder, tokenizer, scheduler)
+    return folder
+
+
+def save_sd_pipeline(
+    folder: Path, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any
+) -> Path:
+    """Save the parts as a StableDiffusionPipeline folder (no safety checker), for `from_pretrained`."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -131,4 +142,4 @@ def build_tiny_sd(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    return folder
+    return Path(folder)

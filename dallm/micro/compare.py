@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from dallm.micro import MODEL_DIR, load_feature_net
-from dallm.micro.build import LATENT, eval_prompts, features, kid, make_teacher, save_grid, to_tensor
+from dallm.micro.build import eval_prompts, features, kid, make_teacher, save_grid, to_tensor
+from dallm.micro.stages import LATENT
 from dallm.micro.teacher import render_teacher
 
 
