@@ -139,7 +139,8 @@ def labelled_grid(
     top = head + 18
     left = max((int(font.getlength(t)) for t in row_labels), default=0) + (8 if row_labels else 0)
     cols = max(len(r) for r in cells)
-    out = Image.new("RGB", (left + cols * (w + PAD) + PAD, top + len(cells) * (h + PAD) + PAD), "white")
+    width = max(left + cols * (w + PAD) + PAD, int(font.getlength(title)) + 2 * PAD)  # the title fits
+    out = Image.new("RGB", (width, top + len(cells) * (h + PAD) + PAD), "white")
     draw = ImageDraw.Draw(out)
     if title:
         draw.text((PAD, 2), title, fill="black", font=font)

@@ -113,3 +113,13 @@ def test_synth_fills_missing_attributes(prompt: str) -> None:
     ((img, cap),) = synth(prompt, 1, seed=2)
     p = parse_prompt(cap)
     assert None not in (p["shape"], p["fg"], p["bg"]) and img.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--threads", "-1"), ("--steps-scale", "0")])
+def test_micro_build_refuses_bad_flags_before_building(tmp_path: Path, capsys, flag: str, value: str) -> None:
+    from dallm.cli import main
+
+    assert main(["micro", "build", "--out", str(tmp_path / "m"), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert flag in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dallm.cli import main
-from dallm.evolution import read_index, write_evolution, write_grid
+from dallm.evolution import labelled_grid, read_index, write_evolution, write_grid
 from dallm.report import ReportError, cs_fluct_series, read_metrics, read_turning_point, write_report
 from dallm.sampling import to_pil
 
@@ -166,3 +166,14 @@ def test_cs_fluct_is_placed_on_the_step_it_describes() -> None:
         {"step": 9, "cs_fluct": 2.0},  # an older log without cs_fluct_step: its own step
     ]
     assert cs_fluct_series(rows) == ([1.0, 9], [3.0, 2.0])
+
+
+def test_a_long_title_widens_the_grid_instead_of_being_cut() -> None:
+    cell = Image.new("RGB", (8, 8), "red")
+    title = "a red circle on blue background in <s1><s2> style  (rows: seeds 0, 1)"
+    short = labelled_grid([[cell, cell]], ["base", "50"])
+    long = labelled_grid([[cell, cell]], ["base", "50"], title=title)
+    assert long.width > short.width
+    # the title's last pixels lie inside the image: the rightmost dark column is before the edge
+    dark = [x for x in range(long.width) if any(sum(long.getpixel((x, y))) < 200 for y in range(16))]
+    assert dark and max(dark) < long.width - 1

@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _build(args: argparse.Namespace) -> int:
     import json
 
+    from dallm.cli import CommandError
+
+    if args.threads < 0:
+        raise CommandError(f"--threads {args.threads}: give 0 (every core) or a positive count")
+    if args.steps_scale <= 0:
+        raise CommandError(f"--steps-scale {args.steps_scale:g}: must be positive")
     from dallm.micro import HERE
     from dallm.micro.build import EvalSizes, build
 
