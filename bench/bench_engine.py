@@ -161,9 +161,9 @@ def main() -> None:
 
     from dallm.config import config_from_dict
     from dallm.data import ImageSet
+    from dallm.early_stop import EarlyStop
     from dallm.metrics_log import MetricsLog
     from dallm.trainer import Trainer
-    from dallm.watch import Watch
 
     device = torch.device(args.device)
     mixed = device.type == "cuda" and args.mixed_precision != "no"
@@ -197,7 +197,7 @@ def main() -> None:
         }
     )
     trainer = Trainer(cfg, parts, images, None, device)
-    watch = Watch(parts.unet, cfg.monitor)
+    watch = EarlyStop(parts.unet, cfg, has_val_kid=False)
     log = MetricsLog(tmp / "metrics.jsonl")
     ids = trainer._token_ids(images.captions[: args.batch_size])
     bare = BareLoop(parts, pixels[: args.batch_size], ids, args)
@@ -211,7 +211,7 @@ def main() -> None:
         step_no[0] += 1
         if cs:
             watched[0] += 1  # the detector wants consecutive steps
-            r = watch.update(watched[0], values["lr"])
+            r = watch.observe(watched[0], values["lr"])
             values["cs"] = r.cs or 0.0
         log.write(step_no[0], values)
 

@@ -112,21 +112,70 @@ class TrainConfig(_Section):
         return v
 
 
+def _steps_or_fraction(v: Any, key: str, minimum: int) -> int | float:
+    """`60` (steps), `0.1` or `"10%"` (a fraction of train.steps); the fraction as a float."""
+    if isinstance(v, bool):
+        raise ValueError(f'{key}: expected steps (e.g. 60) or a fraction of train.steps (0.1 or "10%")')
+    if isinstance(v, str):
+        text = v.strip()
+        try:
+            v = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ValueError(f'{key}: {text!r} is not steps or a fraction (e.g. 60, 0.1 or "10%")') from None
+        if not text.endswith("%") and v == int(v) and v >= 1:
+            v = int(v)
+    if isinstance(v, float) and v == int(v) and v >= 1:
+        v = int(v)
+    if isinstance(v, int):
+        if v < minimum:
+            raise ValueError(f"{key}: {v} steps; at least {minimum}")
+        return v
+    if isinstance(v, float) and 0 < v < 1:
+        return v
+    raise ValueError(f"{key}: {v!r} is neither steps (>= {minimum}) nor a fraction in (0, 1)")
+
+
+def steps_of(value: int | float, total: int, minimum: int) -> int:
+    """Steps for a `_steps_or_fraction` value in a run of `total` steps (at least `minimum`)."""
+    return value if isinstance(value, int) else max(minimum, round(value * total))
+
+
 class MonitorConfig(_Section):
     cs: bool = True  # CS (Eq. 2) every step
-    window: int = Field(default=10, ge=2)  # M of Eqs. 3-4
+    # M of Eqs. 3-4: steps, or a fraction of train.steps ("10%" or 0.1; the paper's M is an epoch
+    # of ten, about 10% of the run). `window_steps(cfg)` resolves it.
+    window: int | float = 0.1
     early_stop: Literal["auto", "notify", "off"] = "notify"
-    # Noise guard of the turning-point detector: a valley counts only when CS-Fluctuation has risen
-    # from it by this fraction of the curve's range so far, and valleys closer than
-    # `min_valley_distance` steps (default: window) are merged.
+    # The turning-point rule (dallm.csf): "guarded" (hysteresis on log10 CS-Fluctuation: a valley
+    # counts when the curve fell and then rose by more than `min_rise` decades around it; valleys
+    # closer than `min_valley_distance` steps, default the window, are merged) or "paper"
+    # (Algorithm 1 as written: the derivative's second turn from - to +).
+    rule: Literal["guarded", "paper"] = "guarded"
     min_rise: float = Field(default=0.1, ge=0)
     min_valley_distance: int | None = Field(default=None, ge=1)
+    # What the job returns: the turning point's weights ("turning"), the evaluated step with the
+    # lowest validation KID ("best_val_kid"), or, with early_stop = "auto", training on for
+    # `margin` past the turning point's confirmation and returning the best validation KID seen
+    # ("turning_then_best"). The KID choices need eval.val_dir and eval.every; without them the
+    # job returns the turning point (CS-Fluctuation is the signal when there is no held-out set).
+    select: Literal["turning", "best_val_kid", "turning_then_best"] = "turning_then_best"
+    margin: int | float = 0.1  # steps or a fraction of train.steps, as `window`
     # The detector sees CS only after this step (None: the LoRA's warm-up, the larger of
     # tokens.ti_steps and train.warmup_steps). Before it CS jumps from 0 (LoRA B starts at 0, or
     # is still frozen while the new tokens train) and CS-Fluctuation = Var / lr is inflated by the
     # small warm-up lr: valleys found there are not the turning point (docs/results.md).
     start_step: int | None = Field(default=None, ge=0)
     log_every: int = Field(default=1, ge=1)
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> int | float:
+        return _steps_or_fraction(v, "monitor.window", 2)
+
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _margin(cls, v: Any) -> int | float:
+        return 0 if v == 0 else _steps_or_fraction(v, "monitor.margin", 1)
 
 
 class CheckpointConfig(_Section):
@@ -149,7 +198,9 @@ class EvalConfig(_Section):
     prompts: list[str] = Field(default_factory=list)  # empty: the data's captions
     num_images: int = Field(default=20, ge=2)
     val_dir: Path | None = None
-    subset_size: int = Field(default=1000, ge=2)
+    # KID subsets: smaller than the samples, or every subset is the whole set and the spread is 0
+    # (None: half of eval.num_images).
+    subset_size: int | None = Field(default=None, ge=2)
     num_subsets: int = Field(default=100, ge=1)
     steps: int = Field(default=25, ge=1)
     guidance: float = Field(default=5.0, ge=0)
@@ -183,13 +234,20 @@ class JobConfig(_Section):
         steps = self.train.steps
         if self.data.dir is None:
             raise ValueError("data.dir: required (a folder of target images)")
-        if self.monitor.window > steps:
+        window = steps_of(self.monitor.window, steps, 2)
+        if window > steps:
             raise ValueError(f"monitor.window: {self.monitor.window} is larger than train.steps ({steps})")
         start = self.monitor.start_step
-        if start is not None and start + 3 * self.monitor.window > steps:
+        if start is not None and start + 3 * window > steps:
             raise ValueError(
-                f"monitor.start_step: {start} leaves fewer than 3 windows ({3 * self.monitor.window} steps) "
+                f"monitor.start_step: {start} leaves fewer than 3 windows ({3 * window} steps) "
                 f"before train.steps ({steps}); CS-Fluctuation would never be computed"
+            )
+        sub = self.eval.subset_size
+        if sub is not None and sub >= self.eval.num_images:
+            raise ValueError(
+                f"eval.subset_size: {sub} >= eval.num_images ({self.eval.num_images}): every subset would be "
+                f"the whole sample and the KID spread 0; use at most {self.eval.num_images - 1} (unset: half)"
             )
         if self.train.warmup_steps > steps:
             raise ValueError(f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps ({steps})")
@@ -290,6 +348,16 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
         return JobConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+
+
+def window_steps(cfg: JobConfig) -> int:
+    """monitor.window in steps (a fraction is of train.steps)."""
+    return steps_of(cfg.monitor.window, cfg.train.steps, 2)
+
+
+def margin_steps(cfg: JobConfig) -> int:
+    """monitor.margin in steps (a fraction is of train.steps)."""
+    return steps_of(cfg.monitor.margin, cfg.train.steps, 0)
 
 
 def monitor_start(cfg: JobConfig) -> int:

@@ -23,11 +23,10 @@ Target features are computed once per job. The subset size is capped at the smal
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +123,7 @@ class LiveEvaluator:
         self._base_kid: dict[str, float] = {}  # base_kid_train, base_kid_val (+ _std): constant lines
         self.base_generations = 0  # how many times the base images were generated (tests: once)
         self.kid_history: dict[int, dict[str, float]] = {}
+        self._subset_warned: set[str] = set()
         self.sample_steps: list[int] = []
         self.eval_seconds: list[float] = []  # per KID evaluation (the first includes the references)
         self.sample_seconds = 0.0
@@ -170,22 +170,13 @@ class LiveEvaluator:
         self.kid_history = {s: v for s, v in self.kid_history.items() if s < step}
         self.sample_steps = [s for s in self.sample_steps if s < step]
 
-    def finish(
-        self,
-        final_step: int,
-        turning_step: int | None = None,
-        turning_weights: Mapping[str, torch.Tensor] | None = None,
-    ) -> dict[str, float]:
-        """Final samples and KID (unless made at `final_step` already), the evolution strips, and KID
-        at the turning point: reused when an evaluation ran at that step, else computed from
-        `turning_weights` (the UNet's LoRA in peft format, as `dallm.lora.lora_state` gives; loaded
-        for the evaluation and put back after) when given, else left out.
+    def finish(self, final_step: int) -> dict[str, float]:
+        """Final samples and KID (unless made at `final_step` already) and the evolution strips.
 
-        Returns kid_* of the final step, turning_kid_* when known, and the cost summary
-        (eval_count, eval_seconds_total, eval_seconds_mean (the first includes the target features
-        and the base samples), eval_setup_seconds (loading the extractor), sample_seconds_total,
-        eval_share (all of these over the wall time since the evaluator was made), wall_seconds),
-        which is also written to `eval/summary.json`.
+        Returns kid_* of the final step and the cost summary (eval_count, eval_seconds_total,
+        eval_seconds_mean (the first includes the target features and the base samples),
+        eval_setup_seconds (loading the extractor), sample_seconds_total, eval_share (all of these
+        over the wall time since the evaluator was made), wall_seconds).
         """
         out: dict[str, float] = {}
         if self.samples_on and final_step not in self.sample_steps:
@@ -198,20 +189,8 @@ class LiveEvaluator:
                 self.emit(MetricsEvent(step=final_step, values=dict(out)))
         if self.samples_on:
             write_evolution(self.out_dir)
-        if self.kid_on and turning_step is not None:
-            res = self.kid_history.get(turning_step)
-            if res is None and turning_weights is not None:
-                with self._loaded(turning_weights):
-                    res = self.evaluate(turning_step)
-            if res is not None:
-                out.update({f"turning_{k}": v for k, v in res.items()})
         summary = self.summary()
         out.update(summary)
-        folder = self.out_dir / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "summary.json").write_text(
-            json.dumps({"final_step": final_step, "turning_step": turning_step, **out}, indent=2) + "\n"
-        )
         if self.eval_seconds or self.sample_seconds:
             self.emit(
                 LogEvent(
@@ -220,6 +199,30 @@ class LiveEvaluator:
                     f"{100 * summary['eval_share']:.1f}% of {summary['wall_seconds']:.0f} s wall time"
                 )
             )
+        return out
+
+    def result(self, result_step: int, turning_step: int | None, final_step: int) -> dict[str, float]:
+        """KID of the result: reused when `result_step` was evaluated, else measured now from the
+        weights the model holds (the caller loads the complete result state first: UNet and
+        text-encoder LoRA and token rows). Returns result_kid_* and, when the turning point was
+        evaluated or is the result, turning_kid_*; writes them with the summary to eval/summary.json.
+        """
+        out: dict[str, float] = {}
+        if self.kid_on:
+            res = self.kid_history.get(result_step)
+            if res is None:
+                res = self.evaluate(result_step)
+            out.update({f"result_{k}": v for k, v in res.items()})
+            at_tp = self.kid_history.get(turning_step) if turning_step is not None else None
+            if at_tp is not None:
+                out.update({f"turning_{k}": v for k, v in at_tp.items()})
+        folder = self.out_dir / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        final = self.kid_history.get(final_step, {})
+        summary = {"final_step": final_step, "result_step": result_step, "turning_step": turning_step}
+        (folder / "summary.json").write_text(
+            json.dumps(summary | final | out | self.summary(), indent=2) + "\n"
+        )
         return out
 
     def summary(self) -> dict[str, float]:
@@ -351,7 +354,7 @@ class LiveEvaluator:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """KID of the current weights' eval images to each reference; recorded under `step`."""
-        from dallm.kid import kid
+        from dallm.kid import kid, subset_for
 
         t0 = self.clock()
         ev = self.cfg.eval
@@ -359,7 +362,10 @@ class LiveEvaluator:
         feats = self._generated_features(self.eval_prompts, base=False)
 
         def kid_to(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-            subset = min(ev.subset_size, len(a), len(b))
+            subset, warning = subset_for(ev.subset_size, len(a), len(b))
+            if warning is not None and name not in self._subset_warned:  # once per reference
+                self._subset_warned.add(name)
+                self.emit(LogEvent(level="warning", message=f"{name}: {warning}"))
             mean, std = kid(a, b, subset_size=subset, num_subsets=ev.num_subsets, seed=self.cfg.seed)
             return {name: float(mean), f"{name}_std": float(std)}
 
@@ -374,17 +380,3 @@ class LiveEvaluator:
         self.kid_history[step] = values
         self.eval_seconds.append(self.clock() - t0)
         return values
-
-    # -- weights at another step ----------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _loaded(self, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """The UNet's LoRA set to `weights` (peft format, as `dallm.lora.lora_state` gives) for a while."""
-        from dallm.lora import load_lora_state, lora_state
-
-        saved = lora_state(self.parts.unet)
-        load_lora_state(self.parts.unet, dict(weights))
-        try:
-            yield
-        finally:
-            load_lora_state(self.parts.unet, saved)

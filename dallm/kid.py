@@ -6,9 +6,18 @@ averaged over `num_subsets` random subsets of `m` rows drawn without replacement
     MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1))
               - 2 sum_{i, j} k(x_i, y_j) / m^2
 
-m = min(subset_size, len(a), len(b)) (20 images must work, as in the study). The result is
-(mean, std) over subsets, std being the population standard deviation, as torch-fidelity reports it.
-All arithmetic is float64. The unbiased estimate can be slightly negative for close distributions.
+m = min(subset_size, len(a), len(b)). The result is (mean, std) over subsets, std being the
+population standard deviation, as torch-fidelity and torchmetrics report it. The subsets are drawn
+exactly as torchmetrics' `KernelInceptionDistance` draws them (torch.randperm of b, then of a, per
+subset, from a generator seeded with `seed`), so with a = its fake and b its real features and
+`torch.manual_seed(seed)` the two agree to rounding (tests/test_kid.py). Ours stays because it
+computes the kernel matrices once and gathers the subsets from them (100 subsets of 50 cost one
+kernel evaluation, not 100), in float64.
+
+The spread is that of a KID from m samples: it means something only when m is smaller than both
+sets; with m equal to both every subset is the whole set and the std is 0 (`subset_for` picks an
+honest m and says when it had to lower one). All arithmetic is float64. The unbiased estimate can be
+slightly negative for close distributions.
 """
 
 from __future__ import annotations
@@ -24,11 +33,33 @@ _GRAM_BUDGET = 3 * 4096 * 4096
 def subset_indices(
     n_a: int, n_b: int, m: int, num_subsets: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The random subsets used by `kid`: for each, m row indices into a and m into b (no repeats)."""
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.choice(n_a, m, replace=False), rng.choice(n_b, m, replace=False)) for _ in range(num_subsets)
-    ]
+    """The random subsets used by `kid`: for each, m row indices into a and m into b (no repeats),
+    drawn in torchmetrics' order (b first) from a torch generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_subsets):
+        ib = torch.randperm(n_b, generator=gen)[:m].numpy()
+        ia = torch.randperm(n_a, generator=gen)[:m].numpy()
+        out.append((ia, ib))
+    return out
+
+
+def subset_for(requested: int | None, n_a: int, n_b: int) -> tuple[int, str | None]:
+    """An honest subset size for sets of n_a and n_b samples, and a warning when it had to change.
+
+    `requested` None: half of the smaller set. A request >= the smaller set would make every
+    subset (of that set) the whole set and understate the spread: it is lowered to half of it.
+    """
+    n = min(n_a, n_b)
+    half = max(2, n // 2)
+    if requested is None:
+        return half, None
+    if requested >= n:
+        return half, (
+            f"KID subset size {requested} >= the smaller set ({n} samples): every subset would be the "
+            f"whole set and the spread 0; using {half}"
+        )
+    return requested, None
 
 
 def _as_features(x: Tensor | np.ndarray, name: str) -> Tensor:
@@ -88,4 +119,4 @@ def kid(
     return float(arr.mean()), float(arr.std())
 
 
-__all__ = ["kid", "subset_indices"]
+__all__ = ["kid", "subset_for", "subset_indices"]

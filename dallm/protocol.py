@@ -83,6 +83,7 @@ class FinishedEvent(_Message):
     final_step: int
     result_step: int
     result_kid_val: float | None = None  # validation KID of the result weights, when measured
+    result_kid_val_std: float | None = None  # its spread (std over KID subsets)
 
 
 JobEvent = Annotated[

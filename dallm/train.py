@@ -2,21 +2,22 @@
 
 Reading order: `train` sets up (data first, so a bad image fails before the model loads), then
 `Job.run` loops: obey `poll()`, train one step, watch CS / CS-Fluctuation, log, evaluate,
-checkpoint, and stop at the last step, at the turning point (`monitor.early_stop = "auto"`) or on
-a command. `Job.finish` writes the result: the weights of `result_step` (the turning point's exact
-weights, from an in-memory snapshot, when the job stopped early).
+checkpoint, and stop at the last step, when early stopping says so (`monitor.early_stop = "auto"`)
+or on a command. `Job.finish` writes the result: the weights `dallm.early_stop.EarlyStop` chooses
+(the turning point's or the best validation KID's exact weights, from an in-memory snapshot).
 
 Steps count from 1; "step N" means the weights after N optimizer steps (step 0: before training).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from dallm.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dallm.config import ConfigError, JobConfig, monitor_start, save_config
+from dallm.config import ConfigError, JobConfig, save_config
 from dallm.data import load_training_data
+from dallm.early_stop import EarlyStop
 from dallm.metrics_log import MetricsLog
 from dallm.models import load_parts, read_resolution, resolve_base
 from dallm.protocol import (
@@ -51,7 +53,6 @@ from dallm.protocol import (
     TurningPointEvent,
 )
 from dallm.trainer import Trainer, isolated_rng, pick_device
-from dallm.watch import Watch
 
 __all__ = ["TrainResult", "train"]
 
@@ -62,10 +63,11 @@ Poll = Callable[[], JobCommand | None]
 @dataclass
 class TrainResult:
     out_dir: Path
-    final_step: int  # the last step trained
+    final_step: int  # the last step trained (the stop step)
     result_step: int  # the step whose weights were written as the result
     reason: str  # completed | early_stop | stopped | rolled_back | interrupted
     turning_point: int | None
+    seen_at: int | None = None  # the step at which the turning point was confirmed
 
 
 def _noop(_: JobEvent) -> None:
@@ -124,7 +126,8 @@ def train(
         parts.text_encoder.to(torch.float32)
     trainer = Trainer(cfg, parts, images, classes, device)
     full = cfg.train.method == "full"  # CS / CS-Fluctuation are defined for LoRA only
-    watch = Watch(parts.unet, cfg.monitor, start=monitor_start(cfg)) if cfg.monitor.cs and not full else None
+    has_val_kid = cfg.eval.val_dir is not None and cfg.eval.every > 0
+    early = EarlyStop(parts.unet, cfg, has_val_kid=has_val_kid) if cfg.monitor.cs and not full else None
     evaluator = None
     if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir or cfg.eval.prompts:
         from dallm.evaluation import LiveEvaluator
@@ -132,7 +135,7 @@ def train(
         evaluator = LiveEvaluator(cfg, parts, out, emit, device, weight_dtype, images.captions)
         if full and ckpt is None:  # the base model's samples and KID features before its weights move
             evaluator.prime_base()
-    job = Job(cfg, trainer, watch, evaluator, out, emit, poll)
+    job = Job(cfg, trainer, early, evaluator, out, emit, poll)
     try:
         return job.run(ckpt)
     finally:
@@ -145,15 +148,14 @@ class Job:
     """The loop of one run and its bookkeeping: step counter, logs, checkpoints, commands."""
 
     def __init__(
-        self, cfg, trainer: Trainer, watch: Watch | None, evaluator, out: Path, emit: Emit, poll
+        self, cfg, trainer: Trainer, early: EarlyStop | None, evaluator, out: Path, emit: Emit, poll
     ) -> None:
-        self.cfg, self.trainer, self.watch, self.evaluator = cfg, trainer, watch, evaluator
+        self.cfg, self.trainer, self.early, self.evaluator = cfg, trainer, early, evaluator
         self.out, self.emit, self.poll = out, emit, poll or (lambda: None)
         self.ckpt_root = out / "checkpoints"
         out.mkdir(parents=True, exist_ok=True)
         self.log = MetricsLog(out / "metrics.jsonl")
         self.step = 0
-        self.turning_point: int | None = None
         self._times: list[float] = []
 
     # -- the loop ------------------------------------------------------------------------------
@@ -173,8 +175,8 @@ class Job:
                 trainable_params=self.trainer.trainable_params,
             )
         )
-        if self.watch is not None and self.step == 0 and self.watch.wants_snapshot(0):
-            self.watch.keep(self.trainer.state(0))
+        if self.early is not None and self.step == 0 and self.early.wants_snapshot(0):
+            self.early.keep(self.trainer.state(0))
         while self.step < cfg.train.steps:
             while (cmd := self.poll()) is not None:  # every command queued between two steps
                 result = self._obey(cmd)
@@ -185,40 +187,49 @@ class Job:
             self.step += 1
             self._times = (self._times + [time.perf_counter() - t0])[-10:]
             values["steps_per_s"] = len(self._times) / sum(self._times)
-            found = self._watch(values)
+            self._watch(values)
             evaluated: dict[str, float] = {}
             if self.evaluator is not None and self.evaluator.due(self.step):
                 with isolated_rng():  # sample grids go out as their own events; KID comes back
                     evaluated = self.evaluator.run(self.step)
+                if self.early is not None and "kid_val" in evaluated:
+                    self.early.record_kid(self.step, evaluated, self.trainer.weights(self.step))
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
             if due or evaluated:  # evaluation results are always logged
                 self.log.write(self.step, values | evaluated)
                 self.emit(MetricsEvent(step=self.step, values=values | evaluated))
             if self.step % cfg.checkpoint.every == 0:
                 self.checkpoint()
-            if found is not None and cfg.monitor.early_stop == "auto":
-                return self.finish("early_stop", found)
-        return self.finish("completed", self.step)
+            if self.early is not None and self.early.should_stop(self.step):
+                return self.finish("early_stop")
+        # notify / off with select = "turning": the user chose to train on, the result is the last step
+        keep_last = self.early is None or self.early.select == "turning"
+        return self.finish("completed", self.step if keep_last else None)
 
     def _watch(self, values: dict[str, float]) -> int | None:
         """CS and CS-Fluctuation into `values`; a snapshot at window boundaries; the new turning point."""
-        if self.watch is None:
+        if self.early is None:
             return None
-        reading = self.watch.update(self.step, values["lr"])
+        reading = self.early.observe(self.step, values["lr"])
         if reading.cs is not None:
             values["cs"] = reading.cs
         if reading.cs_fluct is not None and reading.cs_fluct_step is not None:
             values["cs_fluct"] = reading.cs_fluct
             values["cs_fluct_step"] = float(reading.cs_fluct_step)
-        if self.watch.wants_snapshot(self.step):
-            self.watch.keep(self.trainer.state(self.step))
+        if self.early.wants_snapshot(self.step):
+            self.early.keep(self.trainer.state(self.step))
         tp = reading.turning_point
         if tp is None:
             return None
-        self.turning_point = tp
         if self.cfg.monitor.early_stop != "off":
             self.emit(TurningPointEvent(step=tp, seen_at=self.step))
-            action = "stopping with its weights" if self.cfg.monitor.early_stop == "auto" else "training on"
+            action = "training on"
+            if self.cfg.monitor.early_stop == "auto":
+                action = (
+                    f"stopping at step {self.step + self.early.margin} with the best validation KID seen"
+                    if self.early.select == "turning_then_best"
+                    else "stopping"
+                )
             self.emit(
                 LogEvent(message=f"turning point (second valley of CS-Fluctuation) at step {tp}; {action}")
             )
@@ -228,7 +239,7 @@ class Job:
         if cmd is None:
             return None
         if isinstance(cmd, StopCommand):
-            return self.finish("stopped", self.turning_point if self.turning_point is not None else self.step)
+            return self.finish("stopped")
         if isinstance(cmd, CheckpointNowCommand):
             self.checkpoint()
             return None
@@ -246,7 +257,7 @@ class Job:
         """The state of `step`: the current one, an in-memory snapshot, or a checkpoint on disk."""
         if step == self.step:
             return self.trainer.state(step)
-        snap = self.watch.snapshot(step) if self.watch is not None else None
+        snap = self.early.snapshot(step) if self.early is not None else None
         if snap is not None and (snap.resumable or not need_optimizer):
             return snap
         folder = dict(list_checkpoints(self.ckpt_root)).get(step)
@@ -255,18 +266,19 @@ class Job:
     def _restore(self, state: TrainState) -> None:
         self.trainer.load(state)
         self.step = state.step
-        if self.watch is not None:
-            self.watch.rewind(state.step, state.extra.get("history", []))
+        if self.early is not None:
+            self.early.rewind(state.step, state.extra.get("history", []))
+            self.early.kids = {s: k for s, k in state.extra.get("kids", {}).items() if s <= state.step}
             for snap in state.extra.get("snapshots", []):
                 if snap.step <= state.step:
-                    self.watch.keep(snap)
-            self.turning_point = self.watch.turning_point
+                    self.early.keep(snap)
 
     def checkpoint(self) -> Path:
         state = self.trainer.state(self.step)
-        if self.watch is not None:
-            state.extra["history"] = list(self.watch.history)
-            state.extra["snapshots"] = [s.weights_only() for s in self.watch.snapshots()]
+        if self.early is not None:
+            state.extra["history"] = list(self.early.history)
+            state.extra["kids"] = dict(self.early.kids)
+            state.extra["snapshots"] = [s.weights_only() for s in self.early.snapshots()]
         folder = save_checkpoint(
             self.ckpt_root, state, {"weights": lambda d: self.trainer.write_weights(d, state)}
         )
@@ -284,10 +296,8 @@ class Job:
             )
             return None
         reached = self.step
-        if self.watch is not None:
-            history = list(self.watch.history)
-            self.watch.rewind(step, history)
-            self.turning_point = self.watch.turning_point
+        if self.early is not None:
+            self.early.rewind(step)
         self.trainer.load(state)
         self.step = step
         self.log.truncate_after(step)
@@ -299,27 +309,45 @@ class Job:
                 shutil.rmtree(folder, ignore_errors=True)
         return None
 
-    def _result_kid(self, extra: dict, final_step: int, result_step: int) -> float | None:
-        """Validation KID of the weights written as the result (not of the last step's, when the
-        job ends at its turning point or a rollback step)."""
-        if result_step == final_step:
-            return extra.get("kid_val")
-        if result_step == self.turning_point and "turning_kid_val" in extra:
-            return extra["turning_kid_val"]
-        if self.evaluator is not None:
-            return self.evaluator.kid_history.get(result_step, {}).get("kid_val")
-        return None
+    @property
+    def turning_point(self) -> int | None:
+        return self.early.turning_point if self.early is not None else None
 
     def _snapshot_steps(self) -> list[int]:
-        return [s.step for s in self.watch.snapshots()] if self.watch is not None else []
+        return [s.step for s in self.early.snapshots()] if self.early is not None else []
+
+    @contextlib.contextmanager
+    def _loaded(self, state: TrainState) -> Iterator[None]:
+        """The complete weights of `state` (UNet and text-encoder LoRA, token rows) for a while."""
+        saved = self.trainer.weights(self.step)
+        self.trainer.load(state.weights_only())
+        try:
+            yield
+        finally:
+            self.trainer.load(saved)
 
     # -- the end -------------------------------------------------------------------------------
 
     def finish(
-        self, reason: str, result_step: int, *, final_step: int | None = None, write: bool = True
+        self,
+        reason: str,
+        result_step: int | None = None,
+        *,
+        final_step: int | None = None,
+        write: bool = True,
     ) -> TrainResult:
+        """End the run at the current step. `result_step` None: what early stopping chooses."""
         final_step = self.step if final_step is None else final_step
         extra: dict = {}
+        choice = None
+        if write and self.evaluator is not None:
+            with isolated_rng():  # final samples and KID of the stop step, before choosing
+                extra = self.evaluator.finish(self.step)
+            if self.early is not None and "kid_val" in extra:
+                self.early.record_kid(self.step, extra, None)
+        if result_step is None:
+            choice = self.early.choose(self.step) if self.early is not None else None
+            result_step = choice.step if choice is not None else self.step
         if write:
             state = self._state_at(result_step, need_optimizer=False)
             if state is None:  # only after a resume lost the snapshot: say so, use the current weights
@@ -330,16 +358,23 @@ class Job:
                     )
                 )
                 result_step, state = self.step, self.trainer.weights(self.step)
-            if self.evaluator is not None:
-                tp = self.turning_point
-                tstate = self._state_at(tp, need_optimizer=False) if tp is not None else None
-                turning = tstate.unet_lora if tstate is not None else None
-                with isolated_rng():
-                    extra = self.evaluator.finish(self.step, self.turning_point, turning)
+            if self.evaluator is not None:  # KID of the complete weights the user gets
+                with isolated_rng(), self._loaded(state):
+                    extra |= self.evaluator.result(result_step, self.turning_point, self.step)
             self.trainer.write_weights(self.out, state)
-        result = TrainResult(self.out, final_step, result_step, reason, self.turning_point)
-        info = {"reason": reason, "final_step": final_step, "result_step": result_step}
-        info |= {"turning_point": self.turning_point, "eval": extra}
+        tp, seen = self.turning_point, self.early.seen_at if self.early is not None else None
+        result = TrainResult(self.out, final_step, result_step, reason, tp, seen)
+        info = {
+            "reason": reason,
+            "final_step": final_step,
+            "stop_step": self.step,
+            "result_step": result_step,
+        }
+        info |= {"turning_point": tp, "seen_at": seen, "total_steps": self.cfg.train.steps}
+        info |= {"steps_saved": 1 - self.step / self.cfg.train.steps}
+        if choice is not None:
+            info |= {"selected_by": choice.why, "within_noise": list(choice.within_noise)}
+        info |= {"eval": extra}
         tmp = self.out / "result.json.tmp"
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, self.out / "result.json")
@@ -347,7 +382,8 @@ class Job:
             reason=reason,  # type: ignore[arg-type]
             final_step=final_step,
             result_step=result_step,
-            result_kid_val=self._result_kid(extra, final_step, result_step),
+            result_kid_val=extra.get("result_kid_val"),
+            result_kid_val_std=extra.get("result_kid_val_std"),
         )
         self.emit(finished)
         return result

@@ -3,7 +3,7 @@
     python experiments/run.py data                      # 50 train + 100 held-out teacher images
     python experiments/run.py early_stop [--workers 2]  # >= 10 runs: seeds x learning rates
     python experiments/run.py rank                      # lora.rank = 1, 4, 16
-    python experiments/run.py early_stop_long           # 600 steps: the steps experiment
+    python experiments/run.py early_stop_long           # 600 steps, 2 lr x 5 seeds: policies replayed
     python experiments/run.py size                      # data.limit = 5, 10, 20, 50
     python experiments/run.py full                      # train.method = lora, full
     python experiments/run.py all                       # all, in this order (the priority order)
@@ -17,6 +17,7 @@ than the shipped one; `--scale` multiplies every step count (the CPU budget: see
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -30,12 +31,19 @@ OUT = ROOT / "runs" / "experiments"
 # The quickstart scaled to the CPU budget: fewer steps, a smaller batch, cheaper evaluation
 # (20 eval images sampled with 10 DDIM steps), KID every `every` steps, checkpoints at each KID.
 STEPS, EVERY = 200, 25
+# Sweeps split per learning rate and run side by side (one process and one torch thread each).
+PARALLEL_LRS: dict[str, list[str]] = {"early_stop_long": ["1e-3", "3e-3"]}
 EXPERIMENTS: dict[str, list[str]] = {
     "early_stop": ["--grid", "train.lr=5e-4,2e-3", "--repeat", "5"],
     "rank": ["--grid", "lora.rank=1,4,16", "--repeat", "2"],
-    # The steps experiment and a longer horizon for early stopping: 3x the steps, KID every 50.
-    "early_stop_long": ["--grid", "train.lr=1e-3,3e-3", "--repeat", "3", "--set", "train.steps=600"]
-    + ["--set", "eval.every=50", "--set", "samples.every=50", "--set", "checkpoint.every=50"],
+    # The steps experiment and the early-stopping study: recorded once (CS every step, validation
+    # KID with its spread every 30 steps), every stopping policy replayed offline from the logs
+    # (experiments/early_stop.py). 600 steps at the quickstart's batch 8 and 50 textual-inversion
+    # steps; KID every 30 steps lands on every window boundary of M = 30 (5%) and 60 (10%).
+    # Run as one sweep per learning rate, side by side, so both have their first seeds early.
+    "early_stop_long": ["--repeat", "5", "--set", "train.steps=600", "--set", "train.batch_size=8"]
+    + ["--set", "tokens.ti_steps=50", "--set", "eval.every=30", "--set", "samples.every=0"]
+    + ["--set", "checkpoint.every=300"],
     "size": ["--grid", "data.limit=5,10,20,50", "--repeat", "2"],
     "full": [
         "--grid",
@@ -84,15 +92,29 @@ def make_data() -> None:
     print(f"{DATA}: 50 train + 100 held-out teacher images")
 
 
+def sweep_cmd(name: str, folder: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "dallm", "sweep", str(CONFIG), "--local", "--id", folder.name]
+    cmd += ["--out", str(folder)] + common(args.base, args.scale) + EXPERIMENTS[name] + extra
+    if args.repeat is not None:  # later --set (and --repeat) wins
+        cmd += ["--repeat", str(args.repeat)]
+    return cmd
+
+
 def run(name: str, args: argparse.Namespace) -> None:
     folder = OUT / name
-    cmd = [sys.executable, "-m", "dallm", "sweep", str(CONFIG), "--local", "--id", name, "--out", str(folder)]
-    cmd += (
-        common(args.base, args.scale) + EXPERIMENTS[name] + ["--workers", str(args.workers)]
-    )  # later --set (and --repeat) wins
-    if args.repeat is not None:
-        cmd += ["--repeat", str(args.repeat)]
     t0 = time.time()
+    if name in PARALLEL_LRS:
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs = []
+        for lr in PARALLEL_LRS[name]:
+            cmd = sweep_cmd(name, folder / f"lr{lr}", args, ["--set", f"train.lr={lr}", "--workers", "1"])
+            print("$", " ".join(cmd), flush=True)
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
+        rcs = [p.wait() for p in procs]
+        print(f"{name}: sweeps exit {rcs} after {time.time() - t0:.0f} s", flush=True)
+        subprocess.call([sys.executable, str(ROOT / "experiments" / "early_stop.py"), str(folder)], cwd=ROOT)
+        return
+    cmd = sweep_cmd(name, folder, args, ["--workers", str(args.workers)])
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT)
     print(f"{name}: sweep exit {rc} after {time.time() - t0:.0f} s", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,14 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
     assert (job["out"] / "eval" / "base_features.pt").is_file()
     assert len(list((job["out"] / "eval" / "base").glob("*.png"))) == 4
 
-    done = ev.finish(5, turning_step=4)
-    assert set(done) >= KID_KEYS and {f"turning_{k}" for k in KID_KEYS} <= set(done)
-    assert done["turning_kid_val"] == series[4]["kid_val"]
+    done = ev.finish(5)
+    assert set(done) >= KID_KEYS
     assert done["eval_count"] == 3 and done["eval_seconds_total"] > 0 and 0 < done["eval_share"] < 1
+    res = ev.result(4, 4, 5)  # an evaluated step: reused, not measured again
+    assert res["result_kid_val"] == res["turning_kid_val"] == series[4]["kid_val"]
+    assert ev.summary()["eval_count"] == 3
+    summary = json.loads((job["out"] / "eval" / "summary.json").read_text())
+    assert summary["result_step"] == 4 and summary["result_kid_val_std"] == series[4]["kid_val_std"]
     assert ev.base_generations == 1 and ext.pil_images == 11
 
     samples = [e for e in job["events"] if isinstance(e, SampleEvent)]
@@ -175,29 +180,27 @@ def test_base_prompts_drop_learned_tokens(job: dict[str, Any]) -> None:
 
 
 def test_twenty_images_against_five_targets(job: dict[str, Any], image_dir: Callable[..., Path]) -> None:
-    """Subset size is capped at the smaller sample count (the study's n = 20 works)."""
+    """A subset size not smaller than a reference set is lowered to half of it, with one warning."""
     few = image_dir(n=5, name="few")
-    cfg = make_cfg(few, job["out"], samples={"every": 0}, eval={"num_images": 20, "subset_size": 1000})
-    values = evaluator(job, cfg).run(2)
+    cfg = make_cfg(few, job["out"], samples={"every": 0}, eval={"num_images": 20, "subset_size": 10})
+    ev = evaluator(job, cfg)
+    values = ev.run(2)
     assert {"kid_train", "kid_base"} <= set(values) and "kid_val" not in values
     assert np.isfinite(values["kid_train"]) and np.isfinite(values["kid_base"])
+    assert values["kid_train_std"] > 1e-9  # subsets of 2 of the 5 targets: a real spread
+    ev.run(4)
+    warned = [e.message for e in job["events"] if isinstance(e, LogEvent) and e.level == "warning"]
+    tail = "KID subset size 10 >= the smaller set (5 samples): every subset would be the whole set and the spread 0; using 2"
+    assert warned == [f"kid_train: {tail}", f"base_kid_train: {tail}"]  # once each, not per evaluation
 
 
-def test_turning_point_weights_are_evaluated_and_put_back(job: dict[str, Any]) -> None:
-    from dallm.lora import lora_state
-
+def test_result_not_evaluated_is_measured_from_the_weights_held(job: dict[str, Any]) -> None:
     cfg = make_cfg(job["data"], job["out"], samples={"every": 0}, eval={"every": 4})
     ev = evaluator(job, cfg)
     train_a_little(job["parts"], 1)
-    at_turning = lora_state(job["parts"].unet)
-    train_a_little(job["parts"], 2)
-    now = lora_state(job["parts"].unet)
-    out = ev.finish(3, turning_step=1, turning_weights=at_turning)
-    assert {"turning_kid_train", "kid_train"} <= set(out)
-    assert out["turning_kid_base"] != out["kid_base"]
-    after = lora_state(job["parts"].unet)
-    assert all(torch.equal(after[k], now[k]) for k in now)
-    assert ev.finish(3, turning_step=2).keys().isdisjoint({"turning_kid_train"})  # no weights, not evaluated
+    out = ev.result(1, None, 3)
+    assert {"result_kid_train", "result_kid_base"} <= set(out) and 1 in ev.kid_history
+    assert out.keys().isdisjoint({"turning_kid_train"})  # the turning point was not evaluated
 
 
 def test_nothing_configured_means_nothing_due(job: dict[str, Any]) -> None:
@@ -268,7 +271,13 @@ def test_engine_job_with_evaluation_then_report(
     assert sorted(live) == [2, 4, 6]
     assert all(live[r["step"]]["kid_val"] == r["kid_val"] for r in rows if "kid_val" in r)
     finished = [e for e in events if isinstance(e, FinishedEvent)]
-    assert finished[0].result_step == 6 and finished[0].result_kid_val == live[6]["kid_val"]
+    best = min(live, key=lambda s: live[s]["kid_val"])  # select: the best validation KID evaluated
+    assert (
+        finished[0].result_step == best == result["result_step"] and result["selected_by"] == "best_val_kid"
+    )
+    assert finished[0].result_kid_val == live[best]["kid_val"]
+    assert finished[0].result_kid_val_std == live[best]["kid_val_std"] > 0
+    assert result["stop_step"] == 6 and result["steps_saved"] == 0
     written = write_report(out)
     assert all(isinstance(p, Path) and p.is_file() for p in written.values()), written
 

@@ -224,13 +224,17 @@ def test_kid_command(tiny_clip, tmp_path, capsys):
     args = ["--features", f"clip:{tiny_clip}", "--num-subsets", "20", "--json"]
     assert main(["kid", str(a), str(b), *args]) == 0
     far = json.loads(capsys.readouterr().out)
-    assert far["subset_size"] == 12 and far["n_a"] == 12 and far["n_b"] == 20
+    assert far["subset_size"] == 6 and far["n_a"] == 12 and far["n_b"] == 20  # half the smaller folder
+    assert far["kid_std"] > 1e-6  # subsets smaller than the sets: a spread that means something
     assert main(["kid", str(a), str(a2), *args]) == 0
     near = json.loads(capsys.readouterr().out)
     assert far["kid"] > near["kid"] and far["kid"] > 0
     assert main(["kid", str(a), str(b), "--features", f"clip:{tiny_clip}", "--subset-size", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("KID ") and "±" in out and "subsets of 5" in out
+    assert main(["kid", str(a), str(b), "--features", f"clip:{tiny_clip}", "--subset-size", "12"]) == 0
+    got = capsys.readouterr()
+    assert "subsets of 6" in got.out and "--subset-size: KID subset size 12 >= the smaller set" in got.err
 
 
 def test_kid_command_errors(tiny_clip, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dallm.kid as kid_module
-from dallm.kid import kid, subset_indices
+from dallm.kid import kid, subset_for, subset_indices
 
 
 def kid_by_loops(a: np.ndarray, b: np.ndarray, m: int, subsets) -> tuple[float, float]:
@@ -94,3 +94,32 @@ def test_seed_makes_it_reproducible():
 def test_errors(a, b, match):
     with pytest.raises(ValueError, match=match):
         kid(a, b)
+
+
+def test_equals_torchmetrics_kernel_inception_distance_on_the_same_features():
+    """Our estimator and torchmetrics' KernelInceptionDistance (fed the features through an identity
+    feature module) agree: same kernel, same unbiased MMD^2, same subsets for the same seed."""
+    tm = pytest.importorskip("torchmetrics.image.kid")
+
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    a = torch.from_numpy(gaussian(50, 8, 0.3, 10))  # generated ("fake")
+    b = torch.from_numpy(gaussian(80, 8, 0.0, 11))  # targets ("real")
+    metric = tm.KernelInceptionDistance(feature=Features(), subset_size=20, subsets=30)
+    metric.update(b, real=True)
+    metric.update(a, real=False)
+    torch.manual_seed(7)
+    want_mean, want_std = (float(v) for v in metric.compute())
+    got_mean, got_std = kid(a, b, subset_size=20, num_subsets=30, seed=7)
+    assert got_mean == pytest.approx(want_mean, rel=1e-12) and got_std == pytest.approx(want_std, rel=1e-12)
+
+
+def test_subset_for_keeps_the_spread_honest():
+    assert subset_for(None, 50, 100) == (25, None)
+    assert subset_for(20, 50, 100) == (20, None)
+    m, warning = subset_for(20, 20, 100)
+    assert m == 10 and warning is not None and "20 >= the smaller set (20 samples)" in warning
+    a, b = gaussian(20, 4, 0.0, 12), gaussian(20, 4, 0.5, 13)
+    assert kid(a, b, subset_size=m, num_subsets=20)[1] > 1e-3  # a spread, not 1e-15

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
 from dallm.protocol import (
@@ -67,6 +68,76 @@ def test_auto_early_stop_returns_exact_turning_point_weights(
     plain = job(tiny_sd, images, train={"steps": tp}, monitor=WATCH, checkpoint={"every": 100})
     train(plain, out_dir=tmp_path / "plain")
     assert same_weights(weights(tmp_path / "auto"), weights(tmp_path / "plain"))
+
+
+def test_result_kid_is_measured_on_the_complete_result_state(
+    tiny_sd: Path,
+    images: Path,
+    image_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The KID reported for the result is that of the weights written: at the turning point the
+    UNet LoRA *and* the token embeddings of that step (not the last step's embeddings)."""
+    from safetensors.torch import load_file
+
+    from dallm.evaluation import LiveEvaluator
+    from dallm.lora import lora_state
+
+    seen: dict[str, object] = {}
+    original = LiveEvaluator.result
+
+    def spy(self: LiveEvaluator, result_step: int, turning: int | None, final: int) -> dict[str, float]:
+        seen["step"], seen["unet"] = result_step, lora_state(self.parts.unet)
+        emb = self.parts.text_encoder.get_input_embeddings().weight
+        seen["rows"] = emb[self.parts.tokenizer.convert_tokens_to_ids(["<s1>"])].detach().clone()
+        return original(self, result_step, turning, final)
+
+    monkeypatch.setattr(LiveEvaluator, "result", spy)
+    monkeypatch.setattr("dallm.evaluation.configured_extractor", lambda cfg, device: _Colours())
+    cfg = job(
+        tiny_sd,
+        images,
+        train={"steps": 80},
+        tokens={"new": ["<s1>"], "lr": 5e-2},
+        data={"instance_prompt": "a <s1> circle"},
+        monitor={**WATCH, "early_stop": "auto", "select": "turning", "start_step": 0},
+        eval={"every": 1000, "num_images": 4, "steps": 2, "val_dir": str(image_dir(n=4, name="val"))},
+        checkpoint={"every": 100},
+    )
+    r = train(cfg, out_dir=tmp_path / "auto")
+    assert r.reason == "early_stop" and r.result_step == r.turning_point < r.final_step
+    assert seen["step"] == r.result_step
+    written = weights(tmp_path / "auto")
+    unet = seen["unet"]
+    assert isinstance(unet, dict) and len(unet) > 0
+    (emb_file,) = (tmp_path / "auto").glob("*_emb.safetensors")
+    (rows,) = load_file(str(emb_file)).values()
+    assert torch.equal(rows.reshape(-1), seen["rows"].reshape(-1))  # the turning point's embeddings
+    plain = job(
+        tiny_sd,
+        images,
+        train={"steps": r.result_step},
+        tokens={"new": ["<s1>"], "lr": 5e-2},
+        data={"instance_prompt": "a <s1> circle"},
+        monitor={**WATCH, "start_step": 0},
+        checkpoint={"every": 100},
+    )
+    train(plain, out_dir=tmp_path / "plain")
+    assert same_weights(written, weights(tmp_path / "plain"))
+
+
+class _Colours:
+    def __call__(self, images: object) -> torch.Tensor:
+        x = images if isinstance(images, torch.Tensor) else torch.stack([_pil(im) for im in images])  # type: ignore[union-attr]
+        return torch.nn.functional.interpolate(x.float(), size=(2, 2), mode="area").flatten(1)
+
+
+def _pil(im: object) -> torch.Tensor:
+    import numpy as np
+
+    arr = np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32) / 255  # type: ignore[attr-defined]
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def test_notify_then_stop_uses_turning_point(tiny_sd: Path, images: Path, tmp_path: Path) -> None:

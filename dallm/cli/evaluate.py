@@ -33,7 +33,11 @@ def _add_kid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dir_b", metavar="DIR_B")
     p.add_argument("--features", default="micro", help="micro | inception | clip:FOLDER (default: micro)")
     p.add_argument(
-        "--subset-size", type=int, default=1000, help="images per subset, capped at the smaller folder"
+        "--subset-size",
+        type=int,
+        default=None,
+        help="images per subset (default: half the smaller folder; lowered to that, with a warning, "
+        "when not smaller than it: a subset of every image has no spread)",
     )
     p.add_argument("--num-subsets", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -48,9 +52,9 @@ def _add_kid(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_kid(args: argparse.Namespace) -> int:
     from dallm.features import FeatureError, features_of_folder, list_images, load_extractor
-    from dallm.kid import kid
+    from dallm.kid import kid, subset_for
 
-    if args.subset_size < 2:
+    if args.subset_size is not None and args.subset_size < 2:
         raise CommandError(f"--subset-size: must be >= 2, got {args.subset_size}")
     if args.num_subsets < 1:
         raise CommandError(f"--num-subsets: must be >= 1, got {args.num_subsets}")
@@ -69,12 +73,12 @@ def _cmd_kid(args: argparse.Namespace) -> int:
         )
         feats_a = features_of_folder(extractor, args.dir_a)
         feats_b = features_of_folder(extractor, args.dir_b)
-        mean, std = kid(
-            feats_a, feats_b, subset_size=args.subset_size, num_subsets=args.num_subsets, seed=args.seed
-        )
+        subset, warning = subset_for(args.subset_size, len(feats_a), len(feats_b))
+        if warning is not None:
+            print(f"warning: --subset-size: {warning}", file=sys.stderr)
+        mean, std = kid(feats_a, feats_b, subset_size=subset, num_subsets=args.num_subsets, seed=args.seed)
     except (FeatureError, ValueError) as e:
         raise CommandError(str(e)) from None
-    subset = min(args.subset_size, len(feats_a), len(feats_b))
     if args.json:
         out = {
             "kid": mean,

@@ -1,8 +1,8 @@
-"""Validation-free monitoring, part 2: CS-Fluctuation (Eqs. 3-4) and the turning point (Algorithm 1).
+"""CS-Fluctuation (Eqs. 3-4) and the turning point (Algorithm 1, the second valley).
 
-Source: "early-stopping-lora-cs-fluctuation" (../shared/papers), Section 3.2. Pure functions and small
-classes over the CS series (`dallm.monitor` computes CS), and `SnapshotKeeper`, the weight copies
-that let a trainer return the turning point's exact weights; no IO.
+Source: "early-stopping-lora-cs-fluctuation" (../shared/papers), Section 3.2. Pure functions and one
+small class over the CS series (`dallm.cs` computes CS); no weights, no IO. `dallm.early_stop` owns
+an instance and decides what it means for a run (snapshots, what to return, when to stop).
 
 CS-Fluctuation (Eqs. 3-4), index alignment
     With M the window and the paper's forward windows "sum_{j}^{j+M}" read as the M values j..j+M-1:
@@ -14,45 +14,50 @@ CS-Fluctuation (Eqs. 3-4), index alignment
     CS_{j-1} .. CS_{j+3M-3}, so it becomes known at step j + 3M - 3 (the paper's Algorithm 1 writes
     a lag of M, which counts one window; three nested forward windows of M values lag 3(M-1)).
     `lr_j` is the learning rate at step j (the index step); CSF_j is None where lr_j <= 0.
-    The turning point is reported at that index step: the returned weights are those at the start
-    of the calm window, as in the paper ("the checkpoint at the turning-point epoch").
 
-Turning point (Algorithm 1, second valley) and its noise guard
-    `TurningPointDetector` runs on the full-resolution CSF series and is a hysteresis ("zig-zag")
-    valley/peak tracker:
-    - A valley is the lowest point v of a descent (the curve fell more than `thr` into it) that is
-      followed, within `horizon` steps, by a rise of more than `thr` above it, where
-      thr = min_rise * (max - min of CSF seen so far). Peaks are confirmed symmetrically (a fall of
-      more than `thr` below the highest point since the last valley); valleys and peaks alternate.
-      With min_rise = 0 this is "the derivative turns from - to +" exactly; a bump smaller than
-      `thr` never makes a valley.
-    - A valley closer than `min_valley_distance` steps (default: window) to the previous one is
-      merged into it (the lower of the two is kept) and is not counted. So that a merge can still
-      move it, the second valley becomes final only when no valley closer than that can still be
-      confirmed (at the latest `min_valley_distance + horizon` CSF steps after it).
-    - A candidate whose rise does not come within `horizon` steps (default 4 * window) is not a
-      turn but a plateau; the search restarts after it. This bounds the lag.
-    - The turning point is the second (merged) valley, snapped to the nearest window boundary
-      (steps that are multiples of `window`, ties to the earlier one, never before the first step
-      seen), because the trainer keeps weight snapshots only at window boundaries; the snap moves it
-      by at most window // 2 steps.
-    Lag: the turning point b is returned by `update` at a step t with
-        t - b <= max_lag = horizon + min_valley_distance + 3 * (window - 1) + window // 2
-    (8.5 * window - 3 with the defaults), so a trainer that keeps the boundary snapshots of the last
-    `max_lag` steps (SnapshotKeeper.drop_before(detector.oldest_needed_step(step))) always holds the
-    weights of the turning point: at most max_lag // window + 1 snapshots (9 with the defaults),
-    plus the turning point's own once found (SnapshotKeeper.pin).
-    Until it is final, `pending_turning_point` gives the current candidate (e.g. when training ends).
+The paper's protocol and ours
+    The paper computes CS every step and sets M to the steps of one epoch (50 repeats of 20-30
+    images, 10 epochs: M is about 10% of the run) for diffusion models, and to 100 of 1,500 steps
+    (7%) for LLMs. dallm computes CS every step too; `monitor.window` takes steps or a fraction of
+    `train.steps` ("10%"), so the paper's proportion carries over to any run length.
+
+Turning point: two rules (`rule`)
+    "paper": Algorithm 1 as written. A valley is a CSF sample after which the first difference of
+        CSF turns from negative to positive (a zero difference keeps the previous sign); the turning
+        point is the second valley, final as soon as the rise after it is seen.
+    "guarded" (the default): a hysteresis ("zig-zag") valley/peak tracker on log10(CSF). A valley is
+        the lowest point of a descent that fell more than `min_rise` decades into it and is followed,
+        within `horizon` steps, by a rise of more than `min_rise` decades above it; peaks are
+        confirmed symmetrically; valleys and peaks alternate. The threshold is on the logarithm
+        because CSF spans orders of magnitude (the start-up spike is 67-384x the median): the
+        previous guard, a fraction of the range seen so far, was dominated by that spike and found
+        no valley at all at windows of 5-10% of a run (docs/results.md). min_rise = 0 does *not*
+        make it the paper's rule: merging, the horizon and the wait for finality remain.
+        - A valley closer than `min_valley_distance` steps (default: window) to the previous one
+          is merged into it (the lower is kept) and not counted; so that a merge can still move it,
+          the second valley becomes final only when no closer valley can still be confirmed (at
+          the latest `min_valley_distance + horizon` CSF steps after it).
+        - A candidate whose rise does not come within `horizon` steps (default 4 * window) is a
+          plateau, not a turn: the search restarts after it. This bounds the lag.
+        - CSF values <= 0 (CS exactly constant, e.g. a LoRA still frozen) have no logarithm and are
+          skipped.
+    Either way the turning point is the second valley snapped to the nearest window boundary
+    (multiples of `window`, ties to the earlier, never before the first step seen), because the
+    trainer keeps weight snapshots at window boundaries; the snap moves it by at most window // 2.
+    Lag: the turning point b is returned by `update` at a step t with t - b <= `max_lag`
+    (guarded: horizon + min_valley_distance + 3 (window - 1) + window // 2, 8.5 window - 3 with the
+    defaults; paper: 3 (window - 1) + 1 + window // 2), so keeping the boundary snapshots of the last
+    `max_lag` steps always holds the turning point's weights (`oldest_needed_step`).
+    `confirmed_at` is the training step at which it was returned (`seen_at` in result.json).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
-import torch
-from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------
 # CS-Fluctuation (Eqs. 3-4)
@@ -116,44 +121,47 @@ def cs_fluctuation(cs: Sequence[float], window: int, lr: float | Sequence[float]
 # Turning point (Algorithm 1)
 
 
+Rule = Literal["guarded", "paper"]
+
+
 class TurningPointDetector:
     """Online CS-Fluctuation and second-valley detection; see the module docstring for the rules.
 
     Call `update(step, cs, lr)` once per training step, with consecutive steps. It returns the
-    turning-point step (a window boundary) the first time the second valley is confirmed, else None.
+    turning-point step (a window boundary) the first time the second valley is final, else None.
     """
 
     def __init__(
         self,
         window: int,
+        rule: Rule = "guarded",
         min_rise: float = 0.1,
         min_valley_distance: int | None = None,
         horizon: int | None = None,
     ) -> None:
         if window < 2:
             raise ValueError(f"window must be >= 2, got {window}")
+        if rule not in ("guarded", "paper"):
+            raise ValueError(f"rule must be 'guarded' or 'paper', got {rule!r}")
         if min_rise < 0:
             raise ValueError(f"min_rise must be >= 0, got {min_rise}")
         self.window = window
+        self.rule = rule
         self.min_rise = float(min_rise)
         self.min_valley_distance = int(min_valley_distance) if min_valley_distance is not None else window
         self.horizon = int(horizon) if horizon is not None else 4 * window
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        span = 3 * window - 1  # CS_{j-1} .. CS_{j+3M-3}
+        self._span = 3 * window - 1  # CS_{j-1} .. CS_{j+3M-3}
         self._cs: list[float] = []
         self._lr: list[float] = []
-        self._span = span
         self._first_step: int | None = None
         self._last_step: int | None = None
         self._series: list[tuple[int, float | None]] = []
-        self._log: list[tuple[int, float, float]] = []  # raw inputs, for state_dict()
-        # detection samples (non-None CSF): steps, values, the threshold known when each arrived
+        # detection samples (the CSF values the rule uses): steps, values (log10 for "guarded")
         self._st: list[int] = []
         self._y: list[float] = []
-        self._thr: list[float] = []
-        self._ymin = math.inf
-        self._ymax = -math.inf
+        self._sign = 0  # "paper": the sign of the last non-zero first difference
         self.valleys: list[int] = []
         self.valley_values: list[float] = []
         self.peaks: list[int] = []
@@ -168,6 +176,8 @@ class TurningPointDetector:
     @property
     def max_lag(self) -> int:
         """Upper bound of (step at which the turning point is returned) - (turning-point step)."""
+        if self.rule == "paper":
+            return csf_lag(self.window) + 1 + self.window // 2
         return self.horizon + self.min_valley_distance + csf_lag(self.window) + self.window // 2
 
     @property
@@ -176,13 +186,11 @@ class TurningPointDetector:
         return list(self._series)
 
     def is_boundary(self, step: int) -> bool:
-        """Whether the trainer should keep a snapshot of the weights after `step`."""
+        """Whether a snapshot of the weights after `step` may become the turning point's."""
         return step % self.window == 0
 
     def oldest_needed_step(self, current_step: int) -> int:
-        """Boundary snapshots of steps before this one can be dropped: they can no longer become the
-        turning point. (Once found, the turning point's own snapshot is the trainer's to keep, e.g.
-        with `SnapshotKeeper.pin`.)"""
+        """Boundary snapshots of steps before this one can no longer become the turning point."""
         return current_step - self.max_lag
 
     def update(self, step: int, cs: float, lr: float) -> int | None:
@@ -193,7 +201,6 @@ class TurningPointDetector:
         if self._first_step is None:
             self._first_step = step
         self._last_step = step
-        self._log.append((int(step), float(cs), float(lr)))
         self._cs.append(float(cs))
         self._lr.append(float(lr))
         if len(self._cs) > self._span:
@@ -214,19 +221,21 @@ class TurningPointDetector:
         `update` calls it; it is public for replaying a CS-Fluctuation series computed elsewhere.
         Returns the turning point the first time it is final, else None.
         """
-        if self._st and j <= self._st[-1]:
-            raise ValueError(f"observe_csf: step {j} is not after {self._st[-1]}")
+        if self._series and j <= self._series[-1][0]:
+            raise ValueError(f"observe_csf: step {j} is not after {self._series[-1][0]}")
         if self._first_step is None:
             self._first_step = j
         self._series.append((j, value))
-        if value is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value) or self.turning_point is not None:
             return None
-        self._ymin, self._ymax = min(self._ymin, value), max(self._ymax, value)
+        if self.rule == "paper":
+            return self._paper(j, value)
+        if value <= 0:
+            return None
         self._st.append(j)
-        self._y.append(value)
-        self._thr.append(self.min_rise * (self._ymax - self._ymin))
+        self._y.append(math.log10(value))
         self._run()
-        if self.turning_point is None and len(self.valleys) >= 2:
+        if len(self.valleys) >= 2:
             # The second valley is final once no valley closer than min_valley_distance can still
             # merge into it: a third valley was counted, the search is past that distance (a peak
             # search, or a valley candidate beyond it: both only move forward), or a candidate
@@ -239,11 +248,7 @@ class TurningPointDetector:
                 or (self._mode == "peak" and j >= limit)
                 or (cand is not None and cand >= limit)
             ):
-                v2 = self.valleys[1]
-                self.turning_valley = v2
-                self.turning_point = self._snap(v2)
-                self.confirmed_at = j
-                return self.turning_point
+                return self._final(j)
         return None
 
     @property
@@ -253,22 +258,26 @@ class TurningPointDetector:
             return self.turning_point
         return self._snap(self.valleys[1]) if len(self.valleys) >= 2 else None
 
-    def state_dict(self) -> dict:
-        """Everything needed to rebuild the detector (its inputs), JSON-serialisable."""
-        return {
-            "window": self.window,
-            "min_rise": self.min_rise,
-            "min_valley_distance": self.min_valley_distance,
-            "horizon": self.horizon,
-            "inputs": [list(t) for t in self._log],
-        }
+    def _final(self, j: int) -> int:
+        self.turning_valley = self.valleys[1]
+        self.turning_point = self._snap(self.valleys[1])
+        self.confirmed_at = j
+        return self.turning_point
 
-    @classmethod
-    def from_state_dict(cls, state: Mapping) -> TurningPointDetector:
-        det = cls(state["window"], state["min_rise"], state["min_valley_distance"], state["horizon"])
-        for step, cs, lr in state["inputs"]:
-            det.update(int(step), float(cs), float(lr))
-        return det
+    def _paper(self, j: int, value: float) -> int | None:
+        """Algorithm 1 as written: the second time the derivative of CSF turns from - to +."""
+        if self._y:
+            d = value - self._y[-1]
+            if d > 0 and self._sign < 0:
+                self.valleys.append(self._st[-1])
+                self.valley_values.append(self._y[-1])
+            elif d < 0 and self._sign > 0:
+                self.peaks.append(self._st[-1])
+            if d != 0:
+                self._sign = 1 if d > 0 else -1
+        self._st.append(j)
+        self._y.append(value)
+        return self._final(j) if len(self.valleys) >= 2 else None
 
     # -- detection ---------------------------------------------------------------------------------
 
@@ -293,7 +302,7 @@ class TurningPointDetector:
 
     def _valley_at(self, i: int) -> int | None:
         """Process sample i in valley mode; return the sample to resume from after a state change."""
-        y, thr, st = self._y[i], self._thr[i], self._st
+        y, thr, st = self._y[i], self.min_rise, self._st
         self._runmax = max(self._runmax, y)
         c = self._cand
         if c is None or y < self._y[c]:
@@ -309,7 +318,7 @@ class TurningPointDetector:
         return None
 
     def _peak_at(self, i: int) -> int | None:
-        y, thr = self._y[i], self._thr[i]
+        y, thr = self._y[i], self.min_rise
         if self._pk is None or y > self._y[self._pk]:
             self._pk, self._post_min = i, None
             return None
@@ -341,77 +350,4 @@ class TurningPointDetector:
         return b
 
 
-# ----------------------------------------------------------------------------------------------
-# Snapshots
-
-
-class SnapshotKeeper:
-    """Real copies of a (LoRA) state dict at chosen steps, for returning the turning point exactly.
-
-    `keep(step, state)` stores a detached copy of every tensor: on `device` ("cpu" by default, which
-    costs a device-to-host copy per snapshot but no accelerator memory), or on each tensor's own
-    device when `device=None`. Later in-place updates of the live tensors never change a kept copy.
-
-    The trainer's loop, per step:
-        if detector.is_boundary(step): keeper.keep(step, lora_state_dict)
-        tp = detector.update(step, cs, lr)
-        if tp is not None: keeper.pin(tp)          # keeper.get(tp) holds the turning-point weights
-        keeper.drop_before(detector.oldest_needed_step(step))
-    which holds at most max_lag // window + 1 boundary snapshots, plus the pinned turning point.
-    """
-
-    def __init__(self, device: str | torch.device | None = "cpu") -> None:
-        self.device = torch.device(device) if device is not None else None
-        self._snaps: dict[int, dict[str, Tensor]] = {}
-        self._pinned: set[int] = set()
-
-    def keep(self, step: int, state: Mapping[str, Tensor]) -> None:
-        with torch.no_grad():
-            if self.device is None:
-                copy = {k: v.detach().clone() for k, v in state.items()}
-            else:
-                copy = {k: v.detach().to(self.device, copy=True) for k, v in state.items()}
-        self._snaps[int(step)] = copy
-
-    def get(self, step: int) -> dict[str, Tensor]:
-        """The copy kept at `step` (the keeper's own tensors: clone them before modifying)."""
-        try:
-            return self._snaps[int(step)]
-        except KeyError:
-            raise KeyError(f"no snapshot kept at step {step} (kept: {self.steps})") from None
-
-    def pin(self, step: int) -> None:
-        """Keep the snapshot of `step` through `drop_before` (e.g. the turning point)."""
-        if int(step) not in self._snaps:
-            raise KeyError(f"no snapshot kept at step {step} (kept: {self.steps})")
-        self._pinned.add(int(step))
-
-    def drop_before(self, step: int) -> None:
-        """Drop every unpinned snapshot older than `step` (e.g. detector.oldest_needed_step(current))."""
-        for s in [s for s in self._snaps if s < step and s not in self._pinned]:
-            del self._snaps[s]
-
-    def drop(self, step: int) -> None:
-        self._snaps.pop(int(step), None)
-        self._pinned.discard(int(step))
-
-    @property
-    def pinned(self) -> list[int]:
-        return sorted(self._pinned)
-
-    @property
-    def steps(self) -> list[int]:
-        return sorted(self._snaps)
-
-    def __contains__(self, step: object) -> bool:
-        return step in self._snaps
-
-    def __len__(self) -> int:
-        return len(self._snaps)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for snap in self._snaps.values() for t in snap.values())
-
-
-__all__ = ["csf_lag", "cs_fluctuation", "TurningPointDetector", "SnapshotKeeper"]
+__all__ = ["csf_lag", "cs_fluctuation", "Rule", "TurningPointDetector"]
