@@ -142,9 +142,10 @@ def steps_of(value: int | float, total: int, minimum: int) -> int:
 
 class MonitorConfig(_Section):
     cs: bool = True  # CS (Eq. 2) every step
-    # M of Eqs. 3-4: steps, or a fraction of train.steps ("10%" or 0.1; the paper's M is an epoch
-    # of ten, about 10% of the run). `window_steps(cfg)` resolves it.
-    window: int | float = 0.1
+    # M of Eqs. 3-4: steps, or a fraction of train.steps ("5%" or 0.05; the paper's M is an epoch
+    # of ten, about 10% of the run; 5% is the better default here, docs/results.md).
+    # `window_steps(cfg)` resolves it.
+    window: int | float = 0.05
     early_stop: Literal["auto", "notify", "off"] = "notify"
     # The turning-point rule (dallm.csf): "guarded" (hysteresis on log10 CS-Fluctuation: a valley
     # counts when the curve fell and then rose by more than `min_rise` decades around it; valleys
@@ -159,7 +160,7 @@ class MonitorConfig(_Section):
     # ("turning_then_best"). The KID choices need eval.val_dir and eval.every; without them the
     # job returns the turning point (CS-Fluctuation is the signal when there is no held-out set).
     select: Literal["turning", "best_val_kid", "turning_then_best"] = "turning_then_best"
-    margin: int | float = 0.1  # steps or a fraction of train.steps, as `window`
+    margin: int | float = 0.05  # steps or a fraction of train.steps, as `window`
     # The detector sees CS only after this step (None: the LoRA's warm-up, the larger of
     # tokens.ti_steps and train.warmup_steps). Before it CS jumps from 0 (LoRA B starts at 0, or
     # is still frozen while the new tokens train) and CS-Fluctuation = Var / lr is inflated by the

@@ -30,7 +30,7 @@ def _base(**over: dict) -> dict:
         ({"monitor": {"early_stop": "maybe"}}, "monitor.early_stop", "auto"),
         ({"data": {"on_bad_image": "ignore"}}, "data.on_bad_image", "error"),
         ({"tokens": {"ti_steps": 10}}, "tokens.ti_steps", "no tokens"),
-        ({"monitor": {"start_step": 80}}, "monitor.start_step", "fewer than 3 windows"),
+        ({"monitor": {"start_step": 90}}, "monitor.start_step", "fewer than 3 windows"),
     ],
 )
 def test_bad_config_names_key(override: dict, key: str, reason: str) -> None:

@@ -83,7 +83,7 @@ def test_local_sweep_and_report(
     extra = (
         f'[samples]\nevery = 2\nprompts = ["a red circle"]\nseeds = [0]\nsteps = 2\n'
         f'[eval]\nevery = 2\nfeatures = "micro"\nval_dir = "{image_dir(n=4, name="val", seed=1)}"\n'
-        "num_images = 4\nsubset_size = 4\nnum_subsets = 5\nsteps = 2\n"
+        "num_images = 4\nsubset_size = 2\nnum_subsets = 5\nsteps = 2\n"
     )
     cfg = _config(tmp_path, tiny_sd, images, extra)
     out = tmp_path / "sweep"
