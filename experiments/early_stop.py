@@ -92,7 +92,9 @@ def turning(run: Run, window: int, rule: dict[str, Any]) -> tuple[int | None, in
 
 def replay(run: Run, window: int, rule: dict[str, Any], select: str, margin: int) -> dict[str, Any]:
     tp, seen = turning(run, window, rule)
-    stop = run.total if seen is None else min(run.total, seen + (margin if select == "turning_then_best" else 0))
+    stop = (
+        run.total if seen is None else min(run.total, seen + (margin if select == "turning_then_best" else 0))
+    )
     evaluated = {s: k for s, k in run.kid.items() if s <= stop}
     if select == "turning" or not evaluated:
         ret = tp if tp is not None else stop
@@ -161,7 +163,10 @@ def main() -> int:
         res = []
         for r in runs:
             if sel == "end":
-                x = score(r, min(r.kid, key=lambda s: r.kid[s][0]), r.total) | {"turning": None, "seen_at": None}
+                x = score(r, min(r.kid, key=lambda s: r.kid[s][0]), r.total) | {
+                    "turning": None,
+                    "seen_at": None,
+                }
             else:
                 x = replay(r, window, rule, sel, margin)
             res.append(x)
