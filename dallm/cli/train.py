@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads = set_torch_threads()
     except ValueError as e:
         raise CommandError(str(e)) from None
-    if not args.no_progress:
+    if not args.no_progress and sys.stderr.isatty():
         print(threads, file=sys.stderr)
     ctrl_c = _CtrlC()
     try:
