@@ -96,7 +96,10 @@ def test_failing_text_encoder_job_is_one_line_and_a_log(
 
     monkeypatch.setattr(dallm.trainer, "add_lora", refuse)
     out = tmp_path / "te"
-    assert main(["train", str(config), "--set", "lora.text_encoder=true", "--out", str(out)]) == 1
+    assert (
+        main(["train", str(config), "--set", "lora.text_encoder=true", "--out", str(out), "--no-progress"])
+        == 1
+    )
     err = capsys.readouterr().err
     log = out / "train-error.log"
     assert err == (

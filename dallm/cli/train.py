@@ -97,9 +97,16 @@ def _failed(e: Exception, folder: Path) -> CommandError:
 def cmd_train(args: argparse.Namespace) -> int:
     from dallm.config import ConfigError
     from dallm.preflight import checked_config
+    from dallm.threads import set_torch_threads
     from dallm.train import train
 
     cfg = checked_config(args.config, args.overrides)
+    try:
+        threads = set_torch_threads()
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if not args.no_progress:
+        print(threads, file=sys.stderr)
     ctrl_c = _CtrlC()
     try:
         result = train(
