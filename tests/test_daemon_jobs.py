@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_images
 from daemon_helpers import config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
 from dallm.cli import main as dallm_main
@@ -151,8 +152,10 @@ def test_one_daemon_per_home(daemons, home: Path) -> None:
 def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
     daemons(step_s=0.005)
     cfg = tmp_path / "job.toml"
-    (tmp_path / "imgs").mkdir()
-    cfg.write_text('name = "cli"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
+    write_images(tmp_path / "imgs", 2)
+    cfg.write_text(
+        'name = "cli"\n[data]\ndir = "imgs"\ninstance_prompt = "a red circle"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n'
+    )
     base = ["--home", str(home)]
     assert dallm_main(["submit", str(cfg), "--set", "train.lr=-1", *base]) == 1
     assert "train.lr" in capsys.readouterr().err
@@ -231,14 +234,18 @@ def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path,
     monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
     cfg = tmp_path / "job.toml"
-    (tmp_path / "imgs").mkdir()
-    cfg.write_text('name = "run"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
+    write_images(tmp_path / "imgs", 2)
+    cfg.write_text(
+        'name = "run"\n[data]\ndir = "imgs"\ninstance_prompt = "a red circle"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n'
+    )
     try:
         assert dallm_main(["run", str(cfg), "--home", str(home), "--devices", "cpu"]) == 0
         out = capsys.readouterr()
         assert (
             "started" in out.err and "job 1 finished" in out.out and str(home / "jobs" / "1-run") in out.out
         )
+        # `make demo` runs this: it says the daemon stays and how to stop it
+        assert f"the daemon keeps running on {home}; stop it with: dallm-daemon stop --home {home}" in out.err
         assert dallm_main(["run", str(cfg), "--home", str(home)]) == 0  # reuses the daemon
         assert "started" not in capsys.readouterr().err
     finally:
