@@ -119,7 +119,7 @@ def _job_output(args: argparse.Namespace) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dallm.checkpoint import find_checkpoint
-    from dallm.export import export_lora
+    from dallm.export import export_lora, kohya_usage
 
     src = Path(args.output_dir)
     if not src.is_dir():
@@ -136,4 +136,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(path)
+    usage = kohya_usage(path) if args.format == "kohya" else None
+    if usage:  # on stderr: stdout stays the one path a script reads
+        print(usage, file=sys.stderr)
     return 0
