@@ -120,10 +120,11 @@ def _bundle(rows: torch.Tensor, tokens: list[str]) -> dict[str, torch.Tensor]:
 
 
 def kohya_usage(path: Path) -> str | None:
-    """How to load a kohya export and its tokens (None when it has no tokens)."""
+    """How to load a kohya export and its tokens (None when it bundles none)."""
+    with safe_open(str(path), framework="pt") as f:
+        if not any(k.startswith(BUNDLE) for k in f.keys()):  # noqa: SIM118 - safe_open has no __iter__
+            return None
     emb = kohya_emb_path(path)
-    if not emb.is_file():
-        return None
     _, tokens = load_embeddings(emb)
     return KOHYA_USAGE.format(
         lora=str(path), emb=str(emb), trigger="".join(tokens), bundle=BUNDLE, tokens=tokens

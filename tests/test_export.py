@@ -135,3 +135,21 @@ def test_cli_export(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert "no checkpoint at step 3 (have 2, 4)" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--format", "kohya", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_kohya_without_tokens_and_with_two_token_files(tmp_path: Path) -> None:
+    from dallm.export import kohya_usage, save_embeddings, save_lora
+
+    src = tmp_path / "src"
+    save_lora(
+        src,
+        {"unet.mid.to_q.lora_A.weight": torch.ones(2, 4), "unet.mid.to_q.lora_B.weight": torch.ones(4, 2)},
+    )
+    path = export_lora(src, "kohya", tmp_path / "k.safetensors")
+    assert not any(k.startswith("bundle_emb.") for k in load_file(str(path)))
+    assert not (tmp_path / "k_emb.safetensors").exists() and kohya_usage(path) is None
+    save_embeddings(src / "a_emb.safetensors", torch.ones(2, 4), TOKENS)
+    save_embeddings(src / "b_emb.safetensors", torch.ones(2, 4), TOKENS)
+    with pytest.raises(ValueError, match="more than one token file"):
+        export_lora(src, "kohya", tmp_path / "k2.safetensors")
+    assert not (tmp_path / "k2.safetensors").exists()
