@@ -87,6 +87,30 @@ def test_rollback_resume_marks_later_history_superseded(daemons) -> None:
         assert err.value.code == "not_found" and "have: 5, 10" in str(err.value)
 
 
+def test_rollbacks_in_either_order_leave_no_hole_in_the_history(daemons) -> None:
+    """Finish at 10 then resume from 20 (a checkpoint that rollback superseded); resume at 5, finish
+    at 20, then resume from 30: the store and metrics.jsonl hold every step once, in order."""
+    d = daemons(step_s=0.02)
+
+    def roll(job: int, step: int, resume: bool, expect: list[int]) -> None:
+        c.rollback(job, step, resume=resume)
+        wait_state(c, job, "finished" if resume else "stopped-early")
+        out = Path(c.summary(job).out_dir)
+        on_disk = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert metric_steps(c, job) == on_disk == expect
+
+    with d.client() as c:
+        job = c.submit(config("a", steps=40, every=5)).id
+        wait_state(c, job, "finished")
+        roll(job, 10, False, list(range(1, 11)))
+        roll(job, 20, True, list(range(1, 41)))
+        job = c.submit(config("b", steps=40, every=5)).id
+        wait_step(c, job, 12)
+        roll(job, 5, True, list(range(1, 41)))
+        roll(job, 20, False, list(range(1, 21)))
+        roll(job, 30, True, list(range(1, 41)))
+
+
 def test_checkpoint_now(daemons) -> None:
     d = daemons(step_s=0.02)
     with d.client() as c:

@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dallm.checkpoint import find_checkpoint
     from dallm.cli.jobref import resolve
-    from dallm.export import export_lora
+    from dallm.export import export_lora, kohya_usage
 
     src = resolve(args.output_dir, args.home, args.connect)
     if args.step is not None:
@@ -155,4 +155,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(path)
+    usage = kohya_usage(path) if args.format == "kohya" else None
+    if usage:  # on stderr: stdout stays the one path a script reads
+        print(usage, file=sys.stderr)
     return 0
