@@ -109,3 +109,16 @@ def test_failing_text_encoder_job_is_one_line_and_a_log(
         f"a version >= 0.22.0; traceback in {log}\n"
     )
     assert "Traceback" in log.read_text() and "refuse" in log.read_text()
+
+
+def test_progress_lines_show_kid_with_its_spread() -> None:
+    from dallm.cli.eventlines import EventLines
+    from dallm.protocol import FinishedEvent, MetricsEvent
+
+    lines = EventLines(100)
+    _, text = lines(MetricsEvent(step=30, values={"loss": 0.5, "kid_val": 0.134, "kid_val_std": 0.041}))
+    assert text.endswith("KID val 0.134 ± 0.041")
+    done = FinishedEvent(
+        reason="early_stop", final_step=90, result_step=60, result_kid_val=0.1, result_kid_val_std=0.02
+    )
+    assert lines(done)[1].endswith("result = weights of step 60, its KID val 0.1 ± 0.02")

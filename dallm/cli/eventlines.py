@@ -21,6 +21,12 @@ from dallm.protocol import (
 SHOWN = (("loss", "loss"), ("cs_fluct", "cs-fluct"), ("kid_train", "KID train"), ("kid_val", "KID val"))
 
 
+def _with_spread(values: dict[str, float], key: str) -> str:
+    """`0.134 ± 0.04` for a KID with its std over subsets, else the value alone."""
+    std = values.get(f"{key}_std")
+    return f"{values[key]:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+
+
 class EventLines:
     """(level, message) for an event of one job, or None for one not worth a line."""
 
@@ -34,7 +40,7 @@ class EventLines:
         if tenth <= self.tenth and not evaluated:
             return None
         self.tenth = max(self.tenth, tenth)
-        values = "".join(f"  {label} {ev.values[k]:.4g}" for k, label in SHOWN if k in ev.values)
+        values = "".join(f"  {label} {_with_spread(ev.values, k)}" for k, label in SHOWN if k in ev.values)
         total = f"/{self.total}" if self.total else ""
         return "progress", f"step {ev.step}{total}{values}"
 
@@ -61,7 +67,10 @@ class EventLines:
             self.tenth = ev.step * 10 // self.total if self.total else ev.step
             return "engine", f"rolled back to step {ev.step}" + (", training on" if ev.resume else "")
         if isinstance(ev, FinishedEvent):
-            kid = f", its KID val {ev.result_kid_val:.4g}" if ev.result_kid_val is not None else ""
+            kid = ""
+            if ev.result_kid_val is not None:
+                std = f" ± {ev.result_kid_val_std:.2g}" if ev.result_kid_val_std is not None else ""
+                kid = f", its KID val {ev.result_kid_val:.4g}{std}"
             return "engine", (
                 f"done ({ev.reason}) at step {ev.final_step}; result = weights of step {ev.result_step}{kid}"
             )
