@@ -139,6 +139,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--show",
+        action="append",
+        default=["M 5% paper turning_then_best +5%", "M 5% paper turning", "M 5% guarded turning"],
+        help="policies whose per-run rows are listed (default: the engine's defaults and turning alone)",
+    )
     args = p.parse_args()
     runs = load(args.folder)
     if not runs:
@@ -184,6 +190,20 @@ def main() -> int:
     ok = [s for s in summary if s[1] >= 0.8 and s[2] >= 0.4]
     lines += ["", "Policies with >= 80% of runs within noise and a median >= 40% of steps saved: "]
     lines += [f"- {label}: {100 * w:.0f}% within, {100 * s:.0f}% saved" for label, w, s in ok] or ["- none"]
+    for label in args.show:
+        lines += [
+            "",
+            f"Per run, {label}:",
+            "",
+            "| run | turning (seen at) | stop | returned | best | KID returned - best, in std | within |",
+        ]
+        lines.append("|---|---|---|---|---|---|---|")
+        for x in (r for r in rows if r["policy"] == label):
+            seen = f"{x['turning']} ({x['seen_at']})" if x["seen_at"] is not None else "none"
+            lines.append(
+                f"| {x['run']} | {seen} | {x['stop']} | {x['returned']} | {x['best']} "
+                f"| {x['regret_std']:.2f} | {'yes' if x['within'] else 'no'} |"
+            )
     with (dest / "runs.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
