@@ -48,7 +48,9 @@ def shown_step(text: str, job: int) -> int:
 def test_tui_in_tmux_on_the_micro_quickstart(home: Path, daemons) -> None:
     cfg = load_config(
         REPO / "configs" / "quickstart.toml",
-        ["monitor.early_stop=notify", "samples.every=20", "eval.every=100", "train.steps=2000"],
+        # window 10: CS-Fluctuation within ~80 steps (the default, 5% of 2000 steps, would take ~350)
+        ["monitor.early_stop=notify", "monitor.window=10", "samples.every=20", "eval.every=100"]
+        + ["train.steps=2000"],
     )
     d = daemons(runner=None, OMP_NUM_THREADS="1")
     job = d.client().submit(config_to_dict(cfg))
