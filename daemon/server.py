@@ -37,6 +37,8 @@ from dallm.protocol import (
     MAX_CONTROL_BYTES,
     MAX_WORKER_BYTES,
     QUEUE_TOPIC,
+    WORKER_EVENT,
+    WORKER_MESSAGE,
     ErrorReply,
     FinishedEvent,
     InterruptCommand,
@@ -47,15 +49,15 @@ from dallm.protocol import (
     ProtocolError,
     RolledBackEvent,
     StartedEvent,
-    TurningPointEvent,
     WorkerDone,
-    WorkerError,
     WorkerHello,
     decode_request,
     encode_reply,
     envelope_frames,
     job_event_adapter,
     job_topic,
+    summary_changes,
+    worker_message_adapter,
 )
 
 log = logging.getLogger("dallm.daemon")
@@ -211,21 +213,22 @@ class Daemon:
         if w is None or len(frames) < 3:
             return  # a worker of an earlier attempt, or garbage
         tag = frames[1]
-        if tag == b"ev" and len(frames) >= 4:
+        if tag == WORKER_EVENT and len(frames) >= 4:
             self._on_event(w, frames)
-        elif tag == b"hello":
-            WorkerHello.model_validate_json(frames[2])
-            w.hello = True
-            for cmd in w.pending:
-                self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
-            w.pending.clear()
-        elif tag == b"done":
-            w.done = WorkerDone.model_validate_json(frames[2])
-        elif tag == b"error":
-            w.error = WorkerError.model_validate_json(frames[2])
-            self.job_log(w.job, "error", w.error.message)
-            if w.error.traceback:
-                self.job_log(w.job, "debug", w.error.traceback)
+        elif tag == WORKER_MESSAGE:
+            msg = worker_message_adapter.validate_json(frames[2])
+            if isinstance(msg, WorkerHello):
+                w.hello = True
+                for cmd in w.pending:
+                    self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+                w.pending.clear()
+            elif isinstance(msg, WorkerDone):
+                w.done = msg.result
+            else:
+                w.error = msg
+                self.job_log(w.job, "error", msg.message)
+                if msg.traceback:
+                    self.job_log(w.job, "debug", msg.traceback)
 
     def _on_event(self, w: WorkerProc, frames: list[bytes]) -> None:
         raw = frames[3]
@@ -239,13 +242,9 @@ class Daemon:
         upd = self.job_updates.get(job)
         if upd is None:
             upd = self.job_updates[job] = {}
+        upd.update(summary_changes(ev))  # the same fold as JobSummary.apply, into the store's row
         if type(ev) is MetricsEvent:  # the bulk: keep this path short
-            w.last_step = upd["step"] = ev.step
-            values = ev.values
-            if "kid_val" in values:
-                upd["kid_val"] = values["kid_val"]
-            if "steps_per_s" in values:
-                upd["steps_per_s"] = values["steps_per_s"]
+            w.last_step = ev.step
             self.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
             return
         step = getattr(ev, "step", None)
@@ -256,18 +255,9 @@ class Daemon:
             self.flush()
             self.store.supersede(job, after, self.seq + 1)
             w.last_step = after
-            fields: dict[str, Any] = {"step": after}
-            if isinstance(ev, StartedEvent):
-                fields |= {"total_steps": ev.total_steps, "device": ev.device}
-            self.job_updates.setdefault(job, {}).update(fields)
             step = None if isinstance(ev, StartedEvent) else ev.step
-        elif isinstance(ev, TurningPointEvent):
-            upd["turning_point"] = ev.step
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
-            upd["result_step"] = ev.result_step
-            if ev.result_kid_val is not None:  # the result's KID, not the last evaluated step's
-                upd["kid_val"] = ev.result_kid_val
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
             self._backfill(job, ev.start_step)
@@ -275,14 +265,14 @@ class Daemon:
     def _backfill(self, job: int, upto: int) -> None:
         """Metric steps up to the resume step that the store lacks (events a killed daemon never
         committed) are read back from the job's metrics.jsonl, so the history has no holes."""
-        from dallm.metrics_log import read_metrics
+        from dallm.protocol.files import METRICS_FILE, read_metrics
 
         self.flush()
         have = set(self.store.metric_steps(job))
         out = (self.store.job(job) or {}).get("out_dir") or "."
         missing = [
             r
-            for r in read_metrics(Path(out) / "metrics.jsonl")
+            for r in read_metrics(Path(out) / METRICS_FILE)
             if r.get("step", 0) <= upto and r.get("step") not in have
         ]
         for row in missing:

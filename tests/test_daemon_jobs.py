@@ -228,7 +228,7 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
 def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     from dallm.daemon.paths import DaemonPaths
 
-    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
+    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.testing.fake_engine:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
     cfg = tmp_path / "job.toml"
     (tmp_path / "imgs").mkdir()

@@ -12,7 +12,7 @@ from dallm.daemon.paths import DaemonLock, DaemonPaths, LockHeld, lock_is_held
 from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
 from dallm.daemon.store import Store
 
-from dallm.protocol import WorkerDone, WorkerError
+from dallm.protocol import JobResult, WorkerError
 
 
 def test_queue_order_priorities_then_fifo(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def _worker(**kw) -> WorkerProc:
 
 
 def test_outcomes() -> None:
-    done = WorkerDone(out_dir="o", final_step=9, result_step=5, reason="stopped")
+    done = JobResult(out_dir="o", final_step=9, result_step=5, reason="stopped")
     assert outcome(_worker(done=done), False, 0)[0] == "stopped-early"
     done = done.model_copy(update={"reason": "completed"})
     assert outcome(_worker(done=done), False, 0)[:2] == ("finished", "completed 9 steps")

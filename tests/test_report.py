@@ -39,7 +39,13 @@ def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, sam
                 kid |= {"base_kid_train": 0.045, "base_kid_val": 0.05}
                 f.write(json.dumps({"step": s, **kid}) + "\n")
     if turning is not None:
-        (folder / "result.json").write_text(json.dumps({"turning_point": turning, "result_step": turning}))
+        result = {
+            "reason": "early_stop",
+            "final_step": steps,
+            "result_step": turning,
+            "turning_point": turning,
+        }
+        (folder / "result.json").write_text(json.dumps(result))
     if samples:
         gen = torch.Generator().manual_seed(0)
         base = torch.rand(6, 3, 16, 16, generator=gen)
@@ -122,13 +128,17 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "metrics.jsonl:1: not valid JSON" in capsys.readouterr().err
 
 
-def test_turning_point_formats(tmp_path: Path) -> None:
+def test_turning_point_from_result_json(tmp_path: Path) -> None:
     assert read_turning_point(tmp_path) is None
-    (tmp_path / "result.json").write_text('{"turning_point": {"step": 40, "seen_at": 55}}')
+    done = {"reason": "early_stop", "final_step": 55, "result_step": 40}
+    (tmp_path / "result.json").write_text(json.dumps({**done, "turning_point": 40}))
     assert read_turning_point(tmp_path) == 40
-    (tmp_path / "result.json").write_text('{"turning_step": 7}')
-    assert read_turning_point(tmp_path) == 7
-    (tmp_path / "result.json").write_text('{"turning_point": null}')
+    (tmp_path / "result.json").write_text(json.dumps({**done, "turning_point": None}))
+    assert read_turning_point(tmp_path) is None
+    # One format (ResultFile): anything else is not a result file.
+    (tmp_path / "result.json").write_text(json.dumps({**done, "turning_step": 7}))
+    assert read_turning_point(tmp_path) is None
+    (tmp_path / "result.json").write_text('{"turning_point": 40')
     assert read_turning_point(tmp_path) is None
 
 
@@ -149,7 +159,8 @@ def test_final_and_turning_kid_from_result_json(tmp_path: Path) -> None:
 
     job = synthetic_job(tmp_path / "job", steps=110, samples=False, turning=60)
     ev = {"kid_val": 0.02, "kid_val_std": 0.001, "turning_kid_val": 0.03, "eval_seconds_total": 5.0}
-    (job / "result.json").write_text(json.dumps({"final_step": 110, "turning_point": 60, "eval": ev}))
+    done = {"reason": "stopped", "final_step": 110, "result_step": 60, "turning_point": 60, "eval": ev}
+    (job / "result.json").write_text(json.dumps(done))
     result = read_result(job)
     rows = merge_final_eval(read_metrics(job / "metrics.jsonl"), result)
     assert rows[-1]["step"] == 110 and rows[-1]["kid_val"] == 0.02 and rows[-1]["loss"] > 0

@@ -74,14 +74,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     ctrl_c = _CtrlC()
+    emit = None
+    if not args.no_progress:
+        from dallm.progress import ProgressEmit
+
+        emit = ProgressEmit(cfg.train.steps)
     try:
-        result = train(
-            cfg, out_dir=args.out, resume=args.resume, poll=ctrl_c.poll, progress=not args.no_progress
-        )
+        result = train(cfg, out_dir=args.out, resume=args.resume, emit=emit, poll=ctrl_c.poll)
     except FileNotFoundError as e:
         raise CommandError(str(e)) from None
     finally:
         ctrl_c.restore()
+        if emit is not None:
+            emit.close()  # also when train() refused to start
     out = result.out_dir
     if result.reason == "interrupted":
         again = [
