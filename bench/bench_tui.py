@@ -23,13 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dallm.protocol import JobSummary, MetricsEvent  # noqa: E402
+from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 from dallm.tui.app import DallmApp  # noqa: E402
 from dallm.tui.chart import Chart  # noqa: E402
 from dallm.tui.demo import job_events, metrics_at  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
-
-from dallm.protocol import JobSummary, MetricsEvent  # noqa: E402
-from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 
 
 def build(jobs: int, points: int) -> FakeConnection:

@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from dallm.daemon import handlers
-from dallm.daemon.paths import DaemonLock, DaemonPaths, write_info
-from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
-from dallm.daemon.security import (
-    event_endpoint,
-    is_loopback,
-    make_curve_server,
-    server_keys,
-    start_authenticator,
-)
-from dallm.daemon.store import EventRow, Store
 from pydantic import ValidationError
 
 from dallm.config import ConfigError
+from dallm.daemon import handlers
+from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
+from dallm.daemon.store import EventRow, Store
+from dallm.home import DaemonLock, DaemonPaths, write_info
 from dallm.protocol import (
     MAX_CONTROL_BYTES,
     MAX_WORKER_BYTES,
@@ -58,6 +51,13 @@ from dallm.protocol import (
     job_topic,
     summary_changes,
     worker_message_adapter,
+)
+from dallm.transport import (
+    event_endpoint,
+    is_loopback,
+    make_curve_server,
+    server_keys,
+    start_authenticator,
 )
 
 log = logging.getLogger("dallm.daemon")

@@ -203,7 +203,7 @@ def test_metrics_events_are_typed(daemons) -> None:
 
 
 def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dallm.daemon.cli", *args, "--home", str(home)],
@@ -226,7 +226,7 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
 
 
 def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
     monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.testing.fake_engine:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")

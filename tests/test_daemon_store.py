@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from dallm.daemon.paths import DaemonLock, DaemonPaths, LockHeld, lock_is_held
+
 from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
 from dallm.daemon.store import Store
-
+from dallm.home import DaemonLock, DaemonPaths, LockHeld, lock_is_held
 from dallm.protocol import JobResult, WorkerError
 
 
@@ -127,8 +127,8 @@ def test_worker_errors_are_classified() -> None:
 
 def test_worker_leaves_out_values_json_cannot_carry(tmp_path: Path) -> None:
     import zmq
-    from dallm.daemon.worker import WorkerLink
 
+    from dallm.daemon.worker import WorkerLink
     from dallm.protocol import MetricsEvent
 
     ctx = zmq.Context.instance()

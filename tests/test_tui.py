@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+
+from dallm.protocol import MetricsEvent
+from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import EMPTY_QUEUE, DallmApp
 from dallm.tui.chart import Chart
 from dallm.tui.connection import Action, Outcome
@@ -14,9 +17,6 @@ from dallm.tui.demo import demo_connection, job_events
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
 from dallm.tui.thumbnail import Thumbnail
 from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
-
-from dallm.protocol import MetricsEvent
-from dallm.testing.fake_daemon import FakeConnection
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
 

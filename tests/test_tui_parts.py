@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dallm.tui import images
-from dallm.tui.chart import column_spans
-from dallm.tui.model import Model, Series, eta_seconds, format_eta
 from PIL import Image
 
 from dallm.protocol import (
@@ -20,6 +17,9 @@ from dallm.protocol import (
     TurningPointEvent,
     job_topic,
 )
+from dallm.tui import images
+from dallm.tui.chart import column_spans
+from dallm.tui.model import Model, Series, eta_seconds, format_eta
 
 
 def env(seq: int, event, superseded: bool = False) -> EventEnvelope:

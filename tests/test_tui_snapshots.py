@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
 from dallm.tui.demo import demo_connection
 from dallm.tui.widgets import ConnectionBar
-
-from dallm.testing.fake_daemon import FakeConnection
 
 pytestmark = pytest.mark.xdist_group("tui")
 

@@ -6,13 +6,6 @@ import argparse
 import sys
 from functools import partial
 
-from dallm.tui import images
-from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
-from dallm.tui.link import DaemonLink
-from dallm.tui.model import Model
-from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
-from dallm.tui.thumbnail import Thumbnail
-from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -23,6 +16,13 @@ from textual.timer import Timer
 from textual.widgets import Footer
 
 from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary
+from dallm.tui import images
+from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
+from dallm.tui.link import DaemonLink
+from dallm.tui.model import Model
+from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
+from dallm.tui.thumbnail import Thumbnail
+from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
 
 QUEUE_REFRESH_S = 0.5  # the queue table is redrawn at most this often for metrics alone
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"

@@ -12,10 +12,10 @@ from __future__ import annotations
 import threading
 import time
 
-from dallm.tui.connection import Action, ConnectionLost, Outcome
-
 from dallm.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
+from dallm.home import resolve_home
 from dallm.protocol import EventEnvelope, JobSummary, job_topic
+from dallm.tui.connection import Action, ConnectionLost, Outcome
 
 HEARTBEAT_S = 2.0  # ping the daemon when the event stream was quiet this long
 
@@ -32,8 +32,6 @@ class DaemonConnection:
 
     def _describe(self) -> str:
         try:
-            from dallm.daemon.paths import resolve_home
-
             return f"home {resolve_home(self._home)}"
         except (OSError, RuntimeError):  # no home directory to be found
             return "local daemon"

@@ -13,10 +13,10 @@ import queue
 import threading
 from collections.abc import Callable
 
-from dallm.tui.connection import Connection, ConnectionLost
 from textual.message import Message
 
 from dallm.protocol import EventEnvelope, JobSummary
+from dallm.tui.connection import Connection, ConnectionLost
 
 
 class DaemonLink:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dallm.tui import images
-from dallm.tui.model import Sample
 from rich.segment import Segment
 from rich.style import Style
 from textual.events import Click
 from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widget import Widget
+
+from dallm.tui import images
+from dallm.tui.model import Sample
 
 
 class Thumbnail(Widget):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dallm.tui.chart import Chart, Trace
-from dallm.tui.model import JobData, eta_seconds, format_eta
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -13,6 +11,8 @@ from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
 from dallm.protocol import JobSummary
+from dallm.tui.chart import Chart, Trace
+from dallm.tui.model import JobData, eta_seconds, format_eta
 
 STATE_STYLES = {
     "queued": "dim",

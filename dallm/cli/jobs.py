@@ -132,7 +132,7 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
     """Start a background daemon on `home` unless one runs there."""
     import subprocess
 
-    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
+    from dallm.home import DaemonPaths, lock_is_held, resolve_home
 
     paths = DaemonPaths(resolve_home(home))
     if lock_is_held(paths):
