@@ -150,14 +150,6 @@ def signal_name(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-FINISH_STATES = {
-    "completed": "finished",
-    "early_stop": "stopped-early",
-    "stopped": "stopped-early",
-    "rolled_back": "stopped-early",
-}
-
-
 def outcome(w: WorkerProc, shutting_down: bool, retries: int) -> tuple[str, str, bool]:
     """(state, reason, resume) for a job whose worker ended."""
     done = w.done

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from dallm.config import ConfigError
 from dallm.daemon import handlers
+from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
 from dallm.daemon.store import EventRow, Store
 from dallm.home import DaemonLock, DaemonPaths, write_info
@@ -36,12 +37,15 @@ from dallm.protocol import (
     FinishedEvent,
     InterruptCommand,
     JobCommand,
+    JobState,
     JobStateEvent,
     LogEvent,
     MetricsEvent,
     ProtocolError,
+    RollbackCommand,
     RolledBackEvent,
     StartedEvent,
+    StopCommand,
     WorkerDone,
     WorkerHello,
     decode_request,
@@ -101,7 +105,6 @@ class Daemon:
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
-        self.stats = {"requests": 0, "bad_requests": 0}
         write_info(
             self.paths,
             {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
@@ -185,9 +188,9 @@ class Daemon:
                 send(frames[-1], last)
         self.out_frames = []
 
-    def set_state(self, job: int, state: str, reason: str, **fields: Any) -> None:
+    def set_state(self, job: int, state: JobState, reason: str, **fields: Any) -> None:
         self.flush()
-        prev = self.store.transition(job, state, reason, **fields)
+        prev = self.store.transition(job, state, reason, check=check_transition, **fields)
         self.publish_state(job, prev, reason)
         log.info("job %s: %s -> %s (%s)", job, prev, state, reason)
 
@@ -310,7 +313,6 @@ class Daemon:
             if len(rest) > 1 and rest[0] == b"":
                 prefix.append(b"")
                 rest = rest[1:]
-            self.stats["requests"] += 1
             req_id = 0
             try:
                 if len(rest) != 1:
@@ -318,7 +320,6 @@ class Daemon:
                 req_id, req = decode_request(rest[0])
                 reply = handlers.handle(self, req_id, req)
             except ProtocolError as e:
-                self.stats["bad_requests"] += 1
                 reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
             except ConfigError as e:
                 reply = encode_reply(req_id, ErrorReply(code="invalid_config", message=str(e)))
@@ -334,15 +335,13 @@ class Daemon:
     def _recover(self) -> None:
         """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
         a stop or rollback asked before it died is asked again, a cancel is carried out."""
-        from dallm.daemon.handlers import CANCEL
-
         for job in self.store.ids_in("running", "stopping"):
             row = self.store.job(job) or {}
             pid = row.get("pid")
             if pid and _is_our_worker(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
-            if row.get("pending") == CANCEL:
+            if isinstance(decode_pending(row.get("pending")), CancelPending):
                 self.set_state(
                     job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
                 )
@@ -374,10 +373,9 @@ class Daemon:
             log.exception("job %s: cannot start", job)
             self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
             return
-        if row["pending"]:
-            from dallm.protocol import job_command_adapter
-
-            w.pending.append(job_command_adapter.validate_json(row["pending"]))
+        pending = decode_pending(row["pending"])
+        if isinstance(pending, StopCommand | RollbackCommand):  # asked before a restart: ask again
+            w.pending.append(pending)
         how = (
             f"resuming from {resume.name if resume != out else 'its last checkpoint'}"
             if resume
