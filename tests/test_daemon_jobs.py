@@ -52,7 +52,9 @@ def test_priorities_then_fifo(daemons) -> None:
         assert sorted(started, key=started.get) == [first.id, high1.id, high2.id, low.id]
 
 
-def test_stop_finishes_with_turning_point_weights(daemons) -> None:
+def test_stop_finishes_at_the_turning_point(daemons) -> None:
+    # The daemon's part (the fake engine writes no weights; tests/test_train_control.py checks that
+    # the real engine's result weights are the turning point's, bit for bit).
     d = daemons(step_s=0.02)
     with d.client() as c:
         job = c.submit(config("a-tp.4", steps=500, every=5))
@@ -60,6 +62,9 @@ def test_stop_finishes_with_turning_point_weights(daemons) -> None:
         c.stop(job.id)
         s = wait_state(c, job.id, "stopped-early")
         assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        assert s.step >= 10  # it had trained past the turning point
+        result = json.loads((Path(s.out_dir) / "result.json").read_text())
+        assert (result["reason"], result["result_step"], result["turning_point"]) == ("stopped", 4, 4)
         with pytest.raises(DaemonError) as err:
             c.stop(job.id)
         assert err.value.code == "conflict"

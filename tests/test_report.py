@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -56,6 +57,16 @@ def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, sam
     return folder
 
 
+def pixels_near(path: Path, colour: str, tolerance: int = 40) -> int:
+    """How many pixels of the PNG are within `tolerance` (per channel) of a matplotlib colour."""
+    from matplotlib.colors import to_rgb
+
+    want = np.array([round(255 * c) for c in to_rgb(colour)])
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int((np.abs(rgb - want).max(axis=-1) <= tolerance).sum())
+
+
 def test_report_writes_all_plots(tmp_path: Path) -> None:
     job = synthetic_job(tmp_path / "job")
     results = write_report(job)
@@ -65,6 +76,13 @@ def test_report_writes_all_plots(tmp_path: Path) -> None:
         with Image.open(path) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     assert results["kid"] == job / "report" / "kid.png"
+    # What is drawn, not only that a file exists: the curves in their colours, the turning point.
+    assert pixels_near(results["loss"], "tab:blue") > 500
+    assert pixels_near(results["kid"], "tab:orange") > 200 and pixels_near(results["kid"], "tab:blue") > 200
+    assert pixels_near(results["cs"], "tab:red", tolerance=20) > 50  # the turning point's line
+    with Image.open(results["samples"]) as im:
+        colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
+    assert len(colours) > 50  # the sample grids, not a blank canvas
 
 
 def test_report_cli_out_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,9 +99,10 @@ def test_report_skips_what_was_not_logged(tmp_path: Path) -> None:
     job.mkdir()
     (job / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
     results = write_report(job)
-    assert isinstance(results["loss"], Path)
+    assert isinstance(results["loss"], Path) and pixels_near(results["loss"], "tab:blue") > 100
     assert "kid" in str(results["kid"]) and isinstance(results["kid"], str)
     assert isinstance(results["cs"], str) and isinstance(results["samples"], str)
+    assert sorted(p.name for p in (job / "report").iterdir()) == ["loss.png"]  # nothing blank written
 
 
 def test_rows_merge_and_rollback_supersedes(tmp_path: Path) -> None:

@@ -273,15 +273,19 @@ async def test_mouse_selects_a_job(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
+        assert app.selected == 1
         await pilot.click(JobTable, offset=(5, 3))  # header row, then rows 1..: row index 2 = job 3
         await until(pilot, lambda: app.selected == 3)
+        await until(pilot, lambda: "sweep-r1-n5" in header_text(app))
 
 
 def test_main_rejects_unknown_image_mode(capsys) -> None:
     from dallm.tui.app import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         main(["--images", "png"])
+    assert exited.value.code == 2
+    assert "--images: invalid choice: 'png'" in capsys.readouterr().err
 
 
 async def test_initial_job_is_shown_first(conn: FakeConnection) -> None:
