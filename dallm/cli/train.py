@@ -70,9 +70,16 @@ class _CtrlC:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dallm.config import load_config
+    from dallm.threads import set_torch_threads
     from dallm.train import train
 
     cfg = load_config(args.config, args.overrides)
+    try:
+        threads = set_torch_threads()
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if not args.no_progress:
+        print(threads, file=sys.stderr)
     ctrl_c = _CtrlC()
     emit = None
     if not args.no_progress:
