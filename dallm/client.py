@@ -43,6 +43,7 @@ from typing import Any
 
 import zmq
 
+from dallm.home import DaemonPaths, lock_is_held, resolve_home
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
@@ -73,6 +74,7 @@ from dallm.protocol import (
     decode_reply,
     encode_request,
 )
+from dallm.transport import event_endpoint, make_curve_client
 
 
 class DaemonError(Exception):
@@ -93,16 +95,12 @@ def resolve_endpoints(endpoint: str | None, home: str | Path | None) -> tuple[st
     endpoint = endpoint or os.environ.get("DALLM_CONNECT") or None
     if endpoint:
         if endpoint.startswith("tcp://"):
-            from dallm.daemon.security import event_endpoint
-
             return endpoint, event_endpoint(endpoint)
         if endpoint.startswith("ipc://") and endpoint.endswith("control.ipc"):
             return endpoint, endpoint[: -len("control.ipc")] + "events.ipc"
         raise DaemonUnavailable(
             f"cannot use endpoint {endpoint!r} (ipc://.../control.ipc or tcp://HOST:PORT)"
         )
-    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
-
     paths = DaemonPaths(resolve_home(home))
     info = paths.read_info()
     if info is None or not lock_is_held(paths):
@@ -132,8 +130,6 @@ class DaemonClient:
 
     def _secure(self, sock: zmq.Socket) -> None:
         if self.endpoint.startswith("tcp://") and self.server_key and self.client_key:
-            from dallm.daemon.security import make_curve_client
-
             make_curve_client(sock, self.server_key, self.client_key)
 
     def _socket(self) -> zmq.Socket:

@@ -22,7 +22,7 @@ import pytest
 from dallm.client import DaemonClient, DaemonError
 from dallm.protocol import TERMINAL_STATES, JobSummary
 
-FAKE = "dallm.daemon.fake:train"
+FAKE = "dallm.testing.fake_engine:train"
 
 
 class DaemonProc:

@@ -53,7 +53,9 @@ def test_priorities_then_fifo(daemons) -> None:
         assert sorted(started, key=started.get) == [first.id, high1.id, high2.id, low.id]
 
 
-def test_stop_finishes_with_turning_point_weights(daemons) -> None:
+def test_stop_finishes_at_the_turning_point(daemons) -> None:
+    # The daemon's part (the fake engine writes no weights; tests/test_train_control.py checks that
+    # the real engine's result weights are the turning point's, bit for bit).
     d = daemons(step_s=0.02)
     with d.client() as c:
         job = c.submit(config("a-tp.4", steps=500, every=5))
@@ -61,6 +63,9 @@ def test_stop_finishes_with_turning_point_weights(daemons) -> None:
         c.stop(job.id)
         s = wait_state(c, job.id, "stopped-early")
         assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        assert s.step >= 10  # it had trained past the turning point
+        result = json.loads((Path(s.out_dir) / "result.json").read_text())
+        assert (result["reason"], result["result_step"], result["turning_point"]) == ("stopped", 4, 4)
         with pytest.raises(DaemonError) as err:
             c.stop(job.id)
         assert err.value.code == "conflict"
@@ -230,7 +235,7 @@ def test_metrics_events_are_typed(daemons) -> None:
 
 
 def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dallm.daemon.cli", *args, "--home", str(home)],
@@ -253,9 +258,9 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
 
 
 def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
-    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
+    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.testing.fake_engine:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
     cfg = tmp_path / "job.toml"
     write_images(tmp_path / "imgs", 2)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
-from dallm.daemon.paths import DaemonPaths
-from dallm.daemon.security import create_client_keys, is_loopback
 
 from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+from dallm.home import DaemonPaths
+from dallm.transport import create_client_keys, is_loopback
 
 
 def free_port() -> int:
