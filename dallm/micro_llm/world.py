@@ -2,15 +2,15 @@
 
 A scene (`Scene`) has a shape, a foreground and a background colour (different), a size and a
 position. The base dialect describes it in two or three plain sentences drawn from a few
-templates ("a small red circle on a blue background. it is on the left."), always consistent
-with one scene. The teacher dialect, which the base model never sees, is archaic and follows
+templates ("a small red circle on a blue background. it is on the left."), stating each
+attribute exactly once. The teacher dialect, which the base model never sees, is archaic and follows
 one fixed rhetorical pattern with adjectives after their nouns ("behold, upon a field of blue
 doth rest a circle of red; small it is, and on the left it lies."), the stand-in for a larger
 model's style. Both dialects share the lexicon (`LEXICON`) except for a handful of archaic words.
 
 `parse` reads a text back into its scene, per dialect, so generated text can be scored for
-grammaticality (every sentence follows a template) and consistency (all sentences describe one
-scene). Pure Python, deterministic for a given `random.Random`.
+grammaticality (every sentence follows a template, every attribute stated once, the two colours
+different). Pure Python, deterministic for a given `random.Random`.
 """
 
 from __future__ import annotations
@@ -53,17 +53,21 @@ def sample_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(SHAPES), fg, bg, rng.choice(SIZES), rng.choice(tuple(POSITIONS)))
 
 
-# Base templates. The first sentence names the shape; details follow in any order.
+# Base templates. The opener names the shape; details state the attributes it left out, in any
+# order. Every attribute is stated exactly once (a redundant grammar asks a micro model to copy
+# attributes across sentences, which it learns only slowly).
 _OPENERS = (
     "a {size} {fg} {shape} on a {bg} background.",
     "there is a {size} {fg} {shape} {where}.",
+    "there is a {fg} {shape} {where}.",
+    "a {fg} {shape} on a {bg} background.",
 )
 _DETAILS = (
-    "the {shape} is {fg} and the background is {bg}.",
     "it is {where}.",
     "the background is {bg}.",
-    "the {fg} {shape} is {size}.",
+    "it is {size}.",
 )
+ATTRIBUTES = ("shape", "fg", "bg", "size", "pos")
 # The teacher's one pattern (a single sentence).
 _TEACHER = "behold, upon a field of {bg} doth rest a {shape} of {fg}; {size} it is, and {where} it lies."
 
@@ -79,8 +83,14 @@ def describe(scene: Scene, dialect: str, rng: random.Random) -> str:
     if dialect != "base":
         raise ValueError(f"dialect {dialect!r}: expected one of {DIALECTS}")
     opener = rng.choice(_OPENERS)
-    details = rng.sample(_DETAILS, rng.choice((1, 2)))
+    stated = _slots(opener)
+    details = [t for t in _DETAILS if not _slots(t) & stated]
+    rng.shuffle(details)
     return " ".join(_fill(t, scene) for t in (opener, *details))
+
+
+def _slots(template: str) -> set[str]:
+    return {"pos" if k == "where" else k for k in re.findall(r"\{(\w+)\}", template)}
 
 
 def corpus(n: int, dialect: str, seed: int) -> list[str]:
@@ -142,11 +152,11 @@ _WHERE_TO_POS = {v: k for k, v in POSITIONS.items()}
 
 
 def parse(text: str, dialect: str) -> dict[str, str] | None:
-    """The scene attributes a text states, or None when it is ungrammatical or inconsistent.
+    """The scene a text describes (its five attributes), or None when it is not a grammatical text.
 
     Grammatical: the text is a sequence of whole sentences of `dialect`'s templates (base: an
-    opener, then details; teacher: exactly its one sentence). Consistent: no attribute is stated
-    with two values, and foreground and background differ.
+    opener, then details; teacher: exactly its one sentence) that states each attribute exactly
+    once, with foreground and background different.
     """
     if re.search(r"[^a-z.,;\s]", text.lower()):
         return None
@@ -174,9 +184,10 @@ def _attrs(groups: list[dict[str, str]]) -> dict[str, str] | None:
     for g in groups:
         for k, v in g.items():
             key, val = ("pos", _WHERE_TO_POS[v]) if k == "where" else (k, v)
-            if out.setdefault(key, val) != val:
+            if key in out:
                 return None
-    if "fg" in out and out.get("fg") == out.get("bg"):
+            out[key] = val
+    if set(out) != set(ATTRIBUTES) or out["fg"] == out["bg"]:
         return None
     return out
 
