@@ -24,7 +24,7 @@ def test_build_llm_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture
     assert manifest["recipe"]["steps"] == 3 and manifest["threads"] == 1
     q = manifest["quality"]
     assert 0.0 <= q["grammatical_rate_base"] <= 1.0 and len(q["samples"]) == 8
-    assert q["ppl_base_text"]["value"] > 1.0
+    assert q["ppl_base_text"]["value"] > q["ppl_floor_base_text"] > 1.0
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert model.config.vocab_size == len(tok)

@@ -37,6 +37,8 @@ def test_manifest_matches_the_files_and_states_the_figures() -> None:
     q = manifest["quality"]
     assert q["grammatical_rate_base"] >= 0.85 and q["generations"] >= 200
     assert q["ppl_ratio_teacher_over_base"] >= 10
+    # near the corpus' entropy: within 5% of the lowest perplexity any model can reach
+    assert q["ppl_floor_base_text"] < q["ppl_base_text"]["value"] < 1.05 * q["ppl_floor_base_text"]
     assert q["ppl_base_text"]["std"] > 0 and q["ppl_base_text"]["n_texts"] >= 400
     assert {"build_command", "seed", "recipe", "seconds", "device", "parameters"} <= set(manifest)
 

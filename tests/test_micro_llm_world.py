@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -90,3 +91,16 @@ def test_text_sets_are_disjoint_seeded_and_written(tmp_path: Path) -> None:
         write_text_sets(tmp_path, sets, fmt="csv")
     with pytest.raises(ValueError, match="n_val 0"):
         text_sets(n_val=0)
+
+
+def test_entropy_by_hand() -> None:
+    # 3 shapes x 6 x 5 colours x 2 sizes x 5 positions; base: 4 openers, two of which leave two
+    # details to say in either order
+    assert world.N_SCENES == 900
+    assert world.entropy_nats("teacher") == pytest.approx(math.log(900))
+    assert world.entropy_nats("base") == pytest.approx(math.log(900) + math.log(4) + math.log(2) / 2)
+    # every choice gives a different text: a large corpus has (almost) as many texts as it can
+    texts = world.corpus(20000, "base", 3)
+    assert len(set(texts)) > 0.85 * (1 - math.exp(-20000 / math.exp(world.entropy_nats("base")))) * math.exp(
+        world.entropy_nats("base")
+    )

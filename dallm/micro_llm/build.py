@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -154,9 +155,16 @@ def evaluate(model, tokenizer, sizes: EvalSizes, seed: int) -> dict:
     ppl_base = model_perplexity(model, tokenizer, base, seed=seed)
     ppl_teacher = model_perplexity(model, tokenizer, teacher, seed=seed)
     gens = generate(model, tokenizer, sizes.generations, seed)
+    # the lowest perplexity any model can reach on these texts (entropy over predicted tokens)
+    floor = {
+        d: math.exp(world.entropy_nats(d) * p.n_texts / p.n_tokens)
+        for d, p in (("base", ppl_base), ("teacher", ppl_teacher))
+    }
     return {
         "ppl_base_text": ppl_base.as_dict(),
         "ppl_teacher_text": ppl_teacher.as_dict(),
+        "ppl_floor_base_text": floor["base"],
+        "ppl_floor_teacher_text": floor["teacher"],
         "ppl_ratio_teacher_over_base": ppl_teacher.value / ppl_base.value,
         "generations": sizes.generations,
         "grammatical_rate_base": world.grammatical_rate(gens, "base"),

@@ -15,6 +15,7 @@ different). Pure Python, deterministic for a given `random.Random`.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -190,6 +191,23 @@ def _attrs(groups: list[dict[str, str]]) -> dict[str, str] | None:
     if set(out) != set(ATTRIBUTES) or out["fg"] == out["bg"]:
         return None
     return out
+
+
+def entropy_nats(dialect: str) -> float:
+    """Entropy of one text of `dialect` in nats: the floor of any model's NLL per text.
+
+    Scenes are uniform over the N_SCENES (sample_scene draws each attribute uniformly, the
+    background among the colours other than the foreground); base text adds the uniform choice
+    of opener and the uniform order of the details it needs. Distinct choices give distinct texts.
+    """
+    if dialect == "teacher":
+        return math.log(N_SCENES)
+    if dialect != "base":
+        raise ValueError(f"dialect {dialect!r}: expected one of {DIALECTS}")
+    orders = [
+        math.log(math.factorial(sum(1 for t in _DETAILS if not _slots(t) & _slots(o)))) for o in _OPENERS
+    ]
+    return math.log(N_SCENES) + math.log(len(_OPENERS)) + sum(orders) / len(orders)
 
 
 def grammatical_rate(texts: list[str], dialect: str) -> float:
