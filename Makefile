@@ -39,7 +39,7 @@ lock:
 	rm -rf $(SCRATCH) && $(PY) -m venv $(SCRATCH)
 	$(SCRATCH)/bin/pip install -q --upgrade pip
 	$(SCRATCH)/bin/pip install -q $(TORCH)
-	$(SCRATCH)/bin/pip install -q '.[dev]'
+	$(SCRATCH)/bin/pip install -q '.[dev]' && rm -rf build
 	$(SCRATCH)/bin/pip check
 	{ echo "# The tested dependency set (make lock; see README 'Installing'). Python 3.11, CPU torch."; \
 	  $(SCRATCH)/bin/pip freeze --exclude-editable | grep -v -i '^dallm[=@ ]' | sed 's/+cpu$$//'; } > constraints.txt

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -61,9 +63,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@functools.cache
+def fake_data() -> str:
+    """One valid image: the fake engine reads no data, but the daemon's preflight refuses a job
+    without usable images."""
+    from PIL import Image
+
+    folder = Path(tempfile.mkdtemp(prefix="dallm-bench-data-"))
+    atexit.register(shutil.rmtree, folder, True)
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(folder / "a.png")
+    return str(folder)
+
+
 def fake_config(name: str, steps: int, **extra: dict) -> dict:
-    cfg = {"name": name, "data": {"dir": tempfile.gettempdir()}, "train": {"steps": steps}, "monitor": {"window": 2},
-           "checkpoint": {"every": steps}}  # fmt: skip
+    cfg = {"name": name, "data": {"dir": fake_data(), "instance_prompt": "a red circle"},
+           "train": {"steps": steps}, "monitor": {"window": 2}, "checkpoint": {"every": steps}}  # fmt: skip
     return cfg | extra
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dallm.config import ConfigError, config_from_dict
+from dallm.preflight import PreflightError, preflight
 from dallm.protocol import (
+    PREFLIGHT_FAILED,
     TERMINAL_STATES,
     CancelRequest,
     CheckpointNowCommand,
@@ -78,22 +80,16 @@ def job_out_dir(d: Daemon, job: int, name: str, output_dir: str | None) -> Path:
 
 
 def check_folders(cfg: Any, source: str) -> None:
-    """Data folders must exist as the daemon (and its workers) see them: refuse now, not fail later."""
+    """The daemon's own rule (its workers do not run in the client's folder): absolute paths only.
+    Whether they hold a runnable job is the shared preflight's part."""
     for key, value in (
         ("data.dir", cfg.data.dir),
         ("data.class_dir", cfg.data.class_dir),
         ("eval.val_dir", cfg.eval.val_dir),
     ):
-        if value is None:
-            continue
-        path = Path(value).expanduser()
-        if not path.is_absolute():
+        if value is not None and not Path(value).expanduser().is_absolute():
             raise Refused(
                 "invalid_config", f"{source}: {key}: {value} is relative; the daemon needs an absolute path"
-            )
-        if not path.is_dir():
-            raise Refused(
-                "invalid_config", f"{source}: {key}: {value} is not a folder on the daemon's machine"
             )
 
 
@@ -102,6 +98,10 @@ def submit(d: Daemon, req: SubmitRequest) -> JobReply:
         raise Refused("conflict", "the daemon is shutting down")
     cfg = config_from_dict(json.loads(json.dumps(req.config)), req.source)
     check_folders(cfg, req.source)
+    try:  # the same preflight as `dallm submit`, as the daemon's machine sees the files
+        preflight(cfg)
+    except PreflightError as e:
+        raise Refused(PREFLIGHT_FAILED, f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
     out_spec = data.get("output_dir")
     if out_spec is not None and not Path(out_spec).expanduser().is_absolute():

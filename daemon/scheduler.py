@@ -69,6 +69,9 @@ class WorkerProc:
 
 class Scheduler:
     def __init__(self, slots: list[str], endpoint: str, runner: str | None) -> None:
+        from dallm.threads import usable_cores
+
+        self.slot_cores = max(1, usable_cores() // len(slots))  # each worker's share of the CPU
         self.slots: list[WorkerProc | None] = [None] * len(slots)
         self.devices = slots
         self.endpoint = endpoint
@@ -93,7 +96,7 @@ class Scheduler:
         env["PYTHONUNBUFFERED"] = "1"
         cmd = [sys.executable, "-m", "dallm.daemon.worker", "--endpoint", self.endpoint, "--job", str(job),
                "--attempt", str(attempt), "--config", str(config_path), "--out", str(out_dir),
-               "--parent", str(os.getpid())]  # fmt: skip
+               "--parent", str(os.getpid()), "--slot-cores", str(self.slot_cores)]  # fmt: skip
         if resume is not None:
             cmd += ["--resume", str(resume)]
         if self.runner:

@@ -151,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         from dallm.config import config_from_dict
+        from dallm.threads import set_torch_threads
+
+        print(set_torch_threads(args.slot_cores), flush=True)  # to the job's log
 
         cfg = config_from_dict(json.loads(Path(args.config).read_text()), source=f"job {args.job}")
         runner = load_runner(args.runner)
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume")
     p.add_argument("--runner", default=os.environ.get("DALLM_JOB_RUNNER", DEFAULT_RUNNER))
     p.add_argument("--parent", type=int)
+    p.add_argument("--slot-cores", type=int, help="CPU cores of this worker's slot (default: all)")
     return run(p.parse_args(argv))
 
 

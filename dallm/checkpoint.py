@@ -3,18 +3,26 @@
 A checkpoint is a folder `checkpoints/step-000250/` holding
 - `pytorch_lora_weights.safetensors` (and `<name>_emb.safetensors`): the weights in the exported
   format, so `dallm export OUT --step 250` and `load_lora_weights` work on it directly;
+- `metrics.jsonl`: the job's metric rows up to this step, so a resume from here after a rollback to
+  an earlier step restores this history (see `dallm.metrics_log`);
 - `state.pt`: the raw peft LoRA tensors, token rows, optimizer, LR scheduler, grad scaler, the RNG
   states (python, numpy, torch, cuda, the training noise generator), the step, the CS history and
   the in-memory weight snapshots the turning-point detector may still need.
 
 The folder is written as `.tmp-step-000250` and renamed into place, so a crash never leaves a half
 checkpoint; `keep` bounds how many stay on disk.
+
+`state.pt` is read with `torch.load(weights_only=True)`: a checkpoint folder can come from anyone
+who can write to an output folder, and a full unpickler would run their code. So `state.pt` holds
+only tensors and plain data; the few richer objects (TrainState snapshots, numpy RNG arrays) are
+written as tagged dicts by `_to_plain` and rebuilt by `_from_plain`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import pickle
 import random
 import re
 import shutil
@@ -83,6 +91,42 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_TRAIN_STATE = "__dallm_train_state__"
+_NDARRAY = "__dallm_ndarray__"
+
+
+def _to_plain(obj: Any, where: str = "state") -> Any:
+    """`obj` as tensors, numbers, strings, None, lists, tuples and dicts only (weights_only-loadable)."""
+    if isinstance(obj, TrainState):
+        return {_TRAIN_STATE: _to_plain(dict(obj.__dict__), where)}
+    if isinstance(obj, np.ndarray):
+        return {
+            _NDARRAY: torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64)),
+            "dtype": str(obj.dtype),
+        }
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if obj is None or isinstance(obj, torch.Tensor | bool | int | float | str | torch.dtype):
+        return obj
+    raise TypeError(f"checkpoint: {where} is a {type(obj).__name__}, which state.pt cannot hold")
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if _TRAIN_STATE in obj:
+            return TrainState(**_from_plain(obj[_TRAIN_STATE]))
+        if _NDARRAY in obj:
+            return obj[_NDARRAY].numpy().astype(obj["dtype"])
+        return {k: _from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_from_plain(v) for v in obj)
+    return obj
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -110,7 +154,7 @@ def save_checkpoint(root: Path, state: TrainState, files: dict[str, Any] | None 
     for writer in (files or {}).values():
         writer(tmp)
     with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state.__dict__, f)
+        torch.save(_to_plain(dict(state.__dict__)), f)
         f.flush()
         os.fsync(f.fileno())
     if final.exists():  # re-checkpointing the same step (e.g. after a rollback): replace it
@@ -124,8 +168,16 @@ def save_checkpoint(root: Path, state: TrainState, files: dict[str, Any] | None 
 
 
 def load_checkpoint(folder: Path) -> TrainState:
-    data = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    return TrainState(**data)
+    """The state of a checkpoint folder; never runs code from the file (weights_only unpickling)."""
+    path = Path(folder) / STATE_FILE
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a dallm checkpoint state (refused to unpickle: {first})") from None
+    if not isinstance(data, dict) or "step" not in data or "unet_lora" not in data:
+        raise ValueError(f"{path}: not a dallm checkpoint state")
+    return TrainState(**_from_plain(data))
 
 
 def prune_checkpoints(root: Path, keep: int | None, protect: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]

@@ -1,6 +1,9 @@
 """`metrics.jsonl`: one JSON object per logged step, flushed line by line.
 
 On resume or rollback to step N the file is cut after N first, so no step ever appears twice.
+Every checkpoint keeps a copy of the rows up to its step (`HISTORY` in its folder): a rollback that
+finished at an earlier step cut them from the log, and a later resume from that checkpoint puts its
+own history back instead of leaving a hole.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+HISTORY = "metrics.jsonl"  # a checkpoint folder's copy of the log up to its step
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -30,14 +35,22 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the lines of steps after `step` (and any torn line), atomically."""
+    def truncate_after(self, step: int, checkpoint: Path | None = None) -> int:
+        """Keep the history up to `step` only (no torn line), atomically: the log's own rows, or the
+        rows saved in `checkpoint` when it has them (the lineage of its weights, which a rollback
+        may have cut from the log). Returns how many of those rows the log lacked."""
         self._file.close()
-        keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        keep = _upto(read_metrics(self.path), step)
+        saved = _upto(read_metrics(checkpoint / HISTORY), step) if checkpoint is not None else []
+        restored = len({r["step"] for r in saved} - {r["step"] for r in keep})
+        _write_rows(self.path, saved or keep)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        return restored
+
+    def save_history(self, folder: Path, step: int) -> None:
+        """Copy the rows up to `step` into a checkpoint folder (see the module's docstring)."""
+        self._file.flush()
+        _write_rows(folder / HISTORY, _upto(read_metrics(self.path), step))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
@@ -46,3 +59,13 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _upto(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    return [r for r in rows if int(r.get("step", 0)) <= step]
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)

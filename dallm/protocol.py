@@ -399,9 +399,16 @@ class OkReply(_Message):
     message: str = ""
 
 
+# ErrorReply.code of a submit whose config is valid but could not run (no images, a corrupt image, a
+# missing caption, model.base not found, a rank wider than the model...); the message names the key
+# or file. `invalid_config`: the config itself is malformed.
+PREFLIGHT_FAILED = "preflight_failed"
+
+
 class ErrorReply(_Message):
     op: Literal["error"] = "error"
-    code: str  # bad_request | bad_version | invalid_config | not_found | conflict | internal
+    # bad_request | bad_version | invalid_config | preflight_failed | not_found | conflict | internal
+    code: str
     message: str
 
 

@@ -163,7 +163,9 @@ class Job:
         if ckpt is not None:
             self._restore(load_checkpoint(ckpt))
             self.emit(LogEvent(message=f"resumed from {ckpt} at step {self.step}"))
-        self.log.truncate_after(self.step)
+        restored = self.log.truncate_after(self.step, ckpt)
+        if restored:  # e.g. a resume from a checkpoint after a rollback finished at an earlier step
+            self.emit(LogEvent(message=f"metrics of {restored} step(s) restored from {ckpt}"))
         save_config(cfg, self.out / "config.toml")
         self.emit(
             StartedEvent(
@@ -267,9 +269,11 @@ class Job:
         if self.watch is not None:
             state.extra["history"] = list(self.watch.history)
             state.extra["snapshots"] = [s.weights_only() for s in self.watch.snapshots()]
-        folder = save_checkpoint(
-            self.ckpt_root, state, {"weights": lambda d: self.trainer.write_weights(d, state)}
-        )
+        writers = {
+            "weights": lambda d: self.trainer.write_weights(d, state),
+            "history": lambda d: self.log.save_history(d, self.step),
+        }
+        folder = save_checkpoint(self.ckpt_root, state, writers)
         protect = {self.turning_point} if self.turning_point is not None else set()
         prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep, protect)
         self.emit(CheckpointEvent(step=self.step, path=str(folder.relative_to(self.out))))

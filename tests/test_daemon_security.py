@@ -50,8 +50,9 @@ def test_job_output_cannot_escape_the_home(daemons, home: Path) -> None:
         with pytest.raises(DaemonError) as err:
             c.submit(config("a") | {"name": "../../x"})
         assert err.value.code == "invalid_config" and "name" in str(err.value)
-        with pytest.raises(DaemonError, match="data.dir: /nonexistent-folder is not a folder"):
+        with pytest.raises(DaemonError, match="data.dir: folder /nonexistent-folder does not exist") as err:
             c.submit(config("a", data={"dir": "/nonexistent-folder"}))
+        assert err.value.code == "preflight_failed"
         with pytest.raises(DaemonError, match="data.dir: rel/dir is relative"):
             c.submit(config("a", data={"dir": "rel/dir"}))
         assert c.jobs() == []  # nothing queued
