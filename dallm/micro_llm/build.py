@@ -5,7 +5,7 @@ Steps (each seeded):
    [BOS], [EOS], built with `tokenizers` and saved as a transformers `PreTrainedTokenizerFast`.
    The teacher's archaic words are in the vocabulary (as a real LLM knows rare words), but the
    model never sees them in training.
-2. Model: a transformers `LlamaForCausalLM` from scratch (about 0.4 M parameters), pretrained on
+2. Model: a transformers `LlamaForCausalLM` from scratch (about 0.28 M parameters), pretrained on
    base-dialect text only.
 3. Quality figures from the saved folder: perplexity on held-out base text and on teacher text
    (the base must find the teacher unlikely), sampled generations and their grammaticality rate.
