@@ -164,10 +164,14 @@ def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
         have = ", ".join(map(str, sorted(kept))) or "none"
         raise ProtocolError("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have})")
     pending = None if req.resume else encode_pending(RollbackCommand(step=req.step, resume=False))
+    why = f"rollback to step {req.step} {how}"
+    if d.sched.free_slot() is None:  # writing the result loads the model: it takes a slot too
+        busy = ", ".join(map(str, sorted(d.sched.by_job))) or "none"
+        why += f"; waits for a free slot (running: job {busy})"
     d.set_state(
         job,
         "queued",
-        f"rollback to step {req.step} {how}",
+        why,
         resume_path=str(ckpt),
         pending=pending,
         ended=None,

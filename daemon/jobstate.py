@@ -3,6 +3,7 @@ across a restart (`pending`).
 
     queued ──> running ──> stopping ──> finished | stopped-early | failed | cancelled
        ^  \\       \\______________________^                                 |
+       |   ├──> stopping (a finish-only rollback: it writes a result, trains nothing)
        |   └──> failed | cancelled (never ran)                             |
        └───── running/stopping (interrupted, retried, daemon restart) <─── a rollback of an ended job
 
@@ -27,7 +28,7 @@ from dallm.protocol import (
 
 ALLOWED: dict[str | None, frozenset[str]] = {
     None: frozenset({"queued"}),  # submitted
-    "queued": frozenset({"running", "failed", "cancelled"}),
+    "queued": frozenset({"running", "stopping", "failed", "cancelled"}),  # stopping: a finish-only rollback
     "running": frozenset({"stopping", "queued", *TERMINAL_STATES}),
     "stopping": frozenset({"stopping", "queued", *TERMINAL_STATES}),
     **{state: frozenset({"queued"}) for state in TERMINAL_STATES},  # rolled back to a checkpoint

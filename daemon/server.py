@@ -259,11 +259,21 @@ class Daemon:
             self.store.supersede(job, after, self.seq + 1)
             w.last_step = after
             step = None if isinstance(ev, StartedEvent) else ev.step
+            if after > 0 or isinstance(ev, RolledBackEvent):
+                # The summary's KID must be one the kept history has, not an erased evaluation's.
+                kid, std = self.store.kid_val_at(job, after)
+                self.job_updates.setdefault(job, {}).update(kid_val=kid, kid_val_std=std)
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
             self._backfill(job, ev.start_step)
+        if isinstance(ev, RolledBackEvent):
+            # Subscribers fold events into their rows (JobSummary.apply) but cannot know the KID the
+            # kept history ends with: the whole row follows, as for any change of a job's row.
+            self.flush()
+            state = self.store.summary(job).state
+            self.publish_state(job, state, f"rolled back to step {ev.step}")
 
     def _backfill(self, job: int, upto: int) -> None:
         """Metric steps up to the resume step that the store lacks (events a killed daemon never
@@ -381,7 +391,15 @@ class Daemon:
             if resume
             else "from step 0"
         )
-        self.set_state(job, "running", f"started on {w.device} (attempt {attempt}, {how})", attempts=attempt,
+        state: JobState = "running"
+        reason = f"started on {w.device} (attempt {attempt}, {how})"
+        if isinstance(pending, RollbackCommand) and not pending.resume:
+            # It trains no step: it only writes (and evaluates) the result of `pending.step`.
+            state, reason = (
+                "stopping",
+                f"writing the result of step {pending.step} on {w.device} (attempt {attempt})",
+            )
+        self.set_state(job, state, reason, attempts=attempt,
                        pid=w.proc.pid, device=w.device, started=time.time())  # fmt: skip
 
     def slot_device(self) -> str:

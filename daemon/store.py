@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     turning_point INTEGER,
     result_step INTEGER,
     kid_val REAL,
+    kid_val_std REAL,
     steps_per_s REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
@@ -73,8 +74,10 @@ CREATE INDEX IF NOT EXISTS events_job_misc ON events (job_id, kind) WHERE kind !
 
 SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
-    "turning_point, result_step, kid_val, steps_per_s"
+    "turning_point, result_step, kid_val, kid_val_std, steps_per_s"
 )
+# Columns added since the first schema: a store written by an older daemon gets them on open.
+ADDED_COLUMNS = {"kid_val_std": "REAL"}
 
 # seq, prev, job, topic, kind, step, t, data, blob
 EventRow = tuple[int, int, int, str, str, int | None, float, str, bytes | None]
@@ -94,6 +97,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -267,6 +274,17 @@ class Store:
             (job_topic(job_id),),
         ).fetchone()
         return json.loads(row[0])["values"] if row else {}
+
+    def kid_val_at(self, job_id: int, step: int) -> tuple[float | None, float | None]:
+        """Validation KID (mean, std) of the last evaluation at or before `step` that is still part of
+        the job's history (not superseded): what the summary shows after a rollback to `step`."""
+        row = self.db.execute(
+            "SELECT json_extract(data, '$.values.kid_val'), json_extract(data, '$.values.kid_val_std') "
+            "FROM events WHERE topic = ? AND kind = 'metrics' AND superseded = 0 AND step <= ? "
+            "AND json_extract(data, '$.values.kid_val') IS NOT NULL ORDER BY step DESC, seq DESC LIMIT 1",
+            (job_topic(job_id), step),
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def metric_steps(self, job_id: int, include_superseded: bool = False) -> list[int]:
         sql = "SELECT step FROM events WHERE topic = ? AND kind = 'metrics'"

@@ -283,16 +283,19 @@ class Job:
                 shutil.rmtree(folder, ignore_errors=True)
         return None
 
-    def _result_kid(self, extra: dict, final_step: int, result_step: int) -> float | None:
-        """Validation KID of the weights written as the result (not of the last step's, when the
-        job ends at its turning point or a rollback step)."""
+    def _result_kid(
+        self, extra: dict, final_step: int, result_step: int
+    ) -> tuple[float | None, float | None]:
+        """Validation KID (mean, std) of the weights written as the result (not of the last step's,
+        when the job ends at its turning point or a rollback step)."""
         if result_step == final_step:
-            return extra.get("kid_val")
+            return extra.get("kid_val"), extra.get("kid_val_std")
         if result_step == self.turning_point and "turning_kid_val" in extra:
-            return extra["turning_kid_val"]
+            return extra["turning_kid_val"], extra.get("turning_kid_val_std")
         if self.evaluator is not None:
-            return self.evaluator.kid_history.get(result_step, {}).get("kid_val")
-        return None
+            at = self.evaluator.kid_history.get(result_step, {})
+            return at.get("kid_val"), at.get("kid_val_std")
+        return None, None
 
     def _snapshot_steps(self) -> list[int]:
         return [s.step for s in self.watch.snapshots()] if self.watch is not None else []
@@ -321,13 +324,15 @@ class Job:
                 with isolated_rng():
                     extra = self.evaluator.finish(self.step, self.turning_point, turning)
             self.trainer.write_weights(self.out, state)
+        kid, kid_std = self._result_kid(extra, final_step, result_step)
         result = JobResult(
             out_dir=self.out,
             reason=reason,  # type: ignore[arg-type]
             final_step=final_step,
             result_step=result_step,
             turning_point=self.turning_point,
-            result_kid_val=self._result_kid(extra, final_step, result_step),
+            result_kid_val=kid,
+            result_kid_val_std=kid_std,
         )
         info = ResultFile(reason=result.reason, final_step=final_step, result_step=result_step,
                           turning_point=self.turning_point, eval=extra)  # fmt: skip

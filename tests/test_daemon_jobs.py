@@ -293,3 +293,37 @@ def test_listing_does_not_import_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["3", "[]"], out.stdout + out.stderr
+
+
+def test_rollback_rolls_the_summary_kid_back(daemons) -> None:
+    """A rollback from 44 to 20 erased the evaluation of step 40: the summary (`ls`, the queue) shows
+    step 20's KID and spread, not step 40's (the fake engine logs kid_val = 1/step every eval.every)."""
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        job = c.submit(config("a", steps=1000, every=10, eval={"every": 10})).id
+        wait_step(c, job, 44)
+        assert c.summary(job).kid_val == pytest.approx(1 / 40)
+        c.rollback(job, 20)
+        s = wait_state(c, job, "stopped-early")
+        assert (s.step, s.kid_val, s.kid_val_std) == (20, pytest.approx(1 / 20), pytest.approx(0.1 / 20))
+        assert next(j for j in c.jobs() if j.id == job).kid_val == pytest.approx(1 / 20)
+
+
+def test_finish_only_rollback_of_an_ended_job_says_what_it_waits_for(daemons) -> None:
+    """With the one slot taken, the rollback waits as queued and says for what; then it trains no
+    step and is `stopping` (writing the result), never `running` with an ETA."""
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        done = c.submit(config("done", steps=20, every=5)).id
+        wait_state(c, done, "finished")
+        busy = c.submit(config("busy", steps=5000, every=1000)).id
+        wait_state(c, busy, "running")
+        c.rollback(done, 10)
+        s = c.summary(done)
+        assert s.state == "queued" and f"waits for a free slot (running: job {busy})" in s.reason
+        c.cancel(busy)
+        s = wait_state(c, done, "stopped-early")
+        assert s.result_step == 10
+        states = [t.to_state for t in c.show(done).transitions]
+        assert states[-4:] == ["finished", "queued", "stopping", "stopped-early"], states
+        assert "writing the result of step 10" in c.show(done).transitions[-2].reason

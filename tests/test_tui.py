@@ -79,7 +79,7 @@ async def test_failed_job_shows_its_reason(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        await pilot.press("down", "down")  # job 3, the failed one
+        await pilot.press("down", "down")  # job 3, the failed one (run order: 1, 4, 3, 2)
         await until(pilot, loaded(app, 3))
         await pilot.pause()
         assert app.selected == 3
@@ -157,7 +157,7 @@ async def test_cancel_and_priority_keys(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        await pilot.press("c")
+        await pilot.press("X")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
         await until(pilot, lambda: Action("cancel", 1) in conn.sent)
@@ -173,7 +173,7 @@ async def test_finished_job_cannot_be_stopped(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        await pilot.press("down")
+        await pilot.press("down", "down", "down")  # run order: 1 running, 4 queued, 3, 2 ended
         await until(pilot, lambda: app.selected == 2)
         await pilot.press("s")
         await until(pilot, lambda: any("already finished" in m for m in notifications(app)))

@@ -25,7 +25,7 @@ class ConnectionLost(Exception):
 class Action:
     """A request the user makes from the keyboard."""
 
-    kind: Literal["stop", "rollback", "cancel", "priority"]
+    kind: Literal["stop", "rollback", "cancel", "checkpoint", "priority"]
     job: int
     step: int | None = None  # rollback
     resume: bool = False  # rollback
@@ -37,6 +37,8 @@ class Action:
             return f"rollback {self.job} to step {self.step} ({how})"
         if self.kind == "priority":
             return f"priority {self.job} -> {self.priority}"
+        if self.kind == "checkpoint":
+            return f"checkpoint {self.job} now"
         return f"{self.kind} {self.job}"
 
 

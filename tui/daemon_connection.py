@@ -113,6 +113,8 @@ class DaemonConnection:
                     row, verb = c.stop(action.job), "stop requested"
                 elif action.kind == "cancel":
                     row, verb = c.cancel(action.job), "cancel requested"
+                elif action.kind == "checkpoint":
+                    row, verb = c.checkpoint(action.job), "checkpoint requested"
                 elif action.kind == "rollback":
                     row = c.rollback(action.job, int(action.step or 0), resume=action.resume)
                     verb = f"rollback to step {action.step} requested" + (

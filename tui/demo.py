@@ -9,6 +9,7 @@ import threading
 from PIL import Image, ImageDraw
 
 from dallm.protocol import (
+    TERMINAL_STATES,
     CheckpointEvent,
     FinishedEvent,
     JobEvent,
@@ -134,11 +135,14 @@ class DemoRunner:
         self._stop = threading.Event()
 
     def _obey(self) -> None:
-        """Play the daemon's part for the actions sent so far (stop, cancel, rollback)."""
+        """Play the daemon's part for the actions sent so far (stop, cancel, checkpoint, rollback)."""
         while self._seen < len(self.conn.sent):
             action = self.conn.sent[self._seen]
             self._seen += 1
             row = self.conn.summary(action.job)
+            if action.kind == "rollback" and action.step is not None:
+                self._rollback(row, action.step, action.resume)
+                continue
             if row.state != "running":
                 continue
             if action.kind == "stop":
@@ -149,21 +153,39 @@ class DemoRunner:
                 self.conn.set_state(action.job, "stopped-early", f"stopped at step {row.step}")
             elif action.kind == "cancel":
                 self.conn.set_state(action.job, "cancelled", "cancelled by the user")
-            elif action.kind == "rollback" and action.step is not None:
-                self.conn.emit(action.job, RolledBackEvent(step=action.step, resume=action.resume))
-                if not action.resume:
-                    self.conn.set_state(action.job, "finished", f"rolled back to step {action.step}")
+            elif action.kind == "checkpoint":
+                path = f"checkpoints/step-{row.step}"
+                self.conn.emit(action.job, CheckpointEvent(step=row.step, path=path))
+
+    def _rollback(self, row: JobSummary, step: int, resume: bool) -> None:
+        """As the daemon does: a running job rolls back in place; an ended one runs again from the
+        checkpoint (resume) or only writes the result of `step` (finish there)."""
+        if row.state not in ("running", *TERMINAL_STATES):
+            return
+        if row.state != "running":
+            self.conn.set_state(row.id, "stopping" if not resume else "running", f"rollback to step {step}")
+        self.conn.emit(row.id, RolledBackEvent(step=step, resume=resume))
+        if not resume:
+            self.conn.emit(row.id, FinishedEvent(reason="rolled_back", final_step=row.step, result_step=step))
+            self.conn.set_state(row.id, "stopped-early", f"rolled back to step {step}")
+
+    def _advance(self, job: int) -> None:
+        row = self.conn.summary(job)
+        if row.step >= row.total_steps:
+            final = FinishedEvent(reason="completed", final_step=row.step, result_step=row.step)
+            self.conn.emit(job, final)
+            self.conn.set_state(job, "finished", f"completed {row.step} steps")
+            return
+        tp = int(row.total_steps * 0.35) if row.turning_point is None else None
+        events = job_events(row.step + 1, row.total_steps, start=row.step, tp=tp, phase=0.3)
+        self.conn.emit(job, *events)
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):
             self._obey()
-            for job in (1,):
-                row = self.conn.summary(job)
-                if row.state != "running" or row.step >= row.total_steps:
-                    continue
-                tp = int(row.total_steps * 0.35) if row.turning_point is None else None
-                events = job_events(row.step + 1, row.total_steps, start=row.step, tp=tp, phase=0.3)
-                self.conn.emit(job, *events)
+            for job in self.conn.job_ids():
+                if self.conn.summary(job).state == "running":
+                    self._advance(job)
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.run, daemon=True, name="dallm-demo")

@@ -31,32 +31,37 @@ _PLACED = frozenset({"cs_fluct", "cs_fluct_step"})  # series placed on a step of
 
 
 class Series:
-    """A growing (step, value) series in numpy arrays (amortised O(1) append)."""
+    """A growing (step, value) series in numpy arrays (amortised O(1) append). Each point also keeps
+    the step it was *logged* at: a lagging series (CS-Fluctuation, placed at `cs_fluct_step`) is
+    plotted earlier than it was logged, and a rollback erases by the logged step."""
 
-    __slots__ = ("_steps", "_values", "n")
+    __slots__ = ("_logged", "_steps", "_values", "n")
 
     def __init__(self, capacity: int = 256) -> None:
         self._steps = np.empty(capacity, dtype=np.float64)
         self._values = np.empty(capacity, dtype=np.float64)
+        self._logged = np.empty(capacity, dtype=np.float64)
         self.n = 0
 
-    def append(self, step: float, value: float) -> None:
+    def append(self, step: float, value: float, logged: float | None = None) -> None:
         if self.n and step <= self._steps[self.n - 1]:
             # A rollback with resume rewrites history from `step` on: drop the superseded tail.
             self.n = int(np.searchsorted(self._steps[: self.n], step, side="left"))
         if self.n == len(self._steps):
             self._steps = np.resize(self._steps, 2 * self.n)
             self._values = np.resize(self._values, 2 * self.n)
+            self._logged = np.resize(self._logged, 2 * self.n)
         self._steps[self.n] = step
         self._values[self.n] = value
+        self._logged[self.n] = step if logged is None else logged
         self.n += 1
 
     def truncate_after(self, step: float) -> Series:
-        """Drop the points after `step`; returns them as a new series."""
-        keep = int(np.searchsorted(self._steps[: self.n], step, side="right"))
+        """Drop the points logged after `step` (what a rollback to `step` erased); returns them."""
+        keep = int(np.searchsorted(self._logged[: self.n], step, side="right"))
         tail = Series(max(2, self.n - keep))
-        for x, v in zip(self._steps[keep : self.n], self._values[keep : self.n], strict=True):
-            tail.append(float(x), float(v))
+        for i in range(keep, self.n):
+            tail.append(float(self._steps[i]), float(self._values[i]), float(self._logged[i]))
         self.n = keep
         return tail
 
@@ -123,8 +128,8 @@ class JobData:
             s = self.series[name] = Series()
         return s
 
-    def kid_at(self, step: int) -> float | None:
-        s = self.series.get("kid_val")
+    def kid_at(self, step: int, name: str = "kid_val") -> float | None:
+        s = self.series.get(name)
         return s.at(step) if s is not None else None
 
     def apply(self, env: EventEnvelope) -> bool:
@@ -138,11 +143,11 @@ class JobData:
             # From the daemon's history: replaced by a later rollback. Metrics are kept apart.
             if isinstance(ev, MetricsEvent):
                 for name, x, value in metric_points(ev):
-                    self.superseded.setdefault(name, Series()).append(x, value)
+                    self.superseded.setdefault(name, Series()).append(x, value, ev.step)
             return True
         if isinstance(ev, MetricsEvent):
             for name, x, value in metric_points(ev):
-                self.series_for(name).append(x, value)
+                self.series_for(name).append(x, value, ev.step)
         elif isinstance(ev, SampleEvent):
             self.samples = [s for s in self.samples if s.step < ev.step]
             self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))

@@ -29,8 +29,25 @@ def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
 
 
-def kid_text(kid: float | None) -> str:
-    return "-" if kid is None else f"{kid:.4f}"
+def kid_text(kid: float | None, std: float | None = None) -> str:
+    """A KID with its spread when known: a KID well inside its std is no evidence of anything."""
+    if kid is None:
+        return "-"
+    return f"{kid:.4f}" if std is None else f"{kid:.4f}±{std:.2g}"
+
+
+_RUN_ORDER = {"running": 0, "stopping": 0, "queued": 1}
+
+
+def run_order(row: JobSummary) -> tuple:
+    """The queue as it runs: running jobs, then the queued ones in the order the scheduler starts
+    them (priority, then age), then ended jobs, newest first."""
+    rank = _RUN_ORDER.get(row.state, 2)
+    if rank == 0:
+        return (0, row.id)
+    if rank == 1:
+        return (1, -row.priority, row.id)
+    return (2, -row.updated, -row.id)
 
 
 class ConnectionBar(Static):
@@ -85,7 +102,7 @@ class JobTable(DataTable):
             "name": row.name,
             "state": state_text(row.state),
             "step": step,
-            "kid": kid_text(row.kid_val),
+            "kid": kid_text(row.kid_val, row.kid_val_std),
             "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
             "eta": format_eta(eta_seconds(row)),
             "device": row.device or "-",
@@ -93,7 +110,8 @@ class JobTable(DataTable):
         }
 
     def show_jobs(self, rows: list[JobSummary]) -> None:
-        """Bring the table in line with `rows`, touching only the cells that changed."""
+        """Bring the table in line with `rows` (in run order), touching only the cells that changed."""
+        rows = sorted(rows, key=run_order)
         wanted = {str(r.id) for r in rows}  # row keys are the ids as text
         for key in [k for k in self.rows if k.value not in wanted]:
             self.remove_row(key)
@@ -109,6 +127,12 @@ class JobTable(DataTable):
                 if old != str(value):
                     # Widening a column relayouts the table: only when the text got longer.
                     self.update_cell(key, col, value, update_width=len(str(value)) > len(old))
+        rank = {str(r.id): i for i, r in enumerate(rows)}
+        if [k.value for k in self.ordered_rows_keys()] != [str(r.id) for r in rows]:
+            self.sort("id", key=lambda cell: rank[str(cell)])
+
+    def ordered_rows_keys(self) -> list:
+        return [row.key for row in self.ordered_rows]
 
     @property
     def current_job(self) -> int | None:
@@ -200,20 +224,23 @@ class CheckpointList(OptionList):
         self._shown: tuple = ()
 
     def show(self, data: JobData | None) -> None:
-        rows: list[tuple[int, float | None, bool]] = []
+        rows: list[tuple[int, float | None, float | None, bool]] = []
         if data is not None:
             steps = {c.step for c in data.checkpoints}
             if data.turning_point is not None:
                 steps.add(data.turning_point)
-            rows = [(s, data.kid_at(s), s == data.turning_point) for s in sorted(steps, reverse=True)]
+            rows = [
+                (s, data.kid_at(s), data.kid_at(s, "kid_val_std"), s == data.turning_point)
+                for s in sorted(steps, reverse=True)
+            ]
         shown = (data.job if data else None, tuple(rows))
         if shown == self._shown:
             return
         keep = self.chosen_step if data is not None and self._shown and self._shown[0] == data.job else None
         self._shown = shown
         self.clear_options()
-        for step, kid, tp in rows:
-            label = Text(f"step {step:>6}  KID {kid_text(kid):>7}")
+        for step, kid, std, tp in rows:
+            label = Text(f"step {step:>6}  KID {kid_text(kid, std):>7}")
             if tp:
                 label.append(" ★ TP", style="yellow")
             self.add_option(Option(label, id=str(step)))

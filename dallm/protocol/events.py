@@ -90,6 +90,7 @@ class Outcome(Message):
     final_step: int  # the last step trained
     result_step: int  # the step whose weights were written as the result
     result_kid_val: float | None = None  # validation KID of the result weights, when measured
+    result_kid_val_std: float | None = None  # its spread (std over KID subsets)
 
 
 class FinishedEvent(Outcome):

@@ -50,7 +50,8 @@ class JobSummary(Message):
     out_dir: str = ""
     turning_point: int | None = None
     result_step: int | None = None
-    kid_val: float | None = None
+    kid_val: float | None = None  # validation KID of the last evaluation kept (or of the result)
+    kid_val_std: float | None = None  # its spread, when the engine measured one
     steps_per_s: float | None = None
 
     def apply(self, event: AnyEvent) -> JobSummary:
@@ -70,6 +71,7 @@ def summary_changes(event: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"step": event.step}
         if "kid_val" in values:
             out["kid_val"] = values["kid_val"]
+            out["kid_val_std"] = values.get("kid_val_std")  # a KID without a spread has none
         if "steps_per_s" in values:
             out["steps_per_s"] = values["steps_per_s"]
         return out
@@ -83,6 +85,7 @@ def summary_changes(event: Any) -> dict[str, Any]:
         out = {"result_step": event.result_step}
         if event.result_kid_val is not None:  # the result's KID, not the last evaluated step's
             out["kid_val"] = event.result_kid_val
+            out["kid_val_std"] = event.result_kid_val_std
         return out
     return {}
 

@@ -83,6 +83,10 @@ class FakeConnection:
         with self._lock:
             self._up = True
 
+    def job_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._jobs)
+
     def summary(self, job: int) -> JobSummary:
         with self._lock:
             return self._jobs[job].summary
@@ -134,5 +138,10 @@ class FakeConnection:
             if action.kind == "priority":
                 fake.summary = fake.summary.model_copy(update={"priority": action.priority or 0})
                 return Outcome(True, f"{action.job}: priority {action.priority}")
-            verb = {"stop": "stopping", "cancel": "cancelling", "rollback": "rolling back"}[action.kind]
+            verb = {
+                "stop": "stopping",
+                "cancel": "cancelling",
+                "rollback": "rolling back",
+                "checkpoint": "checkpoint requested",
+            }[action.kind]
             return Outcome(True, f"{action.job}: {verb}")
