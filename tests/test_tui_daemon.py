@@ -73,7 +73,9 @@ async def test_tui_on_a_real_daemon(home: Path, daemons) -> None:  # noqa: F811
         steps = app.model.data[jid].series["loss"].steps
         assert (steps[1:] > steps[:-1]).all()  # no duplicates after the backfill
 
-        # `s` (confirmed) stops it; the daemon reports stopped-early.
+        # `s` (confirmed) stops it; the daemon reports stopped-early. (The TUI must have seen the
+        # restarted job running first: `s` is refused for a job it still shows queued.)
+        await until(pilot, lambda: app.model.jobs[jid].state == "running" and app.selected == jid)
         await pilot.press("s")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
