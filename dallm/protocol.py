@@ -156,6 +156,10 @@ JOB_STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL_STATES = frozenset({"finished", "stopped-early", "failed", "cancelled"})
 
 
+# A job id (ASCII digits) or name: the JobConfig.name pattern; "١" (an Arabic-Indic one) is neither.
+JobRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
 def job_topic(job: int) -> str:
     return f"job/{job}/"
 
@@ -259,6 +263,8 @@ class SubmitRequest(_Message):
     priority: int = 0
     retries: int = Field(default=0, ge=0)  # times a crashed worker is restarted from the last checkpoint
     source: str = "config"  # the config's file name, for error messages
+    # The config file's folder (absolute): jobs submitted over IPC may use paths under it.
+    config_dir: str | None = None
 
 
 class ListRequest(_Message):
@@ -269,7 +275,7 @@ class ListRequest(_Message):
 
 class ShowRequest(_Message):
     op: Literal["show"] = "show"
-    job: str  # id, or the name of the newest job with that name
+    job: JobRef  # id, or the name of the newest job with that name
 
 
 class HistoryRequest(_Message):
@@ -285,37 +291,37 @@ class HistoryRequest(_Message):
 
 class LogsRequest(_Message):
     op: Literal["logs"] = "logs"
-    job: str
+    job: JobRef
     since: int = Field(default=0, ge=0)
 
 
 class StopRequest(_Message):
     op: Literal["stop"] = "stop"
-    job: str
+    job: JobRef
 
 
 class RollbackRequest(_Message):
     op: Literal["rollback"] = "rollback"
-    job: str
+    job: JobRef
     step: int = Field(ge=0)
     resume: bool = False
 
 
 class CancelRequest(_Message):
     op: Literal["cancel"] = "cancel"
-    job: str
+    job: JobRef
 
 
 class CheckpointRequest(_Message):
     """Ask a running job to write a checkpoint now (CheckpointNowCommand)."""
 
     op: Literal["checkpoint"] = "checkpoint"
-    job: str
+    job: JobRef
 
 
 class PriorityRequest(_Message):
     op: Literal["priority"] = "priority"
-    job: str
+    job: JobRef
     priority: int
 
 
@@ -450,13 +456,18 @@ def encode_request(req_id: int, req: _Message) -> bytes:
 
 
 def _open_frame(frame: bytes, key: str) -> tuple[int, dict]:
+    from dallm.wire_limits import FrameShapeError, loads_bounded
+
     try:
-        data = _json.loads(frame)
+        data = loads_bounded(frame)
+    except FrameShapeError as e:
+        raise ProtocolError("bad_request", str(e)) from None
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("bad_request", "frame is not JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "frame is not a JSON object")
-    if data.get("v") != PROTOCOL_VERSION:
+    version = data.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not 1
         raise ProtocolError(
             "bad_version", f"protocol version {data.get('v')!r}; this side speaks {PROTOCOL_VERSION}"
         )
