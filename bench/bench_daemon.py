@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -61,9 +63,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@functools.cache
+def fake_data() -> str:
+    """One valid image: the fake engine reads no data, but the daemon's preflight refuses a job
+    without usable images."""
+    from PIL import Image
+
+    folder = Path(tempfile.mkdtemp(prefix="dallm-bench-data-"))
+    atexit.register(shutil.rmtree, folder, True)
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(folder / "a.png")
+    return str(folder)
+
+
 def fake_config(name: str, steps: int, **extra: dict) -> dict:
-    cfg = {"name": name, "data": {"dir": tempfile.gettempdir()}, "train": {"steps": steps}, "monitor": {"window": 2},
-           "checkpoint": {"every": steps}}  # fmt: skip
+    cfg = {"name": name, "data": {"dir": fake_data(), "instance_prompt": "a red circle"},
+           "train": {"steps": steps}, "monitor": {"window": 2}, "checkpoint": {"every": steps}}  # fmt: skip
     return cfg | extra
 
 
@@ -80,7 +94,7 @@ def subscriber(c: DaemonClient, topic: str) -> zmq.Socket:
 def bench_throughput(home: Path, n_events: int) -> dict:
     per_step = 1000
     steps = max(1, n_events // per_step)
-    proc = start_daemon(home, "dallm.daemon.fake:train", DALLM_FAKE_STEP_S="0")
+    proc = start_daemon(home, "dallm.testing.fake_engine:train", DALLM_FAKE_STEP_S="0")
     try:
         with DaemonClient(home=home) as c:
             sub = subscriber(c, job_topic(1))
@@ -117,7 +131,7 @@ def bench_throughput(home: Path, n_events: int) -> dict:
 
 
 def bench_thumbnails(home: Path, n: int = 60) -> dict:
-    proc = start_daemon(home, "dallm.daemon.fake:train", DALLM_FAKE_STEP_S="0.05")
+    proc = start_daemon(home, "dallm.testing.fake_engine:train", DALLM_FAKE_STEP_S="0.05")
     try:
         with DaemonClient(home=home) as c:
             sub = subscriber(c, "job/")

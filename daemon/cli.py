@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dallm.daemon.paths import DaemonPaths, LockHeld, lock_is_held, resolve_home
+from dallm.home import DaemonPaths, LockHeld, lock_is_held, resolve_home
 
 START_TIMEOUT_S = 60.0
 
@@ -173,7 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from dallm.daemon.security import authorized_dir, create_client_keys, server_keys
+    from dallm.transport import authorized_dir, create_client_keys, server_keys
 
     paths = DaemonPaths(resolve_home(args.home))
     _prepare(paths)

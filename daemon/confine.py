@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dallm.config import ConfigError
+from dallm.protocol import ProtocolError
 
 ALLOW_ENV = "DALLM_ALLOW"
 
@@ -85,22 +85,22 @@ def read_paths(cfg: Any) -> Iterator[tuple[str, Path, bool]]:
 
 
 def check_reads(cfg: Any, source: str, roots: tuple[Path, ...]) -> None:
-    """ConfigError (one line) for a relative path, a path outside the roots, or a missing folder;
-    existence is looked at only inside the roots."""
-    for key, path, folder in read_paths(cfg):
+    """ProtocolError invalid_config (one line) for a relative path or one outside the roots. Whether
+    the files are there is the preflight's part, asked only after this: existence inside the roots."""
+    for key, path, _folder in read_paths(cfg):
         if not path.expanduser().is_absolute():
-            raise ConfigError(f"{source}: {key}: {path} is relative; the daemon needs an absolute path")
+            raise ProtocolError(
+                "invalid_config", f"{source}: {key}: {path} is relative; the daemon needs an absolute path"
+            )
         if not inside(path, roots):
-            raise ConfigError(outside_message(source, key, path, roots))
-        if folder and not path.expanduser().is_dir():
-            raise ConfigError(f"{source}: {key}: {path} is not a folder on the daemon's machine")
+            raise ProtocolError("invalid_config", outside_message(source, key, path, roots))
 
 
 def output_folder(
     jobs: Path, job: int, name: str, output_dir: str | None, roots: tuple[Path, ...], source: str = "config"
 ) -> Path:
     """The job's output folder: <jobs>/<id>-<name>, a relative output_dir under <jobs> (it may not
-    leave it), or an absolute one under the roots. ConfigError otherwise."""
+    leave it), or an absolute one under the roots. ProtocolError invalid_config otherwise."""
     jobs = jobs.resolve()
     if output_dir is None:
         return jobs / f"{job}-{name}"
@@ -108,8 +108,10 @@ def output_folder(
     if not p.is_absolute():
         out = (jobs / p).resolve()
         if not out.is_relative_to(jobs):
-            raise ConfigError(f"output_dir: {output_dir!r} leaves the daemon's jobs folder")
+            raise ProtocolError(
+                "invalid_config", f"output_dir: {output_dir!r} leaves the daemon's jobs folder"
+            )
         return out
     if not inside(p, roots):
-        raise ConfigError(outside_message(source, "output_dir", output_dir, roots))
+        raise ProtocolError("invalid_config", outside_message(source, "output_dir", output_dir, roots))
     return p.resolve()

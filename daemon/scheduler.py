@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dallm.daemon.identity import TOKEN_ENV, new_token
-
-from dallm.protocol import FinishedEvent, JobCommand, WorkerDone, WorkerError
+from dallm.protocol import FinishedEvent, JobCommand, JobResult, WorkerError
 
 EXIT_GRACE_S = 0.3  # after a worker exits, wait this long for its last messages before judging it
 
@@ -62,7 +61,7 @@ class WorkerProc:
     hello: bool = False
     pending: list[JobCommand] = field(default_factory=list)
     finished: FinishedEvent | None = None
-    done: WorkerDone | None = None
+    done: JobResult | None = None
     error: WorkerError | None = None
     last_step: int = 0
     cancel: bool = False
@@ -157,14 +156,6 @@ def signal_name(returncode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
-
-
-FINISH_STATES = {
-    "completed": "finished",
-    "early_stop": "stopped-early",
-    "stopped": "stopped-early",
-    "rolled_back": "stopped-early",
-}
 
 
 def outcome(w: WorkerProc, shutting_down: bool, retries: int) -> tuple[str, str, bool]:

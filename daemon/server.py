@@ -19,12 +19,46 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
+
+from dallm.config import ConfigError
 from dallm.daemon import handlers, identity
 from dallm.daemon.confine import Roots
+from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
-from dallm.daemon.paths import DaemonLock, DaemonPaths, write_info
 from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
-from dallm.daemon.security import (
+from dallm.daemon.store import EventRow, Store
+from dallm.home import DaemonLock, DaemonPaths, write_info
+from dallm.protocol import (
+    MAX_CONTROL_BYTES,
+    MAX_WORKER_BYTES,
+    QUEUE_TOPIC,
+    WORKER_EVENT,
+    WORKER_MESSAGE,
+    ErrorReply,
+    FinishedEvent,
+    InterruptCommand,
+    JobCommand,
+    JobState,
+    JobStateEvent,
+    LogEvent,
+    MetricsEvent,
+    ProtocolError,
+    RollbackCommand,
+    RolledBackEvent,
+    StartedEvent,
+    StopCommand,
+    WorkerDone,
+    WorkerHello,
+    decode_request,
+    encode_reply,
+    envelope_frames,
+    job_event_adapter,
+    job_topic,
+    summary_changes,
+    worker_message_adapter,
+)
+from dallm.transport import (
     KeyWatch,
     check_key_folders,
     ensure_local_client_key,
@@ -35,34 +69,6 @@ from dallm.daemon.security import (
     require_curve,
     server_keys,
     start_authenticator,
-)
-from dallm.daemon.store import EventRow, Store
-from pydantic import ValidationError
-
-from dallm.config import ConfigError
-from dallm.protocol import (
-    MAX_CONTROL_BYTES,
-    MAX_WORKER_BYTES,
-    QUEUE_TOPIC,
-    ErrorReply,
-    FinishedEvent,
-    InterruptCommand,
-    JobCommand,
-    JobStateEvent,
-    LogEvent,
-    MetricsEvent,
-    ProtocolError,
-    RolledBackEvent,
-    StartedEvent,
-    TurningPointEvent,
-    WorkerDone,
-    WorkerError,
-    WorkerHello,
-    decode_request,
-    encode_reply,
-    envelope_frames,
-    job_event_adapter,
-    job_topic,
 )
 
 log = logging.getLogger("dallm.daemon")
@@ -110,7 +116,6 @@ class Daemon:
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
-        self.stats = {"requests": 0, "bad_requests": 0}
         self.stalled = StalledPeers()
         write_info(
             self.paths,
@@ -209,9 +214,9 @@ class Daemon:
                 send(frames[-1], last)
         self.out_frames = []
 
-    def set_state(self, job: int, state: str, reason: str, **fields: Any) -> None:
+    def set_state(self, job: int, state: JobState, reason: str, **fields: Any) -> None:
         self.flush()
-        prev = self.store.transition(job, state, reason, **fields)
+        prev = self.store.transition(job, state, reason, check=check_transition, **fields)
         self.publish_state(job, prev, reason)
         log.info("job %s: %s -> %s (%s)", job, prev, state, reason)
 
@@ -237,21 +242,22 @@ class Daemon:
         if w is None or len(frames) < 3:
             return  # a worker of an earlier attempt, or garbage
         tag = frames[1]
-        if tag == b"ev" and len(frames) >= 4:
+        if tag == WORKER_EVENT and len(frames) >= 4:
             self._on_event(w, frames)
-        elif tag == b"hello":
-            WorkerHello.model_validate_json(frames[2])
-            w.hello = True
-            for cmd in w.pending:
-                self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
-            w.pending.clear()
-        elif tag == b"done":
-            w.done = WorkerDone.model_validate_json(frames[2])
-        elif tag == b"error":
-            w.error = WorkerError.model_validate_json(frames[2])
-            self.job_log(w.job, "error", w.error.message)
-            if w.error.traceback:
-                self.job_log(w.job, "debug", w.error.traceback)
+        elif tag == WORKER_MESSAGE:
+            msg = worker_message_adapter.validate_json(frames[2])
+            if isinstance(msg, WorkerHello):
+                w.hello = True
+                for cmd in w.pending:
+                    self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+                w.pending.clear()
+            elif isinstance(msg, WorkerDone):
+                w.done = msg.result
+            else:
+                w.error = msg
+                self.job_log(w.job, "error", msg.message)
+                if msg.traceback:
+                    self.job_log(w.job, "debug", msg.traceback)
 
     def _on_event(self, w: WorkerProc, frames: list[bytes]) -> None:
         raw = frames[3]
@@ -265,13 +271,9 @@ class Daemon:
         upd = self.job_updates.get(job)
         if upd is None:
             upd = self.job_updates[job] = {}
+        upd.update(summary_changes(ev))  # the same fold as JobSummary.apply, into the store's row
         if type(ev) is MetricsEvent:  # the bulk: keep this path short
-            w.last_step = upd["step"] = ev.step
-            values = ev.values
-            if "kid_val" in values:
-                upd["kid_val"] = values["kid_val"]
-            if "steps_per_s" in values:
-                upd["steps_per_s"] = values["steps_per_s"]
+            w.last_step = ev.step
             self.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
             return
         step = getattr(ev, "step", None)
@@ -282,18 +284,9 @@ class Daemon:
             self.flush()
             self.store.supersede(job, after, self.seq + 1)
             w.last_step = after
-            fields: dict[str, Any] = {"step": after}
-            if isinstance(ev, StartedEvent):
-                fields |= {"total_steps": ev.total_steps, "device": ev.device}
-            self.job_updates.setdefault(job, {}).update(fields)
             step = None if isinstance(ev, StartedEvent) else ev.step
-        elif isinstance(ev, TurningPointEvent):
-            upd["turning_point"] = ev.step
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
-            upd["result_step"] = ev.result_step
-            if ev.result_kid_val is not None:  # the result's KID, not the last evaluated step's
-                upd["kid_val"] = ev.result_kid_val
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
             self._backfill(job, ev.start_step)
@@ -301,14 +294,14 @@ class Daemon:
     def _backfill(self, job: int, upto: int) -> None:
         """Metric steps up to the resume step that the store lacks (events a killed daemon never
         committed) are read back from the job's metrics.jsonl, so the history has no holes."""
-        from dallm.metrics_log import read_metrics
+        from dallm.protocol.files import METRICS_FILE, read_metrics
 
         self.flush()
         have = set(self.store.metric_steps(job))
         out = (self.store.job(job) or {}).get("out_dir") or "."
         missing = [
             r
-            for r in read_metrics(Path(out) / "metrics.jsonl")
+            for r in read_metrics(Path(out) / METRICS_FILE)
             if r.get("step", 0) <= upto and r.get("step") not in have
         ]
         for row in missing:
@@ -349,7 +342,6 @@ class Daemon:
             if len(rest) > 1 and rest[0] == b"":
                 prefix.append(b"")
                 rest = rest[1:]
-            self.stats["requests"] += 1
             req_id = 0
             try:
                 if len(rest) != 1:
@@ -359,7 +351,6 @@ class Daemon:
                     raise ProtocolError("unauthorized", "this client key is no longer authorized")
                 reply = handlers.handle(self, req_id, req, local=sock is self.control[0])
             except ProtocolError as e:
-                self.stats["bad_requests"] += 1
                 reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
             except ConfigError as e:
                 reply = encode_reply(req_id, ErrorReply(code="invalid_config", message=str(e)))
@@ -394,8 +385,6 @@ class Daemon:
     def _recover(self) -> None:
         """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
         a stop or rollback asked before it died is asked again, a cancel is carried out."""
-        from dallm.daemon.handlers import CANCEL
-
         for job in self.store.ids_in("running", "stopping"):
             row = self.store.job(job) or {}
             pid = row.get("pid")
@@ -405,7 +394,7 @@ class Daemon:
             elif pid:
                 log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
             identity.forget(self.paths.state_dir, job)
-            if row.get("pending") == CANCEL:
+            if isinstance(decode_pending(row.get("pending")), CancelPending):
                 self.set_state(
                     job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
                 )
@@ -438,10 +427,9 @@ class Daemon:
             self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
             return
         identity.remember(self.paths.state_dir, job, w.proc.pid, w.token)
-        if row["pending"]:
-            from dallm.protocol import job_command_adapter
-
-            w.pending.append(job_command_adapter.validate_json(row["pending"]))
+        pending = decode_pending(row["pending"])
+        if isinstance(pending, StopCommand | RollbackCommand):  # asked before a restart: ask again
+            w.pending.append(pending)
         how = (
             f"resuming from {resume.name if resume != out else 'its last checkpoint'}"
             if resume

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +163,20 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
-    def transition(self, job_id: int, to_state: str, reason: str, **fields: Any) -> str | None:
-        """Set the state (and other fields) and record the transition; returns the previous state."""
+    def transition(
+        self,
+        job_id: int,
+        to_state: str,
+        reason: str,
+        check: Callable[[int, str | None, Any], None] | None = None,
+        **fields: Any,
+    ) -> str | None:
+        """Set the state (and other fields) and record the transition; returns the previous state.
+        `check(job, prev, new)` raises when the change is not allowed (daemon.jobstate)."""
         row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         prev = row[0] if row else None
+        if check is not None:
+            check(job_id, prev, to_state)
         now = time.time()
         self.db.execute("BEGIN")
         try:
@@ -180,6 +190,14 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         return prev
+
+    def log_events(self, job_id: int, since: int) -> list[tuple[int, float, str, str]]:
+        """(seq, t, kind, data) of the job's log lines and state changes after `since`."""
+        return self.db.execute(
+            "SELECT seq, t, kind, data FROM events WHERE job_id = ? AND kind != 'metrics' AND seq > ? "
+            "AND kind IN ('log', 'state') ORDER BY seq",
+            (job_id, since),
+        ).fetchall()
 
     def transitions(self, job_id: int) -> list[Transition]:
         rows = self.db.execute(

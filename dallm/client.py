@@ -45,6 +45,7 @@ from typing import Any
 
 import zmq
 
+from dallm.home import DaemonPaths, lock_is_held, resolve_home
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
@@ -75,6 +76,7 @@ from dallm.protocol import (
     decode_reply,
     encode_request,
 )
+from dallm.transport import event_endpoint, make_curve_client
 
 
 class DaemonError(Exception):
@@ -95,8 +97,6 @@ def resolve_endpoints(endpoint: str | None, home: str | Path | None) -> tuple[st
     endpoint = endpoint or os.environ.get("DALLM_CONNECT") or None
     if endpoint:
         if endpoint.startswith("tcp://"):
-            from dallm.daemon.security import event_endpoint
-
             return endpoint, event_endpoint(endpoint)
         if endpoint.startswith("ipc://") and endpoint.endswith("control.ipc"):
             _check_socket_folder(Path(endpoint[len("ipc://") :]).parent)
@@ -104,8 +104,6 @@ def resolve_endpoints(endpoint: str | None, home: str | Path | None) -> tuple[st
         raise DaemonUnavailable(
             f"cannot use endpoint {endpoint!r} (ipc://.../control.ipc or tcp://HOST:PORT)"
         )
-    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
-
     paths = DaemonPaths(resolve_home(home))
     info = paths.read_info()
     if info is None or not lock_is_held(paths):
@@ -131,8 +129,8 @@ def _check_socket_folder(folder: Path) -> None:
 def home_curve_keys(home: str | Path | None) -> tuple[Path, Path] | None:
     """(server public key, local client secret key) of the daemon on `home`, when this user can read
     them: how the same user's CLI and TUI reach a TCP bind of their own daemon without options."""
-    from dallm.daemon.paths import DaemonPaths, resolve_home
-    from dallm.daemon.security import local_client_key_paths
+    from dallm.home import DaemonPaths, resolve_home
+    from dallm.transport import local_client_key_paths
 
     keys = DaemonPaths(resolve_home(home)).keys
     server, (_, secret) = keys / "server.key", local_client_key_paths(keys)
@@ -175,8 +173,6 @@ class DaemonClient:
     def _secure(self, sock: zmq.Socket) -> None:
         if self.endpoint.startswith("tcp://"):
             assert self.server_key and self.client_key  # __init__ refuses a TCP endpoint without keys
-            from dallm.daemon.security import make_curve_client
-
             make_curve_client(sock, self.server_key, self.client_key)
 
     def _socket(self) -> zmq.Socket:

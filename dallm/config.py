@@ -15,7 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class ConfigError(ValueError):
-    """A job configuration that cannot be used; the message is one line naming the key."""
+    """A job configuration that cannot be used; the message is one line naming the key.
+
+    `key` and `reason` hold the message's parts when it is about one key, so that a caller can say
+    where the value came from (`--set lora.rank=0`, `--grid ...`) instead of the config file.
+    """
+
+    def __init__(self, message: str, key: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.reason = reason
 
 
 class _Section(BaseModel):
@@ -102,7 +111,6 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = Field(default=0, ge=0)
 
     @field_validator("device")
     @classmethod
@@ -224,7 +232,8 @@ class JobConfig(_Section):
 # Loading, overrides, saving
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _error_parts(err: ValidationError) -> tuple[str, str]:
+    """(key path, reason) of the first error, the count of the others appended to the reason."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
@@ -235,7 +244,28 @@ def _format_error(err: ValidationError, source: str) -> str:
     if not loc and ":" in msg:
         msg = msg.split(":", 1)[1].strip()
     extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {where}: {msg}{extra}"
+    return where, msg + extra
+
+
+def culprit(key: str, reason: str, overrides: list[str]) -> str | None:
+    """The `--set` item that gave `key` its value (else one the reason names), the last one winning."""
+    keys = [(item, item.split("=", 1)[0].strip()) for item in reversed(overrides)]
+    for item, k in keys:
+        if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return item
+    for item, k in keys:
+        if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", reason):
+            return item
+    return None
+
+
+def key_error(key: str, reason: str, source: str, overrides: list[str] | None = None) -> ConfigError:
+    """One line about `key`, saying where its value came from: a `--set` item, else `source`."""
+    item = culprit(key, reason, overrides or [])
+    if item is None:
+        return ConfigError(f"{source}: {key}: {reason}", key, reason)
+    where = "" if item.split("=", 1)[0].strip() == key else f"{key}: "
+    return ConfigError(f"--set {item}: {where}{reason}", key, reason)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -285,11 +315,15 @@ def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
+def config_from_dict(
+    data: dict[str, Any], source: str = "config", overrides: list[str] | None = None
+) -> JobConfig:
+    """Validate `data`; an error names the key and `source`, or the `--set` item in `overrides`
+    that gave the key its value."""
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise key_error(*_error_parts(err), source, overrides) from None
 
 
 def monitor_start(cfg: JobConfig) -> int:
@@ -313,7 +347,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     data = apply_overrides(data, overrides or [])
     data = resolve_paths(data, path.resolve().parent)
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), overrides)
 
 
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dallm.config import ConfigError, DataConfig
-from dallm.imagefiles import IMAGE_EXTS
-
-# Files that commonly sit next to images and are not bad images.
-IGNORED_EXTS = (".txt", ".json", ".toml", ".md", ".csv", ".caption")
+from dallm.imagefiles import IGNORED_EXTS, IMAGE_EXTS, ImageFileError, open_rgb
 
 
 class DataError(ConfigError):
@@ -44,21 +41,10 @@ class ImageSet:
 def _load_image(path: Path, resolution: int, min_size: int, center_crop: bool) -> torch.Tensor:
     """Open, check and preprocess one file; raise DataError naming it on any problem."""
     try:
-        with Image.open(path) as img:
-            img.verify()  # catches truncated / corrupt files that open() alone accepts
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        reason = (
-            "not a readable image"
-            if isinstance(e, UnidentifiedImageError)
-            else f"corrupt or unreadable ({e})"
-        )
-        raise DataError(f"{path}: {reason}") from None
+        rgb = open_rgb(path, min_size)
+    except ImageFileError as e:
+        raise DataError(f"{path}: {e}") from None
     w, h = rgb.size
-    if min(w, h) < min_size:
-        raise DataError(f"{path}: too small ({w}x{h}); the shorter side must be at least {min_size}")
     # Resize the shorter side to the resolution, then crop a square (centre or top-left).
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))

@@ -24,7 +24,6 @@ Target features are computed once per job. The subset size is capped at the smal
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ from dallm.config import ConfigError, JobConfig
 from dallm.evolution import write_evolution, write_grid
 from dallm.imagefiles import image_files
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
+from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
 from dallm.sampling import (
     ModelLike,
     SamplerSettings,
@@ -207,11 +207,8 @@ class LiveEvaluator:
                 out.update({f"turning_{k}": v for k, v in res.items()})
         summary = self.summary()
         out.update(summary)
-        folder = self.out_dir / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "summary.json").write_text(
-            json.dumps({"final_step": final_step, "turning_step": turning_step, **out}, indent=2) + "\n"
-        )
+        write_json(self.out_dir / EVAL_SUMMARY_FILE,
+                   EvalSummary(final_step=final_step, turning_point=turning_step, **out))  # fmt: skip
         if self.eval_seconds or self.sample_seconds:
             self.emit(
                 LogEvent(

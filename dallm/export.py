@@ -4,7 +4,11 @@
   `.lora_B.weight` (and `text_encoder.` ones), loadable with `pipeline.load_lora_weights(folder)`.
   The LoRA scale alpha/rank is folded into lora_B, so the file needs no alpha metadata.
 - kohya: `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
-  (`lora_te_...` for the text encoder), for A1111 / ComfyUI.
+  (`lora_te_...` for the text encoder), for A1111 / ComfyUI. Trained tokens go into the same file
+  as a bundled embedding, `bundle_emb.<s1><s2>.string_to_param.*` (n_tokens, dim): A1111 / Forge
+  load it with the LoRA and the prompt names it by the joined tokens, as in training. Loaders that
+  ignore bundles (ComfyUI) or refuse the file with them (diffusers' `load_lora_weights` wants every
+  key to be a LoRA key) use the sibling `<file>_emb.safetensors` (`KOHYA_USAGE`).
 - tokens: `<name>_emb.safetensors` with key `clip_l` (n_tokens, dim), loadable with
   `pipeline.load_textual_inversion(state["clip_l"], token=[...])`; the token strings are stored in
   the file's metadata.
@@ -21,6 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+BUNDLE = "bundle_emb."  # A1111's prefix of an embedding bundled in a LoRA file
+KOHYA_USAGE = """\
+{lora}: the LoRA with the tokens {trigger} bundled (A1111 / Forge: write {trigger} in the prompt)
+{emb}: the tokens alone (ComfyUI: models/embeddings); in diffusers:
+  import safetensors.torch
+  sd = safetensors.torch.load_file({lora!r})
+  pipe.load_lora_weights({{k: v for k, v in sd.items() if not k.startswith({bundle!r})}})
+  pipe.load_textual_inversion(safetensors.torch.load_file({emb!r})["clip_l"], token={tokens})"""
 
 
 def emb_file_name(name: str) -> str:
@@ -97,11 +109,34 @@ def to_kohya(lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def kohya_emb_path(path: Path) -> Path:
+    """The sibling token file of a kohya export."""
+    return path.with_name(f"{path.stem}_emb.safetensors")
+
+
+def _bundle(rows: torch.Tensor, tokens: list[str]) -> dict[str, torch.Tensor]:
+    """A1111's bundled embedding: named by the tokens as a prompt writes them, one row per token."""
+    return {f"{BUNDLE}{''.join(tokens)}.string_to_param.*": rows.float()}
+
+
+def kohya_usage(path: Path) -> str | None:
+    """How to load a kohya export and its tokens (None when it bundles none)."""
+    with safe_open(str(path), framework="pt") as f:
+        if not any(k.startswith(BUNDLE) for k in f.keys()):  # noqa: SIM118 - safe_open has no __iter__
+            return None
+    emb = kohya_emb_path(path)
+    _, tokens = load_embeddings(emb)
+    return KOHYA_USAGE.format(
+        lora=str(path), emb=str(emb), trigger="".join(tokens), bundle=BUNDLE, tokens=tokens
+    )
+
+
 def export_lora(src_dir: Path, fmt: str, out: Path) -> Path:
     """Export the LoRA in `src_dir` (an output or checkpoint folder) as diffusers or kohya.
 
     diffusers: `out` is a folder (the file inside is named as pipelines expect); kohya: `out` is a
-    .safetensors file (a folder gets `<folder name>.safetensors` inside it).
+    .safetensors file (a folder gets `<folder name>.safetensors` inside it), with the tokens bundled
+    and in the sibling `kohya_emb_path(out)`.
     """
     src = Path(src_dir) / LORA_FILE
     if not src.is_file():
@@ -117,6 +152,16 @@ def export_lora(src_dir: Path, fmt: str, out: Path) -> Path:
         return path
     if fmt == "kohya":
         path = out if out.suffix == ".safetensors" else out / f"{Path(src_dir).resolve().name}.safetensors"
-        _atomic_save(to_kohya(lora), path, metadata={"format": "pt", "ss_network_module": "networks.lora"})
+        tensors = to_kohya(lora)
+        embs = sorted(Path(src_dir).glob("*_emb.safetensors"))
+        if len(embs) > 1:
+            raise ValueError(f"{src_dir}: more than one token file ({', '.join(e.name for e in embs)})")
+        if embs:
+            rows, tokens = load_embeddings(embs[0])
+            if not tokens:
+                raise ValueError(f"{embs[0]}: no token strings in its metadata")
+            tensors |= _bundle(rows, tokens)
+            save_embeddings(kohya_emb_path(path), rows, tokens)
+        _atomic_save(tensors, path, metadata={"format": "pt", "ss_network_module": "networks.lora"})
         return path
     raise ValueError(f"unknown export format {fmt!r}; use diffusers or kohya")

@@ -1,27 +1,19 @@
-"""`metrics.jsonl`: one JSON object per logged step, flushed line by line.
+"""`metrics.jsonl`: one JSON object per logged step (`dallm.protocol.files.MetricsLine`), flushed
+line by line.
 
 On resume or rollback to step N the file is cut after N first, so no step ever appears twice.
+Every checkpoint keeps a copy of the rows up to its step (`HISTORY` in its folder): a rollback that
+finished at an earlier step cut them from the log, and a later resume from that checkpoint puts its
+own history back instead of leaving a hole.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
-from typing import Any
 
+from dallm.protocol.files import MetricsLine, metric_lines_upto, write_metric_lines
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    return rows
+HISTORY = "metrics.jsonl"  # a checkpoint folder's copy of the log up to its step
 
 
 class MetricsLog:
@@ -30,18 +22,25 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the lines of steps after `step` (and any torn line), atomically."""
+    def truncate_after(self, step: int, checkpoint: Path | None = None) -> int:
+        """Keep the history up to `step` only (no torn line), atomically: the log's own rows, or the
+        rows saved in `checkpoint` when it has them (the lineage of its weights, which a rollback
+        may have cut from the log). Returns how many of those rows the log lacked."""
         self._file.close()
-        keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        keep = metric_lines_upto(self.path, step)
+        saved = metric_lines_upto(checkpoint / HISTORY, step) if checkpoint is not None else []
+        restored = len({s for _, s in saved} - {s for _, s in keep})
+        write_metric_lines(self.path, [text for text, _ in (saved or keep)])
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        return restored
+
+    def save_history(self, folder: Path, step: int) -> None:
+        """Copy the rows up to `step` into a checkpoint folder (see the module's docstring)."""
+        self._file.flush()
+        write_metric_lines(folder / HISTORY, [text for text, _ in metric_lines_upto(self.path, step)])
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(MetricsLine.of(step, values).model_dump_json() + "\n")
         self._file.flush()
 
     def close(self) -> None:

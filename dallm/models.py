@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dallm.config import ConfigError, ModelConfig
+from dallm.preflight import resolve_base  # one rule for what model.base may be
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -39,29 +40,6 @@ class ModelParts:
     @property
     def prediction_type(self) -> str:
         return str(self.noise_scheduler.config.prediction_type)
-
-
-def resolve_base(base: str) -> str:
-    """ "micro" -> the shipped micro model folder; a folder -> its absolute path; else the hub id."""
-    if base == "micro":
-        try:
-            from dallm.micro import MODEL_DIR  # type: ignore[attr-defined]
-        except ImportError:
-            raise ConfigError("model.base: the micro model is not available in this installation") from None
-        folder = Path(MODEL_DIR)
-        if not (folder / "unet").is_dir():
-            raise ConfigError(
-                f"model.base: micro model folder {folder} is missing; rebuild it with `dallm micro build`"
-            )
-        return str(folder)
-    path = Path(base).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "unet").is_dir():
-            raise ConfigError(f"model.base: {path} is not a diffusers model folder (no unet/ subfolder)")
-        return str(path.resolve())
-    if base.startswith((".", "/", "~")) or base.count("/") > 1:
-        raise ConfigError(f"model.base: folder {base} does not exist")
-    return base
 
 
 def read_resolution(source: str, revision: str | None = None) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dallm.config import ConfigError, JobConfig, load_config, parse_override
-from dallm.preflight import check_paths
+from dallm.preflight import checked_config
 
 MANIFEST = "sweep.json"
 # Short labels for run names; other keys use their last part.
@@ -121,15 +121,16 @@ def new_sweep_id(name: str) -> str:
     return f"{name[:40]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _checked(config: Path, overrides: list[str], what: str, paths: bool) -> JobConfig:
+def _checked(config: Path, overrides: list[str], what: str | None, paths: bool) -> JobConfig:
+    """Load and (with `paths`) preflight one run's config. `what` (e.g. "--grid lora.rank=0") is
+    named as the error's origin; None: the error names the config file or its `--set` item."""
     try:
-        cfg = load_config(config, overrides)
-        if paths:
-            check_paths(cfg)
+        return checked_config(config, overrides) if paths else load_config(config, overrides)
     except ConfigError as e:
-        msg = str(e).removeprefix(f"{config}: ")
-        raise ConfigError(f"{what}: {msg}") from None
-    return cfg
+        if what is None:
+            raise
+        detail = f"{e.key}: {e.reason}" if e.key is not None else str(e).removeprefix(f"{config}: ")
+        raise ConfigError(f"{what}: {detail}", e.key, e.reason) from None
 
 
 def plan_sweep(
@@ -146,7 +147,7 @@ def plan_sweep(
     if repeat < 1:
         raise ConfigError(f"--repeat {repeat}: must be at least 1")
     sets = list(sets or [])
-    base = _checked(config, sets, str(config), check_folders)
+    base = _checked(config, sets, None, check_folders)
     axes = parse_grid(grid)
     for axis in axes:  # each value alone first: the error names the value
         for raw in axis.raw:
@@ -163,7 +164,7 @@ def plan_sweep(
             over = [*sets, *(f"{a.key}={r}" for a, r in zip(axes, combo_raw, strict=True))]
             over += [f"seed={base.seed + k}", f"name={name}"]
             what = "--grid " + " ".join(f"{a.key}={r}" for a, r in zip(axes, combo_raw, strict=True))
-            cfg = _checked(config, over, what.strip() or str(config), False)
+            cfg = _checked(config, over, what if axes else None, False)
             params = {a.key: v for a, v in zip(axes, combo, strict=True)}
             sweep.runs.append(Run(name, params, k, cfg.seed, over, name))
             configs.append(cfg)

@@ -11,6 +11,7 @@ ended). `DALLM_THREADS` (or `OMP_NUM_THREADS`) set by the user wins.
 from __future__ import annotations
 
 import os
+import sys
 
 THREADS_ENV = "DALLM_THREADS"
 
@@ -58,7 +59,9 @@ def set_torch_threads(slot_cores: int | None = None) -> str:
         busy = busy_cores()
         n = choose_threads(slot, cores, busy)
         why = f"slot of {slot} of {cores} cores, {busy:.1f} cores busy with other work"
-    import torch
-
-    torch.set_num_threads(n)
+    # Through the environment when torch is not loaded yet: a worker whose engine never needs torch
+    # (or loads it later) does not pay for importing it here; torch reads it when it starts.
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
     return f"torch threads: {n} ({why})"

@@ -11,13 +11,9 @@ Steps count from 1; "step N" means the weights after N optimizer steps (step 0: 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,34 +34,25 @@ from dallm.models import load_parts, read_resolution, resolve_base
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
-    FinishedEvent,
+    Emit,
     InterruptCommand,
     JobCommand,
     JobEvent,
+    JobResult,
     LogEvent,
     MetricsEvent,
+    Poll,
     RollbackCommand,
     RolledBackEvent,
     StartedEvent,
     StopCommand,
     TurningPointEvent,
 )
+from dallm.protocol.files import RESULT_FILE, ResultFile, write_json
 from dallm.trainer import Trainer, isolated_rng, pick_device
 from dallm.watch import Watch
 
-__all__ = ["TrainResult", "train"]
-
-Emit = Callable[[JobEvent], None]
-Poll = Callable[[], JobCommand | None]
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    final_step: int  # the last step trained
-    result_step: int  # the step whose weights were written as the result
-    reason: str  # completed | early_stop | stopped | rolled_back | interrupted
-    turning_point: int | None
+__all__ = ["JobResult", "train"]
 
 
 def _noop(_: JobEvent) -> None:
@@ -85,8 +72,7 @@ def train(
     resume: Path | None = None,
     emit: Emit | None = None,
     poll: Poll | None = None,
-    progress: bool = False,
-) -> TrainResult:
+) -> JobResult:
     """Run the job `cfg` into `out_dir` (default `cfg.out`), from scratch or from a checkpoint.
 
     `resume` is a checkpoint folder or an output folder (its latest checkpoint); without `out_dir`
@@ -102,10 +88,6 @@ def train(
         out_dir = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else cfg.out
     out = Path(out_dir)
     emit = emit or _noop
-    if progress:
-        from dallm.progress import ProgressEmit
-
-        emit = ProgressEmit(cfg.train.steps, emit)
 
     device = pick_device(cfg.train.device)
     source = resolve_base(cfg.model.base)
@@ -137,8 +119,6 @@ def train(
         return job.run(ckpt)
     finally:
         job.log.close()
-        if progress and hasattr(emit, "close"):
-            emit.close()
 
 
 class Job:
@@ -158,12 +138,14 @@ class Job:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self, ckpt: Path | None) -> TrainResult:
+    def run(self, ckpt: Path | None) -> JobResult:
         cfg = self.cfg
         if ckpt is not None:
             self._restore(load_checkpoint(ckpt))
             self.emit(LogEvent(message=f"resumed from {ckpt} at step {self.step}"))
-        self.log.truncate_after(self.step)
+        restored = self.log.truncate_after(self.step, ckpt)
+        if restored:  # e.g. a resume from a checkpoint after a rollback finished at an earlier step
+            self.emit(LogEvent(message=f"metrics of {restored} step(s) restored from {ckpt}"))
         save_config(cfg, self.out / "config.toml")
         self.emit(
             StartedEvent(
@@ -224,7 +206,7 @@ class Job:
             )
         return tp
 
-    def _obey(self, cmd: JobCommand | None) -> TrainResult | None:
+    def _obey(self, cmd: JobCommand | None) -> JobResult | None:
         if cmd is None:
             return None
         if isinstance(cmd, StopCommand):
@@ -267,15 +249,17 @@ class Job:
         if self.watch is not None:
             state.extra["history"] = list(self.watch.history)
             state.extra["snapshots"] = [s.weights_only() for s in self.watch.snapshots()]
-        folder = save_checkpoint(
-            self.ckpt_root, state, {"weights": lambda d: self.trainer.write_weights(d, state)}
-        )
+        writers = {
+            "weights": lambda d: self.trainer.write_weights(d, state),
+            "history": lambda d: self.log.save_history(d, self.step),
+        }
+        folder = save_checkpoint(self.ckpt_root, state, writers)
         protect = {self.turning_point} if self.turning_point is not None else set()
         prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep, protect)
         self.emit(CheckpointEvent(step=self.step, path=str(folder.relative_to(self.out))))
         return folder
 
-    def _rollback(self, step: int, resume: bool) -> TrainResult | None:
+    def _rollback(self, step: int, resume: bool) -> JobResult | None:
         state = self._state_at(step, need_optimizer=resume) if 0 <= step <= self.step else None
         if state is None:
             have = sorted({s for s, _ in list_checkpoints(self.ckpt_root)} | set(self._snapshot_steps()))
@@ -317,7 +301,7 @@ class Job:
 
     def finish(
         self, reason: str, result_step: int, *, final_step: int | None = None, write: bool = True
-    ) -> TrainResult:
+    ) -> JobResult:
         final_step = self.step if final_step is None else final_step
         extra: dict = {}
         if write:
@@ -337,17 +321,16 @@ class Job:
                 with isolated_rng():
                     extra = self.evaluator.finish(self.step, self.turning_point, turning)
             self.trainer.write_weights(self.out, state)
-        result = TrainResult(self.out, final_step, result_step, reason, self.turning_point)
-        info = {"reason": reason, "final_step": final_step, "result_step": result_step}
-        info |= {"turning_point": self.turning_point, "eval": extra}
-        tmp = self.out / "result.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, self.out / "result.json")
-        finished = FinishedEvent(
+        result = JobResult(
+            out_dir=self.out,
             reason=reason,  # type: ignore[arg-type]
             final_step=final_step,
             result_step=result_step,
+            turning_point=self.turning_point,
             result_kid_val=self._result_kid(extra, final_step, result_step),
         )
-        self.emit(finished)
+        info = ResultFile(reason=result.reason, final_step=final_step, result_step=result_step,
+                          turning_point=self.turning_point, eval=extra)  # fmt: skip
+        write_json(self.out / RESULT_FILE, info)
+        self.emit(result.finished_event())
         return result

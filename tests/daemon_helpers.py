@@ -3,7 +3,9 @@ child process (always killed at teardown), job configs for the fake engine."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -20,7 +22,7 @@ import pytest
 from dallm.client import DaemonClient, DaemonError
 from dallm.protocol import TERMINAL_STATES, JobSummary
 
-FAKE = "dallm.daemon.fake:train"
+FAKE = "dallm.testing.fake_engine:train"
 
 
 class DaemonProc:
@@ -134,11 +136,22 @@ def daemons(home: Path) -> Iterator[Callable[..., DaemonProc]]:
         d.cleanup()
 
 
+@functools.cache
+def fake_data_dir() -> str:
+    """One folder of two valid images per test process: the fake engine reads no data, but the
+    daemon's submit preflight refuses a job without usable images."""
+    from conftest import write_images
+
+    folder = Path(tempfile.mkdtemp(prefix="dallm-fake-data-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return str(write_images(folder, 2))
+
+
 def config(name: str = "job", steps: int = 20, every: int = 5, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A job config dict for the fake engine (data.dir: any folder; the fake reads no data)."""
+    """A job config dict for the fake engine (the fake reads no data; the folder passes the preflight)."""
     cfg: dict[str, Any] = {
         "name": name,
-        "data": {"dir": tempfile.gettempdir()},
+        "data": {"dir": fake_data_dir(), "instance_prompt": "a red circle"},
         "train": {"steps": steps},
         "monitor": {"window": 2},
         "checkpoint": {"every": every, "keep": None},

@@ -34,10 +34,14 @@ def test_train_end_to_end(config: Path, tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "lora.rank=0"], "lora.rank: Input should be greater than or equal to 1"),
+        # an error from a --set value names the --set item, not the config file
+        (["--set", "lora.rank=0"], "train: --set lora.rank=0: Input should be greater than or equal to 1"),
         (["--set", "train.lr"], "expected KEY=VALUE"),
-        (["--set", "train.nope=1"], "train.nope: unknown key"),
-        (["--set", "monitor.window=50"], "monitor.window: 50 is larger than train.steps (20)"),
+        (["--set", "train.nope=1"], "--set train.nope=1: unknown key"),
+        (["--set", "monitor.window=50"], "--set monitor.window=50: 50 is larger than train.steps (20)"),
+        (["--set", "train.steps=1"], "--set train.steps=1: monitor.window: 2 is larger than train.steps (1)"),
+        (["--set", "lora.rank=64"], "--set lora.rank=64: 64 is wider than the model's narrowest attention"),
+        (["--set", "model.base=/nonexistent"], "--set model.base=/nonexistent: folder /nonexistent does not"),
         (["--resume", "/nonexistent"], "--resume: /nonexistent: no checkpoints found"),
     ],
 )
@@ -45,8 +49,10 @@ def test_train_errors_are_one_line(
     config: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["train", str(config), *args]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("dallm train: ") and message in err and err.count("\n") == 1
+    lines = capsys.readouterr().err.splitlines()
+    # the error is one line, the last; before it at most the "torch threads: ..." note
+    assert lines[-1].startswith("dallm train: ") and message in lines[-1] and "Traceback" not in lines
+    assert all(line.startswith("torch threads: ") for line in lines[:-1]) and len(lines) <= 2
 
 
 def test_ctrl_c_checkpoints_and_resumes(
@@ -73,3 +79,33 @@ def test_ctrl_c_checkpoints_and_resumes(
     monkeypatch.setattr(Trainer, "step", real_step)
     assert main(["train", str(config), "--set", "train.steps=6", "--resume", str(out)]) == 0
     assert len(losses(out)) == 6
+
+
+def test_failing_text_encoder_job_is_one_line_and_a_log(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine failing inside (here: peft refusing the text encoder, as issue 10 saw with an
+    incompatible peft) is one line on stderr naming the error and the file with the traceback."""
+    import dallm.trainer
+    from dallm.lora import add_lora
+
+    def refuse(unet: object, text_encoder: object, cfg: object) -> None:
+        if getattr(cfg, "text_encoder", False):
+            raise ValueError(
+                "The version of PEFT you are using is not compatible, please use a version >= 0.22.0"
+            )
+        add_lora(unet, text_encoder, cfg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dallm.trainer, "add_lora", refuse)
+    out = tmp_path / "te"
+    assert (
+        main(["train", str(config), "--set", "lora.text_encoder=true", "--out", str(out), "--no-progress"])
+        == 1
+    )
+    err = capsys.readouterr().err
+    log = out / "train-error.log"
+    assert err == (
+        "dallm train: failed: ValueError: The version of PEFT you are using is not compatible, please use "
+        f"a version >= 0.22.0; traceback in {log}\n"
+    )
+    assert "Traceback" in log.read_text() and "refuse" in log.read_text()

@@ -15,12 +15,12 @@ import pytest
 import zmq
 import zmq.auth
 from daemon_helpers import config, daemons, home  # noqa: F401
-from dallm.daemon.paths import DaemonPaths
-from dallm.daemon.security import create_client_keys
 from test_daemon_security import free_port
 
 from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+from dallm.home import DaemonPaths
 from dallm.protocol import PingRequest, ShutdownRequest, SubmitRequest, encode_request
+from dallm.transport import create_client_keys
 
 
 def raw_requests_answered(endpoint: str, frames: list[bytes], curve: tuple[Path, Path] | None = None) -> int:
@@ -29,7 +29,7 @@ def raw_requests_answered(endpoint: str, frames: list[bytes], curve: tuple[Path,
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if curve is not None:
-        from dallm.daemon.security import make_curve_client
+        from dallm.transport import make_curve_client
 
         make_curve_client(s, *curve)
     s.connect(endpoint)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_images
 from daemon_helpers import config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
 from dallm.cli import main as dallm_main
@@ -52,7 +53,9 @@ def test_priorities_then_fifo(daemons) -> None:
         assert sorted(started, key=started.get) == [first.id, high1.id, high2.id, low.id]
 
 
-def test_stop_finishes_with_turning_point_weights(daemons) -> None:
+def test_stop_finishes_at_the_turning_point(daemons) -> None:
+    # The daemon's part (the fake engine writes no weights; tests/test_train_control.py checks that
+    # the real engine's result weights are the turning point's, bit for bit).
     d = daemons(step_s=0.02)
     with d.client() as c:
         job = c.submit(config("a-tp.4", steps=500, every=5))
@@ -60,6 +63,9 @@ def test_stop_finishes_with_turning_point_weights(daemons) -> None:
         c.stop(job.id)
         s = wait_state(c, job.id, "stopped-early")
         assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        assert s.step >= 10  # it had trained past the turning point
+        result = json.loads((Path(s.out_dir) / "result.json").read_text())
+        assert (result["reason"], result["result_step"], result["turning_point"]) == ("stopped", 4, 4)
         with pytest.raises(DaemonError) as err:
             c.stop(job.id)
         assert err.value.code == "conflict"
@@ -84,6 +90,30 @@ def test_rollback_resume_marks_later_history_superseded(daemons) -> None:
         with pytest.raises(DaemonError) as err:
             c.rollback(job.id, 7)
         assert err.value.code == "not_found" and "have: 5, 10" in str(err.value)
+
+
+def test_rollbacks_in_either_order_leave_no_hole_in_the_history(daemons) -> None:
+    """Finish at 10 then resume from 20 (a checkpoint that rollback superseded); resume at 5, finish
+    at 20, then resume from 30: the store and metrics.jsonl hold every step once, in order."""
+    d = daemons(step_s=0.02)
+
+    def roll(job: int, step: int, resume: bool, expect: list[int]) -> None:
+        c.rollback(job, step, resume=resume)
+        wait_state(c, job, "finished" if resume else "stopped-early")
+        out = Path(c.summary(job).out_dir)
+        on_disk = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert metric_steps(c, job) == on_disk == expect
+
+    with d.client() as c:
+        job = c.submit(config("a", steps=40, every=5)).id
+        wait_state(c, job, "finished")
+        roll(job, 10, False, list(range(1, 11)))
+        roll(job, 20, True, list(range(1, 41)))
+        job = c.submit(config("b", steps=40, every=5)).id
+        wait_step(c, job, 12)
+        roll(job, 5, True, list(range(1, 41)))
+        roll(job, 20, False, list(range(1, 21)))
+        roll(job, 30, True, list(range(1, 41)))
 
 
 def test_checkpoint_now(daemons) -> None:
@@ -151,8 +181,10 @@ def test_one_daemon_per_home(daemons, home: Path) -> None:
 def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
     daemons(step_s=0.005)
     cfg = tmp_path / "job.toml"
-    (tmp_path / "imgs").mkdir()
-    cfg.write_text('name = "cli"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
+    write_images(tmp_path / "imgs", 2)
+    cfg.write_text(
+        'name = "cli"\n[data]\ndir = "imgs"\ninstance_prompt = "a red circle"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n'
+    )
     base = ["--home", str(home)]
     assert dallm_main(["submit", str(cfg), "--set", "train.lr=-1", *base]) == 1
     assert "train.lr" in capsys.readouterr().err
@@ -203,7 +235,7 @@ def test_metrics_events_are_typed(daemons) -> None:
 
 
 def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dallm.daemon.cli", *args, "--home", str(home)],
@@ -226,19 +258,23 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
 
 
 def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
-    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
+    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.testing.fake_engine:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
     cfg = tmp_path / "job.toml"
-    (tmp_path / "imgs").mkdir()
-    cfg.write_text('name = "run"\n[data]\ndir = "imgs"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n')
+    write_images(tmp_path / "imgs", 2)
+    cfg.write_text(
+        'name = "run"\n[data]\ndir = "imgs"\ninstance_prompt = "a red circle"\n[train]\nsteps = 10\n[monitor]\nwindow = 2\n'
+    )
     try:
         assert dallm_main(["run", str(cfg), "--home", str(home), "--devices", "cpu"]) == 0
         out = capsys.readouterr()
         assert (
             "started" in out.err and "job 1 finished" in out.out and str(home / "jobs" / "1-run") in out.out
         )
+        # `make demo` runs this: it says the daemon stays and how to stop it
+        assert f"the daemon keeps running on {home}; stop it with: dallm-daemon stop --home {home}" in out.err
         assert dallm_main(["run", str(cfg), "--home", str(home)]) == 0  # reuses the daemon
         assert "started" not in capsys.readouterr().err
     finally:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
-from dallm.daemon.paths import DaemonPaths
-from dallm.daemon.security import create_client_keys, is_loopback
 
 from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+from dallm.home import DaemonPaths
+from dallm.transport import create_client_keys, is_loopback
 
 
 def free_port() -> int:
@@ -51,9 +51,10 @@ def test_job_output_cannot_escape_the_home(daemons, home: Path) -> None:
         with pytest.raises(DaemonError) as err:
             c.submit(config("a") | {"name": "../../x"})
         assert err.value.code == "invalid_config" and "name" in str(err.value)
-        missing = f"{tempfile.gettempdir()}/nonexistent-folder"
-        with pytest.raises(DaemonError, match=f"data.dir: {missing} is not a folder"):
-            c.submit(config("a", data={"dir": missing}))  # inside the allowed temp folder
+        missing = f"{tempfile.gettempdir()}/nonexistent-folder"  # inside the allowed temp folder
+        with pytest.raises(DaemonError, match=f"data.dir: folder {missing} does not exist") as err:
+            c.submit(config("a", data={"dir": missing}))
+        assert err.value.code == "preflight_failed"
         with pytest.raises(DaemonError, match="data.dir: rel/dir is relative"):
             c.submit(config("a", data={"dir": "rel/dir"}))
         assert c.jobs() == []  # nothing queued
@@ -106,10 +107,12 @@ def test_loopback_tcp_with_the_homes_local_key(daemons, home: Path) -> None:
 def test_job_paths_confined_to_the_roots(daemons, home: Path, tmp_path: Path) -> None:
     """Outputs and inputs outside jobs/, --allow and (own CLI only) the config's folder are refused,
     with the same words whether the path exists or not."""
+    from conftest import write_images
+
     allowed = tmp_path / "allowed"
-    (allowed / "data").mkdir(parents=True)
+    write_images(allowed / "data", 2)
     cfg_dir = tmp_path / "configs"
-    (cfg_dir / "data").mkdir(parents=True)
+    write_images(cfg_dir / "data", 2)
     d = daemons("--allow", str(allowed), DALLM_ALLOW="")
     with d.client() as c:
         for bad in ({"output_dir": "/etc/dallm-out"}, {"data": {"dir": "/etc"}}, {"eval": {"val_dir": "/root"}},

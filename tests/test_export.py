@@ -90,9 +90,12 @@ def test_kohya_round_trip(tiny_sd: Path, trained: Path, tmp_path: Path) -> None:
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= sd.keys()
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in sd)
+    rows = load_file(str(trained / "job_emb.safetensors"))["clip_l"]
+    assert torch.equal(sd.pop("bundle_emb.<s1><s2>.string_to_param.*"), rows)  # A1111's bundle
+    assert torch.equal(load_file(str(tmp_path / "k_emb.safetensors"))["clip_l"], rows)
     ref, kohya = _pipe(tiny_sd), _pipe(tiny_sd)
     ref.load_lora_weights(trained)
-    kohya.load_lora_weights(tmp_path, weight_name="k.safetensors")
+    kohya.load_lora_weights(sd)  # what `dallm export` prints: the file without its bundle keys
     for model in ("unet", "text_encoder"):
         a, b = _deltas(getattr(ref, model)), _deltas(getattr(kohya, model))
         assert a.keys() == b.keys() and a
@@ -104,6 +107,11 @@ def test_cli_export(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["export", str(trained), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "d" / "job_emb.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["export", str(trained), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"{tmp_path / 'k.safetensors'}\n"  # the path alone: scripts read it
+    assert "write <s1><s2> in the prompt" in out.err and "k_emb.safetensors" in out.err
     assert (
         main(
             [
@@ -127,3 +135,21 @@ def test_cli_export(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert "no checkpoint at step 3 (have 2, 4)" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--format", "kohya", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_kohya_without_tokens_and_with_two_token_files(tmp_path: Path) -> None:
+    from dallm.export import kohya_usage, save_embeddings, save_lora
+
+    src = tmp_path / "src"
+    save_lora(
+        src,
+        {"unet.mid.to_q.lora_A.weight": torch.ones(2, 4), "unet.mid.to_q.lora_B.weight": torch.ones(4, 2)},
+    )
+    path = export_lora(src, "kohya", tmp_path / "k.safetensors")
+    assert not any(k.startswith("bundle_emb.") for k in load_file(str(path)))
+    assert not (tmp_path / "k_emb.safetensors").exists() and kohya_usage(path) is None
+    save_embeddings(src / "a_emb.safetensors", torch.ones(2, 4), TOKENS)
+    save_embeddings(src / "b_emb.safetensors", torch.ones(2, 4), TOKENS)
+    with pytest.raises(ValueError, match="more than one token file"):
+        export_lora(src, "kohya", tmp_path / "k2.safetensors")
+    assert not (tmp_path / "k2.safetensors").exists()

@@ -15,7 +15,7 @@ from daemon_helpers import daemons, home  # noqa: F401 - fixtures
 
 from dallm.cli import main as dallm_main
 from dallm.config import ConfigError, load_config
-from dallm.preflight import check_paths
+from dallm.preflight import preflight
 from dallm.sweep import parse_grid, plan_sweep, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_local_sweep_and_report(
 
 def test_full_refuses_auto_early_stop(tmp_path: Path, tiny_sd: Path, image_dir: Callable[..., Path]) -> None:
     cfg = _config(tmp_path, tiny_sd, image_dir(n=4))
-    with pytest.raises(ConfigError, match='monitor.early_stop: "auto" needs CS-Fluctuation'):
+    with pytest.raises(ConfigError, match='--set monitor.early_stop=auto: "auto" needs CS-Fluctuation'):
         load_config(cfg, ["train.method=full", "monitor.early_stop=auto"])
 
 
@@ -135,13 +135,13 @@ def test_sd15_config_validates_without_weights(tmp_path: Path, image_dir: Callab
     )  # fmt: skip
     assert cfg.data.class_dir is not None and cfg.eval.val_dir is not None  # prior preservation, validation
     with pytest.raises(ConfigError) as e:  # the shipped placeholders: a clear error naming the fix
-        check_paths(cfg)
+        preflight(cfg)
     assert "data.dir: folder" in str(e.value) and "--set data.dir=FOLDER" in str(e.value)
     train, val, cls = image_dir(n=20, name="train"), image_dir(n=4, name="val"), image_dir(n=4, name="cls")
-    sets = [f"data.dir={train}", f"eval.val_dir={val}", f"data.class_dir={cls}"]
-    check_paths(load_config(path, sets))
+    sets = [f"data.dir={train}", f"eval.val_dir={val}", f"data.class_dir={cls}", "data.min_size=16"]
+    preflight(load_config(path, sets))
     with pytest.raises(ConfigError, match="fewer than data.limit=20"):
-        check_paths(load_config(path, [f"data.dir={val}", *sets[1:]]))
+        preflight(load_config(path, [f"data.dir={val}", *sets[1:]]))
     sweep, _ = plan_sweep(path, ["lora.rank=1,4,16"], sets=sets)  # the study's rank sweep plans here
     assert [r.name for r in sweep.runs] == [f"sd15-baroque-cat-r{r}-s0" for r in (1, 4, 16)]
 
@@ -151,7 +151,9 @@ def test_daemon_sweep_grouped_in_ls_and_reported(daemons, home: Path, tmp_path: 
     images = tmp_path / "imgs"
     write_images(images, 3)
     cfg = tmp_path / "job.toml"
-    cfg.write_text(f'name = "ds"\n[data]\ndir = "{images}"\n[train]\nsteps = 6\n[monitor]\nwindow = 2\n')
+    cfg.write_text(
+        f'name = "ds"\n[data]\ndir = "{images}"\ninstance_prompt = "a red circle"\n[train]\nsteps = 6\n[monitor]\nwindow = 2\n'
+    )
     base = ["--home", str(home)]
     assert dallm_main(["sweep", str(cfg), "--grid", "lora.rank=1,0", *base]) == 1  # nothing queued
     assert "--grid lora.rank=0" in capsys.readouterr().err

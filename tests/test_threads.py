@@ -28,9 +28,9 @@ def test_explicit_threads_from_env() -> None:
 
 def test_worker_sets_threads_from_its_slot() -> None:
     code = (
-        "import torch, os; os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('DALLM_THREADS', None);"
+        "import os; os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('DALLM_THREADS', None);"
         "from dallm.threads import set_torch_threads; line = set_torch_threads(1);"
-        "print(torch.get_num_threads(), line)"
+        "import torch; print(torch.get_num_threads(), line)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("1 torch threads: 1 (slot of 1 of ")

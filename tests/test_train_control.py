@@ -136,3 +136,43 @@ def test_rollback_and_resume_from_snapshot(tiny_sd: Path, images: Path, tmp_path
     assert [e.step for e in events if isinstance(e, RolledBackEvent)] == [2]
     # Step 1 was never kept: the command is refused with a log line and training goes on.
     assert any(isinstance(e, LogEvent) and e.level == "error" and "step 1" in e.message for e in events)
+
+
+def _ckpt(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def test_resume_after_rollback_finish_restores_history(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    """Rollback-finish to 2, then resume from checkpoint 4 (superseded by that rollback): the log gets
+    steps 3-4 back from the checkpoint (no hole), and the run ends as the uninterrupted one."""
+    cfg = job(tiny_sd, images, checkpoint={"every": 2})
+    train(cfg, out_dir=tmp_path / "whole")
+    out = tmp_path / "rb"
+    train(cfg, out_dir=out)
+    # What the daemon does for `dallm rollback JOB --step 2` on a finished job.
+    r = train(cfg, resume=_ckpt(out, 2), poll=scripted({0: [RollbackCommand(step=2)]}))
+    assert (r.reason, r.result_step) == ("rolled_back", 2)
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    events: list[JobEvent] = []
+    r = train(cfg, resume=_ckpt(out, 4), emit=events.append)
+    assert (r.reason, r.final_step) == ("completed", 6)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert losses(out) == losses(tmp_path / "whole")
+    assert any(isinstance(e, LogEvent) and "metrics of 2 step(s) restored" in e.message for e in events)
+
+
+def test_rollback_resume_then_finish_then_resume(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    """Rollback-resume to 2 (checkpoints 4, 6 of the old lineage go), finish at 2 on the new one,
+    then resume from its checkpoint 4: the history is the new lineage's, whole, in order."""
+    cfg = job(tiny_sd, images, checkpoint={"every": 2})
+    train(cfg, out_dir=tmp_path / "whole")
+    out = tmp_path / "rb"
+    poll = scripted({5: [RollbackCommand(step=2, resume=True)], 8: [RollbackCommand(step=2)]})
+    r = train(cfg, out_dir=out, poll=poll)
+    assert (r.reason, r.final_step, r.result_step) == ("rolled_back", 5, 2)
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    r = train(cfg, resume=_ckpt(out, 4))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert losses(out) == losses(tmp_path / "whole")
+    assert same_weights(weights(out), weights(tmp_path / "whole"))

@@ -15,13 +15,14 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.widgets import Footer
 
-from . import images
-from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, JobSummary, Outcome, StateChange
-from .link import DaemonLink
-from .model import Model
-from .screens import ConfirmScreen, HelpScreen, RollbackScreen
-from .thumbnail import Thumbnail
-from .widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
+from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary
+from dallm.tui import images
+from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
+from dallm.tui.link import DaemonLink
+from dallm.tui.model import Model
+from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
+from dallm.tui.thumbnail import Thumbnail
+from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
 
 QUEUE_REFRESH_S = 0.5  # the queue table is redrawn at most this often for metrics alone
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
@@ -48,7 +49,7 @@ class DallmApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    selected: reactive[str | None] = reactive(None)
+    selected: reactive[int | None] = reactive(None)
 
     class ActionAnswered(Message):
         """The daemon answered (or could not be asked) a request made from the keyboard."""
@@ -64,7 +65,7 @@ class DallmApp(App[None]):
         images_mode: images.ImageMode = "halfblock",
         poll_timeout: float = 0.25,
         backoff: tuple[float, float] = (0.5, 5.0),
-        initial_job: str | None = None,
+        initial_job: int | None = None,
     ) -> None:
         super().__init__()
         self.initial_job = initial_job
@@ -126,7 +127,7 @@ class DallmApp(App[None]):
             start = self.initial_job if self.initial_job in ids else (running[0] if running else None)
             if start is not None and start != self.selected:
                 table = self.query_one(JobTable)
-                table.move_cursor(row=table.get_row_index(start))
+                table.move_cursor(row=table.get_row_index(str(start)))
 
     def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
         self.model.apply_history(message.job, message.envelopes)
@@ -135,7 +136,7 @@ class DallmApp(App[None]):
 
     def on_daemon_link_events_received(self, message: DaemonLink.EventsReceived) -> None:
         touched = self.model.apply_live(message.envelopes)
-        if any(isinstance(e.event, StateChange) for e in message.envelopes):
+        if any(isinstance(e.event, JobStateEvent) for e in message.envelopes):
             self._show_queue()
         elif self._queue_timer is None:
             # Step counters need no 60 fps: redrawing the table costs more than both charts.
@@ -158,7 +159,7 @@ class DallmApp(App[None]):
         if not self.model.jobs and self.listed:
             self.query_one(JobHeader).update(Text(EMPTY_QUEUE, style="italic"))
 
-    def watch_selected(self, job: str | None) -> None:
+    def watch_selected(self, job: int | None) -> None:
         if job is not None:
             data = self.model.data_for(job)
             if not data.loaded:
@@ -185,7 +186,7 @@ class DallmApp(App[None]):
     # -- actions --------------------------------------------------------------------------------
 
     def _selected_row(self, verb: str) -> JobSummary | None:
-        row = self.model.jobs.get(self.selected) if self.selected else None
+        row = self.model.jobs.get(self.selected) if self.selected is not None else None
         if row is None:
             self.notify(f"no job to {verb}", severity="warning")
         return row
@@ -297,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=images.IMAGE_MODES,
         help="how to draw sample thumbnails (default: auto-detect, half-blocks when unsure)",
     )
-    p.add_argument("--job", metavar="ID", help="the job to show first (default: the first running one)")
+    p.add_argument(
+        "--job", metavar="ID", type=int, help="the job to show first (default: the first running one)"
+    )
     p.add_argument(
         "--demo", action="store_true", help="show made-up jobs from a fake daemon (no daemon needed)"
     )
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = images.resolve_mode(args.images)
     if args.demo:
-        from .demo import DemoRunner, demo_connection
+        from dallm.tui.demo import DemoRunner, demo_connection
 
         conn = demo_connection()
         runner = DemoRunner(conn)
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.stop()
         return 0
     try:
-        from .daemon_connection import open_connection
+        from dallm.tui.daemon_connection import open_connection
 
         conn = open_connection(connect=args.connect, home=args.home)
     except Exception as e:

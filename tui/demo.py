@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw
 from dallm.protocol import (
     CheckpointEvent,
     FinishedEvent,
+    JobEvent,
+    JobSummary,
     LogEvent,
     MetricsEvent,
     RolledBackEvent,
@@ -18,8 +20,7 @@ from dallm.protocol import (
     StartedEvent,
     TurningPointEvent,
 )
-
-from .connection import Event, FakeConnection, JobSummary, StateChange
+from dallm.testing.fake_daemon import FakeConnection
 
 COLORS = [(220, 60, 60), (60, 170, 80), (70, 90, 220), (230, 200, 40), (200, 80, 200), (60, 200, 210)]
 
@@ -77,9 +78,9 @@ def job_events(
     ckpt_every: int = 100,
     tp: int | None = None,
     samples: bool = True,
-) -> list[Event]:
+) -> list[JobEvent]:
     """The events of a job from `start` (exclusive) to `step_to` (inclusive)."""
-    out: list[Event] = []
+    out: list[JobEvent] = []
     if start == 0:
         out.append(StartedEvent(start_step=0, total_steps=total, device="cpu", trainable_params=811_008))
     for step in range(start + 1, step_to + 1):
@@ -103,24 +104,24 @@ def demo_connection(points: int = 400, jobs: int = 4) -> FakeConnection:
     conn = FakeConnection(endpoint="demo://fake-daemon")
     total = 1000
     specs = [
-        ("1", "quickstart-r4", "running", points, int(points * 0.6)),
-        ("2", "sweep-r16-n20", "finished", total, 620),
-        ("3", "sweep-r1-n5", "failed", 137, None),
-        ("4", "teacher-style-50", "queued", 0, None),
+        (1, "quickstart-r4", "running", points, int(points * 0.6)),
+        (2, "sweep-r16-n20", "finished", total, 620),
+        (3, "sweep-r1-n5", "failed", 137, None),
+        (4, "teacher-style-50", "queued", 0, None),
     ]
     for i in range(4, jobs):
-        specs.append((str(i + 1), f"bulk-{i + 1}", "running", points, None))
+        specs.append((i + 1, f"bulk-{i + 1}", "running", points, None))
     for job_id, name, state, steps, tp in specs[:jobs]:
         conn.add_job(JobSummary(id=job_id, name=name, state="queued", total_steps=total, priority=0))
         if steps:
-            conn.emit(job_id, *job_events(steps, total, tp=tp, phase=int(job_id) * 0.3), live=False)
+            conn.emit(job_id, *job_events(steps, total, tp=tp, phase=job_id * 0.3), live=False)
         if state == "finished":
-            conn.emit(job_id, StateChange("finished", "completed"), live=False)
+            conn.set_state(job_id, "finished", "completed", live=False)
         elif state == "failed":
             conn.emit(job_id, LogEvent(level="error", message="CUDA out of memory at step 137"), live=False)
-            conn.emit(job_id, StateChange("failed", "oom: CUDA out of memory at step 137"), live=False)
+            conn.set_state(job_id, "failed", "oom: CUDA out of memory at step 137", live=False)
         elif state == "running":
-            conn.emit(job_id, StateChange("running"), live=False)
+            conn.set_state(job_id, "running", live=False)
     return conn
 
 
@@ -145,18 +146,18 @@ class DemoRunner:
                 self.conn.emit(
                     action.job, FinishedEvent(reason="stopped", final_step=row.step, result_step=result)
                 )
-                self.conn.emit(action.job, StateChange("stopped-early", f"stopped at step {row.step}"))
+                self.conn.set_state(action.job, "stopped-early", f"stopped at step {row.step}")
             elif action.kind == "cancel":
-                self.conn.emit(action.job, StateChange("cancelled", "cancelled by the user"))
+                self.conn.set_state(action.job, "cancelled", "cancelled by the user")
             elif action.kind == "rollback" and action.step is not None:
                 self.conn.emit(action.job, RolledBackEvent(step=action.step, resume=action.resume))
                 if not action.resume:
-                    self.conn.emit(action.job, StateChange("finished", f"rolled back to step {action.step}"))
+                    self.conn.set_state(action.job, "finished", f"rolled back to step {action.step}")
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):
             self._obey()
-            for job in ("1",):
+            for job in (1,):
                 row = self.conn.summary(job)
                 if row.state != "running" or row.step >= row.total_steps:
                     continue

@@ -14,7 +14,10 @@ import numpy as np
 
 from dallm.protocol import (
     CheckpointEvent,
+    EventEnvelope,
     FinishedEvent,
+    JobStateEvent,
+    JobSummary,
     LogEvent,
     MetricsEvent,
     RolledBackEvent,
@@ -22,8 +25,6 @@ from dallm.protocol import (
     StartedEvent,
     TurningPointEvent,
 )
-
-from .connection import Envelope, JobSummary, StateChange, apply_to_summary
 
 LOG_LINES = 2000
 _PLACED = frozenset({"cs_fluct", "cs_fluct_step"})  # series placed on a step of their own
@@ -99,7 +100,7 @@ class Sample:
 class JobData:
     """The full history of one job, as far as it was loaded."""
 
-    job: str
+    job: int
     loaded: bool = False
     last_seq: int = 0
     series: dict[str, Series] = field(default_factory=dict)
@@ -108,7 +109,7 @@ class JobData:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     turning_point: int | None = None
     log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=LOG_LINES))  # (level, text)
-    pending: list[Envelope] = field(default_factory=list)  # live events seen before the history
+    pending: list[EventEnvelope] = field(default_factory=list)  # live events seen before the history
     log_total: int = 0  # lines ever logged (the deque keeps the last LOG_LINES)
     version: int = 0  # bumped on every change: widgets redraw when it moved
 
@@ -126,7 +127,7 @@ class JobData:
         s = self.series.get("kid_val")
         return s.at(step) if s is not None else None
 
-    def apply(self, env: Envelope) -> bool:
+    def apply(self, env: EventEnvelope) -> bool:
         """Apply one event; False when it was already applied (seq not newer)."""
         if env.seq <= self.last_seq:
             return False
@@ -178,9 +179,10 @@ class JobData:
             self._log(
                 ("info", f"finished ({ev.reason}) at step {ev.final_step}, result = step {ev.result_step}")
             )
-        elif isinstance(ev, StateChange):
-            level = "error" if ev.state == "failed" else "info"
-            self._log((level, f"state {ev.state}" + (f": {ev.reason}" if ev.reason else "")))
+        elif isinstance(ev, JobStateEvent):
+            state = ev.job.state
+            level = "error" if state == "failed" else "info"
+            self._log((level, f"state {state}" + (f": {ev.reason}" if ev.reason else "")))
         return True
 
 
@@ -197,21 +199,19 @@ class Model:
     """The queue plus the loaded job histories."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, JobSummary] = {}
-        self.data: dict[str, JobData] = {}
-        self.queue_version = 0
+        self.jobs: dict[int, JobSummary] = {}
+        self.data: dict[int, JobData] = {}
 
     def set_jobs(self, jobs: list[JobSummary]) -> None:
         self.jobs = {j.id: j for j in jobs}
-        self.queue_version += 1
 
-    def data_for(self, job: str) -> JobData:
+    def data_for(self, job: int) -> JobData:
         d = self.data.get(job)
         if d is None:
             d = self.data[job] = JobData(job)
         return d
 
-    def apply_history(self, job: str, envelopes: list[Envelope]) -> None:
+    def apply_history(self, job: int, envelopes: list[EventEnvelope]) -> None:
         """A snapshot (or backfill) of `job`'s history arrived: apply it, then the live events held."""
         d = self.data_for(job)
         for env in envelopes:
@@ -222,15 +222,15 @@ class Model:
             d.apply(env)
         d.version += 1
 
-    def apply_live(self, envelopes: list[Envelope]) -> set[str]:
+    def apply_live(self, envelopes: list[EventEnvelope]) -> set[int]:
         """Live events: update the rows; keep the detail of loaded jobs. Returns the jobs touched."""
-        touched: set[str] = set()
+        touched: set[int] = set()
         for env in envelopes:
             touched.add(env.job)
             row = self.jobs.get(env.job)
-            if row is None:
-                row = JobSummary(id=env.job, name=env.job)
-            self.jobs[env.job] = apply_to_summary(row, env.event)
+            if row is None:  # a job submitted since the last listing: its state event names it
+                row = JobSummary(id=env.job, name=str(env.job), state="queued")
+            self.jobs[env.job] = row.apply(env.event)
             d = self.data.get(env.job)
             if d is None:
                 continue
@@ -238,12 +238,7 @@ class Model:
                 d.apply(env)
             else:
                 d.pending.append(env)
-        self.queue_version += 1
         return touched
-
-    def last_seq(self, job: str) -> int:
-        d = self.data.get(job)
-        return d.last_seq if d is not None and d.loaded else 0
 
 
 def eta_seconds(row: JobSummary) -> float | None:

@@ -10,9 +10,9 @@ from textual.reactive import reactive
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from .chart import Chart, Trace
-from .connection import JobSummary
-from .model import JobData, eta_seconds, format_eta
+from dallm.protocol import JobSummary
+from dallm.tui.chart import Chart, Trace
+from dallm.tui.model import JobData, eta_seconds, format_eta
 
 STATE_STYLES = {
     "queued": "dim",
@@ -67,7 +67,7 @@ class JobTable(DataTable):
     )
 
     class JobHighlighted(Message):
-        def __init__(self, job: str) -> None:
+        def __init__(self, job: int) -> None:
             super().__init__()
             self.job = job
 
@@ -81,7 +81,7 @@ class JobTable(DataTable):
     def cells(row: JobSummary) -> dict[str, object]:
         step = f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
         return {
-            "id": row.id,
+            "id": str(row.id),
             "name": row.name,
             "state": state_text(row.state),
             "step": step,
@@ -94,32 +94,33 @@ class JobTable(DataTable):
 
     def show_jobs(self, rows: list[JobSummary]) -> None:
         """Bring the table in line with `rows`, touching only the cells that changed."""
-        wanted = {r.id for r in rows}
+        wanted = {str(r.id) for r in rows}  # row keys are the ids as text
         for key in [k for k in self.rows if k.value not in wanted]:
             self.remove_row(key)
         present = {k.value for k in self.rows}
         for row in rows:
             cells = self.cells(row)
-            if row.id not in present:
-                self.add_row(*cells.values(), key=row.id)
+            key = str(row.id)
+            if key not in present:
+                self.add_row(*cells.values(), key=key)
                 continue
             for col, value in cells.items():
-                old = str(self.get_cell(row.id, col))
+                old = str(self.get_cell(key, col))
                 if old != str(value):
                     # Widening a column relayouts the table: only when the text got longer.
-                    self.update_cell(row.id, col, value, update_width=len(str(value)) > len(old))
+                    self.update_cell(key, col, value, update_width=len(str(value)) > len(old))
 
     @property
-    def current_job(self) -> str | None:
+    def current_job(self) -> int | None:
         if not self.row_count:
             return None
         key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
-        return key.value
+        return int(key.value) if key.value is not None else None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         event.stop()
         if event.row_key.value is not None:
-            self.post_message(self.JobHighlighted(event.row_key.value))
+            self.post_message(self.JobHighlighted(int(event.row_key.value)))
 
 
 class JobHeader(Static):
@@ -194,11 +195,6 @@ class Charts(Vertical):
 class CheckpointList(OptionList):
     """Checkpoints of the selected job (step, KID where known); the turning point is starred."""
 
-    class CheckpointChosen(Message):
-        def __init__(self, step: int) -> None:
-            super().__init__()
-            self.step = step
-
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._shown: tuple = ()
@@ -240,7 +236,7 @@ class EventLog(RichLog):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(max_lines=1000, wrap=False, markup=False, **kwargs)
-        self._shown: tuple[str | None, int] = (None, 0)
+        self._shown: tuple[int | None, int] = (None, 0)
 
     def show(self, data: JobData | None) -> None:
         """Append what is new in `data.log` (or start over for another job)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dallm import __version__
@@ -31,7 +32,12 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dallm", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="dallm",
+        description="Fine-tune text-to-image diffusion models with LoRA and watch every job live: KID, "
+        "CS-Fluctuation early stopping, sample thumbnails; stop or roll back a job from a terminal.",
+        epilog="`dallm COMMAND --help` lists a command's options; README.md has examples.",
+    )
     parser.add_argument("--version", action="version", version=f"dallm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -51,13 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from pydantic import ValidationError
+
     from dallm.config import ConfigError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit (a traceback)
+        return code
     except (CommandError, ConfigError) as e:
         print(f"dallm {args.command}: {e}", file=sys.stderr)
         return getattr(e, "code", 1)
+    except ValidationError as e:  # a request the daemon protocol refuses to build: name the field
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "request"
+        print(f"dallm {args.command}: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # `dallm ls | head -2`: the reader is gone. Stop quietly, as other unix tools do; stdout
+        # goes to /dev/null so that the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
     except KeyboardInterrupt:
         print(f"dallm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -116,9 +116,9 @@ def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from dallm.config import load_config
+    from dallm.preflight import checked_config
 
-    cfg = load_config(args.config, args.set)  # ConfigError: one line with the key path; nothing queued
+    cfg = checked_config(args.config, args.set)  # ConfigError: one line naming the key; nothing queued
     with _client(args) as c:
         job = c.submit(
             cfg,
@@ -139,7 +139,7 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
     """Start a background daemon on `home` unless one runs there."""
     import subprocess
 
-    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
+    from dallm.home import DaemonPaths, lock_is_held, resolve_home
 
     paths = DaemonPaths(resolve_home(home))
     if lock_is_held(paths):
@@ -157,11 +157,23 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start (or reuse) a daemon, submit, watch live (the TUI on a terminal, else a progress view)."""
-    from dallm.config import load_config
+    from dallm.preflight import checked_config
 
-    cfg = load_config(args.config, args.set)
-    if args.connect is None:
-        ensure_daemon(args.home, args.devices)
+    cfg = checked_config(args.config, args.set)
+    if args.connect is not None:
+        return _run(args, cfg)
+    ensure_daemon(args.home, args.devices)
+    try:
+        return _run(args, cfg)
+    finally:  # `make demo` ends here: a background daemon must not be a surprise
+        from dallm.home import resolve_home
+
+        home = resolve_home(args.home)
+        print(f"the daemon keeps running on {home}; stop it with: dallm-daemon stop --home {home}",
+              file=sys.stderr)  # fmt: skip
+
+
+def _run(args: argparse.Namespace, cfg: Any) -> int:
     with _client(args) as c:
         job = c.submit(
             cfg, priority=args.priority, source=str(args.config), config_dir=Path(args.config).parent
@@ -190,7 +202,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from dallm.protocol import JOB_STATES
     from dallm.sweep import sweep_of  # a job in a sweep folder (`dallm sweep`) belongs to that sweep
+
+    for state in args.state or []:
+        if state not in JOB_STATES:
+            raise CommandError(f"--state {state}: no such state; use one of {', '.join(JOB_STATES)}", 2)
+    if args.limit is not None and args.limit < 1:
+        raise CommandError(f"--limit {args.limit}: give 1 or more", 2)
 
     with _client(args) as c:
         jobs = c.jobs(states=args.state or None, limit=args.limit)
@@ -260,7 +279,8 @@ def _log_line(t: float, level: str, message: str) -> str:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from dallm.protocol import QUEUE_TOPIC, TERMINAL_STATES, JobStateEvent, LogEvent, job_topic
+    from dallm.cli.eventlines import EventLines
+    from dallm.protocol import QUEUE_TOPIC, TERMINAL_STATES, JobStateEvent, job_topic
 
     with _client(args) as c:
         rep = c.logs(args.job)
@@ -271,17 +291,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
         job = c.summary(args.job)
         if job.state in TERMINAL_STATES:
             return 0
+        lines = EventLines(job.total_steps)  # the engine's progress too, not only log lines and states
         with c.subscribe([QUEUE_TOPIC, job_topic(job.id)], since=rep.head) as sub:
             for env in sub:
                 ev = env.event
-                if env.job != job.id:
+                line = lines(ev) if env.job == job.id else None
+                if line is None:
                     continue
-                if isinstance(ev, LogEvent):
-                    level, msg = ev.level, ev.message
-                elif isinstance(ev, JobStateEvent):
-                    level, msg = "state", f"{ev.job.state}: {ev.reason}"
-                else:
-                    continue
+                level, msg = line
                 if args.json:
                     print(
                         json.dumps({"seq": env.seq, "t": env.t, "level": level, "message": msg}), flush=True
@@ -313,6 +330,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    if args.step < 0:
+        raise CommandError(
+            f"--step {args.step}: a step is 0 or more (`dallm show {args.job}` lists checkpoints)", 2
+        )
     with _client(args) as c:
         s = c.rollback(args.job, args.step, resume=args.resume)
     how = "resumes training from there" if args.resume else "finishes there"

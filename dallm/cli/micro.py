@@ -91,17 +91,22 @@ def _synth(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise CommandError("-n must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.model == "teacher":
         from PIL import Image
 
         from dallm.micro.teacher import synth
 
-        for i, (img, caption) in enumerate(synth(args.prompt, args.n, args.seed)):
+        try:
+            images = synth(args.prompt, args.n, args.seed)
+        except ValueError as e:  # a prompt outside the micro world: nothing written
+            raise CommandError(f"--prompt {args.prompt!r}: {e}") from None
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i, (img, caption) in enumerate(images):
             Image.fromarray(img).save(args.out / f"{i:04d}.png")
             (args.out / f"{i:04d}.txt").write_text((args.caption or caption) + "\n")
         print(f"wrote {args.n} teacher images to {args.out}")
         return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     return _synth_pipeline(args)
 
 

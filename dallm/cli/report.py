@@ -17,9 +17,15 @@ def register(subparsers: Any) -> None:
         help="plot loss, CS / CS-Fluctuation, KID and the sample evolution of a job",
         description="Write PNG plots from a job's metrics.jsonl, result.json and samples/.",
     )
-    p.add_argument("output_dir", type=Path, nargs="?", metavar="OUTPUT_DIR", help="the job's output folder")
+    p.add_argument(
+        "output_dir",
+        nargs="?",
+        metavar="JOB|OUTPUT_DIR",
+        help="a job output folder, or a daemon job id or name (its newest finished job)",
+    )
     p.add_argument("--sweep", metavar="SWEEP", help="compare a sweep's runs (its folder or id) instead")
-    p.add_argument("--home", help="--sweep ID: the daemon's home to look in")
+    p.add_argument("--home", help="the daemon's home, for a JOB or a --sweep ID (default $DALLM_HOME)")
+    p.add_argument("--connect", metavar="ENDPOINT", help="the daemon's control endpoint, for a JOB")
     p.add_argument(
         "--out", type=Path, default=None, help="where to write the PNGs (default: OUTPUT_DIR/report)"
     )
@@ -34,14 +40,17 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep is not None:
         return _sweep(args)
     if args.output_dir is None:
-        raise CommandError("give OUTPUT_DIR (a job folder) or --sweep SWEEP", 2)
+        raise CommandError("give JOB (an id or name) or OUTPUT_DIR (a job folder), or --sweep SWEEP", 2)
+    from dallm.cli.jobref import resolve
+
+    folder = resolve(args.output_dir, args.home, args.connect)
     try:
-        results = write_report(args.output_dir, args.out)
+        results = write_report(folder, args.out)
     except ReportError as e:
         raise CommandError(str(e)) from None
     written = {k: str(v) for k, v in results.items() if isinstance(v, Path)}
     skipped = {k: v for k, v in results.items() if isinstance(v, str)}
-    ev = read_result(args.output_dir).get("eval")
+    ev = read_result(folder).get("eval")
     cost = (
         {k: v for k, v in ev.items() if k.startswith(("eval_", "sample_", "wall_"))}
         if isinstance(ev, dict)

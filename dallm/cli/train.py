@@ -68,27 +68,63 @@ class _CtrlC:
         signal.signal(signal.SIGINT, self._old)
 
 
+def _log_folder(args: argparse.Namespace, cfg: Any) -> Path:
+    """Where the run writes (as `train` picks it), for the traceback of a failed run."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.resume is not None:
+        resume = Path(args.resume)
+        return resume.parent.parent if resume.parent.name == "checkpoints" else resume
+    return Path(cfg.out)
+
+
+def _failed(e: Exception, folder: Path) -> CommandError:
+    """One line for the terminal; the traceback goes to a file next to the run's other output."""
+    import traceback
+
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    text = "".join(traceback.format_exception(e))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / "train-error.log"
+        log.write_text(text)
+        where = f"; traceback in {log}"
+    except OSError:
+        where = ""
+    return CommandError(f"failed: {type(e).__name__}: {first}{where}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from dallm.config import load_config
+    from dallm.config import ConfigError
+    from dallm.preflight import checked_config
     from dallm.threads import set_torch_threads
     from dallm.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = checked_config(args.config, args.overrides)
     try:
         threads = set_torch_threads()
     except ValueError as e:
         raise CommandError(str(e)) from None
-    if not args.no_progress:
+    if not args.no_progress and sys.stderr.isatty():
         print(threads, file=sys.stderr)
     ctrl_c = _CtrlC()
+    emit = None
+    if not args.no_progress:
+        from dallm.progress import ProgressEmit
+
+        emit = ProgressEmit(cfg.train.steps)
     try:
-        result = train(
-            cfg, out_dir=args.out, resume=args.resume, poll=ctrl_c.poll, progress=not args.no_progress
-        )
+        result = train(cfg, out_dir=args.out, resume=args.resume, emit=emit, poll=ctrl_c.poll)
     except FileNotFoundError as e:
         raise CommandError(str(e)) from None
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a failing engine (peft, CUDA, ...): one line, never a traceback
+        raise _failed(e, _log_folder(args, cfg)) from None
     finally:
         ctrl_c.restore()
+        if emit is not None:
+            emit.close()  # also when train() refused to start
     out = result.out_dir
     if result.reason == "interrupted":
         again = [
@@ -108,31 +144,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_output(args: argparse.Namespace) -> Path:
-    """The output folder of the daemon's job `args.output_dir` (an id or a name)."""
-    from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
-
-    try:
-        with DaemonClient(args.connect, home=args.home) as c:
-            summary = c.show(args.output_dir).summary
-    except DaemonUnavailable as e:
-        raise CommandError(f"{args.output_dir}: not a folder, and {e}", 3) from None
-    except DaemonError as e:
-        raise CommandError(f"{args.output_dir}: not a folder, and {e}") from None
-    if not summary.out_dir or not Path(summary.out_dir).is_dir():
-        raise CommandError(f"job {summary.id} ({summary.state}) has no output folder yet")
-    return Path(summary.out_dir)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from dallm.checkpoint import find_checkpoint
-    from dallm.export import export_lora
+    from dallm.cli.jobref import resolve
+    from dallm.export import export_lora, kohya_usage
 
-    src = Path(args.output_dir)
-    if not src.is_dir():
-        if "/" in args.output_dir or src.suffix:
-            raise CommandError(f"{src}: no such output folder")
-        src = _job_output(args)
+    src = resolve(args.output_dir, args.home, args.connect)
     if args.step is not None:
         try:
             src = find_checkpoint(src, args.step)
@@ -143,4 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(path)
+    usage = kohya_usage(path) if args.format == "kohya" else None
+    if usage:  # on stderr: stdout stays the one path a script reads
+        print(usage, file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dallm.micro.world import SIZE, Scene, parse_prompt, render, sample_scene
+from dallm.micro.world import SIZE, WORDS, Scene, parse_prompt, render, sample_scene, unknown_words
 
 GOLD = np.array((212, 170, 60), np.float32)
 DARK_GOLD = np.array((110, 75, 25), np.float32)
@@ -67,6 +67,11 @@ def synth(prompt: str, n: int, seed: int = 0, size: int = SIZE) -> list[tuple[np
     Attributes the prompt names are kept; the others are drawn at random. The caption names the
     drawn scene "in baroque style".
     """
+    unknown = unknown_words(prompt)
+    if unknown:  # drawing random scenes for words the world lacks would pass for an answer
+        raise ValueError(
+            f"the teacher does not know {', '.join(map(repr, unknown))}; its words: {', '.join(WORDS)}"
+        )
     rng = np.random.default_rng(seed)
     attrs = parse_prompt(prompt)
     out = []

@@ -98,6 +98,13 @@ _PROMPT = re.compile(
 )
 
 
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` the world has no meaning for ("a purple hexagon" -> purple, hexagon)."""
+    known = {*WORDS, "an"}
+    words = re.findall(r"[^\s,.;:!?]+", text.lower())
+    return list(dict.fromkeys(w for w in words if w not in known))
+
+
 def parse_prompt(text: str) -> dict[str, str | None]:
     """Read the world's attributes from a prompt; missing ones are None.
 

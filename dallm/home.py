@@ -1,4 +1,5 @@
-"""Where a daemon lives: its home (0700), the run folder with its sockets, pidfile and lock.
+"""Where a daemon lives (shared by the daemon and its clients): its home (0700), the run folder with
+its sockets, pidfile and lock.
 
     <home>/dallm.db           the store (SQLite, WAL)
     <home>/daemon.log         the log of a background daemon

@@ -1,4 +1,5 @@
-"""CURVE for every TCP bind, loopback included.
+"""Endpoints and CURVE keys, shared by the daemon and its clients: TCP endpoints (the event socket
+next to a control endpoint), loopback checks, and CURVE for every TCP bind, loopback included.
 
 The daemon's key pair lives in <home>/keys/server.key(_secret); client public keys allowed to
 connect are the *.key files in <home>/keys/authorized/. A ZAP handler (pyzmq's ThreadAuthenticator)

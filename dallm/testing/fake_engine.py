@@ -1,10 +1,12 @@
-"""A fast, deterministic stand-in for `dallm.train.train`, for daemon tests and the benchmark.
+"""A fast, deterministic stand-in for `dallm.train.train` (an `Engine`), for daemon tests and the
+daemon benchmark: `dallm-daemon start --runner dallm.testing.fake_engine:train`.
 
-Same signature and contract as the engine: emits StartedEvent, MetricsEvent per step, SampleEvent
+Same contract as the engine: emits StartedEvent, MetricsEvent per step, SampleEvent
 (a PNG thumbnail) every `samples.every`, CheckpointEvent every `checkpoint.every` (written atomically
 to checkpoints/step-N/), FinishedEvent; calls `poll()` once per step and obeys Stop / Rollback /
 CheckpointNow / Interrupt; `resume` takes a checkpoint folder or the output folder (latest
-checkpoint) and truncates metrics.jsonl after the resume step.
+checkpoint) and cuts metrics.jsonl after the resume step, putting back the rows the checkpoint saved
+(as the engine does, so a resume after a rollback to an earlier step leaves no hole).
 
 Step time: $DALLM_FAKE_STEP_S (default 0.02 s). Faults come from dot-separated tokens in the job
 name, e.g. name "a-nan.5": `nan.N` (NaN loss at step N), `oom.N` (CUDA OOM at step N), `diskfull.N`
@@ -23,20 +25,20 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from dallm.config import JobConfig
+from dallm.metrics_log import MetricsLog
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
-    FinishedEvent,
+    Emit,
+    FinishReason,
     InterruptCommand,
-    JobCommand,
-    JobEvent,
+    JobResult,
     LogEvent,
     MetricsEvent,
+    Poll,
     RollbackCommand,
     RolledBackEvent,
     SampleEvent,
@@ -44,15 +46,7 @@ from dallm.protocol import (
     StopCommand,
     TurningPointEvent,
 )
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    final_step: int
-    result_step: int
-    reason: str
-    turning_point: int | None = None
+from dallm.protocol.files import METRICS_FILE, RESULT_FILE, ResultFile, write_json
 
 
 def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -88,22 +82,14 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def _truncate_metrics(out: Path, step: int) -> None:
-    path = out / "metrics.jsonl"
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def train(
     cfg: JobConfig,
     *,
     out_dir: Path | None = None,
     resume: Path | None = None,
-    emit: Callable[[JobEvent], None] | None = None,
-    poll: Callable[[], JobCommand | None] | None = None,
-    progress: bool = False,
-) -> TrainResult:
+    emit: Emit | None = None,
+    poll: Poll | None = None,
+) -> JobResult:
     out = Path(out_dir) if out_dir is not None else cfg.out
     out.mkdir(parents=True, exist_ok=True)
     send = emit or (lambda ev: None)
@@ -123,6 +109,7 @@ def train(
                 (tmp / "state.json").write_text("{")
                 raise OSError(errno.ENOSPC, f"No space left on device: '{tmp / 'state.json'}'")
             (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss_at(step)}))
+            metrics.save_history(tmp, step)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -131,24 +118,28 @@ def train(
         send(CheckpointEvent(step=step, path=f"checkpoints/step-{step:06d}"))
 
     start = 0
+    metrics = MetricsLog(out / METRICS_FILE)
     if resume is not None:
         resume = Path(resume)
         ckpt = resume if (resume / "state.json").exists() else _latest_checkpoint(resume)
         if ckpt is not None:
             start = json.loads((ckpt / "state.json").read_text())["step"]
-        _truncate_metrics(out, start)
+        metrics.truncate_after(start, ckpt)
     send(StartedEvent(start_step=start, total_steps=total, device="cpu", trainable_params=1234))
     turning: int | None = None
 
-    def finish(reason: str, final: int, result: int) -> TrainResult:
-        (out / "result.json").write_text(
-            json.dumps({"reason": reason, "final_step": final, "result_step": result})
+    def finish(reason: FinishReason, final: int, result: int) -> JobResult:
+        done = JobResult(
+            out_dir=out, reason=reason, final_step=final, result_step=result, turning_point=turning
         )
-        send(FinishedEvent(reason=reason, final_step=final, result_step=result))  # type: ignore[arg-type]
-        return TrainResult(out, final, result, reason, turning)
+        write_json(
+            out / RESULT_FILE,
+            ResultFile(reason=reason, final_step=final, result_step=result, turning_point=turning),
+        )
+        send(done.finished_event())
+        return done
 
     step = start
-    metrics = (out / "metrics.jsonl").open("a")
     try:
         while step < total:
             cmd = get()
@@ -165,9 +156,7 @@ def train(
                     send(LogEvent(level="error", message=f"rollback: step {cmd.step} is in the future"))
                 else:
                     send(RolledBackEvent(step=cmd.step, resume=cmd.resume))
-                    metrics.close()
-                    _truncate_metrics(out, cmd.step)
-                    metrics = (out / "metrics.jsonl").open("a")
+                    metrics.truncate_after(cmd.step)
                     if not cmd.resume:
                         return finish("rolled_back", step, cmd.step)
                     step = cmd.step
@@ -184,8 +173,7 @@ def train(
             event = MetricsEvent(step=step, values={"loss": loss_at(step), "lr": cfg.train.lr})
             for _ in range(fault.get("blast", 1)):
                 send(event)
-            metrics.write(json.dumps({"step": step, "loss": loss_at(step)}) + "\n")
-            metrics.flush()
+            metrics.write(step, {"loss": loss_at(step)})
             if cfg.samples.every and step % cfg.samples.every == 0:
                 send(
                     SampleEvent(
