@@ -2,7 +2,7 @@
 
 Memory: a reply is at most MAX_REPLY_BYTES (a history page stops early, `more` set), and at most
 CONTROL_SNDHWM replies wait for one client (ZMQ's send high-water mark per peer), so a client that
-never reads costs the daemon at most CONTROL_SNDHWM x MAX_REPLY_BYTES = 64 MiB, plus what waits in
+never reads costs the daemon at most CONTROL_SNDHWM x MAX_REPLY_BYTES = 128 MiB, plus what waits in
 its receive pipe (CONTROL_RCVHWM x MAX_CONTROL_BYTES, and only while the loop is behind).
 Outstanding requests: a client whose queue is full is not served for STALL_S (its requests are
 dropped unread: it times out) so the daemon also spends no time building replies nobody takes.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 
 MAX_HISTORY_PAGE = 5000  # events per history reply, whatever the request asks
-MAX_REPLY_BYTES = 4 << 20
-CONTROL_SNDHWM = 16  # replies waiting per client
+MAX_REPLY_BYTES = 256 << 10
+CONTROL_SNDHWM = 512  # replies waiting per client (a pipelining client may send hundreds)
 CONTROL_RCVHWM = 100  # requests waiting per client before ZMQ stops reading its connection
 STALL_S = 1.0
 

@@ -118,12 +118,11 @@ def resolve_endpoints(endpoint: str | None, home: str | Path | None) -> tuple[st
 def _check_socket_folder(folder: Path) -> None:
     """Refuse to talk through a folder someone else owns or could write in: a socket there may be
     theirs (a forged daemon that reads our configs and answers with made-up jobs)."""
-    from dallm.private import UnsafeFolder, check_private_dir
+    from dallm.private import folder_problem
 
-    try:
-        check_private_dir(folder, "socket folder")
-    except UnsafeFolder as e:
-        raise DaemonError("unsafe", str(e)) from None
+    problem = folder_problem(folder, strict=False)  # no one else may write in it: no forged socket
+    if problem:
+        raise DaemonError("unsafe", f"socket folder {folder} {problem}; refusing to use it")
 
 
 def home_curve_keys(home: str | Path | None) -> tuple[Path, Path] | None:

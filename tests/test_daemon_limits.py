@@ -61,7 +61,7 @@ def test_a_client_that_never_reads_costs_bounded_memory(daemons, home: Path) -> 
     s.connect(DaemonPaths(home).endpoint("control"))
     frame = encode_request(1, HistoryRequest(since=0, limit=MAX_HISTORY_PAGE))
     try:
-        for _ in range(150):  # 150 pages of ~4 MiB: 600 MiB if the daemon kept them all
+        for _ in range(1500):  # 1500 pages of 256 KiB: 375 MiB if the daemon kept them all
             s.send(frame)
         peak, steady, end = before, 0, time.monotonic() + 60
         while steady < 6 and time.monotonic() < end:  # until the flood is worked through
