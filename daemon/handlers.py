@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dallm.config import ConfigError, config_from_dict
+from dallm.daemon.confine import check_reads, output_folder
 from dallm.daemon.jobstate import CancelPending, encode_pending
+from dallm.daemon.limits import MAX_HISTORY_PAGE, page_rows
 from dallm.preflight import PreflightError, preflight
 from dallm.protocol import (
     TERMINAL_STATES,
@@ -56,50 +58,22 @@ def _job(d: Daemon, ref: str) -> dict:
     return row
 
 
-def job_out_dir(d: Daemon, job: int, name: str, output_dir: str | None) -> Path:
-    """The job's output folder: <home>/jobs/<id>-<name>, or the config's output_dir (an absolute
-    path is used as given; a relative one is taken under <home>/jobs and may not leave it)."""
-    jobs = d.paths.jobs.resolve()
-    if output_dir is None:
-        return jobs / f"{job}-{name}"
-    p = Path(output_dir).expanduser()
-    if p.is_absolute():
-        return p
-    out = (jobs / p).resolve()
-    if not out.is_relative_to(jobs):
-        raise ProtocolError("invalid_config", f"output_dir: {output_dir!r} leaves the daemon's jobs folder")
-    return out
-
-
-def check_folders(cfg: Any, source: str) -> None:
-    """The daemon's own rule (its workers do not run in the client's folder): absolute paths only.
-    Whether they hold a runnable job is the shared preflight's part."""
-    for key, value in (
-        ("data.dir", cfg.data.dir),
-        ("data.class_dir", cfg.data.class_dir),
-        ("eval.val_dir", cfg.eval.val_dir),
-    ):
-        if value is not None and not Path(value).expanduser().is_absolute():
-            raise ProtocolError(
-                "invalid_config", f"{source}: {key}: {value} is relative; the daemon needs an absolute path"
-            )
-
-
-def submit(d: Daemon, req: SubmitRequest) -> JobReply:
+def submit(d: Daemon, req: SubmitRequest, local: bool = False) -> JobReply:
+    """Queue a job whose outputs and inputs lie under the daemon's roots (daemon/confine.py)."""
     if d.shutting_down:
         raise ProtocolError("conflict", "the daemon is shutting down")
     cfg = config_from_dict(json.loads(json.dumps(req.config)), req.source)
-    check_folders(cfg, req.source)
+    roots = d.roots.for_request(local, req.config_dir)
+    check_reads(cfg, req.source, roots)  # before the preflight looks at anything: no existence leak
     try:  # the same preflight as `dallm submit`, as the daemon's machine sees the files
         preflight(cfg)
     except PreflightError as e:
         raise ProtocolError("preflight_failed", f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
     out_spec = data.get("output_dir")
-    if out_spec is not None and not Path(out_spec).expanduser().is_absolute():
-        job_out_dir(d, 0, cfg.name, out_spec)  # refuse before anything is queued
+    output_folder(d.paths.jobs, 0, cfg.name, out_spec, roots, req.source)  # refuse before anything is queued
     job = d.store.add_job(cfg.name, data, req.priority, cfg.train.steps, req.retries)
-    out = job_out_dir(d, job, cfg.name, out_spec)
+    out = output_folder(d.paths.jobs, job, cfg.name, out_spec, roots, req.source)
     d.store.update_job(job, out_dir=str(out))
     d.publish_state(job, None, "submitted")
     d.schedule()
@@ -228,18 +202,21 @@ def logs(d: Daemon, req: LogsRequest) -> LogsReply:
     return LogsReply(lines=lines, head=d.seq)
 
 
-def handle(d: Daemon, req_id: int, req: Request) -> list[bytes]:
+def handle(d: Daemon, req_id: int, req: Request, local: bool = False) -> list[bytes]:
+    """local: the request came over the IPC socket (the daemon's own user)."""
     try:
         if isinstance(req, HistoryRequest):
-            rows = d.store.history(req.since, req.topics, req.limit, req.kinds)
+            limit = min(req.limit, MAX_HISTORY_PAGE)
+            rows = d.store.history(req.since, req.topics, limit, req.kinds)
             if not req.include_png:
                 rows = [(*r[:7], None) for r in rows]
-            return history_frames(req_id, rows, d.seq, len(rows) == req.limit)
+            rows, more = page_rows(rows, limit)
+            return history_frames(req_id, rows, d.seq, more)
         if isinstance(req, PingRequest):
             rep = PongReply(pid=os.getpid(), home=str(d.paths.home), started=d.started, head=d.seq,
                             slots=d.slots, events=d.event_endpoints, counts=d.store.counts())  # fmt: skip
         elif isinstance(req, SubmitRequest):
-            rep = submit(d, req)
+            rep = submit(d, req, local)
         elif isinstance(req, ListRequest):
             rep = JobListReply(jobs=d.store.list_jobs(req.states, req.limit))
         elif isinstance(req, ShowRequest):

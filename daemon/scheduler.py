@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dallm.daemon.identity import TOKEN_ENV, new_token
 from dallm.protocol import FinishedEvent, JobCommand, JobResult, WorkerError
 
 EXIT_GRACE_S = 0.3  # after a worker exits, wait this long for its last messages before judging it
@@ -55,6 +56,7 @@ class WorkerProc:
     device: str
     proc: subprocess.Popen
     identity: bytes
+    token: str = ""  # $DALLM_WORKER_TOKEN of the process (daemon/identity.py)
     started: float = field(default_factory=time.time)
     hello: bool = False
     pending: list[JobCommand] = field(default_factory=list)
@@ -94,6 +96,8 @@ class Scheduler:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
         env["PYTHONUNBUFFERED"] = "1"
+        token = new_token()
+        env[TOKEN_ENV] = token  # lets a restarted daemon tell this worker from a reused pid
         cmd = [sys.executable, "-m", "dallm.daemon.worker", "--endpoint", self.endpoint, "--job", str(job),
                "--attempt", str(attempt), "--config", str(config_path), "--out", str(out_dir),
                "--parent", str(os.getpid()), "--slot-cores", str(self.slot_cores)]  # fmt: skip
@@ -112,6 +116,7 @@ class Scheduler:
             "cpu" if device == "cpu" else f"cuda:{device}",
             proc,
             f"{job}.{attempt}".encode(),
+            token=token,
         )
         self.slots[slot] = w
         self.by_job[job] = w

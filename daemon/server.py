@@ -22,8 +22,10 @@ import zmq
 from pydantic import ValidationError
 
 from dallm.config import ConfigError
-from dallm.daemon import handlers
+from dallm.daemon import handlers, identity
+from dallm.daemon.confine import Roots
 from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
+from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
 from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
 from dallm.daemon.store import EventRow, Store
 from dallm.home import DaemonLock, DaemonPaths, write_info
@@ -57,9 +59,14 @@ from dallm.protocol import (
     worker_message_adapter,
 )
 from dallm.transport import (
+    KeyWatch,
+    check_key_folders,
+    ensure_local_client_key,
     event_endpoint,
     is_loopback,
     make_curve_server,
+    remote_keys,
+    require_curve,
     server_keys,
     start_authenticator,
 )
@@ -79,15 +86,19 @@ class Daemon:
         bind: list[str] | None = None,
         runner: str | None = None,
         shutdown_timeout: float = 120.0,
+        allow: tuple[Path, ...] = (),
     ) -> None:
         self.paths = DaemonPaths(home)
         self.paths.prepare()
+        self.roots = Roots(self.paths.jobs, allow)
         self.lock = DaemonLock(self.paths)
         self.lock.acquire()
         self.started = time.time()
         self.store = Store(self.paths.db)
         self.ctx = zmq.Context()
         self.auth = None
+        self.keywatch: KeyWatch | None = None
+        self.curve_control: set[zmq.Socket] = set()  # TCP control sockets: requests carry a User-Id
         self.control: list[zmq.Socket] = []
         self.pubs: list[zmq.Socket] = []
         self.event_endpoints: list[str] = []
@@ -105,6 +116,7 @@ class Daemon:
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
+        self.stalled = StalledPeers()
         write_info(
             self.paths,
             {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
@@ -118,8 +130,9 @@ class Daemon:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 1000)
-        s.setsockopt(zmq.RCVHWM, 1000)
+        s.setsockopt(zmq.SNDHWM, CONTROL_SNDHWM)  # see daemon/limits.py for the memory bound
+        s.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises Again instead of dropping silently
         return s
 
     def _pub_socket(self) -> zmq.Socket:
@@ -146,13 +159,26 @@ class Daemon:
                 os.chmod(self.paths.socket_dir / f"{name}.ipc", 0o600)
 
     def _bind_tcp(self, endpoint: str) -> None:
+        """Every TCP bind is CURVE (a loopback port is open to every local user): the daemon's own
+        user connects with the home's local key; others need a key in authorized/."""
+        event_endpoint(endpoint)  # a malformed endpoint is refused before anything is set up
+        require_curve()
+        keys = self.paths.keys
+        check_key_folders(keys)
+        ensure_local_client_key(keys)
+        if not is_loopback(endpoint) and not remote_keys(keys):
+            raise RuntimeError(
+                f"a TCP bind beyond loopback needs CURVE client keys: none in {keys / 'authorized'} "
+                "(create one with `dallm-daemon keys --client NAME`)"
+            )
+        if self.auth is None:
+            self.auth = start_authenticator(self.ctx, keys)
+            self.keywatch = KeyWatch(self.auth, keys)
         ctl, pub = self._control_socket(), self._pub_socket()
-        if not is_loopback(endpoint):
-            if self.auth is None:
-                self.auth = start_authenticator(self.ctx, self.paths.keys)
-            public, secret = server_keys(self.paths.keys)
-            make_curve_server(ctl, public, secret)
-            make_curve_server(pub, public, secret)
+        public, secret = server_keys(keys)
+        make_curve_server(ctl, public, secret)
+        make_curve_server(pub, public, secret)
+        self.curve_control.add(ctl)
         ctl.bind(endpoint)
         pub.bind(event_endpoint(endpoint))
         self.control.append(ctl)
@@ -315,10 +341,13 @@ class Daemon:
     def serve(self, sock: zmq.Socket, budget: int = 500) -> None:
         for _ in range(budget):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [f.bytes for f in raw]
             ident, rest = frames[0], frames[1:]
+            if self.stalled.stalled(ident):
+                continue  # it has CONTROL_SNDHWM replies unread: no work for it for now
             prefix = [ident]
             if len(rest) > 1 and rest[0] == b"":
                 prefix.append(b"")
@@ -328,7 +357,9 @@ class Daemon:
                 if len(rest) != 1:
                     raise ProtocolError("bad_request", f"expected one frame, got {len(rest)}")
                 req_id, req = decode_request(rest[0])
-                reply = handlers.handle(self, req_id, req)
+                if sock in self.curve_control and not self._key_still_authorized(raw[-1]):
+                    raise ProtocolError("unauthorized", "this client key is no longer authorized")
+                reply = handlers.handle(self, req_id, req, local=sock is self.control[0])
             except ProtocolError as e:
                 reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
             except ConfigError as e:
@@ -336,9 +367,28 @@ class Daemon:
             except Exception as e:  # the daemon serves on whatever one request did
                 log.exception("request failed")
                 reply = encode_reply(req_id, ErrorReply(code="internal", message=f"{type(e).__name__}: {e}"))
-            with contextlib.suppress(zmq.Again, zmq.ZMQError):
+            try:
                 sock.send_multipart(prefix + reply, zmq.NOBLOCK)
+            except zmq.Again:
+                self.stalled.mark(ident)
+            except zmq.ZMQError:
+                pass  # the client has gone
             self.flush()
+
+    def _key_still_authorized(self, frame: zmq.Frame) -> bool:
+        """A CURVE connection outlives its key's removal from authorized/: check each request."""
+        if self.keywatch is None:
+            return False
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return False
+        return self.keywatch.allowed(user)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read authorized/ at the next loop turn."""
+        if self.keywatch is not None:
+            self.keywatch.request()
 
     # --- scheduling and workers ---------------------------------------------------------------
 
@@ -348,9 +398,12 @@ class Daemon:
         for job in self.store.ids_in("running", "stopping"):
             row = self.store.job(job) or {}
             pid = row.get("pid")
-            if pid and _is_our_worker(pid):
+            if pid and identity.is_our_worker(self.paths.state_dir, job, pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+            elif pid:
+                log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
+            identity.forget(self.paths.state_dir, job)
             if isinstance(decode_pending(row.get("pending")), CancelPending):
                 self.set_state(
                     job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
@@ -383,6 +436,7 @@ class Daemon:
             log.exception("job %s: cannot start", job)
             self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
             return
+        identity.remember(self.paths.state_dir, job, w.proc.pid, w.token)
         pending = decode_pending(row["pending"])
         if isinstance(pending, StopCommand | RollbackCommand):  # asked before a restart: ask again
             w.pending.append(pending)
@@ -410,6 +464,7 @@ class Daemon:
         for w in self.sched.ended(time.time()):
             self.drain_workers()
             self.sched.release(w)
+            identity.forget(self.paths.state_dir, w.job)
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
             if w.proc.returncode not in (0, None) and w.done is None and w.error is None:
@@ -453,6 +508,8 @@ class Daemon:
                         self.serve(s)
                 if now - last_tick >= 0.05 or not ready:
                     last_tick = now
+                    if self.keywatch is not None and self.keywatch.poll(now):
+                        log.info("authorized client keys re-read")
                     self.reap()
                     self.schedule()
             except Exception:  # a bug in one path must not take the daemon (and every job) down
@@ -487,10 +544,3 @@ def for_slot(config: dict, device: str) -> dict:
     if device != "cpu" and str(train.get("device", "")).startswith("cuda:"):
         config = {**config, "train": {**train, "device": "cuda"}}
     return config
-
-
-def _is_our_worker(pid: int) -> bool:
-    try:
-        return b"dallm.daemon.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False

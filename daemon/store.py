@@ -128,7 +128,7 @@ class Store:
 
     def find_job(self, ref: str) -> dict[str, Any] | None:
         """A job by id, else the newest job with that name."""
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():  # str.isdigit() admits "١" (int() reads it as 1)
             return self.job(int(ref))
         row = self.db.execute(
             "SELECT id FROM jobs WHERE name = ? ORDER BY id DESC LIMIT 1", (ref,)

@@ -1,11 +1,19 @@
 """Endpoints and CURVE keys, shared by the daemon and its clients: TCP endpoints (the event socket
-next to a control endpoint), loopback checks, and CURVE for TCP binds beyond loopback.
+next to a control endpoint), loopback checks, and CURVE for every TCP bind, loopback included.
 
 The daemon's key pair lives in <home>/keys/server.key(_secret); client public keys allowed to
 connect are the *.key files in <home>/keys/authorized/. A ZAP handler (pyzmq's ThreadAuthenticator)
 checks every TCP connection: plaintext clients and clients with unknown keys never complete the
-handshake, so their requests are never seen. IPC sockets (0700 run folder) need no keys; a loopback
-TCP bind is allowed without CURVE.
+handshake, so their requests are never seen. IPC sockets (0700 run folder) need no keys.
+
+Why CURVE on loopback too, not a token file: a loopback port is open to every local user, and
+CURVE is the mechanism remote clients already use, so one path is tested; no secret crosses the
+wire (a PLAIN token would), and revocation is the same (remove the key from authorized/). The
+daemon's own user needs no options: a "local" client key pair is created in <home>/keys/clients/
+(0600 in a 0700 folder) and authorized; the client library finds it through the home.
+
+Keys are re-read when authorized/ changes (or on SIGHUP): a removed key cannot connect again, and
+requests still arriving on its open connection are refused (`KeyWatch`, `peer_key`).
 
 Clients: `DaemonClient(endpoint, server_key=<server.key>, client_key=<NAME.key_secret>)`, or the
 environment variables DALLM_SERVER_KEY and DALLM_CLIENT_KEY.
@@ -23,6 +31,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 ZAP_DOMAIN = b"dallm"
+LOCAL_CLIENT = "local"  # the key pair of the daemon's own user (CLI/TUI on this machine)
 
 
 def parse_tcp(endpoint: str) -> tuple[str, int] | None:
@@ -83,13 +92,45 @@ def create_client_keys(keys_dir: Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+def local_client_key_paths(keys_dir: Path) -> tuple[Path, Path]:
+    """(public, secret) paths of the daemon user's own client key pair."""
+    clients = keys_dir / "clients"
+    return clients / f"{LOCAL_CLIENT}.key", clients / f"{LOCAL_CLIENT}.key_secret"
+
+
+def ensure_local_client_key(keys_dir: Path) -> Path:
+    """The local key pair (created on first use) authorized; returns its secret key file."""
+    public, secret = local_client_key_paths(keys_dir)
+    if not secret.exists():
+        create_client_keys(keys_dir, LOCAL_CLIENT)
+    authorized = authorized_dir(keys_dir) / f"{LOCAL_CLIENT}.key"
+    if not authorized.exists():
+        shutil.copy(public, authorized)
+    return secret
+
+
+def check_key_folders(keys_dir: Path) -> None:
+    """UnsafeFolder (one line) when someone else could add a key: then the bind would be open."""
+    from dallm.private import make_private_dir
+
+    make_private_dir(keys_dir, "keys folder")
+    make_private_dir(authorized_dir(keys_dir), "authorized keys folder")
+
+
+def require_curve() -> None:
+    if not zmq.has("curve"):
+        raise RuntimeError(
+            "a TCP bind needs CURVE, which this libzmq lacks; refusing to listen unauthenticated"
+        )
+
+
+def remote_keys(keys_dir: Path) -> list[Path]:
+    """Authorized client keys other than the local one."""
+    return [k for k in authorized_dir(keys_dir).glob("*.key") if k.name != f"{LOCAL_CLIENT}.key"]
+
+
 def start_authenticator(ctx: zmq.Context, keys_dir: Path) -> ThreadAuthenticator:
     allowed = authorized_dir(keys_dir)
-    if not any(allowed.glob("*.key")):
-        raise RuntimeError(
-            f"a TCP bind beyond loopback needs CURVE client keys: none in {allowed} "
-            "(create one with `dallm-daemon keys --client NAME`)"
-        )
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=str(allowed))
@@ -111,3 +152,58 @@ def make_curve_client(sock: zmq.Socket, server_key: str | Path, client_key: str 
     sock.curve_serverkey = server_public
     sock.curve_publickey = public
     sock.curve_secretkey = secret
+
+
+def authorized_signature(keys_dir: Path) -> tuple:
+    """What changes when a key is added, removed or rewritten in authorized/."""
+    out = []
+    for k in sorted(authorized_dir(keys_dir).glob("*.key")):
+        try:
+            st = k.stat()
+        except OSError:
+            continue
+        out.append((k.name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def authorized_public_keys(keys_dir: Path) -> set[bytes]:
+    """The Z85 public keys in authorized/ (as the ZAP handler reports them in User-Id)."""
+    keys = set()
+    for k in authorized_dir(keys_dir).glob("*.key"):
+        try:
+            public, _ = zmq.auth.load_certificate(k)
+        except (OSError, ValueError):
+            continue
+        keys.add(public)
+    return keys
+
+
+class KeyWatch:
+    """Re-reads authorized/ when it changes (checked at most every `every_s`, or at once after
+    `request()`, e.g. on SIGHUP): the authenticator refuses removed keys from then on, and
+    `allowed(user_id)` refuses requests on connections a removed key opened before."""
+
+    def __init__(self, auth: ThreadAuthenticator, keys_dir: Path, every_s: float = 1.0) -> None:
+        self.auth, self.keys_dir, self.every_s = auth, keys_dir, every_s
+        self.signature = authorized_signature(keys_dir)
+        self.keys = authorized_public_keys(keys_dir)
+        self.next_check = 0.0
+
+    def request(self) -> None:
+        self.next_check = 0.0
+
+    def poll(self, now: float) -> bool:
+        """True when the keys were reloaded."""
+        if now < self.next_check:
+            return False
+        self.next_check = now + self.every_s
+        sig = authorized_signature(self.keys_dir)
+        if sig == self.signature:
+            return False
+        self.signature = sig
+        self.keys = authorized_public_keys(self.keys_dir)
+        self.auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=str(authorized_dir(self.keys_dir)))
+        return True
+
+    def allowed(self, user_id: str | None) -> bool:
+        return user_id is not None and user_id.encode() in self.keys

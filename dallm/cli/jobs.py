@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from dallm.cli import CommandError
@@ -119,7 +120,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = checked_config(args.config, args.set)  # ConfigError: one line naming the key; nothing queued
     with _client(args) as c:
-        job = c.submit(cfg, priority=args.priority, retries=args.retries, source=str(args.config))
+        job = c.submit(
+            cfg,
+            priority=args.priority,
+            retries=args.retries,
+            source=str(args.config),
+            config_dir=Path(args.config).parent,
+        )
         if args.wait:
             if not args.json:
                 print(job.id, flush=True)
@@ -168,7 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: Any) -> int:
     with _client(args) as c:
-        job = c.submit(cfg, priority=args.priority, source=str(args.config))
+        job = c.submit(
+            cfg, priority=args.priority, source=str(args.config), config_dir=Path(args.config).parent
+        )
         print(f"job {job.id} submitted; output in {job.out_dir}", file=sys.stderr)
         if not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
             try:

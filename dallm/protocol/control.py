@@ -25,7 +25,12 @@ MAX_CONTROL_BYTES = 1 << 20  # ZMQ_MAXMSGSIZE of the control socket: a bigger fr
 ErrorCode = Literal[
     "bad_request", "bad_version", "bad_reply", "bad_event", "invalid_config", "preflight_failed",
     "not_found", "conflict", "internal", "unavailable",
+    "unauthorized",  # a CURVE key removed from authorized/ while its connection was open
+    "unsafe",  # the client refused a socket folder someone else owns or could write in
 ]  # fmt: skip
+
+# A job id (ASCII digits) or name: the JobConfig.name pattern; "١" (an Arabic-Indic one) is neither.
+JobRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
 class ProtocolError(ValueError):
@@ -50,6 +55,8 @@ class SubmitRequest(_Message):
     priority: int = 0
     retries: int = Field(default=0, ge=0)  # times a crashed worker is restarted from the last checkpoint
     source: str = "config"  # the config's file name, for error messages
+    # The config file's folder (absolute): jobs submitted over IPC may use paths under it.
+    config_dir: str | None = None
 
 
 class ListRequest(_Message):
@@ -60,7 +67,7 @@ class ListRequest(_Message):
 
 class ShowRequest(_Message):
     op: Literal["show"] = "show"
-    job: str  # id, or the name of the newest job with that name
+    job: JobRef  # id, or the name of the newest job with that name
 
 
 class HistoryRequest(_Message):
@@ -76,37 +83,37 @@ class HistoryRequest(_Message):
 
 class LogsRequest(_Message):
     op: Literal["logs"] = "logs"
-    job: str
+    job: JobRef
     since: int = Field(default=0, ge=0)
 
 
 class StopRequest(_Message):
     op: Literal["stop"] = "stop"
-    job: str
+    job: JobRef
 
 
 class RollbackRequest(_Message):
     op: Literal["rollback"] = "rollback"
-    job: str
+    job: JobRef
     step: int = Field(ge=0)
     resume: bool = False
 
 
 class CancelRequest(_Message):
     op: Literal["cancel"] = "cancel"
-    job: str
+    job: JobRef
 
 
 class CheckpointRequest(_Message):
     """Ask a running job to write a checkpoint now (CheckpointNowCommand)."""
 
     op: Literal["checkpoint"] = "checkpoint"
-    job: str
+    job: JobRef
 
 
 class PriorityRequest(_Message):
     op: Literal["priority"] = "priority"
-    job: str
+    job: JobRef
     priority: int
 
 

@@ -28,13 +28,18 @@ def encode_request(req_id: int, req: _Message) -> bytes:
 
 
 def _open_frame(frame: bytes, key: str) -> tuple[int, dict]:
+    from dallm.wire_limits import FrameShapeError, loads_bounded
+
     try:
-        data = _json.loads(frame)
+        data = loads_bounded(frame)
+    except FrameShapeError as e:
+        raise ProtocolError("bad_request", str(e)) from None
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("bad_request", "frame is not JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "frame is not a JSON object")
-    if data.get("v") != PROTOCOL_VERSION:
+    version = data.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not 1
         raise ProtocolError(
             "bad_version", f"protocol version {data.get('v')!r}; this side speaks {PROTOCOL_VERSION}"
         )
