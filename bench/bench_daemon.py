@@ -94,7 +94,7 @@ def subscriber(c: DaemonClient, topic: str) -> zmq.Socket:
 def bench_throughput(home: Path, n_events: int) -> dict:
     per_step = 1000
     steps = max(1, n_events // per_step)
-    proc = start_daemon(home, "dallm.daemon.fake:train", DALLM_FAKE_STEP_S="0")
+    proc = start_daemon(home, "dallm.testing.fake_engine:train", DALLM_FAKE_STEP_S="0")
     try:
         with DaemonClient(home=home) as c:
             sub = subscriber(c, job_topic(1))
@@ -131,7 +131,7 @@ def bench_throughput(home: Path, n_events: int) -> dict:
 
 
 def bench_thumbnails(home: Path, n: int = 60) -> dict:
-    proc = start_daemon(home, "dallm.daemon.fake:train", DALLM_FAKE_STEP_S="0.05")
+    proc = start_daemon(home, "dallm.testing.fake_engine:train", DALLM_FAKE_STEP_S="0.05")
     try:
         with DaemonClient(home=home) as c:
             sub = subscriber(c, "job/")

@@ -23,25 +23,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dallm.protocol import JobSummary, MetricsEvent  # noqa: E402
+from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 from dallm.tui.app import DallmApp  # noqa: E402
 from dallm.tui.chart import Chart  # noqa: E402
-from dallm.tui.connection import FakeConnection, JobSummary, StateChange  # noqa: E402
 from dallm.tui.demo import job_events, metrics_at  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
-
-from dallm.protocol import MetricsEvent  # noqa: E402
 
 
 def build(jobs: int, points: int) -> FakeConnection:
     conn = FakeConnection(endpoint="bench://fake")
     for j in range(1, jobs + 1):
-        job = str(j)
-        conn.add_job(JobSummary(id=job, name=f"bench-{j}", total_steps=points * 2))
+        job = j
+        conn.add_job(JobSummary(id=job, name=f"bench-{j}", state="queued", total_steps=points * 2))
         events = job_events(
             points, points * 2, phase=j * 0.1, eval_every=50, ckpt_every=500, tp=points // 3, samples=True
         )
         conn.emit(job, *events, live=False)
-        conn.emit(job, StateChange("running"), live=False)
+        conn.set_state(job, "running", live=False)
     return conn
 
 
@@ -57,7 +56,7 @@ async def run(args: argparse.Namespace) -> None:
 
     def timed_display(*a, **kw):
         out = display(*a, **kw)
-        d = app.model.data.get("1")
+        d = app.model.data.get(1)
         frames.append((time.perf_counter(), d.version if d is not None else -1))
         return out
 
@@ -76,11 +75,11 @@ async def run(args: argparse.Namespace) -> None:
         table = app.query_one(JobTable)
         for j in range(args.jobs):
             table.move_cursor(row=j)
-            job = str(j + 1)
+            job = j + 1
             await until(lambda job=job: job in app.model.data and app.model.data[job].loaded)
         load_s = time.perf_counter() - t
         table.move_cursor(row=0)
-        await until(lambda: app.selected == "1")
+        await until(lambda: app.selected == 1)
         await pilot.pause(0.3)
         total_points = sum(len(s) for d in app.model.data.values() for s in d.series.values())
         print(
@@ -91,7 +90,7 @@ async def run(args: argparse.Namespace) -> None:
         # Live updates on the selected job: publish, then wait for the frame that shows it.
         latencies: list[float] = []
         handled: list[float] = []
-        data = app.model.data["1"]
+        data = app.model.data[1]
         step = args.points
         for _ in range(args.updates):
             step += 1
@@ -99,7 +98,7 @@ async def run(args: argparse.Namespace) -> None:
             frames.clear()
             t0 = time.perf_counter()
             values = metrics_at(step, args.points * 2)
-            conn.emit("1", MetricsEvent(step=step, values=values))
+            conn.emit(1, MetricsEvent(step=step, values=values))
             await until(lambda before=before: data.version > before)
             handled.append((time.perf_counter() - t0) * 1000)
             await until(lambda before=before: any(v > before for _, v in frames))

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dallm.daemon.paths import DaemonPaths, LockHeld, lock_is_held, resolve_home
+from dallm.home import DaemonPaths, LockHeld, lock_is_held, resolve_home
 
 START_TIMEOUT_S = 60.0
 
@@ -44,7 +44,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         info = paths.read_info() or {}
         print(f"dallm-daemon: already running on {paths.home} (pid {info.get('pid', '?')})", file=sys.stderr)
         return 0
-    paths.prepare()
+    _prepare(paths)
     cmd = [sys.executable, "-m", "dallm.daemon.cli", "start", "--foreground", "--home", str(paths.home)]
     for b in args.bind or []:
         cmd += ["--bind", b]
@@ -52,6 +52,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         cmd += ["--devices", args.devices]
     if args.max_jobs:
         cmd += ["--max-jobs", str(args.max_jobs)]
+    for folder in args.allow or []:
+        cmd += ["--allow", folder]
     if args.runner:
         cmd += ["--runner", args.runner]
     with open(paths.log, "ab") as log:
@@ -77,17 +79,30 @@ def cmd_start(args: argparse.Namespace) -> int:
     raise Fail(f"the daemon did not answer within {START_TIMEOUT_S:g} s; see {paths.log}")
 
 
+def _prepare(paths: DaemonPaths) -> None:
+    from dallm.private import UnsafeFolder
+
+    try:
+        paths.prepare()
+    except UnsafeFolder as e:
+        raise Fail(f"cannot start: {e}") from None
+
+
 def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
     from dallm.daemon.scheduler import detect_devices
     from dallm.daemon.server import Daemon
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dallm.daemon.confine import parse_allow
+
     try:
         devices = detect_devices(args.devices)
+        allow = parse_allow(args.allow)
     except ValueError as e:
         raise Fail(str(e)) from None
+    os.umask(0o077)  # job outputs, logs and configs: readable by the daemon's user only
     try:
-        daemon = Daemon(paths.home, devices, args.max_jobs, args.bind, args.runner)
+        daemon = Daemon(paths.home, devices, args.max_jobs, args.bind, args.runner, allow=allow)
     except LockHeld as e:
         raise Fail(str(e)) from None
     except (RuntimeError, ValueError, OSError) as e:
@@ -103,6 +118,7 @@ def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.reload_keys())
     logging.getLogger("dallm.daemon").info(
         "daemon %d on %s, slots %s, control %s",
         os.getpid(),
@@ -157,10 +173,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from dallm.daemon.security import authorized_dir, create_client_keys, server_keys
+    from dallm.transport import authorized_dir, create_client_keys, server_keys
 
     paths = DaemonPaths(resolve_home(args.home))
-    paths.prepare()
+    _prepare(paths)
     server_keys(paths.keys)
     print(f"server public key: {paths.keys / 'server.key'}")
     print(f"authorized client keys: {authorized_dir(paths.keys)}")
@@ -176,11 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("start", help="start the daemon (in the background unless --foreground)")
     s.add_argument("--foreground", action="store_true")
     s.add_argument("--bind", action="append", metavar="ENDPOINT",
-                   help="also listen on tcp://HOST:PORT (events on PORT+1); beyond loopback needs CURVE keys")  # fmt: skip
+                   help="also listen on tcp://HOST:PORT (events on PORT+1), CURVE-authenticated; beyond loopback needs client keys")  # fmt: skip
     s.add_argument(
         "--devices", help="0,1 (GPU indices) or cpu; default: every GPU nvidia-smi lists, else cpu"
     )
     s.add_argument("--max-jobs", type=int, help="jobs at once (CPU slots when there is no GPU; default 1)")
+    s.add_argument("--allow", action="append", metavar="DIR",
+                   help="jobs may read and write under DIR (besides the home's jobs/ and, for your own "
+                        "CLI, the config's folder); also $DALLM_ALLOW, :-separated")  # fmt: skip
     s.add_argument("--runner", default=os.environ.get("DALLM_JOB_RUNNER"), help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_start)
     t = sub.add_parser("stop", help="stop gracefully: running jobs checkpoint and resume at the next start")

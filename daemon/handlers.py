@@ -1,6 +1,6 @@
 """Control requests: one function per request type, each returning the reply frames.
 
-Errors a client can act on are ProtocolError-like `Refused(code, message)` replies, one line each.
+Errors a client can act on are `ProtocolError(code, message)`, sent back as ErrorReply: one line each.
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dallm.config import ConfigError, config_from_dict
+from dallm.daemon.confine import check_reads, output_folder
+from dallm.daemon.jobstate import CancelPending, encode_pending
+from dallm.daemon.limits import MAX_HISTORY_PAGE, page_rows
 from dallm.preflight import PreflightError, preflight
 from dallm.protocol import (
-    PREFLIGHT_FAILED,
     TERMINAL_STATES,
     CancelRequest,
     CheckpointNowCommand,
@@ -32,6 +34,7 @@ from dallm.protocol import (
     PingRequest,
     PongReply,
     PriorityRequest,
+    ProtocolError,
     Request,
     RollbackCommand,
     RollbackRequest,
@@ -48,66 +51,29 @@ if TYPE_CHECKING:
     from dallm.daemon.server import Daemon
 
 
-CANCEL = '"cancel"'  # the `pending` mark of a job being cancelled (not a JobCommand)
-
-
-class Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _job(d: Daemon, ref: str) -> dict:
     row = d.store.find_job(ref)
     if row is None:
-        raise Refused("not_found", f"no job {ref!r}")
+        raise ProtocolError("not_found", f"no job {ref!r}")
     return row
 
 
-def job_out_dir(d: Daemon, job: int, name: str, output_dir: str | None) -> Path:
-    """The job's output folder: <home>/jobs/<id>-<name>, or the config's output_dir (an absolute
-    path is used as given; a relative one is taken under <home>/jobs and may not leave it)."""
-    jobs = d.paths.jobs.resolve()
-    if output_dir is None:
-        return jobs / f"{job}-{name}"
-    p = Path(output_dir).expanduser()
-    if p.is_absolute():
-        return p
-    out = (jobs / p).resolve()
-    if not out.is_relative_to(jobs):
-        raise Refused("invalid_config", f"output_dir: {output_dir!r} leaves the daemon's jobs folder")
-    return out
-
-
-def check_folders(cfg: Any, source: str) -> None:
-    """The daemon's own rule (its workers do not run in the client's folder): absolute paths only.
-    Whether they hold a runnable job is the shared preflight's part."""
-    for key, value in (
-        ("data.dir", cfg.data.dir),
-        ("data.class_dir", cfg.data.class_dir),
-        ("eval.val_dir", cfg.eval.val_dir),
-    ):
-        if value is not None and not Path(value).expanduser().is_absolute():
-            raise Refused(
-                "invalid_config", f"{source}: {key}: {value} is relative; the daemon needs an absolute path"
-            )
-
-
-def submit(d: Daemon, req: SubmitRequest) -> JobReply:
+def submit(d: Daemon, req: SubmitRequest, local: bool = False) -> JobReply:
+    """Queue a job whose outputs and inputs lie under the daemon's roots (daemon/confine.py)."""
     if d.shutting_down:
-        raise Refused("conflict", "the daemon is shutting down")
+        raise ProtocolError("conflict", "the daemon is shutting down")
     cfg = config_from_dict(json.loads(json.dumps(req.config)), req.source)
-    check_folders(cfg, req.source)
+    roots = d.roots.for_request(local, req.config_dir)
+    check_reads(cfg, req.source, roots)  # before the preflight looks at anything: no existence leak
     try:  # the same preflight as `dallm submit`, as the daemon's machine sees the files
         preflight(cfg)
     except PreflightError as e:
-        raise Refused(PREFLIGHT_FAILED, f"{req.source}: {e}") from None
+        raise ProtocolError("preflight_failed", f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
     out_spec = data.get("output_dir")
-    if out_spec is not None and not Path(out_spec).expanduser().is_absolute():
-        job_out_dir(d, 0, cfg.name, out_spec)  # refuse before anything is queued
+    output_folder(d.paths.jobs, 0, cfg.name, out_spec, roots, req.source)  # refuse before anything is queued
     job = d.store.add_job(cfg.name, data, req.priority, cfg.train.steps, req.retries)
-    out = job_out_dir(d, job, cfg.name, out_spec)
+    out = output_folder(d.paths.jobs, job, cfg.name, out_spec, roots, req.source)
     d.store.update_job(job, out_dir=str(out))
     d.publish_state(job, None, "submitted")
     d.schedule()
@@ -134,13 +100,13 @@ def stop(d: Daemon, req: StopRequest) -> JobReply:
     job, state = row["id"], row["state"]
     w = d.sched.by_job.get(job)
     if state == "queued":
-        raise Refused("conflict", f"job {job} is queued, not running; `dallm cancel {job}` discards it")
+        raise ProtocolError("conflict", f"job {job} is queued, not running; `dallm cancel {job}` discards it")
     if w is None or state != "running":
-        raise Refused("conflict", f"job {job} is {state}")
+        raise ProtocolError("conflict", f"job {job} is {state}")
     d.command(w, StopCommand())
     # `pending` survives a daemon crash: the resumed job is told again (see Daemon._recover).
     d.set_state(job, "stopping", "stop requested: finish now (turning point weights when found)",
-                pending=StopCommand().model_dump_json())  # fmt: skip
+                pending=encode_pending(StopCommand()))  # fmt: skip
     return JobReply(job=d.store.summary(job), message=f"job {job} stopping")
 
 
@@ -151,7 +117,7 @@ def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
     w = d.sched.by_job.get(job)
     if state in ("running", "stopping") and w is not None:
         if req.step > max(w.last_step, row["step"]):
-            raise Refused(
+            raise ProtocolError(
                 "conflict",
                 f"job {job} is at step {max(w.last_step, row['step'])}; cannot roll back to {req.step}",
             )
@@ -160,22 +126,26 @@ def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
             d.job_log(job, "info", f"rollback to step {req.step} requested (resume)")
             d.flush()
         else:
-            cmd = RollbackCommand(step=req.step, resume=False).model_dump_json()
+            cmd = encode_pending(RollbackCommand(step=req.step, resume=False))
             d.set_state(job, "stopping", f"rollback to step {req.step} {how} requested", pending=cmd)
         return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
     if state == "queued":
-        raise Refused("conflict", f"job {job} is queued; nothing to roll back")
+        raise ProtocolError("conflict", f"job {job} is queued; nothing to roll back")
     out = Path(row["out_dir"])
     kept = {c.step: out / c.path for c in d.store.checkpoints(job) if (out / c.path).is_dir()}
     ckpt = kept.get(req.step)
     if ckpt is None:
         have = ", ".join(map(str, sorted(kept))) or "none"
-        raise Refused("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have})")
-    pending = None if req.resume else RollbackCommand(step=req.step, resume=False).model_dump_json()
+        raise ProtocolError("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have})")
+    pending = None if req.resume else encode_pending(RollbackCommand(step=req.step, resume=False))
+    why = f"rollback to step {req.step} {how}"
+    if d.sched.free_slot() is None:  # writing the result loads the model: it takes a slot too
+        busy = ", ".join(map(str, sorted(d.sched.by_job))) or "none"
+        why += f"; waits for a free slot (running: job {busy})"
     d.set_state(
         job,
         "queued",
-        f"rollback to step {req.step} {how}",
+        why,
         resume_path=str(ckpt),
         pending=pending,
         ended=None,
@@ -188,12 +158,12 @@ def cancel(d: Daemon, req: CancelRequest) -> JobReply:
     row = _job(d, req.job)
     job, state = row["id"], row["state"]
     if state in TERMINAL_STATES:
-        raise Refused("conflict", f"job {job} is already {state}")
+        raise ProtocolError("conflict", f"job {job} is already {state}")
     w = d.sched.by_job.get(job)
     if w is not None:
         w.cancel = True
         d.sched.kill(w)
-        d.set_state(job, "stopping", "cancel requested", pending=CANCEL)
+        d.set_state(job, "stopping", "cancel requested", pending=encode_pending(CancelPending()))
     else:
         d.set_state(
             job, "cancelled", "cancelled by user (never ran)" if not row["attempts"] else "cancelled by user"
@@ -205,7 +175,7 @@ def checkpoint(d: Daemon, req: CheckpointRequest) -> JobReply:
     row = _job(d, req.job)
     w = d.sched.by_job.get(row["id"])
     if w is None or row["state"] != "running":
-        raise Refused("conflict", f"job {row['id']} is {row['state']}, not running")
+        raise ProtocolError("conflict", f"job {row['id']} is {row['state']}, not running")
     d.command(w, CheckpointNowCommand())
     return JobReply(job=d.store.summary(row["id"]), message=f"job {row['id']}: checkpoint requested")
 
@@ -220,13 +190,8 @@ def priority(d: Daemon, req: PriorityRequest) -> JobReply:
 
 def logs(d: Daemon, req: LogsRequest) -> LogsReply:
     job = _job(d, req.job)["id"]
-    rows = d.store.db.execute(
-        "SELECT seq, t, kind, data FROM events WHERE job_id = ? AND kind != 'metrics' AND seq > ? "
-        "AND kind IN ('log', 'state') ORDER BY seq",
-        (job, req.since),
-    )
     lines = []
-    for seq, t, kind, data in rows:
+    for seq, t, kind, data in d.store.log_events(job, req.since):
         ev = json.loads(data)
         if kind == "log":
             lines.append(LogLine(seq=seq, t=t, level=ev["level"], message=ev["message"]))
@@ -237,18 +202,21 @@ def logs(d: Daemon, req: LogsRequest) -> LogsReply:
     return LogsReply(lines=lines, head=d.seq)
 
 
-def handle(d: Daemon, req_id: int, req: Request) -> list[bytes]:
+def handle(d: Daemon, req_id: int, req: Request, local: bool = False) -> list[bytes]:
+    """local: the request came over the IPC socket (the daemon's own user)."""
     try:
         if isinstance(req, HistoryRequest):
-            rows = d.store.history(req.since, req.topics, req.limit, req.kinds)
+            limit = min(req.limit, MAX_HISTORY_PAGE)
+            rows = d.store.history(req.since, req.topics, limit, req.kinds)
             if not req.include_png:
                 rows = [(*r[:7], None) for r in rows]
-            return history_frames(req_id, rows, d.seq, len(rows) == req.limit)
+            rows, more = page_rows(rows, limit)
+            return history_frames(req_id, rows, d.seq, more)
         if isinstance(req, PingRequest):
             rep = PongReply(pid=os.getpid(), home=str(d.paths.home), started=d.started, head=d.seq,
                             slots=d.slots, events=d.event_endpoints, counts=d.store.counts())  # fmt: skip
         elif isinstance(req, SubmitRequest):
-            rep = submit(d, req)
+            rep = submit(d, req, local)
         elif isinstance(req, ListRequest):
             rep = JobListReply(jobs=d.store.list_jobs(req.states, req.limit))
         elif isinstance(req, ShowRequest):
@@ -270,7 +238,7 @@ def handle(d: Daemon, req_id: int, req: Request) -> list[bytes]:
             rep = OkReply(message=f"shutting down; {len(d.sched.by_job)} running job(s) checkpoint first")
         else:  # pragma: no cover - the adapter admits nothing else
             rep = ErrorReply(code="bad_request", message="unknown request")
-    except Refused as e:
+    except ProtocolError as e:
         rep = ErrorReply(code=e.code, message=str(e))
     except ConfigError as e:
         rep = ErrorReply(code="invalid_config", message=str(e))

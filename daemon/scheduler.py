@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dallm.protocol import FinishedEvent, JobCommand, WorkerDone, WorkerError
+from dallm.daemon.identity import TOKEN_ENV, new_token
+from dallm.protocol import FinishedEvent, JobCommand, JobResult, WorkerError
 
 EXIT_GRACE_S = 0.3  # after a worker exits, wait this long for its last messages before judging it
 
@@ -55,11 +56,12 @@ class WorkerProc:
     device: str
     proc: subprocess.Popen
     identity: bytes
+    token: str = ""  # $DALLM_WORKER_TOKEN of the process (daemon/identity.py)
     started: float = field(default_factory=time.time)
     hello: bool = False
     pending: list[JobCommand] = field(default_factory=list)
     finished: FinishedEvent | None = None
-    done: WorkerDone | None = None
+    done: JobResult | None = None
     error: WorkerError | None = None
     last_step: int = 0
     cancel: bool = False
@@ -94,6 +96,8 @@ class Scheduler:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
         env["PYTHONUNBUFFERED"] = "1"
+        token = new_token()
+        env[TOKEN_ENV] = token  # lets a restarted daemon tell this worker from a reused pid
         cmd = [sys.executable, "-m", "dallm.daemon.worker", "--endpoint", self.endpoint, "--job", str(job),
                "--attempt", str(attempt), "--config", str(config_path), "--out", str(out_dir),
                "--parent", str(os.getpid()), "--slot-cores", str(self.slot_cores)]  # fmt: skip
@@ -112,6 +116,7 @@ class Scheduler:
             "cpu" if device == "cpu" else f"cuda:{device}",
             proc,
             f"{job}.{attempt}".encode(),
+            token=token,
         )
         self.slots[slot] = w
         self.by_job[job] = w
@@ -151,14 +156,6 @@ def signal_name(returncode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
-
-
-FINISH_STATES = {
-    "completed": "finished",
-    "early_stop": "stopped-early",
-    "stopped": "stopped-early",
-    "rolled_back": "stopped-early",
-}
 
 
 def outcome(w: WorkerProc, shutting_down: bool, retries: int) -> tuple[str, str, bool]:

@@ -19,43 +19,56 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from dallm.daemon import handlers
-from dallm.daemon.paths import DaemonLock, DaemonPaths, write_info
-from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
-from dallm.daemon.security import (
-    event_endpoint,
-    is_loopback,
-    make_curve_server,
-    server_keys,
-    start_authenticator,
-)
-from dallm.daemon.store import EventRow, Store
 from pydantic import ValidationError
 
 from dallm.config import ConfigError
+from dallm.daemon import handlers, identity
+from dallm.daemon.confine import Roots
+from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
+from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
+from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
+from dallm.daemon.store import EventRow, Store
+from dallm.home import DaemonLock, DaemonPaths, write_info
 from dallm.protocol import (
     MAX_CONTROL_BYTES,
     MAX_WORKER_BYTES,
     QUEUE_TOPIC,
+    WORKER_EVENT,
+    WORKER_MESSAGE,
     ErrorReply,
     FinishedEvent,
     InterruptCommand,
     JobCommand,
+    JobState,
     JobStateEvent,
     LogEvent,
     MetricsEvent,
     ProtocolError,
+    RollbackCommand,
     RolledBackEvent,
     StartedEvent,
-    TurningPointEvent,
+    StopCommand,
     WorkerDone,
-    WorkerError,
     WorkerHello,
     decode_request,
     encode_reply,
     envelope_frames,
     job_event_adapter,
     job_topic,
+    summary_changes,
+    worker_message_adapter,
+)
+from dallm.transport import (
+    KeyWatch,
+    check_key_folders,
+    ensure_local_client_key,
+    event_endpoint,
+    is_loopback,
+    make_curve_server,
+    remote_keys,
+    require_curve,
+    server_keys,
+    start_authenticator,
 )
 
 log = logging.getLogger("dallm.daemon")
@@ -73,15 +86,19 @@ class Daemon:
         bind: list[str] | None = None,
         runner: str | None = None,
         shutdown_timeout: float = 120.0,
+        allow: tuple[Path, ...] = (),
     ) -> None:
         self.paths = DaemonPaths(home)
         self.paths.prepare()
+        self.roots = Roots(self.paths.jobs, allow)
         self.lock = DaemonLock(self.paths)
         self.lock.acquire()
         self.started = time.time()
         self.store = Store(self.paths.db)
         self.ctx = zmq.Context()
         self.auth = None
+        self.keywatch: KeyWatch | None = None
+        self.curve_control: set[zmq.Socket] = set()  # TCP control sockets: requests carry a User-Id
         self.control: list[zmq.Socket] = []
         self.pubs: list[zmq.Socket] = []
         self.event_endpoints: list[str] = []
@@ -99,7 +116,7 @@ class Daemon:
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
-        self.stats = {"requests": 0, "bad_requests": 0}
+        self.stalled = StalledPeers()
         write_info(
             self.paths,
             {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
@@ -113,8 +130,9 @@ class Daemon:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 1000)
-        s.setsockopt(zmq.RCVHWM, 1000)
+        s.setsockopt(zmq.SNDHWM, CONTROL_SNDHWM)  # see daemon/limits.py for the memory bound
+        s.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises Again instead of dropping silently
         return s
 
     def _pub_socket(self) -> zmq.Socket:
@@ -141,13 +159,26 @@ class Daemon:
                 os.chmod(self.paths.socket_dir / f"{name}.ipc", 0o600)
 
     def _bind_tcp(self, endpoint: str) -> None:
+        """Every TCP bind is CURVE (a loopback port is open to every local user): the daemon's own
+        user connects with the home's local key; others need a key in authorized/."""
+        event_endpoint(endpoint)  # a malformed endpoint is refused before anything is set up
+        require_curve()
+        keys = self.paths.keys
+        check_key_folders(keys)
+        ensure_local_client_key(keys)
+        if not is_loopback(endpoint) and not remote_keys(keys):
+            raise RuntimeError(
+                f"a TCP bind beyond loopback needs CURVE client keys: none in {keys / 'authorized'} "
+                "(create one with `dallm-daemon keys --client NAME`)"
+            )
+        if self.auth is None:
+            self.auth = start_authenticator(self.ctx, keys)
+            self.keywatch = KeyWatch(self.auth, keys)
         ctl, pub = self._control_socket(), self._pub_socket()
-        if not is_loopback(endpoint):
-            if self.auth is None:
-                self.auth = start_authenticator(self.ctx, self.paths.keys)
-            public, secret = server_keys(self.paths.keys)
-            make_curve_server(ctl, public, secret)
-            make_curve_server(pub, public, secret)
+        public, secret = server_keys(keys)
+        make_curve_server(ctl, public, secret)
+        make_curve_server(pub, public, secret)
+        self.curve_control.add(ctl)
         ctl.bind(endpoint)
         pub.bind(event_endpoint(endpoint))
         self.control.append(ctl)
@@ -183,9 +214,9 @@ class Daemon:
                 send(frames[-1], last)
         self.out_frames = []
 
-    def set_state(self, job: int, state: str, reason: str, **fields: Any) -> None:
+    def set_state(self, job: int, state: JobState, reason: str, **fields: Any) -> None:
         self.flush()
-        prev = self.store.transition(job, state, reason, **fields)
+        prev = self.store.transition(job, state, reason, check=check_transition, **fields)
         self.publish_state(job, prev, reason)
         log.info("job %s: %s -> %s (%s)", job, prev, state, reason)
 
@@ -211,21 +242,22 @@ class Daemon:
         if w is None or len(frames) < 3:
             return  # a worker of an earlier attempt, or garbage
         tag = frames[1]
-        if tag == b"ev" and len(frames) >= 4:
+        if tag == WORKER_EVENT and len(frames) >= 4:
             self._on_event(w, frames)
-        elif tag == b"hello":
-            WorkerHello.model_validate_json(frames[2])
-            w.hello = True
-            for cmd in w.pending:
-                self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
-            w.pending.clear()
-        elif tag == b"done":
-            w.done = WorkerDone.model_validate_json(frames[2])
-        elif tag == b"error":
-            w.error = WorkerError.model_validate_json(frames[2])
-            self.job_log(w.job, "error", w.error.message)
-            if w.error.traceback:
-                self.job_log(w.job, "debug", w.error.traceback)
+        elif tag == WORKER_MESSAGE:
+            msg = worker_message_adapter.validate_json(frames[2])
+            if isinstance(msg, WorkerHello):
+                w.hello = True
+                for cmd in w.pending:
+                    self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+                w.pending.clear()
+            elif isinstance(msg, WorkerDone):
+                w.done = msg.result
+            else:
+                w.error = msg
+                self.job_log(w.job, "error", msg.message)
+                if msg.traceback:
+                    self.job_log(w.job, "debug", msg.traceback)
 
     def _on_event(self, w: WorkerProc, frames: list[bytes]) -> None:
         raw = frames[3]
@@ -239,13 +271,9 @@ class Daemon:
         upd = self.job_updates.get(job)
         if upd is None:
             upd = self.job_updates[job] = {}
+        upd.update(summary_changes(ev))  # the same fold as JobSummary.apply, into the store's row
         if type(ev) is MetricsEvent:  # the bulk: keep this path short
-            w.last_step = upd["step"] = ev.step
-            values = ev.values
-            if "kid_val" in values:
-                upd["kid_val"] = values["kid_val"]
-            if "steps_per_s" in values:
-                upd["steps_per_s"] = values["steps_per_s"]
+            w.last_step = ev.step
             self.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
             return
         step = getattr(ev, "step", None)
@@ -256,33 +284,34 @@ class Daemon:
             self.flush()
             self.store.supersede(job, after, self.seq + 1)
             w.last_step = after
-            fields: dict[str, Any] = {"step": after}
-            if isinstance(ev, StartedEvent):
-                fields |= {"total_steps": ev.total_steps, "device": ev.device}
-            self.job_updates.setdefault(job, {}).update(fields)
             step = None if isinstance(ev, StartedEvent) else ev.step
-        elif isinstance(ev, TurningPointEvent):
-            upd["turning_point"] = ev.step
+            if after > 0 or isinstance(ev, RolledBackEvent):
+                # The summary's KID must be one the kept history has, not an erased evaluation's.
+                kid, std = self.store.kid_val_at(job, after)
+                self.job_updates.setdefault(job, {}).update(kid_val=kid, kid_val_std=std)
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
-            upd["result_step"] = ev.result_step
-            if ev.result_kid_val is not None:  # the result's KID, not the last evaluated step's
-                upd["kid_val"] = ev.result_kid_val
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
             self._backfill(job, ev.start_step)
+        if isinstance(ev, RolledBackEvent):
+            # Subscribers fold events into their rows (JobSummary.apply) but cannot know the KID the
+            # kept history ends with: the whole row follows, as for any change of a job's row.
+            self.flush()
+            state = self.store.summary(job).state
+            self.publish_state(job, state, f"rolled back to step {ev.step}")
 
     def _backfill(self, job: int, upto: int) -> None:
         """Metric steps up to the resume step that the store lacks (events a killed daemon never
         committed) are read back from the job's metrics.jsonl, so the history has no holes."""
-        from dallm.metrics_log import read_metrics
+        from dallm.protocol.files import METRICS_FILE, read_metrics
 
         self.flush()
         have = set(self.store.metric_steps(job))
         out = (self.store.job(job) or {}).get("out_dir") or "."
         missing = [
             r
-            for r in read_metrics(Path(out) / "metrics.jsonl")
+            for r in read_metrics(Path(out) / METRICS_FILE)
             if r.get("step", 0) <= upto and r.get("step") not in have
         ]
         for row in missing:
@@ -312,47 +341,70 @@ class Daemon:
     def serve(self, sock: zmq.Socket, budget: int = 500) -> None:
         for _ in range(budget):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [f.bytes for f in raw]
             ident, rest = frames[0], frames[1:]
+            if self.stalled.stalled(ident):
+                continue  # it has CONTROL_SNDHWM replies unread: no work for it for now
             prefix = [ident]
             if len(rest) > 1 and rest[0] == b"":
                 prefix.append(b"")
                 rest = rest[1:]
-            self.stats["requests"] += 1
             req_id = 0
             try:
                 if len(rest) != 1:
                     raise ProtocolError("bad_request", f"expected one frame, got {len(rest)}")
                 req_id, req = decode_request(rest[0])
-                reply = handlers.handle(self, req_id, req)
+                if sock in self.curve_control and not self._key_still_authorized(raw[-1]):
+                    raise ProtocolError("unauthorized", "this client key is no longer authorized")
+                reply = handlers.handle(self, req_id, req, local=sock is self.control[0])
             except ProtocolError as e:
-                self.stats["bad_requests"] += 1
                 reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
             except ConfigError as e:
                 reply = encode_reply(req_id, ErrorReply(code="invalid_config", message=str(e)))
             except Exception as e:  # the daemon serves on whatever one request did
                 log.exception("request failed")
                 reply = encode_reply(req_id, ErrorReply(code="internal", message=f"{type(e).__name__}: {e}"))
-            with contextlib.suppress(zmq.Again, zmq.ZMQError):
+            try:
                 sock.send_multipart(prefix + reply, zmq.NOBLOCK)
+            except zmq.Again:
+                self.stalled.mark(ident)
+            except zmq.ZMQError:
+                pass  # the client has gone
             self.flush()
+
+    def _key_still_authorized(self, frame: zmq.Frame) -> bool:
+        """A CURVE connection outlives its key's removal from authorized/: check each request."""
+        if self.keywatch is None:
+            return False
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return False
+        return self.keywatch.allowed(user)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read authorized/ at the next loop turn."""
+        if self.keywatch is not None:
+            self.keywatch.request()
 
     # --- scheduling and workers ---------------------------------------------------------------
 
     def _recover(self) -> None:
         """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
         a stop or rollback asked before it died is asked again, a cancel is carried out."""
-        from dallm.daemon.handlers import CANCEL
-
         for job in self.store.ids_in("running", "stopping"):
             row = self.store.job(job) or {}
             pid = row.get("pid")
-            if pid and _is_our_worker(pid):
+            if pid and identity.is_our_worker(self.paths.state_dir, job, pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
-            if row.get("pending") == CANCEL:
+            elif pid:
+                log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
+            identity.forget(self.paths.state_dir, job)
+            if isinstance(decode_pending(row.get("pending")), CancelPending):
                 self.set_state(
                     job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
                 )
@@ -384,16 +436,24 @@ class Daemon:
             log.exception("job %s: cannot start", job)
             self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
             return
-        if row["pending"]:
-            from dallm.protocol import job_command_adapter
-
-            w.pending.append(job_command_adapter.validate_json(row["pending"]))
+        identity.remember(self.paths.state_dir, job, w.proc.pid, w.token)
+        pending = decode_pending(row["pending"])
+        if isinstance(pending, StopCommand | RollbackCommand):  # asked before a restart: ask again
+            w.pending.append(pending)
         how = (
             f"resuming from {resume.name if resume != out else 'its last checkpoint'}"
             if resume
             else "from step 0"
         )
-        self.set_state(job, "running", f"started on {w.device} (attempt {attempt}, {how})", attempts=attempt,
+        state: JobState = "running"
+        reason = f"started on {w.device} (attempt {attempt}, {how})"
+        if isinstance(pending, RollbackCommand) and not pending.resume:
+            # It trains no step: it only writes (and evaluates) the result of `pending.step`.
+            state, reason = (
+                "stopping",
+                f"writing the result of step {pending.step} on {w.device} (attempt {attempt})",
+            )
+        self.set_state(job, state, reason, attempts=attempt,
                        pid=w.proc.pid, device=w.device, started=time.time())  # fmt: skip
 
     def slot_device(self) -> str:
@@ -404,6 +464,7 @@ class Daemon:
         for w in self.sched.ended(time.time()):
             self.drain_workers()
             self.sched.release(w)
+            identity.forget(self.paths.state_dir, w.job)
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
             if w.proc.returncode not in (0, None) and w.done is None and w.error is None:
@@ -447,6 +508,8 @@ class Daemon:
                         self.serve(s)
                 if now - last_tick >= 0.05 or not ready:
                     last_tick = now
+                    if self.keywatch is not None and self.keywatch.poll(now):
+                        log.info("authorized client keys re-read")
                     self.reap()
                     self.schedule()
             except Exception:  # a bug in one path must not take the daemon (and every job) down
@@ -481,10 +544,3 @@ def for_slot(config: dict, device: str) -> dict:
     if device != "cpu" and str(train.get("device", "")).startswith("cuda:"):
         config = {**config, "train": {**train, "device": "cuda"}}
     return config
-
-
-def _is_our_worker(pid: int) -> bool:
-    try:
-        return b"dallm.daemon.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     turning_point INTEGER,
     result_step INTEGER,
     kid_val REAL,
+    kid_val_std REAL,
     steps_per_s REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
@@ -73,8 +74,10 @@ CREATE INDEX IF NOT EXISTS events_job_misc ON events (job_id, kind) WHERE kind !
 
 SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
-    "turning_point, result_step, kid_val, steps_per_s"
+    "turning_point, result_step, kid_val, kid_val_std, steps_per_s"
 )
+# Columns added since the first schema: a store written by an older daemon gets them on open.
+ADDED_COLUMNS = {"kid_val_std": "REAL"}
 
 # seq, prev, job, topic, kind, step, t, data, blob
 EventRow = tuple[int, int, int, str, str, int | None, float, str, bytes | None]
@@ -94,6 +97,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -121,7 +128,7 @@ class Store:
 
     def find_job(self, ref: str) -> dict[str, Any] | None:
         """A job by id, else the newest job with that name."""
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():  # str.isdigit() admits "١" (int() reads it as 1)
             return self.job(int(ref))
         row = self.db.execute(
             "SELECT id FROM jobs WHERE name = ? ORDER BY id DESC LIMIT 1", (ref,)
@@ -163,10 +170,20 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
-    def transition(self, job_id: int, to_state: str, reason: str, **fields: Any) -> str | None:
-        """Set the state (and other fields) and record the transition; returns the previous state."""
+    def transition(
+        self,
+        job_id: int,
+        to_state: str,
+        reason: str,
+        check: Callable[[int, str | None, Any], None] | None = None,
+        **fields: Any,
+    ) -> str | None:
+        """Set the state (and other fields) and record the transition; returns the previous state.
+        `check(job, prev, new)` raises when the change is not allowed (daemon.jobstate)."""
         row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         prev = row[0] if row else None
+        if check is not None:
+            check(job_id, prev, to_state)
         now = time.time()
         self.db.execute("BEGIN")
         try:
@@ -180,6 +197,14 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         return prev
+
+    def log_events(self, job_id: int, since: int) -> list[tuple[int, float, str, str]]:
+        """(seq, t, kind, data) of the job's log lines and state changes after `since`."""
+        return self.db.execute(
+            "SELECT seq, t, kind, data FROM events WHERE job_id = ? AND kind != 'metrics' AND seq > ? "
+            "AND kind IN ('log', 'state') ORDER BY seq",
+            (job_id, since),
+        ).fetchall()
 
     def transitions(self, job_id: int) -> list[Transition]:
         rows = self.db.execute(
@@ -249,6 +274,17 @@ class Store:
             (job_topic(job_id),),
         ).fetchone()
         return json.loads(row[0])["values"] if row else {}
+
+    def kid_val_at(self, job_id: int, step: int) -> tuple[float | None, float | None]:
+        """Validation KID (mean, std) of the last evaluation at or before `step` that is still part of
+        the job's history (not superseded): what the summary shows after a rollback to `step`."""
+        row = self.db.execute(
+            "SELECT json_extract(data, '$.values.kid_val'), json_extract(data, '$.values.kid_val_std') "
+            "FROM events WHERE topic = ? AND kind = 'metrics' AND superseded = 0 AND step <= ? "
+            "AND json_extract(data, '$.values.kid_val') IS NOT NULL ORDER BY step DESC, seq DESC LIMIT 1",
+            (job_topic(job_id), step),
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def metric_steps(self, job_id: int, include_superseded: bool = False) -> list[int]:
         sql = "SELECT step FROM events WHERE topic = ? AND kind = 'metrics'"

@@ -5,8 +5,8 @@ daemon's worker endpoint, the job id/attempt, the config (JSON file) and the out
     python -m dallm.daemon.worker --endpoint ipc://... --job 3 --attempt 1 --config cfg.json --out DIR
                                   [--resume PATH] [--runner dallm.train:train] [--parent PID]
 
-The engine is `--runner` (default $DALLM_JOB_RUNNER, else dallm.train:train), any callable with
-the signature of `dallm.train.train`. The worker dies with the daemon (PR_SET_PDEATHSIG), so a
+The engine is `--runner` (default $DALLM_JOB_RUNNER, else dallm.train:train), an `Engine`
+(`dallm.protocol.Engine`: the signature of `dallm.train.train`). The worker dies with the daemon (PR_SET_PDEATHSIG), so a
 killed daemon never leaves an orphan training that a restarted daemon would collide with.
 """
 
@@ -26,21 +26,24 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import zmq
 
 from dallm.protocol import (
     MAX_WORKER_BYTES,
+    WORKER_EVENT,
+    WORKER_MESSAGE,
+    Engine,
     JobCommand,
     JobEvent,
+    JobResult,
     MetricsEvent,
     SampleEvent,
     WorkerDone,
     WorkerError,
     WorkerHello,
+    WorkerMessage,
     job_command_adapter,
 )
 
@@ -48,7 +51,7 @@ DEFAULT_RUNNER = "dallm.train:train"
 _MORE = int(zmq.SNDMORE)
 
 
-def load_runner(spec: str) -> Callable[..., Any]:
+def load_runner(spec: str) -> Engine:
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr or "train")
 
@@ -102,11 +105,11 @@ class WorkerLink:
         self.sock.connect(endpoint)
         self.lock = threading.Lock()
         self.pending: collections.deque[JobCommand] = collections.deque()
-        self.send(b"hello", WorkerHello(job=job, attempt=attempt, pid=os.getpid()).model_dump_json())
+        self.send(WorkerHello(job=job, attempt=attempt, pid=os.getpid()))
 
-    def send(self, tag: bytes, body: str) -> None:
+    def send(self, message: WorkerMessage) -> None:
         with self.lock:
-            self.sock.send_multipart([tag, body.encode()])
+            self.sock.send_multipart([WORKER_MESSAGE, message.model_dump_json().encode()])
 
     def emit(self, event: JobEvent) -> None:
         if type(event) is MetricsEvent and not all(map(math.isfinite, event.values.values())):
@@ -119,7 +122,7 @@ class WorkerLink:
         body = event.model_dump_json(exclude={"png"}) if png else event.model_dump_json()
         with self.lock:
             send = self.sock.send
-            send(b"ev", _MORE)
+            send(WORKER_EVENT, _MORE)
             send(t, _MORE)
             if png:
                 send(body.encode(), _MORE)
@@ -163,19 +166,13 @@ def run(args: argparse.Namespace) -> int:
             resume=Path(args.resume) if args.resume else None,
             emit=link.emit,
             poll=link.poll,
-            progress=False,
         )
-        done = WorkerDone(
-            out_dir=str(getattr(result, "out_dir", args.out)),
-            final_step=int(result.final_step),
-            result_step=int(result.result_step),
-            reason=str(result.reason),
-            turning_point=getattr(result, "turning_point", None),
-        )
-        link.send(b"done", done.model_dump_json())
+        if not isinstance(result, JobResult):
+            raise TypeError(f"the engine {args.runner} returned {type(result).__name__}, not a JobResult")
+        link.send(WorkerDone(result=result))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
         err = classify(e)
-        link.send(b"error", err.model_dump_json())  # first: the log below may be on a full disk
+        link.send(err)  # first: the log below may be on a full disk
         with contextlib.suppress(OSError):
             print(err.traceback, file=sys.stderr, flush=True)
         code = 1

@@ -10,9 +10,11 @@
                 ...
 
 Connecting: `DaemonClient(endpoint)` with "ipc://..." or "tcp://host:port", else $DALLM_CONNECT,
-else the daemon running on `home` (its endpoints are in <home>/run/daemon.json). A TCP endpoint
-beyond loopback needs CURVE keys: `server_key` (the daemon's server.key) and `client_key` (your
-NAME.key_secret, authorized on the daemon), or $DALLM_SERVER_KEY / $DALLM_CLIENT_KEY.
+else the daemon running on `home` (its endpoints are in <home>/run/daemon.json). An IPC socket is
+used only in a folder that is ours, not a symlink and 0700 (else DaemonError code "unsafe"). Every
+TCP endpoint, loopback included, needs CURVE keys: `server_key` (the daemon's server.key) and
+`client_key` (your NAME.key_secret, authorized on the daemon), or $DALLM_SERVER_KEY /
+$DALLM_CLIENT_KEY, else the home's own local key pair (readable by the daemon's user only).
 
 Calls block for at most `timeout` seconds and raise `DaemonUnavailable` when the daemon does not
 answer (the socket is then rebuilt, so a late reply or a queued request is never taken for a new
@@ -43,6 +45,7 @@ from typing import Any
 
 import zmq
 
+from dallm.home import DaemonPaths, lock_is_held, resolve_home
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
@@ -73,6 +76,7 @@ from dallm.protocol import (
     decode_reply,
     encode_request,
 )
+from dallm.transport import event_endpoint, make_curve_client
 
 
 class DaemonError(Exception):
@@ -93,21 +97,48 @@ def resolve_endpoints(endpoint: str | None, home: str | Path | None) -> tuple[st
     endpoint = endpoint or os.environ.get("DALLM_CONNECT") or None
     if endpoint:
         if endpoint.startswith("tcp://"):
-            from dallm.daemon.security import event_endpoint
-
             return endpoint, event_endpoint(endpoint)
         if endpoint.startswith("ipc://") and endpoint.endswith("control.ipc"):
+            _check_socket_folder(Path(endpoint[len("ipc://") :]).parent)
             return endpoint, endpoint[: -len("control.ipc")] + "events.ipc"
         raise DaemonUnavailable(
             f"cannot use endpoint {endpoint!r} (ipc://.../control.ipc or tcp://HOST:PORT)"
         )
-    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
-
     paths = DaemonPaths(resolve_home(home))
     info = paths.read_info()
     if info is None or not lock_is_held(paths):
         raise DaemonUnavailable(f"no daemon running on {paths.home} (start one with `dallm-daemon start`)")
-    return info["control"][0], info["events"][0]
+    _check_socket_folder(paths.state_dir)
+    control, events = info["control"][0], info["events"][0]
+    if control.startswith("ipc://"):
+        _check_socket_folder(Path(control[len("ipc://") :]).parent)
+    return control, events
+
+
+def _check_socket_folder(folder: Path) -> None:
+    """Refuse to talk through a folder someone else owns or could write in: a socket there may be
+    theirs (a forged daemon that reads our configs and answers with made-up jobs)."""
+    from dallm.private import folder_problem
+
+    problem = folder_problem(folder, strict=False)  # no one else may write in it: no forged socket
+    if problem:
+        raise DaemonError("unsafe", f"socket folder {folder} {problem}; refusing to use it")
+
+
+def home_curve_keys(home: str | Path | None) -> tuple[Path, Path] | None:
+    """(server public key, local client secret key) of the daemon on `home`, when this user can read
+    them: how the same user's CLI and TUI reach a TCP bind of their own daemon without options."""
+    from dallm.home import DaemonPaths, resolve_home
+    from dallm.transport import local_client_key_paths
+
+    keys = DaemonPaths(resolve_home(home)).keys
+    server, (_, secret) = keys / "server.key", local_client_key_paths(keys)
+    try:
+        if server.is_file() and secret.is_file() and os.access(secret, os.R_OK):
+            return server, secret
+    except OSError:
+        pass
+    return None
 
 
 class DaemonClient:
@@ -124,6 +155,14 @@ class DaemonClient:
         self.timeout = timeout
         self.server_key = server_key or os.environ.get("DALLM_SERVER_KEY")
         self.client_key = client_key or os.environ.get("DALLM_CLIENT_KEY")
+        if self.endpoint.startswith("tcp://") and not (self.server_key and self.client_key):
+            found = home_curve_keys(home)
+            if found is None:
+                raise DaemonUnavailable(
+                    f"{self.endpoint}: a TCP endpoint needs CURVE keys (server_key and client_key, "
+                    "or $DALLM_SERVER_KEY and $DALLM_CLIENT_KEY; `dallm-daemon keys --client NAME`)"
+                )
+            self.server_key, self.client_key = found
         self.ctx = zmq.Context.instance()
         self._ids = itertools.count(1)
         self._sock: zmq.Socket | None = None
@@ -131,9 +170,8 @@ class DaemonClient:
     # --- plumbing -----------------------------------------------------------------------------
 
     def _secure(self, sock: zmq.Socket) -> None:
-        if self.endpoint.startswith("tcp://") and self.server_key and self.client_key:
-            from dallm.daemon.security import make_curve_client
-
+        if self.endpoint.startswith("tcp://"):
+            assert self.server_key and self.client_key  # __init__ refuses a TCP endpoint without keys
             make_curve_client(sock, self.server_key, self.client_key)
 
     def _socket(self) -> zmq.Socket:
@@ -191,11 +229,19 @@ class DaemonClient:
         return self.request(PingRequest(), timeout)
 
     def submit(
-        self, config: Any, *, priority: int = 0, retries: int = 0, source: str = "config"
+        self,
+        config: Any,
+        *,
+        priority: int = 0,
+        retries: int = 0,
+        source: str = "config",
+        config_dir: str | Path | None = None,
     ) -> JobSummary:
+        """config_dir: the folder of the config file; over IPC the job may use paths under it."""
         data = config if isinstance(config, dict) else config.model_dump(mode="json")
+        folder = str(Path(config_dir).resolve()) if config_dir is not None else None
         rep: JobReply = self.request(
-            SubmitRequest(config=data, priority=priority, retries=retries, source=source)
+            SubmitRequest(config=data, priority=priority, retries=retries, source=source, config_dir=folder)
         )
         return rep.job
 

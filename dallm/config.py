@@ -111,7 +111,6 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = Field(default=0, ge=0)
 
     @field_validator("device")
     @classmethod

@@ -23,7 +23,6 @@ Target features are computed once per job. The subset size is capped at the smal
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from dallm.config import ConfigError, JobConfig
 from dallm.evolution import write_evolution, write_grid
 from dallm.imagefiles import image_files
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
+from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
 from dallm.sampling import (
     ModelLike,
     SamplerSettings,
@@ -216,13 +216,10 @@ class LiveEvaluator:
             at_tp = self.kid_history.get(turning_step) if turning_step is not None else None
             if at_tp is not None:
                 out.update({f"turning_{k}": v for k, v in at_tp.items()})
-        folder = self.out_dir / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
         final = self.kid_history.get(final_step, {})
-        summary = {"final_step": final_step, "result_step": result_step, "turning_step": turning_step}
-        (folder / "summary.json").write_text(
-            json.dumps(summary | final | out | self.summary(), indent=2) + "\n"
-        )
+        summary = EvalSummary(final_step=final_step, turning_point=turning_step, result_step=result_step,
+                              **(final | out | self.summary()))  # fmt: skip
+        write_json(self.out_dir / EVAL_SUMMARY_FILE, summary)
         return out
 
     def summary(self) -> dict[str, float]:

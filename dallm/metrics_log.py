@@ -1,4 +1,5 @@
-"""`metrics.jsonl`: one JSON object per logged step, flushed line by line.
+"""`metrics.jsonl`: one JSON object per logged step (`dallm.protocol.files.MetricsLine`), flushed
+line by line.
 
 On resume or rollback to step N the file is cut after N first, so no step ever appears twice.
 Every checkpoint keeps a copy of the rows up to its step (`HISTORY` in its folder): a rollback that
@@ -8,25 +9,11 @@ own history back instead of leaving a hole.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
-from typing import Any
+
+from dallm.protocol.files import MetricsLine, metric_lines_upto, write_metric_lines
 
 HISTORY = "metrics.jsonl"  # a checkpoint folder's copy of the log up to its step
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    return rows
 
 
 class MetricsLog:
@@ -40,32 +27,21 @@ class MetricsLog:
         rows saved in `checkpoint` when it has them (the lineage of its weights, which a rollback
         may have cut from the log). Returns how many of those rows the log lacked."""
         self._file.close()
-        keep = _upto(read_metrics(self.path), step)
-        saved = _upto(read_metrics(checkpoint / HISTORY), step) if checkpoint is not None else []
-        restored = len({r["step"] for r in saved} - {r["step"] for r in keep})
-        _write_rows(self.path, saved or keep)
+        keep = metric_lines_upto(self.path, step)
+        saved = metric_lines_upto(checkpoint / HISTORY, step) if checkpoint is not None else []
+        restored = len({s for _, s in saved} - {s for _, s in keep})
+        write_metric_lines(self.path, [text for text, _ in (saved or keep)])
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         return restored
 
     def save_history(self, folder: Path, step: int) -> None:
         """Copy the rows up to `step` into a checkpoint folder (see the module's docstring)."""
         self._file.flush()
-        _write_rows(folder / HISTORY, _upto(read_metrics(self.path), step))
+        write_metric_lines(folder / HISTORY, [text for text, _ in metric_lines_upto(self.path, step)])
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(MetricsLine.of(step, values).model_dump_json() + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
-
-
-def _upto(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
-    return [r for r in rows if int(r.get("step", 0)) <= step]
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)

@@ -44,9 +44,12 @@ class ProgressEmit:
             transient=False,
         )
         self.task = self.bar.add_task("train", total=total, loss="-", fluct="-")
-        self.bar.start()
+        self.started = False  # drawn from the first event: a job refused before it starts draws nothing
 
     def __call__(self, event: JobEvent) -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
         if isinstance(event, StartedEvent):
             self.bar.update(self.task, completed=event.start_step, total=event.total_steps)
             self.bar.reset(self.task, completed=event.start_step, total=event.total_steps)
@@ -70,4 +73,5 @@ class ProgressEmit:
             self.inner(event)
 
     def close(self) -> None:
-        self.bar.stop()
+        if self.started:
+            self.bar.stop()

@@ -16,13 +16,14 @@ A plot whose metrics the job did not log is skipped with the reason.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-METRICS = "metrics.jsonl"
+from dallm.protocol import files
+
+METRICS = files.METRICS_FILE
 KID_REFS = (
     ("train", "training targets", "tab:blue"),
     ("val", "validation targets", "tab:orange"),
@@ -38,54 +39,28 @@ Rows = list[dict[str, float]]
 
 
 def read_metrics(path: Path) -> Rows:
-    """One merged row per step, in step order. A torn last line (a job still writing) is ignored."""
+    """`dallm.protocol.files.read_metrics` (one merged row per step, in step order; a torn last line
+    is ignored), with an error for a folder that has no metrics yet."""
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file (is this a job's output folder?)")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such file (is this a job's output folder?)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    lines = text.split("\n")
-    by_step: dict[int, dict[str, float]] = {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: still being written
-                continue
-            raise ReportError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        step = obj.get("step") if isinstance(obj, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ReportError(f'{path}:{n}: expected a JSON object with a non-negative integer "step"')
-        if by_step and step < max(by_step):
-            by_step = {s: r for s, r in by_step.items() if s < step}  # superseded history
-        row = by_step.setdefault(step, {})
-        for key, value in obj.items():
-            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                row[key] = float(value)
-    if not by_step:
+        rows = files.read_metrics(path)
+    except files.MetricsFileError as e:
+        raise ReportError(str(e)) from None
+    if not rows:
         raise ReportError(f"{path}: empty (no metrics written yet)")
-    return [{"step": float(s), **by_step[s]} for s in sorted(by_step)]
+    return rows
 
 
 def read_result(out_dir: Path) -> dict[str, Any]:
-    """`result.json` of a finished job, or {} (a running job, or an unreadable file)."""
-    try:
-        data = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """`result.json` of a finished job as a dict, or {} (a running job, or not a result file)."""
+    return files.result_dict(out_dir)
 
 
 def read_turning_point(out_dir: Path) -> int | None:
-    """The turning point from `result.json` ("turning_point": N or {"step": N}, or "turning_step")."""
-    data = read_result(out_dir)
-    value: Any = data.get("turning_point", data.get("turning_step"))
-    if isinstance(value, dict):
-        value = value.get("step")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """The turning point from `result.json`."""
+    result = files.read_result(out_dir)
+    return result.turning_point if result is not None else None
 
 
 def _number(value: Any) -> bool:

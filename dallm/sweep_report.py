@@ -45,7 +45,7 @@ def find_sweep(ref: str | Path, home: str | None = None) -> Path:
         return p
     candidates = [Path("runs") / str(ref)]
     try:
-        from dallm.daemon.paths import resolve_home
+        from dallm.home import resolve_home
 
         candidates.append(Path(resolve_home(home)) / "jobs" / str(ref))
     except Exception:  # noqa: BLE001 - no daemon home: only the local folders

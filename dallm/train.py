@@ -12,13 +12,10 @@ Steps count from 1; "step N" means the weights after N optimizer steps (step 0: 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,34 +37,24 @@ from dallm.models import load_parts, read_resolution, resolve_base
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
-    FinishedEvent,
+    Emit,
     InterruptCommand,
     JobCommand,
     JobEvent,
+    JobResult,
     LogEvent,
     MetricsEvent,
+    Poll,
     RollbackCommand,
     RolledBackEvent,
     StartedEvent,
     StopCommand,
     TurningPointEvent,
 )
+from dallm.protocol.files import RESULT_FILE, ResultFile, write_json
 from dallm.trainer import Trainer, isolated_rng, pick_device
 
-__all__ = ["TrainResult", "train"]
-
-Emit = Callable[[JobEvent], None]
-Poll = Callable[[], JobCommand | None]
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    final_step: int  # the last step trained (the stop step)
-    result_step: int  # the step whose weights were written as the result
-    reason: str  # completed | early_stop | stopped | rolled_back | interrupted
-    turning_point: int | None
-    seen_at: int | None = None  # the step at which the turning point was confirmed
+__all__ = ["JobResult", "train"]
 
 
 def _noop(_: JobEvent) -> None:
@@ -87,8 +74,7 @@ def train(
     resume: Path | None = None,
     emit: Emit | None = None,
     poll: Poll | None = None,
-    progress: bool = False,
-) -> TrainResult:
+) -> JobResult:
     """Run the job `cfg` into `out_dir` (default `cfg.out`), from scratch or from a checkpoint.
 
     `resume` is a checkpoint folder or an output folder (its latest checkpoint); without `out_dir`
@@ -104,10 +90,6 @@ def train(
         out_dir = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else cfg.out
     out = Path(out_dir)
     emit = emit or _noop
-    if progress:
-        from dallm.progress import ProgressEmit
-
-        emit = ProgressEmit(cfg.train.steps, emit)
 
     device = pick_device(cfg.train.device)
     source = resolve_base(cfg.model.base)
@@ -140,8 +122,6 @@ def train(
         return job.run(ckpt)
     finally:
         job.log.close()
-        if progress and hasattr(emit, "close"):
-            emit.close()
 
 
 class Job:
@@ -160,7 +140,7 @@ class Job:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self, ckpt: Path | None) -> TrainResult:
+    def run(self, ckpt: Path | None) -> JobResult:
         cfg = self.cfg
         if ckpt is not None:
             self._restore(load_checkpoint(ckpt))
@@ -237,7 +217,7 @@ class Job:
             )
         return tp
 
-    def _obey(self, cmd: JobCommand | None) -> TrainResult | None:
+    def _obey(self, cmd: JobCommand | None) -> JobResult | None:
         if cmd is None:
             return None
         if isinstance(cmd, StopCommand):
@@ -291,7 +271,7 @@ class Job:
         self.emit(CheckpointEvent(step=self.step, path=str(folder.relative_to(self.out))))
         return folder
 
-    def _rollback(self, step: int, resume: bool) -> TrainResult | None:
+    def _rollback(self, step: int, resume: bool) -> JobResult | None:
         state = self._state_at(step, need_optimizer=resume) if 0 <= step <= self.step else None
         if state is None:
             have = sorted({s for s, _ in list_checkpoints(self.ckpt_root)} | set(self._snapshot_steps()))
@@ -339,7 +319,7 @@ class Job:
         *,
         final_step: int | None = None,
         write: bool = True,
-    ) -> TrainResult:
+    ) -> JobResult:
         """End the run at the current step. `result_step` None: what early stopping chooses."""
         final_step = self.step if final_step is None else final_step
         extra: dict = {}
@@ -367,27 +347,29 @@ class Job:
                     extra |= self.evaluator.result(result_step, self.turning_point, self.step)
             self.trainer.write_weights(self.out, state)
         tp, seen = self.turning_point, self.early.seen_at if self.early is not None else None
-        result = TrainResult(self.out, final_step, result_step, reason, tp, seen)
-        info = {
-            "reason": reason,
-            "final_step": final_step,
-            "stop_step": self.step,
-            "result_step": result_step,
-        }
-        info |= {"turning_point": tp, "seen_at": seen, "total_steps": self.cfg.train.steps}
-        info |= {"steps_saved": 1 - self.step / self.cfg.train.steps}
-        if choice is not None:
-            info |= {"selected_by": choice.why, "within_noise": list(choice.within_noise)}
-        info |= {"eval": extra}
-        tmp = self.out / "result.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, self.out / "result.json")
-        finished = FinishedEvent(
+        result = JobResult(
+            out_dir=self.out,
             reason=reason,  # type: ignore[arg-type]
             final_step=final_step,
             result_step=result_step,
+            turning_point=tp,
+            seen_at=seen,
             result_kid_val=extra.get("result_kid_val"),
             result_kid_val_std=extra.get("result_kid_val_std"),
         )
-        self.emit(finished)
+        info = ResultFile(
+            reason=result.reason,
+            final_step=final_step,
+            stop_step=self.step,
+            result_step=result_step,
+            turning_point=tp,
+            seen_at=seen,
+            total_steps=self.cfg.train.steps,
+            steps_saved=1 - self.step / self.cfg.train.steps,  # counted from the stop step
+            selected_by=choice.why if choice is not None else None,
+            within_noise=list(choice.within_noise) if choice is not None else [],
+            eval=extra,
+        )
+        write_json(self.out / RESULT_FILE, info)
+        self.emit(result.finished_event())
         return result

@@ -22,7 +22,7 @@ import pytest
 from dallm.client import DaemonClient, DaemonError
 from dallm.protocol import TERMINAL_STATES, JobSummary
 
-FAKE = "dallm.daemon.fake:train"
+FAKE = "dallm.testing.fake_engine:train"
 
 
 class DaemonProc:
@@ -34,6 +34,8 @@ class DaemonProc:
         self.env = dict(os.environ)
         self.env.pop("DALLM_CONNECT", None)
         self.env["DALLM_FAKE_STEP_S"] = str(step_s)
+        # Test data and outputs live in the temp folder: allow it (DALLM_ALLOW="" for none).
+        self.env["DALLM_ALLOW"] = tempfile.gettempdir()
         if runner:
             self.env["DALLM_JOB_RUNNER"] = runner
         else:

@@ -53,7 +53,9 @@ def test_priorities_then_fifo(daemons) -> None:
         assert sorted(started, key=started.get) == [first.id, high1.id, high2.id, low.id]
 
 
-def test_stop_finishes_with_turning_point_weights(daemons) -> None:
+def test_stop_finishes_at_the_turning_point(daemons) -> None:
+    # The daemon's part (the fake engine writes no weights; tests/test_train_control.py checks that
+    # the real engine's result weights are the turning point's, bit for bit).
     d = daemons(step_s=0.02)
     with d.client() as c:
         job = c.submit(config("a-tp.4", steps=500, every=5))
@@ -61,6 +63,9 @@ def test_stop_finishes_with_turning_point_weights(daemons) -> None:
         c.stop(job.id)
         s = wait_state(c, job.id, "stopped-early")
         assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        assert s.step >= 10  # it had trained past the turning point
+        result = json.loads((Path(s.out_dir) / "result.json").read_text())
+        assert (result["reason"], result["result_step"], result["turning_point"]) == ("stopped", 4, 4)
         with pytest.raises(DaemonError) as err:
             c.stop(job.id)
         assert err.value.code == "conflict"
@@ -230,7 +235,7 @@ def test_metrics_events_are_typed(daemons) -> None:
 
 
 def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dallm.daemon.cli", *args, "--home", str(home)],
@@ -253,9 +258,9 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
 
 
 def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from dallm.daemon.paths import DaemonPaths
+    from dallm.home import DaemonPaths
 
-    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.daemon.fake:train")
+    monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.testing.fake_engine:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")
     cfg = tmp_path / "job.toml"
     write_images(tmp_path / "imgs", 2)
@@ -288,3 +293,37 @@ def test_listing_does_not_import_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["3", "[]"], out.stdout + out.stderr
+
+
+def test_rollback_rolls_the_summary_kid_back(daemons) -> None:
+    """A rollback from 44 to 20 erased the evaluation of step 40: the summary (`ls`, the queue) shows
+    step 20's KID and spread, not step 40's (the fake engine logs kid_val = 1/step every eval.every)."""
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        job = c.submit(config("a", steps=1000, every=10, eval={"every": 10})).id
+        wait_step(c, job, 44)
+        assert c.summary(job).kid_val == pytest.approx(1 / 40)
+        c.rollback(job, 20)
+        s = wait_state(c, job, "stopped-early")
+        assert (s.step, s.kid_val, s.kid_val_std) == (20, pytest.approx(1 / 20), pytest.approx(0.1 / 20))
+        assert next(j for j in c.jobs() if j.id == job).kid_val == pytest.approx(1 / 20)
+
+
+def test_finish_only_rollback_of_an_ended_job_says_what_it_waits_for(daemons) -> None:
+    """With the one slot taken, the rollback waits as queued and says for what; then it trains no
+    step and is `stopping` (writing the result), never `running` with an ETA."""
+    d = daemons(step_s=0.02)
+    with d.client() as c:
+        done = c.submit(config("done", steps=20, every=5)).id
+        wait_state(c, done, "finished")
+        busy = c.submit(config("busy", steps=5000, every=1000)).id
+        wait_state(c, busy, "running")
+        c.rollback(done, 10)
+        s = c.summary(done)
+        assert s.state == "queued" and f"waits for a free slot (running: job {busy})" in s.reason
+        c.cancel(busy)
+        s = wait_state(c, done, "stopped-early")
+        assert s.result_step == 10
+        states = [t.to_state for t in c.show(done).transitions]
+        assert states[-4:] == ["finished", "queued", "stopping", "stopped-early"], states
+        assert "writing the result of step 10" in c.show(done).transitions[-2].reason

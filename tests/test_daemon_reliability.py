@@ -1,6 +1,6 @@
 # ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
 """The reliability list of the daemon issue, each one a test (fake engine; fault injection by job
-name, see dallm.daemon.fake)."""
+name, see dallm.testing.fake_engine)."""
 
 from __future__ import annotations
 

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from dallm.daemon.paths import DaemonLock, DaemonPaths, LockHeld, lock_is_held
+
 from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
 from dallm.daemon.store import Store
-
-from dallm.protocol import WorkerDone, WorkerError
+from dallm.home import DaemonLock, DaemonPaths, LockHeld, lock_is_held
+from dallm.protocol import JobResult, WorkerError
 
 
 def test_queue_order_priorities_then_fifo(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def _worker(**kw) -> WorkerProc:
 
 
 def test_outcomes() -> None:
-    done = WorkerDone(out_dir="o", final_step=9, result_step=5, reason="stopped")
+    done = JobResult(out_dir="o", final_step=9, result_step=5, reason="stopped")
     assert outcome(_worker(done=done), False, 0)[0] == "stopped-early"
     done = done.model_copy(update={"reason": "completed"})
     assert outcome(_worker(done=done), False, 0)[:2] == ("finished", "completed 9 steps")
@@ -127,8 +127,8 @@ def test_worker_errors_are_classified() -> None:
 
 def test_worker_leaves_out_values_json_cannot_carry(tmp_path: Path) -> None:
     import zmq
-    from dallm.daemon.worker import WorkerLink
 
+    from dallm.daemon.worker import WorkerLink
     from dallm.protocol import MetricsEvent
 
     ctx = zmq.Context.instance()

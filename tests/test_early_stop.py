@@ -118,7 +118,7 @@ def run_like_a_trainer(m: int, cs: np.ndarray, lr: float, first_step: int = 1, *
     value = {"cs": 0.0}
     es = EarlyStop(
         None,
-        cfg_for(first_step + len(cs), window=m, start_step=0, select="turning", **monitor),
+        cfg_for(first_step + len(cs), window=m, start_step=0, select="turning", rule="guarded", **monitor),
         has_val_kid=False,
         cs_fn=lambda: value["cs"],
     )

@@ -52,7 +52,7 @@ BAD: dict[str, tuple[Callable[[Path], Any], dict[str, dict[str, Any]], str]] = {
     ),
     "too small": (lambda d: write_images(d, 3, size=8), {}, "data.dir: {d}/img000.png: too small (8x8)"),
     "limit": (lambda d: None, {"data": {"limit": 5}}, "data.dir: {d} has 3 usable images, fewer than data.limit=5"),
-    "nonexistent model": (lambda d: None, {"model": {"base": "/nonexistent"}}, "model.base: folder /nonexistent does not exist"),
+    "nonexistent model": (lambda d: None, {"model": {"base": "/tmp/nonexistent-model"}}, "model.base: folder /tmp/nonexistent-model does not exist"),
     "not a model id": (lambda d: None, {"model": {"base": "what is this?"}}, "model.base: 'what is this?' is neither"),
     "rank": (lambda d: None, {"lora": {"rank": 64}}, "lora.rank: 64 is wider than the model's narrowest attention layers (48)"),
     "text rank": (lambda d: None, {"lora": {"text_encoder": True, "text_encoder_rank": 65}}, "lora.text_encoder_rank: 65 is wider than the text encoder (64)"),

@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -39,7 +40,13 @@ def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, sam
                 kid |= {"base_kid_train": 0.045, "base_kid_val": 0.05}
                 f.write(json.dumps({"step": s, **kid}) + "\n")
     if turning is not None:
-        (folder / "result.json").write_text(json.dumps({"turning_point": turning, "result_step": turning}))
+        result = {
+            "reason": "early_stop",
+            "final_step": steps,
+            "result_step": turning,
+            "turning_point": turning,
+        }
+        (folder / "result.json").write_text(json.dumps(result))
     if samples:
         gen = torch.Generator().manual_seed(0)
         base = torch.rand(6, 3, 16, 16, generator=gen)
@@ -48,6 +55,16 @@ def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, sam
             images = to_pil(base * (1 - shade) + shade * torch.tensor([0.8, 0.6, 0.1])[:, None, None])
             write_grid(folder, step, images, ["a red circle", "a cat", "a blue square"], [0, 1], thumbnail=32)
     return folder
+
+
+def pixels_near(path: Path, colour: str, tolerance: int = 40) -> int:
+    """How many pixels of the PNG are within `tolerance` (per channel) of a matplotlib colour."""
+    from matplotlib.colors import to_rgb
+
+    want = np.array([round(255 * c) for c in to_rgb(colour)])
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int((np.abs(rgb - want).max(axis=-1) <= tolerance).sum())
 
 
 def test_report_writes_all_plots(tmp_path: Path) -> None:
@@ -59,6 +76,13 @@ def test_report_writes_all_plots(tmp_path: Path) -> None:
         with Image.open(path) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     assert results["kid"] == job / "report" / "kid.png"
+    # What is drawn, not only that a file exists: the curves in their colours, the turning point.
+    assert pixels_near(results["loss"], "tab:blue") > 500
+    assert pixels_near(results["kid"], "tab:orange") > 200 and pixels_near(results["kid"], "tab:blue") > 200
+    assert pixels_near(results["cs"], "tab:red", tolerance=20) > 50  # the turning point's line
+    with Image.open(results["samples"]) as im:
+        colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
+    assert len(colours) > 50  # the sample grids, not a blank canvas
 
 
 def test_report_cli_out_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,9 +99,10 @@ def test_report_skips_what_was_not_logged(tmp_path: Path) -> None:
     job.mkdir()
     (job / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
     results = write_report(job)
-    assert isinstance(results["loss"], Path)
+    assert isinstance(results["loss"], Path) and pixels_near(results["loss"], "tab:blue") > 100
     assert "kid" in str(results["kid"]) and isinstance(results["kid"], str)
     assert isinstance(results["cs"], str) and isinstance(results["samples"], str)
+    assert sorted(p.name for p in (job / "report").iterdir()) == ["loss.png"]  # nothing blank written
 
 
 def test_rows_merge_and_rollback_supersedes(tmp_path: Path) -> None:
@@ -122,13 +147,17 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "metrics.jsonl:1: not valid JSON" in capsys.readouterr().err
 
 
-def test_turning_point_formats(tmp_path: Path) -> None:
+def test_turning_point_from_result_json(tmp_path: Path) -> None:
     assert read_turning_point(tmp_path) is None
-    (tmp_path / "result.json").write_text('{"turning_point": {"step": 40, "seen_at": 55}}')
+    done = {"reason": "early_stop", "final_step": 55, "result_step": 40}
+    (tmp_path / "result.json").write_text(json.dumps({**done, "turning_point": 40}))
     assert read_turning_point(tmp_path) == 40
-    (tmp_path / "result.json").write_text('{"turning_step": 7}')
-    assert read_turning_point(tmp_path) == 7
-    (tmp_path / "result.json").write_text('{"turning_point": null}')
+    (tmp_path / "result.json").write_text(json.dumps({**done, "turning_point": None}))
+    assert read_turning_point(tmp_path) is None
+    # One format (ResultFile): anything else is not a result file.
+    (tmp_path / "result.json").write_text(json.dumps({**done, "turning_step": 7}))
+    assert read_turning_point(tmp_path) is None
+    (tmp_path / "result.json").write_text('{"turning_point": 40')
     assert read_turning_point(tmp_path) is None
 
 
@@ -149,7 +178,8 @@ def test_final_and_turning_kid_from_result_json(tmp_path: Path) -> None:
 
     job = synthetic_job(tmp_path / "job", steps=110, samples=False, turning=60)
     ev = {"kid_val": 0.02, "kid_val_std": 0.001, "turning_kid_val": 0.03, "eval_seconds_total": 5.0}
-    (job / "result.json").write_text(json.dumps({"final_step": 110, "turning_point": 60, "eval": ev}))
+    done = {"reason": "stopped", "final_step": 110, "result_step": 60, "turning_point": 60, "eval": ev}
+    (job / "result.json").write_text(json.dumps(done))
     result = read_result(job)
     rows = merge_final_eval(read_metrics(job / "metrics.jsonl"), result)
     assert rows[-1]["step"] == 110 and rows[-1]["kid_val"] == 0.02 and rows[-1]["loss"] > 0

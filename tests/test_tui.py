@@ -7,15 +7,16 @@ import time
 from collections.abc import Callable
 
 import pytest
+
+from dallm.protocol import MetricsEvent
+from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import EMPTY_QUEUE, DallmApp
 from dallm.tui.chart import Chart
-from dallm.tui.connection import Action, FakeConnection, Outcome
+from dallm.tui.connection import Action, Outcome
 from dallm.tui.demo import demo_connection, job_events
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
 from dallm.tui.thumbnail import Thumbnail
 from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
-
-from dallm.protocol import MetricsEvent
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
 
@@ -37,7 +38,7 @@ async def until(pilot, predicate: Callable[[], bool], timeout: float = 5.0) -> N
         await pilot.pause(0.02)
 
 
-def loaded(app: DallmApp, job: str = "1") -> Callable[[], bool]:
+def loaded(app: DallmApp, job: int = 1) -> Callable[[], bool]:
     def check() -> bool:
         d = app.model.data.get(job)
         return d is not None and d.loaded and app.query_one(ConnectionBar).connected
@@ -78,10 +79,10 @@ async def test_failed_job_shows_its_reason(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        await pilot.press("down", "down")  # job 3, the failed one
-        await until(pilot, loaded(app, "3"))
+        await pilot.press("down", "down")  # job 3, the failed one (run order: 1, 4, 3, 2)
+        await until(pilot, loaded(app, 3))
         await pilot.pause()
-        assert app.selected == "3"
+        assert app.selected == 3
         assert "oom: CUDA out of memory at step 137" in header_text(app)
         assert "failed" in header_text(app)
         assert "CUDA out of memory at step 137" in log_text(app)
@@ -95,7 +96,7 @@ async def test_stop_asks_then_sends_and_shows_the_reply(conn: FakeConnection) ->
         assert isinstance(app.screen, ConfirmScreen)
         assert "turning-point weights (step 180)" in app.screen.question
         await pilot.press("y")
-        await until(pilot, lambda: conn.sent == [Action("stop", "1")])
+        await until(pilot, lambda: conn.sent == [Action("stop", 1)])
         await until(pilot, lambda: "1: stopping" in notifications(app))
         assert "✓ 1: stopping" in log_text(app)
 
@@ -136,7 +137,7 @@ async def test_rollback_to_the_chosen_checkpoint(conn: FakeConnection, key: str,
         assert isinstance(app.screen, RollbackScreen)
         assert "step 200" in app.screen.question
         await pilot.press(key)
-        await until(pilot, lambda: conn.sent == [Action("rollback", "1", step=200, resume=resume)])
+        await until(pilot, lambda: conn.sent == [Action("rollback", 1, step=200, resume=resume)])
         await until(pilot, lambda: "1: rolling back" in notifications(app))
 
 
@@ -156,15 +157,15 @@ async def test_cancel_and_priority_keys(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        await pilot.press("c")
+        await pilot.press("X")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
-        await until(pilot, lambda: Action("cancel", "1") in conn.sent)
+        await until(pilot, lambda: Action("cancel", 1) in conn.sent)
         await pilot.press("plus")
-        await until(pilot, lambda: Action("priority", "1", priority=1) in conn.sent)
-        await until(pilot, lambda: app.model.jobs["1"].priority == 1)  # the queue was listed again
+        await until(pilot, lambda: Action("priority", 1, priority=1) in conn.sent)
+        await until(pilot, lambda: app.model.jobs[1].priority == 1)  # the queue was listed again
         await pilot.press("minus")
-        await until(pilot, lambda: Action("priority", "1", priority=0) in conn.sent)
+        await until(pilot, lambda: Action("priority", 1, priority=0) in conn.sent)
         await until(pilot, lambda: "1: priority 0" in notifications(app))
 
 
@@ -172,8 +173,8 @@ async def test_finished_job_cannot_be_stopped(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        await pilot.press("down")
-        await until(pilot, lambda: app.selected == "2")
+        await pilot.press("down", "down", "down")  # run order: 1 running, 4 queued, 3, 2 ended
+        await until(pilot, lambda: app.selected == 2)
         await pilot.press("s")
         await until(pilot, lambda: any("already finished" in m for m in notifications(app)))
         assert conn.sent == []
@@ -183,13 +184,13 @@ async def test_live_events_update_queue_and_charts(conn: FakeConnection) -> None
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        series = app.model.data["1"].series["loss"]
+        series = app.model.data[1].series["loss"]
         assert len(series) == 300
-        conn.emit("1", *job_events(320, 1000, start=300))
+        conn.emit(1, *job_events(320, 1000, start=300))
         await until(pilot, lambda: len(series) == 320)
         table = app.query_one(JobTable)
         await until(pilot, lambda: str(table.get_cell("1", "step")) == "320/1000")
-        assert app.model.data["1"].samples[-1].step == 300
+        assert app.model.data[1].samples[-1].step == 300
 
 
 async def test_reconnect_backfills_without_gaps_or_duplicates(conn: FakeConnection) -> None:
@@ -205,17 +206,16 @@ async def test_reconnect_backfills_without_gaps_or_duplicates(conn: FakeConnecti
         await pilot.press("plus")
         await until(pilot, lambda: any(m.startswith("not sent") for m in notifications(app)))
         # The job went on while the TUI could not see it.
-        conn.emit("1", *job_events(350, 1000, start=300), live=False)
+        conn.emit(1, *job_events(350, 1000, start=300), live=False)
         conn.come_back()
         await until(pilot, lambda: bar.connected)
-        series = app.model.data["1"].series["loss"]
+        series = app.model.data[1].series["loss"]
         await until(pilot, lambda: len(series) == 350)
-        conn.emit("1", MetricsEvent(step=351, values={"loss": 0.1}))
+        conn.emit(1, MetricsEvent(step=351, values={"loss": 0.1}))
         await until(pilot, lambda: len(series) == 351)
         steps = series.steps
         assert list(steps) == list(range(1, 352))
-        assert conn.connects >= 2
-        assert app.model.jobs["1"].step == 351
+        assert app.model.jobs[1].step == 351
 
 
 async def test_help_toggle_and_sample_keys(conn: FakeConnection) -> None:
@@ -273,21 +273,25 @@ async def test_mouse_selects_a_job(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
+        assert app.selected == 1
         await pilot.click(JobTable, offset=(5, 3))  # header row, then rows 1..: row index 2 = job 3
-        await until(pilot, lambda: app.selected == "3")
+        await until(pilot, lambda: app.selected == 3)
+        await until(pilot, lambda: "sweep-r1-n5" in header_text(app))
 
 
 def test_main_rejects_unknown_image_mode(capsys) -> None:
     from dallm.tui.app import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         main(["--images", "png"])
+    assert exited.value.code == 2
+    assert "--images: invalid choice: 'png'" in capsys.readouterr().err
 
 
 async def test_initial_job_is_shown_first(conn: FakeConnection) -> None:
-    app = DallmApp(conn, poll_timeout=0.02, backoff=(0.05, 0.2), initial_job="4")
+    app = DallmApp(conn, poll_timeout=0.02, backoff=(0.05, 0.2), initial_job=4)
     async with app.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: app.selected == "4" and app.model.data["4"].loaded)
+        await until(pilot, lambda: app.selected == 4 and app.model.data[4].loaded)
         assert "teacher-style-50" in header_text(app)
 
 
@@ -298,7 +302,7 @@ def test_command_line() -> None:
     assert (args.home, args.images, args.job, args.connect, args.demo) == (
         "/tmp/h",
         "halfblock",
-        "3",
+        3,
         None,
         False,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
+
 from dallm.tui.app import DallmApp
 from dallm.tui.daemon_connection import open_connection
 from dallm.tui.screens import ConfirmScreen
@@ -30,7 +31,7 @@ async def until(pilot, predicate: Callable[[], bool], timeout: float = 30.0) -> 
         await pilot.pause(0.05)
 
 
-def points(app: DallmApp, job: str, name: str = "loss") -> int:
+def points(app: DallmApp, job: int, name: str = "loss") -> int:
     d = app.model.data.get(job)
     s = d.series.get(name) if d is not None and d.loaded else None
     return len(s) if s is not None else 0
@@ -48,7 +49,7 @@ async def test_tui_on_a_real_daemon(home: Path, daemons) -> None:  # noqa: F811
     app = DallmApp(open_connection(home=str(home)), poll_timeout=0.05, backoff=(0.2, 1.0))
     async with app.run_test(size=(120, 40)) as pilot:
         bar = app.query_one(ConnectionBar)
-        jid, fid = str(job.id), str(failing.id)
+        jid, fid = job.id, failing.id
         await until(pilot, lambda: bar.connected and app.selected == jid)  # the running job first
         await until(pilot, lambda: points(app, jid) > 20)
         await until(pilot, lambda: app.model.data[jid].turning_point == 15)
@@ -72,7 +73,9 @@ async def test_tui_on_a_real_daemon(home: Path, daemons) -> None:  # noqa: F811
         steps = app.model.data[jid].series["loss"].steps
         assert (steps[1:] > steps[:-1]).all()  # no duplicates after the backfill
 
-        # `s` (confirmed) stops it; the daemon reports stopped-early.
+        # `s` (confirmed) stops it; the daemon reports stopped-early. (The TUI must have seen the
+        # restarted job running first: `s` is refused for a job it still shows queued.)
+        await until(pilot, lambda: app.model.jobs[jid].state == "running" and app.selected == jid)
         await pilot.press("s")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")

@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dallm.tui import images
-from dallm.tui.chart import column_spans
-from dallm.tui.connection import Envelope, JobSummary, StateChange
-from dallm.tui.model import Model, Series, eta_seconds, format_eta
 from PIL import Image
 
-from dallm.protocol import CheckpointEvent, MetricsEvent, RolledBackEvent, TurningPointEvent
+from dallm.protocol import (
+    CheckpointEvent,
+    EventEnvelope,
+    JobState,
+    JobStateEvent,
+    JobSummary,
+    MetricsEvent,
+    RolledBackEvent,
+    TurningPointEvent,
+    job_topic,
+)
+from dallm.tui import images
+from dallm.tui.chart import column_spans
+from dallm.tui.model import Model, Series, eta_seconds, format_eta
+
+
+def env(seq: int, event, superseded: bool = False) -> EventEnvelope:
+    """An event of job 1 as the daemon publishes it."""
+    return EventEnvelope(seq=seq, topic=job_topic(1), job=1, t=0.0, event=event, superseded=superseded)
+
+
+def state_event(row: JobSummary, state: JobState, reason: str) -> JobStateEvent:
+    return JobStateEvent(job=row.model_copy(update={"state": state, "reason": reason}), reason=reason)
+
 
 # -- chart ----------------------------------------------------------------------------------------
 
@@ -127,64 +146,62 @@ def test_series_grows_and_rewrites_after_a_resume() -> None:
 
 def test_model_merges_history_and_live_without_duplicates() -> None:
     m = Model()
-    m.set_jobs([JobSummary(id="1", name="a", state="running", total_steps=100)])
-    d = m.data_for("1")  # the user selected the job: its history is on the way
-    live = [Envelope(3, "1", MetricsEvent(step=3, values={"loss": 0.3}))]
+    m.set_jobs([JobSummary(id=1, name="a", state="running", total_steps=100)])
+    d = m.data_for(1)  # the user selected the job: its history is on the way
+    live = [env(3, MetricsEvent(step=3, values={"loss": 0.3}))]
     m.apply_live(live)
     assert not d.loaded and len(d.pending) == 1
-    history = [Envelope(i, "1", MetricsEvent(step=i, values={"loss": i / 10})) for i in (1, 2, 3)]
-    m.apply_history("1", history)
-    m.apply_live([Envelope(3, "1", MetricsEvent(step=3, values={"loss": 0.3}))])  # a duplicate
-    m.apply_live([Envelope(5, "1", MetricsEvent(step=4, values={"loss": 0.4}))])
+    history = [env(i, MetricsEvent(step=i, values={"loss": i / 10})) for i in (1, 2, 3)]
+    m.apply_history(1, history)
+    m.apply_live([env(3, MetricsEvent(step=3, values={"loss": 0.3}))])  # a duplicate
+    m.apply_live([env(5, MetricsEvent(step=4, values={"loss": 0.4}))])
     assert list(d.series["loss"].steps) == [1, 2, 3, 4]
-    assert m.jobs["1"].step == 4
+    assert m.jobs[1].step == 4
 
 
 def test_model_rollback_turning_point_and_failure() -> None:
     m = Model()
-    m.set_jobs([JobSummary(id="1", name="a", state="running")])
+    m.set_jobs([JobSummary(id=1, name="a", state="running")])
     events: list = [
         MetricsEvent(step=s, values={"loss": 1.0, "cs_fluct": 2.0, "cs_fluct_step": s - 5})
         for s in range(10, 41, 10)
     ]
     events += [CheckpointEvent(step=20, path="c/20"), TurningPointEvent(step=30, seen_at=40)]
     events += [RolledBackEvent(step=20, resume=True)]
-    m.apply_history("1", [Envelope(i + 1, "1", e) for i, e in enumerate(events)])
-    d = m.data["1"]
+    m.apply_history(1, [env(i + 1, e) for i, e in enumerate(events)])
+    d = m.data[1]
     assert list(d.series["cs_fluct"].steps) == [5, 15]  # placed at cs_fluct_step, cut at the rollback
     assert "cs_fluct_step" not in d.series
     assert list(d.series["loss"].steps) == [10, 20]
     assert d.turning_point is None  # it was found after the step rolled back to
-    m.apply_live([Envelope(99, "1", StateChange("failed", "oom: CUDA out of memory"))])
-    assert m.jobs["1"].state == "failed" and m.jobs["1"].reason == "oom: CUDA out of memory"
+    m.apply_live([env(99, state_event(m.jobs[1], "failed", "oom: CUDA out of memory"))])
+    assert m.jobs[1].state == "failed" and m.jobs[1].reason == "oom: CUDA out of memory"
     assert d.log[-1] == ("error", "state failed: oom: CUDA out of memory")
 
 
 def test_eta() -> None:
-    row = JobSummary(id="1", name="a", state="running", step=100, total_steps=1000, steps_per_s=3.0)
+    row = JobSummary(id=1, name="a", state="running", step=100, total_steps=1000, steps_per_s=3.0)
     assert eta_seconds(row) == 300
     assert format_eta(300) == "5m00s" and format_eta(7300) == "2h01m" and format_eta(None) == "-"
-    assert eta_seconds(JobSummary(id="1", name="a", state="queued", total_steps=10, steps_per_s=1.0)) is None
+    assert eta_seconds(JobSummary(id=1, name="a", state="queued", total_steps=10, steps_per_s=1.0)) is None
 
 
 def test_rollback_keeps_the_abandoned_branch_apart() -> None:
     m = Model()
-    m.set_jobs([JobSummary(id="1", name="a", state="running")])
-    live = [Envelope(s, "1", MetricsEvent(step=s, values={"loss": 1.0})) for s in range(1, 11)]
-    m.apply_history("1", live)
-    m.apply_live([Envelope(11, "1", RolledBackEvent(step=6, resume=True))])
-    m.apply_live([Envelope(12, "1", MetricsEvent(step=7, values={"loss": 0.5}))])
-    d = m.data["1"]
+    m.set_jobs([JobSummary(id=1, name="a", state="running")])
+    live = [env(s, MetricsEvent(step=s, values={"loss": 1.0})) for s in range(1, 11)]
+    m.apply_history(1, live)
+    m.apply_live([env(11, RolledBackEvent(step=6, resume=True))])
+    m.apply_live([env(12, MetricsEvent(step=7, values={"loss": 0.5}))])
+    d = m.data[1]
     assert list(d.series["loss"].steps) == [1, 2, 3, 4, 5, 6, 7]
     assert list(d.superseded["loss"].steps) == [7, 8, 9, 10]
     # The same run read back from the daemon's history, where the replaced events come flagged.
     m2 = Model()
-    hist = [
-        Envelope(s, "1", MetricsEvent(step=s, values={"loss": 1.0}), superseded=s > 6) for s in range(1, 11)
-    ]
-    hist += [Envelope(11, "1", RolledBackEvent(step=6, resume=True))]
-    hist += [Envelope(12, "1", MetricsEvent(step=7, values={"loss": 0.5}))]
-    m2.apply_history("1", hist)
-    d2 = m2.data["1"]
+    hist = [env(s, MetricsEvent(step=s, values={"loss": 1.0}), superseded=s > 6) for s in range(1, 11)]
+    hist += [env(11, RolledBackEvent(step=6, resume=True))]
+    hist += [env(12, MetricsEvent(step=7, values={"loss": 0.5}))]
+    m2.apply_history(1, hist)
+    d2 = m2.data[1]
     assert list(d2.series["loss"].steps) == list(d.series["loss"].steps)
     assert list(d2.superseded["loss"].steps) == [7, 8, 9, 10]

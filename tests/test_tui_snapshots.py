@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
-from dallm.tui.connection import FakeConnection
 from dallm.tui.demo import demo_connection
 from dallm.tui.widgets import ConnectionBar
 
@@ -20,7 +21,7 @@ def app_with(conn: FakeConnection) -> DallmApp:
     return DallmApp(conn, images_mode="halfblock", poll_timeout=0.02, backoff=(0.05, 0.2))
 
 
-def ready(job: str | None = "1"):
+def ready(job: int | None = 1):
     async def run_before(pilot) -> None:
         app = pilot.app
         deadline = time.monotonic() + 10
@@ -51,7 +52,7 @@ def test_failed_job(snap_compare, size) -> None:
     async def select_failed(pilot) -> None:
         await ready()(pilot)
         await pilot.press("down", "down")
-        await ready("3")(pilot)
+        await ready(3)(pilot)
 
     assert snap_compare(app_with(demo_connection(points=400)), terminal_size=size, run_before=select_failed)
 

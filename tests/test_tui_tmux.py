@@ -53,7 +53,7 @@ def test_tui_in_tmux_on_the_micro_quickstart(home: Path, daemons) -> None:
         + ["train.steps=2000"],
     )
     d = daemons(runner=None, OMP_NUM_THREADS="1")
-    job = d.client().submit(config_to_dict(cfg))
+    job = d.client().submit(config_to_dict(cfg), config_dir=REPO / "configs")  # what `dallm submit` sends
     session = f"dallm-test-{job.id}-{int(time.time())}"
     tui = f"{sys.executable} -m dallm.tui.app --home {home} --images halfblock"
     tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "48", tui)

@@ -15,14 +15,24 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.widgets import Footer
 
-from . import images
-from .connection import TERMINAL_STATES, Action, Connection, ConnectionLost, JobSummary, Outcome, StateChange
-from .link import DaemonLink
-from .model import Model
-from .screens import ConfirmScreen, HelpScreen, RollbackScreen
-from .thumbnail import Thumbnail
-from .widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
+from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary
+from dallm.tui import images
+from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
+from dallm.tui.link import DaemonLink
+from dallm.tui.model import Model
+from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
+from dallm.tui.thumbnail import Thumbnail
+from dallm.tui.widgets import (
+    Charts,
+    CheckpointList,
+    ConnectionBar,
+    EventLog,
+    JobHeader,
+    JobTable,
+    kid_text,
+)
 
+ACTIVE_STATES = frozenset({"running", "stopping"})
 QUEUE_REFRESH_S = 0.5  # the queue table is redrawn at most this often for metrics alone
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
 
@@ -38,7 +48,9 @@ class DallmApp(App[None]):
     BINDINGS = [
         Binding("s", "stop", "Stop"),
         Binding("r", "rollback", "Rollback"),
-        Binding("c", "cancel_job", "Cancel"),
+        Binding("c", "checkpoint", "Ckpt now"),
+        # Cancel kills the job: a shifted key, never next to a harmless one, and it asks first.
+        Binding("X", "cancel_job", "Cancel", key_display="X"),
         Binding("plus,equals_sign", "priority(1)", "Pri+", key_display="+"),
         Binding("minus", "priority(-1)", "Pri-", key_display="-"),
         Binding("t", "toggle_charts", "Charts"),
@@ -48,7 +60,7 @@ class DallmApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    selected: reactive[str | None] = reactive(None)
+    selected: reactive[int | None] = reactive(None)
 
     class ActionAnswered(Message):
         """The daemon answered (or could not be asked) a request made from the keyboard."""
@@ -64,7 +76,7 @@ class DallmApp(App[None]):
         images_mode: images.ImageMode = "halfblock",
         poll_timeout: float = 0.25,
         backoff: tuple[float, float] = (0.5, 5.0),
-        initial_job: str | None = None,
+        initial_job: int | None = None,
     ) -> None:
         super().__init__()
         self.initial_job = initial_job
@@ -74,6 +86,10 @@ class DallmApp(App[None]):
         self.link = DaemonLink(connection, self.post_message, poll_timeout=poll_timeout, backoff=backoff)
         self.was_connected = False
         self.listed = False
+        # The user chose the selected job (keys, mouse): it stays chosen. Otherwise the selection
+        # follows the job that starts when the selected one is not running.
+        self.user_picked = False
+        self._moving = False
         self._queue_timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
@@ -125,8 +141,15 @@ class DallmApp(App[None]):
             running = [j.id for j in message.jobs if j.state == "running"]
             start = self.initial_job if self.initial_job in ids else (running[0] if running else None)
             if start is not None and start != self.selected:
-                table = self.query_one(JobTable)
-                table.move_cursor(row=table.get_row_index(start))
+                self._select(start)
+
+    def _select(self, job: int) -> None:
+        """Move the cursor to `job` for the user (the selection follows; it is not a user's pick)."""
+        table = self.query_one(JobTable)
+        row = table.get_row_index(str(job))
+        if row != table.cursor_row:  # only a move posts a highlight (which clears `_moving`)
+            self._moving = True
+            table.move_cursor(row=row)
 
     def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
         self.model.apply_history(message.job, message.envelopes)
@@ -135,13 +158,27 @@ class DallmApp(App[None]):
 
     def on_daemon_link_events_received(self, message: DaemonLink.EventsReceived) -> None:
         touched = self.model.apply_live(message.envelopes)
-        if any(isinstance(e.event, StateChange) for e in message.envelopes):
+        states = [e.event for e in message.envelopes if isinstance(e.event, JobStateEvent)]
+        if states:
             self._show_queue()
+            self._follow(states)
         elif self._queue_timer is None:
             # Step counters need no 60 fps: redrawing the table costs more than both charts.
             self._queue_timer = self.set_timer(QUEUE_REFRESH_S, self._show_queue)
         if self.selected in touched:
             self._show_detail()
+
+    def _follow(self, states: list[JobStateEvent]) -> None:
+        selected = self.model.jobs.get(self.selected) if self.selected is not None else None
+        if selected is not None and selected.state in ACTIVE_STATES:
+            return
+        if selected is not None and any(
+            ev.job.id == selected.id and ev.prev_state in ACTIVE_STATES for ev in states
+        ):
+            self.user_picked = False  # the job the user watched ended: follow what runs next
+        started = [ev.job.id for ev in states if ev.job.state == "running" and ev.prev_state == "queued"]
+        if started and not self.user_picked and started[-1] in self.model.jobs:
+            self._select(started[-1])
 
     # -- showing --------------------------------------------------------------------------------
 
@@ -151,6 +188,12 @@ class DallmApp(App[None]):
             self._queue_timer = None
         table = self.query_one(JobTable)
         table.show_jobs(list(self.model.jobs.values()))
+        if (
+            self.selected is not None
+            and table.current_job != self.selected
+            and self.selected in self.model.jobs
+        ):
+            self._select(self.selected)  # the rows were reordered: keep the selected job under the cursor
         if self.selected not in self.model.jobs:
             self.selected = table.current_job
         elif self.selected is not None:
@@ -158,7 +201,7 @@ class DallmApp(App[None]):
         if not self.model.jobs and self.listed:
             self.query_one(JobHeader).update(Text(EMPTY_QUEUE, style="italic"))
 
-    def watch_selected(self, job: str | None) -> None:
+    def watch_selected(self, job: int | None) -> None:
         if job is not None:
             data = self.model.data_for(job)
             if not data.loaded:
@@ -180,12 +223,16 @@ class DallmApp(App[None]):
         self.query_one(EventLog).show(data)
 
     def on_job_table_job_highlighted(self, message: JobTable.JobHighlighted) -> None:
+        if self._moving:
+            self._moving = False
+        elif message.job != self.selected:
+            self.user_picked = True
         self.selected = message.job
 
     # -- actions --------------------------------------------------------------------------------
 
     def _selected_row(self, verb: str) -> JobSummary | None:
-        row = self.model.jobs.get(self.selected) if self.selected else None
+        row = self.model.jobs.get(self.selected) if self.selected is not None else None
         if row is None:
             self.notify(f"no job to {verb}", severity="warning")
         return row
@@ -210,10 +257,25 @@ class DallmApp(App[None]):
         if row.state in TERMINAL_STATES:
             self.notify(f"{row.id} is already {row.state}", severity="warning")
             return
-        question = f"Cancel job {row.id} ({row.name})?\nIts results are discarded."
+        where = row.out_dir or "its output folder"
+        question = (
+            f"Cancel job {row.id} ({row.name})?\nIts worker is killed now and no result weights are "
+            f"written; what it saved so far (checkpoints, samples, metrics) stays in {where}."
+        )
         self.push_screen(
             ConfirmScreen(question, "Cancel job"), partial(self._confirmed, Action("cancel", row.id))
         )
+
+    def action_checkpoint(self) -> None:
+        row = self._selected_row("checkpoint")
+        if row is None:
+            return
+        if row.state != "running":
+            self.notify(
+                f"{row.id} is {row.state}: only a running job writes a checkpoint", severity="warning"
+            )
+            return
+        self.send(Action("checkpoint", row.id))  # harmless: no confirmation
 
     def action_rollback(self) -> None:
         row = self._selected_row("roll back")
@@ -225,7 +287,8 @@ class DallmApp(App[None]):
             return
         data = self.model.data.get(row.id)
         kid = data.kid_at(step) if data else None
-        kid_note = f" (val KID {kid:.4f})" if kid is not None else ""
+        std = data.kid_at(step, "kid_val_std") if data else None
+        kid_note = f" (val KID {kid_text(kid, std)})" if kid is not None else ""
         question = f"Roll job {row.id} ({row.name}) back to step {step}{kid_note}?\nFinish there, or resume training from it?"
 
         def answered(choice: str | None) -> None:
@@ -297,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=images.IMAGE_MODES,
         help="how to draw sample thumbnails (default: auto-detect, half-blocks when unsure)",
     )
-    p.add_argument("--job", metavar="ID", help="the job to show first (default: the first running one)")
+    p.add_argument(
+        "--job", metavar="ID", type=int, help="the job to show first (default: the first running one)"
+    )
     p.add_argument(
         "--demo", action="store_true", help="show made-up jobs from a fake daemon (no daemon needed)"
     )
@@ -308,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = images.resolve_mode(args.images)
     if args.demo:
-        from .demo import DemoRunner, demo_connection
+        from dallm.tui.demo import DemoRunner, demo_connection
 
         conn = demo_connection()
         runner = DemoRunner(conn)
@@ -317,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.stop()
         return 0
     try:
-        from .daemon_connection import open_connection
+        from dallm.tui.daemon_connection import open_connection
 
         conn = open_connection(connect=args.connect, home=args.home)
     except Exception as e:

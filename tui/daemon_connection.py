@@ -13,36 +13,11 @@ import threading
 import time
 
 from dallm.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
-from dallm.protocol import EventEnvelope, JobStateEvent, job_topic
-from dallm.protocol import JobSummary as DaemonJobSummary
-
-from .connection import Action, ConnectionLost, Envelope, JobSummary, Outcome, StateChange
+from dallm.home import resolve_home
+from dallm.protocol import EventEnvelope, JobSummary, job_topic
+from dallm.tui.connection import Action, ConnectionLost, Outcome
 
 HEARTBEAT_S = 2.0  # ping the daemon when the event stream was quiet this long
-
-
-def to_summary(job: DaemonJobSummary) -> JobSummary:
-    return JobSummary(
-        id=str(job.id),
-        name=job.name,
-        state=job.state,
-        step=job.step,
-        total_steps=job.total_steps,
-        priority=job.priority,
-        device=job.device,
-        kid_val=job.kid_val,
-        turning_point=job.turning_point,
-        reason=job.reason,
-        steps_per_s=job.steps_per_s,
-    )
-
-
-def to_envelope(env: EventEnvelope) -> Envelope:
-    ev = env.event
-    if isinstance(ev, JobStateEvent):
-        row = to_summary(ev.job)
-        return Envelope(env.seq, str(env.job), StateChange(row.state, ev.reason or row.reason, row))
-    return Envelope(env.seq, str(env.job), ev, superseded=env.superseded)
 
 
 class DaemonConnection:
@@ -57,10 +32,8 @@ class DaemonConnection:
 
     def _describe(self) -> str:
         try:
-            from dallm.daemon.paths import resolve_home
-
             return f"home {resolve_home(self._home)}"
-        except Exception:
+        except (OSError, RuntimeError):  # no home directory to be found
             return "local daemon"
 
     def _new_client(self) -> DaemonClient:
@@ -99,19 +72,19 @@ class DaemonConnection:
 
     def list_jobs(self) -> list[JobSummary]:
         try:
-            return [to_summary(j) for j in self._live_client().jobs()]
+            return self._live_client().jobs()
         except DaemonUnavailable as e:
             raise ConnectionLost(str(e)) from None
 
-    def job_history(self, job: str, since_seq: int = 0) -> list[Envelope]:
+    def job_history(self, job: int, since_seq: int = 0) -> list[EventEnvelope]:
         try:
-            events, _ = self._live_client().history_all(since_seq, [job_topic(int(job))])
+            events, _ = self._live_client().history_all(since_seq, [job_topic(job)])
         except DaemonUnavailable as e:
             raise ConnectionLost(str(e)) from None
         # Events a rollback replaced come flagged: the model keeps their metrics apart (drawn dim).
-        return [to_envelope(e) for e in events]
+        return events
 
-    def poll_events(self, timeout: float) -> list[Envelope]:
+    def poll_events(self, timeout: float) -> list[EventEnvelope]:
         if self._sub is None:
             raise ConnectionLost("not connected")
         try:
@@ -128,7 +101,7 @@ class DaemonConnection:
                 self._live_client().ping(timeout=min(self.timeout, 2.0))
             except DaemonUnavailable as e:
                 raise ConnectionLost(str(e)) from None
-        return [to_envelope(e) for e in events]
+        return events
 
     def send(self, action: Action) -> Outcome:
         with self._action_lock:
@@ -140,6 +113,8 @@ class DaemonConnection:
                     row, verb = c.stop(action.job), "stop requested"
                 elif action.kind == "cancel":
                     row, verb = c.cancel(action.job), "cancel requested"
+                elif action.kind == "checkpoint":
+                    row, verb = c.checkpoint(action.job), "checkpoint requested"
                 elif action.kind == "rollback":
                     row = c.rollback(action.job, int(action.step or 0), resume=action.resume)
                     verb = f"rollback to step {action.step} requested" + (

@@ -9,8 +9,11 @@ import threading
 from PIL import Image, ImageDraw
 
 from dallm.protocol import (
+    TERMINAL_STATES,
     CheckpointEvent,
     FinishedEvent,
+    JobEvent,
+    JobSummary,
     LogEvent,
     MetricsEvent,
     RolledBackEvent,
@@ -18,8 +21,7 @@ from dallm.protocol import (
     StartedEvent,
     TurningPointEvent,
 )
-
-from .connection import Event, FakeConnection, JobSummary, StateChange
+from dallm.testing.fake_daemon import FakeConnection
 
 COLORS = [(220, 60, 60), (60, 170, 80), (70, 90, 220), (230, 200, 40), (200, 80, 200), (60, 200, 210)]
 
@@ -77,9 +79,9 @@ def job_events(
     ckpt_every: int = 100,
     tp: int | None = None,
     samples: bool = True,
-) -> list[Event]:
+) -> list[JobEvent]:
     """The events of a job from `start` (exclusive) to `step_to` (inclusive)."""
-    out: list[Event] = []
+    out: list[JobEvent] = []
     if start == 0:
         out.append(StartedEvent(start_step=0, total_steps=total, device="cpu", trainable_params=811_008))
     for step in range(start + 1, step_to + 1):
@@ -103,24 +105,24 @@ def demo_connection(points: int = 400, jobs: int = 4) -> FakeConnection:
     conn = FakeConnection(endpoint="demo://fake-daemon")
     total = 1000
     specs = [
-        ("1", "quickstart-r4", "running", points, int(points * 0.6)),
-        ("2", "sweep-r16-n20", "finished", total, 620),
-        ("3", "sweep-r1-n5", "failed", 137, None),
-        ("4", "teacher-style-50", "queued", 0, None),
+        (1, "quickstart-r4", "running", points, int(points * 0.6)),
+        (2, "sweep-r16-n20", "finished", total, 620),
+        (3, "sweep-r1-n5", "failed", 137, None),
+        (4, "teacher-style-50", "queued", 0, None),
     ]
     for i in range(4, jobs):
-        specs.append((str(i + 1), f"bulk-{i + 1}", "running", points, None))
+        specs.append((i + 1, f"bulk-{i + 1}", "running", points, None))
     for job_id, name, state, steps, tp in specs[:jobs]:
         conn.add_job(JobSummary(id=job_id, name=name, state="queued", total_steps=total, priority=0))
         if steps:
-            conn.emit(job_id, *job_events(steps, total, tp=tp, phase=int(job_id) * 0.3), live=False)
+            conn.emit(job_id, *job_events(steps, total, tp=tp, phase=job_id * 0.3), live=False)
         if state == "finished":
-            conn.emit(job_id, StateChange("finished", "completed"), live=False)
+            conn.set_state(job_id, "finished", "completed", live=False)
         elif state == "failed":
             conn.emit(job_id, LogEvent(level="error", message="CUDA out of memory at step 137"), live=False)
-            conn.emit(job_id, StateChange("failed", "oom: CUDA out of memory at step 137"), live=False)
+            conn.set_state(job_id, "failed", "oom: CUDA out of memory at step 137", live=False)
         elif state == "running":
-            conn.emit(job_id, StateChange("running"), live=False)
+            conn.set_state(job_id, "running", live=False)
     return conn
 
 
@@ -133,11 +135,14 @@ class DemoRunner:
         self._stop = threading.Event()
 
     def _obey(self) -> None:
-        """Play the daemon's part for the actions sent so far (stop, cancel, rollback)."""
+        """Play the daemon's part for the actions sent so far (stop, cancel, checkpoint, rollback)."""
         while self._seen < len(self.conn.sent):
             action = self.conn.sent[self._seen]
             self._seen += 1
             row = self.conn.summary(action.job)
+            if action.kind == "rollback" and action.step is not None:
+                self._rollback(row, action.step, action.resume)
+                continue
             if row.state != "running":
                 continue
             if action.kind == "stop":
@@ -145,24 +150,42 @@ class DemoRunner:
                 self.conn.emit(
                     action.job, FinishedEvent(reason="stopped", final_step=row.step, result_step=result)
                 )
-                self.conn.emit(action.job, StateChange("stopped-early", f"stopped at step {row.step}"))
+                self.conn.set_state(action.job, "stopped-early", f"stopped at step {row.step}")
             elif action.kind == "cancel":
-                self.conn.emit(action.job, StateChange("cancelled", "cancelled by the user"))
-            elif action.kind == "rollback" and action.step is not None:
-                self.conn.emit(action.job, RolledBackEvent(step=action.step, resume=action.resume))
-                if not action.resume:
-                    self.conn.emit(action.job, StateChange("finished", f"rolled back to step {action.step}"))
+                self.conn.set_state(action.job, "cancelled", "cancelled by the user")
+            elif action.kind == "checkpoint":
+                path = f"checkpoints/step-{row.step}"
+                self.conn.emit(action.job, CheckpointEvent(step=row.step, path=path))
+
+    def _rollback(self, row: JobSummary, step: int, resume: bool) -> None:
+        """As the daemon does: a running job rolls back in place; an ended one runs again from the
+        checkpoint (resume) or only writes the result of `step` (finish there)."""
+        if row.state not in ("running", *TERMINAL_STATES):
+            return
+        if row.state != "running":
+            self.conn.set_state(row.id, "stopping" if not resume else "running", f"rollback to step {step}")
+        self.conn.emit(row.id, RolledBackEvent(step=step, resume=resume))
+        if not resume:
+            self.conn.emit(row.id, FinishedEvent(reason="rolled_back", final_step=row.step, result_step=step))
+            self.conn.set_state(row.id, "stopped-early", f"rolled back to step {step}")
+
+    def _advance(self, job: int) -> None:
+        row = self.conn.summary(job)
+        if row.step >= row.total_steps:
+            final = FinishedEvent(reason="completed", final_step=row.step, result_step=row.step)
+            self.conn.emit(job, final)
+            self.conn.set_state(job, "finished", f"completed {row.step} steps")
+            return
+        tp = int(row.total_steps * 0.35) if row.turning_point is None else None
+        events = job_events(row.step + 1, row.total_steps, start=row.step, tp=tp, phase=0.3)
+        self.conn.emit(job, *events)
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):
             self._obey()
-            for job in ("1",):
-                row = self.conn.summary(job)
-                if row.state != "running" or row.step >= row.total_steps:
-                    continue
-                tp = int(row.total_steps * 0.35) if row.turning_point is None else None
-                events = job_events(row.step + 1, row.total_steps, start=row.step, tp=tp, phase=0.3)
-                self.conn.emit(job, *events)
+            for job in self.conn.job_ids():
+                if self.conn.summary(job).state == "running":
+                    self._advance(job)
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.run, daemon=True, name="dallm-demo")

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from textual.message import Message
 
-from .connection import Connection, ConnectionLost, Envelope, JobSummary
+from dallm.protocol import EventEnvelope, JobSummary
+from dallm.tui.connection import Connection, ConnectionLost
 
 
 class DaemonLink:
@@ -37,12 +38,12 @@ class DaemonLink:
             self.jobs = jobs
 
     class HistoryLoaded(Message):
-        def __init__(self, job: str, envelopes: list[Envelope]) -> None:
+        def __init__(self, job: int, envelopes: list[EventEnvelope]) -> None:
             super().__init__()
             self.job, self.envelopes = job, envelopes
 
     class EventsReceived(Message):
-        def __init__(self, envelopes: list[Envelope]) -> None:
+        def __init__(self, envelopes: list[EventEnvelope]) -> None:
             super().__init__()
             self.envelopes = envelopes
 
@@ -61,22 +62,19 @@ class DaemonLink:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._relist = threading.Event()
-        self._wanted: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._tracked: dict[str, int] = {}  # job -> last seq seen (jobs whose history is loaded)
+        self._wanted: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._tracked: dict[int, int] = {}  # job -> last seq seen (jobs whose history is loaded)
         self.connected = False
 
     # -- called from the UI thread --------------------------------------------------------------
 
-    def want_history(self, job: str) -> None:
+    def want_history(self, job: int) -> None:
         """Load `job`'s history (once) and keep it backfilled across reconnects."""
         self._wanted.put(job)
 
     def refresh_jobs(self) -> None:
         """List the queue again (after an action, say) at the next turn of the loop."""
         self._relist.set()
-
-    def retry_now(self) -> None:
-        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,7 +130,7 @@ class DaemonLink:
                         self._tracked[env.job] = max(self._tracked[env.job], env.seq)
                 self.post(self.EventsReceived(envelopes))
 
-    def _load(self, job: str, since: int) -> None:
+    def _load(self, job: int, since: int) -> None:
         envelopes = self.conn.job_history(job, since)
         last = max((e.seq for e in envelopes), default=since)
         self._tracked[job] = max(self._tracked.get(job, 0), last)

@@ -14,7 +14,10 @@ import numpy as np
 
 from dallm.protocol import (
     CheckpointEvent,
+    EventEnvelope,
     FinishedEvent,
+    JobStateEvent,
+    JobSummary,
     LogEvent,
     MetricsEvent,
     RolledBackEvent,
@@ -23,39 +26,42 @@ from dallm.protocol import (
     TurningPointEvent,
 )
 
-from .connection import Envelope, JobSummary, StateChange, apply_to_summary
-
 LOG_LINES = 2000
 _PLACED = frozenset({"cs_fluct", "cs_fluct_step"})  # series placed on a step of their own
 
 
 class Series:
-    """A growing (step, value) series in numpy arrays (amortised O(1) append)."""
+    """A growing (step, value) series in numpy arrays (amortised O(1) append). Each point also keeps
+    the step it was *logged* at: a lagging series (CS-Fluctuation, placed at `cs_fluct_step`) is
+    plotted earlier than it was logged, and a rollback erases by the logged step."""
 
-    __slots__ = ("_steps", "_values", "n")
+    __slots__ = ("_logged", "_steps", "_values", "n")
 
     def __init__(self, capacity: int = 256) -> None:
         self._steps = np.empty(capacity, dtype=np.float64)
         self._values = np.empty(capacity, dtype=np.float64)
+        self._logged = np.empty(capacity, dtype=np.float64)
         self.n = 0
 
-    def append(self, step: float, value: float) -> None:
+    def append(self, step: float, value: float, logged: float | None = None) -> None:
         if self.n and step <= self._steps[self.n - 1]:
             # A rollback with resume rewrites history from `step` on: drop the superseded tail.
             self.n = int(np.searchsorted(self._steps[: self.n], step, side="left"))
         if self.n == len(self._steps):
             self._steps = np.resize(self._steps, 2 * self.n)
             self._values = np.resize(self._values, 2 * self.n)
+            self._logged = np.resize(self._logged, 2 * self.n)
         self._steps[self.n] = step
         self._values[self.n] = value
+        self._logged[self.n] = step if logged is None else logged
         self.n += 1
 
     def truncate_after(self, step: float) -> Series:
-        """Drop the points after `step`; returns them as a new series."""
-        keep = int(np.searchsorted(self._steps[: self.n], step, side="right"))
+        """Drop the points logged after `step` (what a rollback to `step` erased); returns them."""
+        keep = int(np.searchsorted(self._logged[: self.n], step, side="right"))
         tail = Series(max(2, self.n - keep))
-        for x, v in zip(self._steps[keep : self.n], self._values[keep : self.n], strict=True):
-            tail.append(float(x), float(v))
+        for i in range(keep, self.n):
+            tail.append(float(self._steps[i]), float(self._values[i]), float(self._logged[i]))
         self.n = keep
         return tail
 
@@ -99,7 +105,7 @@ class Sample:
 class JobData:
     """The full history of one job, as far as it was loaded."""
 
-    job: str
+    job: int
     loaded: bool = False
     last_seq: int = 0
     series: dict[str, Series] = field(default_factory=dict)
@@ -108,7 +114,7 @@ class JobData:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     turning_point: int | None = None
     log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=LOG_LINES))  # (level, text)
-    pending: list[Envelope] = field(default_factory=list)  # live events seen before the history
+    pending: list[EventEnvelope] = field(default_factory=list)  # live events seen before the history
     log_total: int = 0  # lines ever logged (the deque keeps the last LOG_LINES)
     version: int = 0  # bumped on every change: widgets redraw when it moved
 
@@ -122,11 +128,11 @@ class JobData:
             s = self.series[name] = Series()
         return s
 
-    def kid_at(self, step: int) -> float | None:
-        s = self.series.get("kid_val")
+    def kid_at(self, step: int, name: str = "kid_val") -> float | None:
+        s = self.series.get(name)
         return s.at(step) if s is not None else None
 
-    def apply(self, env: Envelope) -> bool:
+    def apply(self, env: EventEnvelope) -> bool:
         """Apply one event; False when it was already applied (seq not newer)."""
         if env.seq <= self.last_seq:
             return False
@@ -137,11 +143,11 @@ class JobData:
             # From the daemon's history: replaced by a later rollback. Metrics are kept apart.
             if isinstance(ev, MetricsEvent):
                 for name, x, value in metric_points(ev):
-                    self.superseded.setdefault(name, Series()).append(x, value)
+                    self.superseded.setdefault(name, Series()).append(x, value, ev.step)
             return True
         if isinstance(ev, MetricsEvent):
             for name, x, value in metric_points(ev):
-                self.series_for(name).append(x, value)
+                self.series_for(name).append(x, value, ev.step)
         elif isinstance(ev, SampleEvent):
             self.samples = [s for s in self.samples if s.step < ev.step]
             self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))
@@ -178,9 +184,10 @@ class JobData:
             self._log(
                 ("info", f"finished ({ev.reason}) at step {ev.final_step}, result = step {ev.result_step}")
             )
-        elif isinstance(ev, StateChange):
-            level = "error" if ev.state == "failed" else "info"
-            self._log((level, f"state {ev.state}" + (f": {ev.reason}" if ev.reason else "")))
+        elif isinstance(ev, JobStateEvent):
+            state = ev.job.state
+            level = "error" if state == "failed" else "info"
+            self._log((level, f"state {state}" + (f": {ev.reason}" if ev.reason else "")))
         return True
 
 
@@ -197,21 +204,19 @@ class Model:
     """The queue plus the loaded job histories."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, JobSummary] = {}
-        self.data: dict[str, JobData] = {}
-        self.queue_version = 0
+        self.jobs: dict[int, JobSummary] = {}
+        self.data: dict[int, JobData] = {}
 
     def set_jobs(self, jobs: list[JobSummary]) -> None:
         self.jobs = {j.id: j for j in jobs}
-        self.queue_version += 1
 
-    def data_for(self, job: str) -> JobData:
+    def data_for(self, job: int) -> JobData:
         d = self.data.get(job)
         if d is None:
             d = self.data[job] = JobData(job)
         return d
 
-    def apply_history(self, job: str, envelopes: list[Envelope]) -> None:
+    def apply_history(self, job: int, envelopes: list[EventEnvelope]) -> None:
         """A snapshot (or backfill) of `job`'s history arrived: apply it, then the live events held."""
         d = self.data_for(job)
         for env in envelopes:
@@ -222,15 +227,15 @@ class Model:
             d.apply(env)
         d.version += 1
 
-    def apply_live(self, envelopes: list[Envelope]) -> set[str]:
+    def apply_live(self, envelopes: list[EventEnvelope]) -> set[int]:
         """Live events: update the rows; keep the detail of loaded jobs. Returns the jobs touched."""
-        touched: set[str] = set()
+        touched: set[int] = set()
         for env in envelopes:
             touched.add(env.job)
             row = self.jobs.get(env.job)
-            if row is None:
-                row = JobSummary(id=env.job, name=env.job)
-            self.jobs[env.job] = apply_to_summary(row, env.event)
+            if row is None:  # a job submitted since the last listing: its state event names it
+                row = JobSummary(id=env.job, name=str(env.job), state="queued")
+            self.jobs[env.job] = row.apply(env.event)
             d = self.data.get(env.job)
             if d is None:
                 continue
@@ -238,12 +243,7 @@ class Model:
                 d.apply(env)
             else:
                 d.pending.append(env)
-        self.queue_version += 1
         return touched
-
-    def last_seq(self, job: str) -> int:
-        d = self.data.get(job)
-        return d.last_seq if d is not None and d.loaded else 0
 
 
 def eta_seconds(row: JobSummary) -> float | None:

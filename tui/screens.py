@@ -74,7 +74,7 @@ HELP = """\
 [b]dallm-tui[/b]: the jobs of one dallm daemon, live.
 
 [b]Moving[/b]
-  ↑ ↓          choose a job (in the queue) or a checkpoint (in the list)
+  ↑ ↓          choose a job (the queue is in run order) or a checkpoint (in the list)
   tab          next pane        shift+tab  previous pane
   [ ]          older / newer sample grid (] past the last follows the latest)
   t            charts: CS-Fluctuation + KID  /  loss + CS
@@ -82,7 +82,9 @@ HELP = """\
 [b]Acting[/b] (each goes to the daemon; its answer shows in a notification and the log)
   s            early stop: finish now, with the turning-point weights when one was found
   r            roll back to the checkpoint chosen in the list: finish there, or resume from it
-  c            cancel the job (its results are discarded)
+  c            checkpoint now: the running job writes a checkpoint at its next step
+  X            cancel (shift+x, asks first): the worker is killed, no result is written;
+               what it saved so far stays in its output folder
   + -          raise / lower the job's priority in the queue
 
   ?            this help          q  quit

@@ -9,8 +9,8 @@ from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widget import Widget
 
-from . import images
-from .model import Sample
+from dallm.tui import images
+from dallm.tui.model import Sample
 
 
 class Thumbnail(Widget):
@@ -31,7 +31,7 @@ class Thumbnail(Widget):
         super().__init__(**kwargs)
         self.mode = mode
         self.samples: list[Sample] = []
-        self._job: str | None = None
+        self._job: int | None = None
         self._cache_key: object = None
         self._lines: list[Strip] = []
         self._graphics: tuple[object, str, int] | None = (
@@ -40,7 +40,7 @@ class Thumbnail(Widget):
 
     # -- data -----------------------------------------------------------------------------------
 
-    def show(self, job: str | None, samples: list[Sample]) -> None:
+    def show(self, job: int | None, samples: list[Sample]) -> None:
         if job != self._job:
             self._job = job
             self.index = -1

@@ -10,9 +10,9 @@ from textual.reactive import reactive
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from .chart import Chart, Trace
-from .connection import JobSummary
-from .model import JobData, eta_seconds, format_eta
+from dallm.protocol import JobSummary
+from dallm.tui.chart import Chart, Trace
+from dallm.tui.model import JobData, eta_seconds, format_eta
 
 STATE_STYLES = {
     "queued": "dim",
@@ -29,8 +29,25 @@ def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
 
 
-def kid_text(kid: float | None) -> str:
-    return "-" if kid is None else f"{kid:.4f}"
+def kid_text(kid: float | None, std: float | None = None) -> str:
+    """A KID with its spread when known: a KID well inside its std is no evidence of anything."""
+    if kid is None:
+        return "-"
+    return f"{kid:.4f}" if std is None else f"{kid:.4f}±{std:.2g}"
+
+
+_RUN_ORDER = {"running": 0, "stopping": 0, "queued": 1}
+
+
+def run_order(row: JobSummary) -> tuple:
+    """The queue as it runs: running jobs, then the queued ones in the order the scheduler starts
+    them (priority, then age), then ended jobs, newest first."""
+    rank = _RUN_ORDER.get(row.state, 2)
+    if rank == 0:
+        return (0, row.id)
+    if rank == 1:
+        return (1, -row.priority, row.id)
+    return (2, -row.updated, -row.id)
 
 
 class ConnectionBar(Static):
@@ -67,7 +84,7 @@ class JobTable(DataTable):
     )
 
     class JobHighlighted(Message):
-        def __init__(self, job: str) -> None:
+        def __init__(self, job: int) -> None:
             super().__init__()
             self.job = job
 
@@ -81,11 +98,11 @@ class JobTable(DataTable):
     def cells(row: JobSummary) -> dict[str, object]:
         step = f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
         return {
-            "id": row.id,
+            "id": str(row.id),
             "name": row.name,
             "state": state_text(row.state),
             "step": step,
-            "kid": kid_text(row.kid_val),
+            "kid": kid_text(row.kid_val, row.kid_val_std),
             "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
             "eta": format_eta(eta_seconds(row)),
             "device": row.device or "-",
@@ -93,33 +110,41 @@ class JobTable(DataTable):
         }
 
     def show_jobs(self, rows: list[JobSummary]) -> None:
-        """Bring the table in line with `rows`, touching only the cells that changed."""
-        wanted = {r.id for r in rows}
+        """Bring the table in line with `rows` (in run order), touching only the cells that changed."""
+        rows = sorted(rows, key=run_order)
+        wanted = {str(r.id) for r in rows}  # row keys are the ids as text
         for key in [k for k in self.rows if k.value not in wanted]:
             self.remove_row(key)
         present = {k.value for k in self.rows}
         for row in rows:
             cells = self.cells(row)
-            if row.id not in present:
-                self.add_row(*cells.values(), key=row.id)
+            key = str(row.id)
+            if key not in present:
+                self.add_row(*cells.values(), key=key)
                 continue
             for col, value in cells.items():
-                old = str(self.get_cell(row.id, col))
+                old = str(self.get_cell(key, col))
                 if old != str(value):
                     # Widening a column relayouts the table: only when the text got longer.
-                    self.update_cell(row.id, col, value, update_width=len(str(value)) > len(old))
+                    self.update_cell(key, col, value, update_width=len(str(value)) > len(old))
+        rank = {str(r.id): i for i, r in enumerate(rows)}
+        if [k.value for k in self.ordered_rows_keys()] != [str(r.id) for r in rows]:
+            self.sort("id", key=lambda cell: rank[str(cell)])
+
+    def ordered_rows_keys(self) -> list:
+        return [row.key for row in self.ordered_rows]
 
     @property
-    def current_job(self) -> str | None:
+    def current_job(self) -> int | None:
         if not self.row_count:
             return None
         key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
-        return key.value
+        return int(key.value) if key.value is not None else None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         event.stop()
         if event.row_key.value is not None:
-            self.post_message(self.JobHighlighted(event.row_key.value))
+            self.post_message(self.JobHighlighted(int(event.row_key.value)))
 
 
 class JobHeader(Static):
@@ -194,30 +219,28 @@ class Charts(Vertical):
 class CheckpointList(OptionList):
     """Checkpoints of the selected job (step, KID where known); the turning point is starred."""
 
-    class CheckpointChosen(Message):
-        def __init__(self, step: int) -> None:
-            super().__init__()
-            self.step = step
-
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._shown: tuple = ()
 
     def show(self, data: JobData | None) -> None:
-        rows: list[tuple[int, float | None, bool]] = []
+        rows: list[tuple[int, float | None, float | None, bool]] = []
         if data is not None:
             steps = {c.step for c in data.checkpoints}
             if data.turning_point is not None:
                 steps.add(data.turning_point)
-            rows = [(s, data.kid_at(s), s == data.turning_point) for s in sorted(steps, reverse=True)]
+            rows = [
+                (s, data.kid_at(s), data.kid_at(s, "kid_val_std"), s == data.turning_point)
+                for s in sorted(steps, reverse=True)
+            ]
         shown = (data.job if data else None, tuple(rows))
         if shown == self._shown:
             return
         keep = self.chosen_step if data is not None and self._shown and self._shown[0] == data.job else None
         self._shown = shown
         self.clear_options()
-        for step, kid, tp in rows:
-            label = Text(f"step {step:>6}  KID {kid_text(kid):>7}")
+        for step, kid, std, tp in rows:
+            label = Text(f"step {step:>6}  KID {kid_text(kid, std):>7}")
             if tp:
                 label.append(" ★ TP", style="yellow")
             self.add_option(Option(label, id=str(step)))
@@ -240,7 +263,7 @@ class EventLog(RichLog):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(max_lines=1000, wrap=False, markup=False, **kwargs)
-        self._shown: tuple[str | None, int] = (None, 0)
+        self._shown: tuple[int | None, int] = (None, 0)
 
     def show(self, data: JobData | None) -> None:
         """Append what is new in `data.log` (or start over for another job)."""

@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from dallm.cli import CommandError
@@ -119,7 +120,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = checked_config(args.config, args.set)  # ConfigError: one line naming the key; nothing queued
     with _client(args) as c:
-        job = c.submit(cfg, priority=args.priority, retries=args.retries, source=str(args.config))
+        job = c.submit(
+            cfg,
+            priority=args.priority,
+            retries=args.retries,
+            source=str(args.config),
+            config_dir=Path(args.config).parent,
+        )
         if args.wait:
             if not args.json:
                 print(job.id, flush=True)
@@ -132,7 +139,7 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
     """Start a background daemon on `home` unless one runs there."""
     import subprocess
 
-    from dallm.daemon.paths import DaemonPaths, lock_is_held, resolve_home
+    from dallm.home import DaemonPaths, lock_is_held, resolve_home
 
     paths = DaemonPaths(resolve_home(home))
     if lock_is_held(paths):
@@ -159,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args, cfg)
     finally:  # `make demo` ends here: a background daemon must not be a surprise
-        from dallm.daemon.paths import resolve_home
+        from dallm.home import resolve_home
 
         home = resolve_home(args.home)
         print(f"the daemon keeps running on {home}; stop it with: dallm-daemon stop --home {home}",
@@ -168,7 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: Any) -> int:
     with _client(args) as c:
-        job = c.submit(cfg, priority=args.priority, source=str(args.config))
+        job = c.submit(
+            cfg, priority=args.priority, source=str(args.config), config_dir=Path(args.config).parent
+        )
         print(f"job {job.id} submitted; output in {job.out_dir}", file=sys.stderr)
         if not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
             try:

@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--grid", type=Path, default=None, help="also write a PNG of base samples")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
     b.set_defaults(func=_build)
+    _register_llm(msub)
     micro.set_defaults(func=lambda args: (micro.print_help(), 2)[1])
 
     s = subparsers.add_parser(
@@ -51,6 +52,79 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--caption", default=None, help="caption written next to each image (default: the prompt)")
     s.set_defaults(func=_synth)
+
+
+def _register_llm(msub: argparse._SubParsersAction) -> None:
+    b = msub.add_parser(
+        "build-llm",
+        help="rebuild the micro LLM (tokenizer, model, MANIFEST.json) from fixed seeds",
+        description="Pretrain the micro LLM on the base dialect and write it in Hugging Face format.",
+    )
+    b.add_argument("--out", type=Path, default=None, help="output folder (default: the installed micro LLM)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    b.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
+    b.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    b.set_defaults(func=_build_llm)
+    d = msub.add_parser(
+        "llm-data",
+        help="write the micro LLM's teacher train/validation text and base text",
+        description="Write train, validation (teacher dialect, disjoint scenes) and base text files.",
+    )
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--train", type=int, default=64, help="training texts (default 64)")
+    d.add_argument("--val", type=int, default=64, help="validation texts (default 64)")
+    d.add_argument("--base", type=int, default=128, help="base-dialect texts (default 128)")
+    d.add_argument("--format", choices=("jsonl", "txt"), default="jsonl")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_llm_data)
+
+
+def _build_llm(args: argparse.Namespace) -> int:
+    import json
+
+    from dallm.cli import CommandError
+
+    if args.threads < 1:
+        raise CommandError(f"--threads {args.threads}: must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise CommandError(f"--steps {args.steps}: must be at least 1")
+    from dallm.micro_llm import MODEL_DIR
+    from dallm.micro_llm.build import Recipe, build
+
+    out = args.out if args.out is not None else MODEL_DIR
+    recipe = Recipe() if args.steps is None else Recipe(steps=args.steps)
+    command = "dallm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    try:
+        manifest = build(out, seed=args.seed, recipe=recipe, threads=args.threads, command=command, log=log)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        q = manifest["quality"]
+        print(
+            f"wrote {out} ({manifest['total_bytes'] / 1e6:.1f} MB) in {manifest['seconds']['total']} s: "
+            f"ppl base {q['ppl_base_text']['value']:.3f}, teacher {q['ppl_teacher_text']['value']:.1f}, "
+            f"grammatical {q['grammatical_rate_base']:.2f}"
+        )
+    return 0
+
+
+def _llm_data(args: argparse.Namespace) -> int:
+    from dallm.cli import CommandError
+    from dallm.micro_llm.data import text_sets, write_text_sets
+
+    for flag, n in (("--train", args.train), ("--val", args.val), ("--base", args.base)):
+        if n < 1:
+            raise CommandError(f"{flag} {n}: must be at least 1")
+    try:
+        paths = write_text_sets(args.out, text_sets(args.train, args.val, args.base, args.seed), args.format)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    print(" ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -82,7 +82,12 @@ def _submit(args: argparse.Namespace, sweep: Any, configs: list[Any], write_mani
     with _client(args) as c:
         for r, cfg in zip(sweep.runs, configs, strict=True):
             cfg = cfg.model_copy(update={"output_dir": Path(sweep.id) / r.dir})
-            job = c.submit(cfg, priority=args.priority, source=f"{args.config} ({r.name})")
+            job = c.submit(
+                cfg,
+                priority=args.priority,
+                source=f"{args.config} ({r.name})",
+                config_dir=Path(args.config).parent,
+            )
             r.job, r.state = job.id, "submitted"
             if folder is None and job.out_dir:
                 folder = Path(job.out_dir).parent

@@ -108,10 +108,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.no_progress and sys.stderr.isatty():
         print(threads, file=sys.stderr)
     ctrl_c = _CtrlC()
+    emit = None
+    if not args.no_progress:
+        from dallm.progress import ProgressEmit
+
+        emit = ProgressEmit(cfg.train.steps)
     try:
-        result = train(
-            cfg, out_dir=args.out, resume=args.resume, poll=ctrl_c.poll, progress=not args.no_progress
-        )
+        result = train(cfg, out_dir=args.out, resume=args.resume, emit=emit, poll=ctrl_c.poll)
     except FileNotFoundError as e:
         raise CommandError(str(e)) from None
     except (ConfigError, KeyboardInterrupt):
@@ -120,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _failed(e, _log_folder(args, cfg)) from None
     finally:
         ctrl_c.restore()
+        if emit is not None:
+            emit.close()  # also when train() refused to start
     out = result.out_dir
     if result.reason == "interrupted":
         again = [

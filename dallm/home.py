@@ -1,4 +1,5 @@
-"""Where a daemon lives: its home (0700), the run folder with its sockets, pidfile and lock.
+"""Where a daemon lives (shared by the daemon and its clients): its home (0700), the run folder with
+its sockets, pidfile and lock.
 
     <home>/dallm.db           the store (SQLite, WAL)
     <home>/daemon.log         the log of a background daemon
@@ -21,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dallm.private import check_private_dir, make_private_dir
+
 IPC_PATH_MAX = 100
 
 
@@ -35,12 +38,6 @@ def default_home() -> Path:
 
 def resolve_home(home: str | Path | None) -> Path:
     return (Path(home).expanduser() if home else default_home()).absolute()
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
 
 
 @dataclass(frozen=True)
@@ -86,11 +83,18 @@ class DaemonPaths:
         return f"ipc://{self.socket_dir / (name + '.ipc')}"
 
     def prepare(self) -> None:
-        """Create the home, run and jobs folders, all 0700."""
-        _private_dir(self.home)
-        _private_dir(self.state_dir)
-        _private_dir(self.socket_dir)
-        _private_dir(self.jobs)
+        """Create the home, run and jobs folders, all 0700; UnsafeFolder (one line) when one is a
+        symlink, someone else's, or writable by others (a squatted /tmp socket folder is never
+        taken over: files in it may be someone else's)."""
+        make_private_dir(self.home, "home")
+        make_private_dir(self.state_dir, "run folder")
+        make_private_dir(self.socket_dir, "socket folder", repair=self.socket_dir == self.state_dir)
+        make_private_dir(self.jobs, "jobs folder")
+
+    def check_sockets(self) -> None:
+        """What a client checks before it connects: the run and socket folders are ours and private."""
+        check_private_dir(self.state_dir, "run folder")
+        check_private_dir(self.socket_dir, "socket folder")
 
     def read_info(self) -> dict | None:
         try:

@@ -1,6 +1,7 @@
-"""A fast, deterministic stand-in for `dallm.train.train`, for daemon tests and the benchmark.
+"""A fast, deterministic stand-in for `dallm.train.train` (an `Engine`), for daemon tests and the
+daemon benchmark: `dallm-daemon start --runner dallm.testing.fake_engine:train`.
 
-Same signature and contract as the engine: emits StartedEvent, MetricsEvent per step, SampleEvent
+Same contract as the engine: emits StartedEvent, MetricsEvent per step, SampleEvent
 (a PNG thumbnail) every `samples.every`, CheckpointEvent every `checkpoint.every` (written atomically
 to checkpoints/step-N/), FinishedEvent; calls `poll()` once per step and obeys Stop / Rollback /
 CheckpointNow / Interrupt; `resume` takes a checkpoint folder or the output folder (latest
@@ -24,8 +25,6 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from dallm.config import JobConfig
@@ -33,12 +32,13 @@ from dallm.metrics_log import MetricsLog
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
-    FinishedEvent,
+    Emit,
+    FinishReason,
     InterruptCommand,
-    JobCommand,
-    JobEvent,
+    JobResult,
     LogEvent,
     MetricsEvent,
+    Poll,
     RollbackCommand,
     RolledBackEvent,
     SampleEvent,
@@ -46,15 +46,7 @@ from dallm.protocol import (
     StopCommand,
     TurningPointEvent,
 )
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    final_step: int
-    result_step: int
-    reason: str
-    turning_point: int | None = None
+from dallm.protocol.files import METRICS_FILE, RESULT_FILE, ResultFile, write_json
 
 
 def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -95,10 +87,9 @@ def train(
     *,
     out_dir: Path | None = None,
     resume: Path | None = None,
-    emit: Callable[[JobEvent], None] | None = None,
-    poll: Callable[[], JobCommand | None] | None = None,
-    progress: bool = False,
-) -> TrainResult:
+    emit: Emit | None = None,
+    poll: Poll | None = None,
+) -> JobResult:
     out = Path(out_dir) if out_dir is not None else cfg.out
     out.mkdir(parents=True, exist_ok=True)
     send = emit or (lambda ev: None)
@@ -127,7 +118,7 @@ def train(
         send(CheckpointEvent(step=step, path=f"checkpoints/step-{step:06d}"))
 
     start = 0
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / METRICS_FILE)
     if resume is not None:
         resume = Path(resume)
         ckpt = resume if (resume / "state.json").exists() else _latest_checkpoint(resume)
@@ -137,12 +128,16 @@ def train(
     send(StartedEvent(start_step=start, total_steps=total, device="cpu", trainable_params=1234))
     turning: int | None = None
 
-    def finish(reason: str, final: int, result: int) -> TrainResult:
-        (out / "result.json").write_text(
-            json.dumps({"reason": reason, "final_step": final, "result_step": result})
+    def finish(reason: FinishReason, final: int, result: int) -> JobResult:
+        done = JobResult(
+            out_dir=out, reason=reason, final_step=final, result_step=result, turning_point=turning
         )
-        send(FinishedEvent(reason=reason, final_step=final, result_step=result))  # type: ignore[arg-type]
-        return TrainResult(out, final, result, reason, turning)
+        write_json(
+            out / RESULT_FILE,
+            ResultFile(reason=reason, final_step=final, result_step=result, turning_point=turning),
+        )
+        send(done.finished_event())
+        return done
 
     step = start
     try:
@@ -175,7 +170,10 @@ def train(
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
             if fault.get("nan") == step:
                 raise FloatingPointError(f"loss is NaN at step {step}")
-            event = MetricsEvent(step=step, values={"loss": loss_at(step), "lr": cfg.train.lr})
+            values = {"loss": loss_at(step), "lr": cfg.train.lr}
+            if cfg.eval.every and step % cfg.eval.every == 0:  # a KID that depends on the step
+                values |= {"kid_val": 1.0 / step, "kid_val_std": 0.1 / step}
+            event = MetricsEvent(step=step, values=values)
             for _ in range(fault.get("blast", 1)):
                 send(event)
             metrics.write(step, {"loss": loss_at(step)})

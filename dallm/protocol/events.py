@@ -1,0 +1,179 @@
+"""What a training job says and hears: engine events (up), commands (down), and its result.
+
+The engine calls `emit(event)` and, once per step, `poll()` for a command; a worker forwards both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+if TYPE_CHECKING:
+    from dallm.config import JobConfig
+
+
+class Message(BaseModel):
+    """Every message of the protocol: strict (unknown fields are an error) and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+class MetricsEvent(Message):
+    """Scalars at one step: loss, lr, grad_norm, steps_per_s, cs, cs_fluct, kid_val, ..."""
+
+    kind: Literal["metrics"] = "metrics"
+    step: int
+    values: dict[str, float]
+
+
+class SampleEvent(Message):
+    """A sample grid made at `step` (fixed prompts x fixed seeds); `png` is a small thumbnail grid."""
+
+    kind: Literal["sample"] = "sample"
+    step: int
+    path: str  # full-size grid on disk, relative to the job's output folder
+    png: bytes = b""
+    prompts: list[str] = Field(default_factory=list)
+
+
+class CheckpointEvent(Message):
+    kind: Literal["checkpoint"] = "checkpoint"
+    step: int
+    path: str  # relative to the job's output folder
+
+
+class TurningPointEvent(Message):
+    """The CS-Fluctuation detector found the turning point (second valley) at `step`, seen at `seen_at`."""
+
+    kind: Literal["turning_point"] = "turning_point"
+    step: int
+    seen_at: int
+
+
+class LogEvent(Message):
+    kind: Literal["log"] = "log"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    message: str
+
+
+class StartedEvent(Message):
+    """The engine is ready and about to run steps `start_step + 1 .. total_steps`."""
+
+    kind: Literal["started"] = "started"
+    start_step: int
+    total_steps: int
+    device: str
+    trainable_params: int
+
+
+class RolledBackEvent(Message):
+    """Weights and optimizer state are now those of `step`; history after it is superseded."""
+
+    kind: Literal["rolled_back"] = "rolled_back"
+    step: int
+    resume: bool
+
+
+FinishReason = Literal["completed", "early_stop", "stopped", "rolled_back", "interrupted"]
+
+
+class Outcome(Message):
+    """How a job's run ended: the part that `FinishedEvent` and `JobResult` share."""
+
+    reason: FinishReason
+    final_step: int  # the last step trained
+    result_step: int  # the step whose weights were written as the result
+    result_kid_val: float | None = None  # validation KID of the result weights, when measured
+    result_kid_val_std: float | None = None  # its spread (std over KID subsets)
+
+
+class FinishedEvent(Outcome):
+    """The engine is done: `result_step` is the step whose weights were written as the result."""
+
+    kind: Literal["finished"] = "finished"
+
+
+class JobResult(Outcome):
+    """What the engine returns (`dallm.train.train`), and what a worker reports when it returns."""
+
+    out_dir: Path
+    turning_point: int | None = None
+    seen_at: int | None = None  # the step at which the turning point was confirmed
+
+    def finished_event(self) -> FinishedEvent:
+        return FinishedEvent(**self.model_dump(include=set(Outcome.model_fields)))
+
+
+JobEventTypes = (
+    MetricsEvent
+    | SampleEvent
+    | CheckpointEvent
+    | TurningPointEvent
+    | LogEvent
+    | StartedEvent
+    | RolledBackEvent
+    | FinishedEvent
+)
+JobEvent = Annotated[JobEventTypes, Field(discriminator="kind")]
+job_event_adapter: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)
+
+
+# --- commands a running job obeys between steps ----------------------------------------------
+
+
+class StopCommand(Message):
+    """Finish now: with the turning-point weights when one was found, else the current ones."""
+
+    kind: Literal["stop"] = "stop"
+
+
+class RollbackCommand(Message):
+    """Restore the exact weights and optimizer state of `step`; finish there, or continue from it."""
+
+    kind: Literal["rollback"] = "rollback"
+    step: int
+    resume: bool = False
+
+
+class CheckpointNowCommand(Message):
+    kind: Literal["checkpoint_now"] = "checkpoint_now"
+
+
+class InterruptCommand(Message):
+    """Write a checkpoint and exit so that the job can resume later (Ctrl-C, daemon shutdown)."""
+
+    kind: Literal["interrupt"] = "interrupt"
+
+
+JobCommand = Annotated[
+    StopCommand | RollbackCommand | CheckpointNowCommand | InterruptCommand, Field(discriminator="kind")
+]
+job_command_adapter: TypeAdapter[JobCommand] = TypeAdapter(JobCommand)
+
+
+# --- the engine contract ---------------------------------------------------------------------
+
+Emit = Callable[[JobEvent], None]
+Poll = Callable[[], JobCommand | None]
+
+
+class Engine(Protocol):
+    """What runs a job: `dallm.train.train`, or a test double. It emits events, obeys the commands
+    `poll` hands it between steps, writes into `out_dir` and returns the result; drawing progress
+    is the caller's business (wrap `emit`)."""
+
+    def __call__(
+        self,
+        cfg: JobConfig,
+        *,
+        out_dir: Path | None = None,
+        resume: Path | None = None,
+        emit: Emit | None = None,
+        poll: Poll | None = None,
+    ) -> JobResult: ...

@@ -1,0 +1,136 @@
+"""Jobs as the daemon keeps and publishes them: states, the summary row and how events change it,
+state events, and the envelope every published event travels in.
+
+Topics: "queue" (job state changes, every job) and "job/<id>/" (the engine events of one job).
+Every published event has a daemon-wide sequence number `seq` and `prev`, the seq of the previous
+event on the same topic, so a subscriber of some topics sees a gap as `prev` > the last seq it has.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import Field, TypeAdapter
+
+from dallm.protocol.events import (
+    FinishedEvent,
+    JobEventTypes,
+    Message,
+    MetricsEvent,
+    RolledBackEvent,
+    StartedEvent,
+    TurningPointEvent,
+)
+
+QUEUE_TOPIC = "queue"
+
+JobState = Literal["queued", "running", "stopping", "finished", "stopped-early", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+TERMINAL_STATES = frozenset({"finished", "stopped-early", "failed", "cancelled"})
+
+
+def job_topic(job: int) -> str:
+    return f"job/{job}/"
+
+
+class JobSummary(Message):
+    """One job as `ls` shows it."""
+
+    id: int
+    name: str
+    state: JobState
+    priority: int = 0
+    step: int = 0  # last step with metrics
+    total_steps: int = 0
+    device: str = ""
+    reason: str = ""  # why the job is in its state (the error of a failed job)
+    created: float = 0.0
+    updated: float = 0.0
+    attempts: int = 0
+    out_dir: str = ""
+    turning_point: int | None = None
+    result_step: int | None = None
+    kid_val: float | None = None  # validation KID of the last evaluation kept (or of the result)
+    kid_val_std: float | None = None  # its spread, when the engine measured one
+    steps_per_s: float | None = None
+
+    def apply(self, event: AnyEvent) -> JobSummary:
+        """The row after `event`: a state event carries the whole new row; an engine event changes
+        the fields `summary_changes` names."""
+        if isinstance(event, JobStateEvent):
+            return event.job
+        changes = summary_changes(event)
+        return self.model_copy(update=changes) if changes else self
+
+
+def summary_changes(event: Any) -> dict[str, Any]:
+    """The summary fields an engine event sets (the daemon writes them to its store as they come;
+    `JobSummary.apply` folds them into a row). State changes only through `JobStateEvent`."""
+    if type(event) is MetricsEvent:  # the bulk: keep this path short
+        values = event.values
+        out: dict[str, Any] = {"step": event.step}
+        if "kid_val" in values:
+            out["kid_val"] = values["kid_val"]
+            out["kid_val_std"] = values.get("kid_val_std")  # a KID without a spread has none
+        if "steps_per_s" in values:
+            out["steps_per_s"] = values["steps_per_s"]
+        return out
+    if isinstance(event, StartedEvent):
+        return {"step": event.start_step, "total_steps": event.total_steps, "device": event.device}
+    if isinstance(event, RolledBackEvent):
+        return {"step": event.step}
+    if isinstance(event, TurningPointEvent):
+        return {"turning_point": event.step}
+    if isinstance(event, FinishedEvent):
+        out = {"result_step": event.result_step}
+        if event.result_kid_val is not None:  # the result's KID, not the last evaluated step's
+            out["kid_val"] = event.result_kid_val
+            out["kid_val_std"] = event.result_kid_val_std
+        return out
+    return {}
+
+
+class Transition(Message):
+    t: float
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+
+
+class CheckpointInfo(Message):
+    step: int
+    path: str
+    superseded: bool = False
+
+
+class JobDetail(Message):
+    summary: JobSummary
+    config: dict
+    transitions: list[Transition]
+    checkpoints: list[CheckpointInfo]
+    last_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class JobStateEvent(Message):
+    """A job changed state (or priority); published on the queue topic with the job's new row."""
+
+    kind: Literal["state"] = "state"
+    job: JobSummary
+    prev_state: JobState | None = None
+    reason: str = ""
+
+
+AnyEvent = Annotated[JobEventTypes | JobStateEvent, Field(discriminator="kind")]
+any_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+
+
+class EventEnvelope(Message):
+    """An event as the daemon stored and published it. `t`: when it was emitted (Unix time)."""
+
+    seq: int
+    prev: int = 0
+    topic: str
+    job: int
+    t: float
+    superseded: bool = False  # history only: a later rollback/resume replaced this part of the run
+    event: AnyEvent
