@@ -171,7 +171,14 @@ def outcome(w: WorkerProc, shutting_down: bool, retries: int) -> tuple[str, str,
         if r == "completed":
             return "finished", f"completed {done.final_step} steps", False
         if r == "early_stop":
-            return "stopped-early", f"early stop at the turning point (step {done.result_step})", False
+            tp = done.turning_point
+            result = "result: its weights" if tp == done.result_step else f"result: step {done.result_step}"
+            at = f" at step {tp}" if tp is not None else ""
+            return (
+                "stopped-early",
+                f"early stop at step {done.final_step} (turning point{at}); {result}",
+                False,
+            )
         if r == "stopped":
             return (
                 "stopped-early",
