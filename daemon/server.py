@@ -27,6 +27,7 @@ from dallm.daemon.confine import Roots
 from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
 from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
+from dallm.daemon.spill import STORE_ERRORS, Spill
 from dallm.daemon.store import EventRow, Store
 from dallm.home import DaemonLock, DaemonPaths, write_info
 from dallm.protocol import (
@@ -35,6 +36,7 @@ from dallm.protocol import (
     QUEUE_TOPIC,
     WORKER_EVENT,
     WORKER_MESSAGE,
+    CheckpointEvent,
     ErrorReply,
     FinishedEvent,
     InterruptCommand,
@@ -112,6 +114,7 @@ class Daemon:
         self.batch: list[EventRow] = []
         self.out_frames: list[list[bytes]] = []
         self.job_updates: dict[int, dict[str, Any]] = {}
+        self.spill = Spill()  # batches the store could not take yet (daemon/spill.py)
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
@@ -200,19 +203,22 @@ class Daemon:
         return seq
 
     def flush(self) -> None:
-        if not self.batch and not self.job_updates:
+        """Commit the batch, after any batches a failed write left waiting (in order); publish what
+        was committed. A failed write keeps the batch in the spill: nothing is published before the
+        store has it, so a subscriber can always read back what it saw."""
+        if self.batch or self.job_updates:
+            self.spill.push(self.batch, self.job_updates, self.out_frames)
+            self.batch, self.job_updates, self.out_frames = [], {}, []
+        if not self.spill:
             return
-        self.store.add_events(self.batch, self.job_updates)
-        self.batch = []
-        self.job_updates = {}
+        written = self.spill.drain(self.store.add_events, self.store.mark_gap)
         more, last = _MORE, _LAST
         for pub in self.pubs:
             send = pub.send
-            for frames in self.out_frames:  # a PUB never blocks: it drops at a subscriber's HWM
+            for frames in written:  # a PUB never blocks: it drops at a subscriber's HWM
                 for frame in frames[:-1]:
                     send(frame, more)
                 send(frames[-1], last)
-        self.out_frames = []
 
     def set_state(self, job: int, state: JobState, reason: str, **fields: Any) -> None:
         self.flush()
@@ -323,6 +329,21 @@ class Daemon:
             self.job_log(
                 job, "warning", f"{len(missing)} metric step(s) up to {upto} restored from metrics.jsonl"
             )
+        self._backfill_checkpoints(job, Path(out), upto)
+
+    def _backfill_checkpoints(self, job: int, out: Path, upto: int) -> None:
+        """Checkpoint events up to the resume step that the store lacks, from the checkpoints/step-N
+        folders on disk (a folder is only there once complete: it is renamed into place)."""
+        from dallm.protocol.files import checkpoint_folders
+
+        have = {c.step for c in self.store.checkpoints(job) if not c.superseded}
+        missing = [(s, p) for s, p in checkpoint_folders(out / "checkpoints") if s <= upto and s not in have]
+        for step, folder in missing:
+            data = CheckpointEvent(step=step, path=str(folder.relative_to(out))).model_dump_json()
+            self.add_event(job, job_topic(job), "checkpoint", step, data, None)
+        if missing:
+            self.job_log(job, "warning", f"{len(missing)} checkpoint event(s) up to {upto} restored from "
+                         f"{out / 'checkpoints'}")  # fmt: skip
 
     def drain_workers(self, budget: int = 50_000) -> None:
         for _ in range(budget):
@@ -357,6 +378,8 @@ class Daemon:
                 if len(rest) != 1:
                     raise ProtocolError("bad_request", f"expected one frame, got {len(rest)}")
                 req_id, req = decode_request(rest[0])
+                if self.spill:  # an answer now would be stale or fail to commit: say why instead
+                    raise ProtocolError("unavailable", self.spill.message())
                 if sock in self.curve_control and not self._key_still_authorized(raw[-1]):
                     raise ProtocolError("unauthorized", "this client key is no longer authorized")
                 reply = handlers.handle(self, req_id, req, local=sock is self.control[0])
@@ -364,6 +387,15 @@ class Daemon:
                 reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
             except ConfigError as e:
                 reply = encode_reply(req_id, ErrorReply(code="invalid_config", message=str(e)))
+            except STORE_ERRORS as e:
+                log.error("request failed on the store: %s", e)
+                reply = encode_reply(
+                    req_id,
+                    ErrorReply(
+                        code="unavailable",
+                        message=f"the daemon's store cannot be written ({type(e).__name__}: {e})",
+                    ),
+                )
             except Exception as e:  # the daemon serves on whatever one request did
                 log.exception("request failed")
                 reply = encode_reply(req_id, ErrorReply(code="internal", message=f"{type(e).__name__}: {e}"))
@@ -463,8 +495,8 @@ class Daemon:
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
             self.drain_workers()
-            self.sched.release(w)
-            identity.forget(self.paths.state_dir, w.job)
+            if self.spill:
+                return  # the store cannot take its events (or its end) yet: reaped once it can
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
             if w.proc.returncode not in (0, None) and w.done is None and w.error is None:
@@ -478,7 +510,11 @@ class Daemon:
                 fields["ended"] = time.time()
             if w.done is not None:
                 fields |= {"result_step": w.done.result_step, "turning_point": w.done.turning_point}
+            if row.get("history_gap") and not resume:  # never shown as if whole
+                reason += f"; history incomplete: {row['history_gap']}"
             self.set_state(w.job, state, reason, **fields)
+            self.sched.release(w)
+            identity.forget(self.paths.state_dir, w.job)
 
     def begin_shutdown(self) -> None:
         if self.shutting_down:
@@ -510,8 +546,10 @@ class Daemon:
                     last_tick = now
                     if self.keywatch is not None and self.keywatch.poll(now):
                         log.info("authorized client keys re-read")
-                    self.reap()
-                    self.schedule()
+                    self.flush()  # retries held batches; jobs change state only once they are in
+                    if not self.spill:
+                        self.reap()
+                        self.schedule()
             except Exception:  # a bug in one path must not take the daemon (and every job) down
                 log.exception("daemon loop")
                 self.batch, self.out_frames, self.job_updates = [], [], {}

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_step INTEGER,
     kid_val REAL,
     kid_val_std REAL,
-    steps_per_s REAL
+    steps_per_s REAL,
+    history_gap TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -74,10 +75,10 @@ CREATE INDEX IF NOT EXISTS events_job_misc ON events (job_id, kind) WHERE kind !
 
 SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
-    "turning_point, result_step, kid_val, kid_val_std, steps_per_s"
+    "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap"
 )
 # Columns added since the first schema: a store written by an older daemon gets them on open.
-ADDED_COLUMNS = {"kid_val_std": "REAL"}
+ADDED_COLUMNS = {"kid_val_std": "REAL", "history_gap": "TEXT"}
 
 # seq, prev, job, topic, kind, step, t, data, blob
 EventRow = tuple[int, int, int, str, str, int | None, float, str, bytes | None]
@@ -197,6 +198,14 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         return prev
+
+    def mark_gap(self, job_id: int, note: str) -> None:
+        """Record that events of the job were lost (notes of several losses are joined)."""
+        self.db.execute(
+            "UPDATE jobs SET history_gap = CASE WHEN history_gap IS NULL THEN ? ELSE history_gap || '; ' || ? END, "
+            "updated = ? WHERE id = ?",
+            (note, note, time.time(), job_id),
+        )
 
     def log_events(self, job_id: int, since: int) -> list[tuple[int, float, str, str]]:
         """(seq, t, kind, data) of the job's log lines and state changes after `since`."""

@@ -255,6 +255,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  step {s.step}/{s.total_steps}  priority {s.priority}  device {s.device or '-'}  attempts {s.attempts}"
     )
     print(f"  output {s.out_dir}")
+    if s.history_gap:
+        print(f"  history incomplete: {s.history_gap}")
     if s.turning_point is not None:
         print(f"  turning point: step {s.turning_point}")
     if s.result_step is not None:

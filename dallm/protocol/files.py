@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,23 @@ class _Scalars(BaseModel):
     def scalars(self) -> dict[str, float]:
         """The extra keys whose values are finite numbers, as floats (others are left out)."""
         return {k: float(v) for k, v in (self.model_extra or {}).items() if _finite(v)}
+
+
+_CHECKPOINT = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoints under `root` (a job's checkpoints/), oldest first, without
+    importing torch (for the daemon). Engines write `.tmp-step-N` and rename it into place once
+    complete, so every `step-N` folder is a whole checkpoint."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CHECKPOINT.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
 
 
 def _finite(value: Any) -> bool:

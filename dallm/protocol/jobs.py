@@ -53,6 +53,7 @@ class JobSummary(Message):
     kid_val: float | None = None  # validation KID of the last evaluation kept (or of the result)
     kid_val_std: float | None = None  # its spread, when the engine measured one
     steps_per_s: float | None = None
+    history_gap: str | None = None  # events the daemon lost (its store was unwritable too long)
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes

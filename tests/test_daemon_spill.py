@@ -1,0 +1,120 @@
+# ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
+"""Store writes that fail (a full disk, a locked database) drop no event: batches wait in the spill and
+are written in order once the store works; control requests meanwhile get `unavailable`; a spill
+overflow marks the job's history incomplete; a restart restores checkpoint events from the job folder."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_helpers import FAKE, config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
+
+from dallm.client import DaemonClient, DaemonError
+from dallm.daemon.server import Daemon
+from dallm.protocol import TERMINAL_STATES, JobSummary
+
+
+@pytest.fixture
+def inproc(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Daemon, dict[str, bool]]]:
+    """A daemon in a thread whose store raises "database or disk is full" while fault["on"]."""
+    monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.02")
+    d = Daemon(home, ["cpu"], runner=FAKE, allow=(Path(tempfile.gettempdir()),))
+    fault = {"on": False}
+    real = d.store.add_events
+
+    def add_events(rows: Any, updates: Any = None) -> None:
+        if fault["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(rows, updates)
+
+    monkeypatch.setattr(d.store, "add_events", add_events)
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    yield d, fault
+    fault["on"] = False
+    d.begin_shutdown()
+    t.join(30)
+
+
+def _outage(c: DaemonClient, d: Daemon, fault: dict[str, bool], job: int, until: Any) -> DaemonError:
+    """Make the store fail from step 10 until `until(spill)` holds; returns the refusal a request got."""
+    wait_step(c, job, 10)
+    fault["on"] = True
+    end = time.monotonic() + 20
+    while not until(d.spill) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert until(d.spill), "the outage did not reach its mark"
+    with pytest.raises(DaemonError) as refused:
+        c.summary(job)
+    fault["on"] = False
+    return refused.value
+
+
+def _wait_end(c: DaemonClient, job: int) -> JobSummary:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            return wait_state(c, job, set(TERMINAL_STATES))
+        except DaemonError as e:  # the spill may still be draining
+            assert e.code == "unavailable"
+            time.sleep(0.05)
+    raise AssertionError(f"job {job} did not end")
+
+
+def test_failed_store_writes_are_held_and_written_in_order(inproc, home: Path) -> None:
+    d, fault = inproc
+    with DaemonClient(home=home, timeout=10) as c:
+        job = c.submit(config("spill", steps=80, every=10)).id
+        refused = _outage(c, d, fault, job, lambda spill: spill.size > 1000)
+        assert refused.code == "unavailable"
+        assert "database or disk is full" in str(refused) and "held in memory" in str(refused)
+        s = _wait_end(c, job)
+        assert s.state == "finished", s.reason
+        assert s.history_gap is None and "history incomplete" not in s.reason
+        # every step and checkpoint, in seq order, none twice
+        assert metric_steps(c, job) == list(range(1, 81))
+        assert [x.step for x in c.show(job).checkpoints] == list(range(10, 81, 10))
+
+
+def test_spill_overflow_marks_the_history_incomplete(inproc, home: Path, capsys) -> None:
+    d, fault = inproc
+    d.spill.max_bytes = 2000  # a few metric events: the outage overflows it
+    with DaemonClient(home=home, timeout=10) as c:
+        job = c.submit(config("hole", steps=80, every=10)).id
+        refused = _outage(c, d, fault, job, lambda spill: bool(spill.lost))
+        assert refused.code == "unavailable" and "dropped" in str(refused)
+        s = _wait_end(c, job)
+        assert s.history_gap is not None and "lost while the store could not be written" in s.history_gap
+        assert "history incomplete" in s.reason  # never "finished" as if whole
+        steps = metric_steps(c, job)
+        assert steps == sorted(steps) and len(steps) < 80
+    from dallm.cli import main
+
+    assert main(["show", str(job), "--home", str(home)]) == 0
+    assert "history incomplete:" in capsys.readouterr().out
+
+
+def test_restart_restores_checkpoint_events_from_the_job_folder(daemons, home: Path) -> None:
+    d = daemons(step_s=0.03)
+    with d.client() as c:
+        job = c.submit(config("a", steps=60, every=10)).id
+        wait_step(c, job, 35)
+    d.kill9()
+    db = sqlite3.connect(home / "dallm.db")  # as if the dying daemon had not committed them
+    db.execute("DELETE FROM events WHERE kind = 'checkpoint' AND step IN (10, 20)")
+    db.commit()
+    db.close()
+    d2 = daemons(step_s=0.01)
+    with d2.client() as c:
+        s = wait_state(c, job, set(TERMINAL_STATES))
+        assert s.state == "finished", s.reason
+        kept = sorted(x.step for x in c.show(job).checkpoints if not x.superseded)
+        assert kept == list(range(10, 61, 10))
+        assert any("checkpoint event(s) up to" in line.message for line in c.logs(job).lines)
