@@ -3,6 +3,10 @@ into the job's row, and an ETA that counts the evaluations still to come."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
+
 import pytest
 
 from dallm.protocol import (
@@ -67,3 +71,38 @@ def test_eta_before_any_evaluation_was_measured_is_the_training_part() -> None:
     row = running(step=40, total_steps=100, steps_per_s=2.0, eval_every=20)
     assert eta_seconds(row) == pytest.approx(30.0)
     assert eta_seconds(row.model_copy(update={"state": "queued"})) is None
+
+
+def test_ls_and_show_name_the_phase_and_an_eta_with_the_evaluations(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from contextlib import contextmanager
+
+    import dallm.cli.jobs as jobs_cli
+    from dallm.cli import main
+    from dallm.protocol import JobDetail
+
+    row = running(step=40, total_steps=100, steps_per_s=2.0, eval_every=20, eval_stop_seconds=10.0,
+                  phase="kid", phase_since=time.time() - 65)  # fmt: skip
+
+    class Client:
+        def jobs(self, states: object = None, limit: object = None) -> list[JobSummary]:
+            return [row]
+
+        def show(self, job: str) -> JobDetail:
+            return JobDetail(summary=row, config={}, transitions=[], checkpoints=[])
+
+    @contextmanager
+    def client(args: object) -> Iterator[Client]:
+        yield Client()
+
+    monkeypatch.setattr(jobs_cli, "_client", client)
+    assert main(["ls"]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert "ETA" in header and "running (kid 1m0" in line and "1m00s" in line  # 30 s training + 3 x 10 s
+    assert main(["ls", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)[0]
+    assert listed["phase"] == "kid" and listed["eta_s"] == pytest.approx(60.0)
+    assert main(["show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "phase kid 1m0" in out and "ETA 1m00s (60 steps at 2/s + 3 evaluation(s), 10.0 s each)" in out
