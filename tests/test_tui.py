@@ -326,12 +326,12 @@ async def test_phase_and_its_time_show_while_the_step_stands_still() -> None:
         assert "·" not in header_text(app)  # no phase named yet: none shown
         conn.emit(1, PhaseEvent(phase="kid", step=40, at=time.time() - 65))
         await until(pilot, lambda: "kid 1m0" in header_text(app))
-        await until(pilot, lambda: "kid 1m0" in str(table.get_cell("1", "state")))
+        await until(pilot, lambda: "kid 1m0" in str(table.get_cell("1", "phase")))
         first = header_text(app)
         await until(pilot, lambda: header_text(app) != first and "kid 1m" in header_text(app))  # ticks alone
         conn.emit(1, PhaseEvent(phase="training", step=40, at=time.time()))
         await until(pilot, lambda: "training 0s" in header_text(app))
         conn.set_state(1, "finished", "completed")
         await until(pilot, lambda: "finished" in header_text(app))
-        await until(pilot, lambda: str(table.get_cell("1", "state")) == "finished")
+        await until(pilot, lambda: str(table.get_cell("1", "phase")) == "-")
         assert "training" not in header_text(app)

@@ -88,6 +88,7 @@ class JobTable(DataTable):
         ("name", "Name"),
         ("state", "State"),
         ("step", "Step"),
+        ("phase", "Phase"),  # what a step that stands still waits for (evaluation, a checkpoint)
         ("kid", "KID val"),
         ("tp", "TP"),
         ("eta", "ETA"),
@@ -112,8 +113,9 @@ class JobTable(DataTable):
         return {
             "id": str(row.id),
             "name": row.name,
-            "state": live_state_text(row, time.time()),
+            "state": state_text(row.state),
             "step": step,
+            "phase": Text(phase_text(row, time.time()) or "-", style="cyan"),
             "kid": kid_text(row.kid_val, row.kid_val_std),
             "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
             "eta": format_eta(eta_seconds(row)),
