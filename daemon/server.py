@@ -485,8 +485,9 @@ class Daemon:
                 "stopping",
                 f"writing the result of step {pending.step} on {w.device} (attempt {attempt})",
             )
-        self.set_state(job, state, reason, attempts=attempt,
-                       pid=w.proc.pid, device=w.device, started=time.time())  # fmt: skip
+        now = time.time()  # until the engine names its phase, the worker loads the model and data
+        self.set_state(job, state, reason, attempts=attempt, pid=w.proc.pid, device=w.device,
+                       started=now, phase="loading", phase_since=now)  # fmt: skip
 
     def slot_device(self) -> str:
         slot = self.sched.free_slot()

@@ -43,7 +43,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     kid_val REAL,
     kid_val_std REAL,
     steps_per_s REAL,
-    history_gap TEXT
+    history_gap TEXT,
+    phase TEXT,
+    phase_since REAL,
+    eval_every INTEGER,
+    samples_every INTEGER,
+    eval_stop_seconds REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -75,10 +80,19 @@ CREATE INDEX IF NOT EXISTS events_job_misc ON events (job_id, kind) WHERE kind !
 
 SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
-    "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap"
+    "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap, "
+    "phase, phase_since, eval_every, samples_every, eval_stop_seconds"
 )
 # Columns added since the first schema: a store written by an older daemon gets them on open.
-ADDED_COLUMNS = {"kid_val_std": "REAL", "history_gap": "TEXT"}
+ADDED_COLUMNS = {
+    "kid_val_std": "REAL",
+    "history_gap": "TEXT",
+    "phase": "TEXT",
+    "phase_since": "REAL",
+    "eval_every": "INTEGER",
+    "samples_every": "INTEGER",
+    "eval_stop_seconds": "REAL",
+}
 
 # seq, prev, job, topic, kind, step, t, data, blob
 EventRow = tuple[int, int, int, str, str, int | None, float, str, bytes | None]

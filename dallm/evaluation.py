@@ -35,7 +35,7 @@ from PIL import Image
 from dallm.config import ConfigError, JobConfig
 from dallm.evolution import write_evolution, write_grid
 from dallm.imagefiles import image_files
-from dallm.protocol import JobEvent, LogEvent, MetricsEvent, SampleEvent
+from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
 from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
 from dallm.sampling import (
     ModelLike,
@@ -126,6 +126,7 @@ class LiveEvaluator:
         self._subset_warned: set[str] = set()
         self.sample_steps: list[int] = []
         self.eval_seconds: list[float] = []  # per KID evaluation (the first includes the references)
+        self.stop_seconds: list[float] = []  # per `run` (samples and/or KID): what the ETA counts
         self.sample_seconds = 0.0
         self.setup_seconds = 0.0  # loading the feature extractor
         if self.kid_on:  # fail before training on folders or an extractor that cannot be used
@@ -156,13 +157,20 @@ class LiveEvaluator:
         self._forget_from(step)
         values: dict[str, float] = {}
         if self.samples_due(step):
+            self._phase("sampling", step)
             self.samples(step)
         if self.kid_due(step):
+            self._phase("kid", step)
             values.update(self.evaluate(step))
         if values or self.samples_due(step):
             values["eval_seconds"] = self.clock() - t0
             values["eval_share"] = self.share()
+            self.stop_seconds.append(values["eval_seconds"])
+            values["eval_stop_seconds"] = sum(self.stop_seconds) / len(self.stop_seconds)
         return values
+
+    def _phase(self, phase: Phase, step: int) -> None:
+        self.emit(PhaseEvent(phase=phase, step=step, at=time.time()))
 
     def _forget_from(self, step: int) -> None:
         """A step at or before one already seen: the job was rolled back and resumed; what was
@@ -180,11 +188,13 @@ class LiveEvaluator:
         """
         out: dict[str, float] = {}
         if self.samples_on and final_step not in self.sample_steps:
+            self._phase("sampling", final_step)
             self.samples(final_step)
         if self.kid_on:
             if final_step in self.kid_history:
                 out.update(self.kid_history[final_step])
             else:
+                self._phase("kid", final_step)
                 out.update(self.evaluate(final_step))
                 self.emit(MetricsEvent(step=final_step, values=dict(out)))
         if self.samples_on:
@@ -211,6 +221,7 @@ class LiveEvaluator:
         if self.kid_on:
             res = self.kid_history.get(result_step)
             if res is None:
+                self._phase("kid", result_step)
                 res = self.evaluate(result_step)
             out.update({f"result_{k}": v for k, v in res.items()})
             at_tp = self.kid_history.get(turning_step) if turning_step is not None else None

@@ -20,6 +20,7 @@ from dallm.protocol import (
     JobEvent,
     LogEvent,
     MetricsEvent,
+    PhaseEvent,
     RolledBackEvent,
     StartedEvent,
     TurningPointEvent,
@@ -33,7 +34,7 @@ class ProgressEmit:
         self.inner = inner
         self.console = Console(stderr=True)
         self.bar = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]{task.fields[phase]:<13}"),  # what a bar that stands still waits for
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  cs-fluct {task.fields[fluct]}"),
@@ -43,7 +44,7 @@ class ProgressEmit:
             console=self.console,
             transient=False,
         )
-        self.task = self.bar.add_task("train", total=total, loss="-", fluct="-")
+        self.task = self.bar.add_task("train", total=total, loss="-", fluct="-", phase="loading")
         self.started = False  # drawn from the first event: a job refused before it starts draws nothing
 
     def __call__(self, event: JobEvent) -> None:
@@ -59,6 +60,8 @@ class ProgressEmit:
             self.bar.update(self.task, completed=event.step, loss=f"{v['loss']:.4f}", fluct=fluct)
         elif isinstance(event, RolledBackEvent):
             self.bar.update(self.task, completed=event.step)
+        elif isinstance(event, PhaseEvent):
+            self.bar.update(self.task, phase=event.phase)
         elif isinstance(event, LogEvent) and event.level in ("warning", "error"):
             self.console.print(f"[yellow]{event.level}:[/] {event.message}")
         elif isinstance(event, LogEvent | TurningPointEvent | CheckpointEvent) and not isinstance(

@@ -44,6 +44,8 @@ from dallm.protocol import (
     JobResult,
     LogEvent,
     MetricsEvent,
+    Phase,
+    PhaseEvent,
     Poll,
     RollbackCommand,
     RolledBackEvent,
@@ -59,6 +61,26 @@ __all__ = ["JobResult", "train"]
 
 def _noop(_: JobEvent) -> None:
     pass
+
+
+class PhaseEmit:
+    """`emit` that forwards a `PhaseEvent` only when the phase changes: the loop re-enters
+    "training" after every evaluation or checkpoint, and the evaluator names its own phases."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.inner = emit
+        self.phase: str | None = None
+
+    def __call__(self, event: JobEvent) -> None:
+        if isinstance(event, PhaseEvent):
+            if event.phase == self.phase:
+                return
+            self.phase = event.phase
+        self.inner(event)
+
+    def enter(self, phase: Phase, step: int) -> None:
+        if phase != self.phase:  # checked first: "training" is asked for every step
+            self(PhaseEvent(phase=phase, step=step, at=time.time()))
 
 
 def seed_everything(seed: int) -> None:
@@ -89,7 +111,7 @@ def train(
     if out_dir is None:
         out_dir = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else cfg.out
     out = Path(out_dir)
-    emit = emit or _noop
+    emit = PhaseEmit(emit or _noop)
 
     device = pick_device(cfg.train.device)
     source = resolve_base(cfg.model.base)
@@ -131,7 +153,8 @@ class Job:
         self, cfg, trainer: Trainer, early: EarlyStop | None, evaluator, out: Path, emit: Emit, poll
     ) -> None:
         self.cfg, self.trainer, self.early, self.evaluator = cfg, trainer, early, evaluator
-        self.out, self.emit, self.poll = out, emit, poll or (lambda: None)
+        self.out, self.poll = out, poll or (lambda: None)
+        self.emit = self.phases = emit if isinstance(emit, PhaseEmit) else PhaseEmit(emit)
         self.ckpt_root = out / "checkpoints"
         out.mkdir(parents=True, exist_ok=True)
         self.log = MetricsLog(out / "metrics.jsonl")
@@ -155,6 +178,10 @@ class Job:
                 total_steps=cfg.train.steps,
                 device=str(self.trainer.device),
                 trainable_params=self.trainer.trainable_params,
+                eval_every=cfg.eval.every if self.evaluator is not None and self.evaluator.kid_on else 0,
+                samples_every=cfg.samples.every
+                if self.evaluator is not None and self.evaluator.samples_on
+                else 0,
             )
         )
         if self.early is not None and self.step == 0 and self.early.wants_snapshot(0):
@@ -164,6 +191,7 @@ class Job:
                 result = self._obey(cmd)
                 if result is not None:
                     return result
+            self.phases.enter("training", self.step)
             t0 = time.perf_counter()
             values = self.trainer.step(self.step)
             self.step += 1
@@ -256,6 +284,7 @@ class Job:
                     self.early.keep(snap)
 
     def checkpoint(self) -> Path:
+        self.phases.enter("checkpointing", self.step)
         state = self.trainer.state(self.step)
         if self.early is not None:
             state.extra["history"] = list(self.early.history)
@@ -322,11 +351,13 @@ class Job:
     ) -> JobResult:
         """End the run at the current step. `result_step` None: what early stopping chooses."""
         final_step = self.step if final_step is None else final_step
+        self.phases.enter("stopping", self.step)
         extra: dict = {}
         choice = None
         if write and self.evaluator is not None:
             with isolated_rng():  # final samples and KID of the stop step, before choosing
                 extra = self.evaluator.finish(self.step)
+            self.phases.enter("stopping", self.step)
             if self.early is not None and "kid_val" in extra:
                 self.early.record_kid(self.step, extra, None)
         if result_step is None:
@@ -345,6 +376,7 @@ class Job:
             if self.evaluator is not None:  # KID of the complete weights the user gets
                 with isolated_rng(), self._loaded(state):
                     extra |= self.evaluator.result(result_step, self.turning_point, self.step)
+                self.phases.enter("stopping", self.step)
             self.trainer.write_weights(self.out, state)
         tp, seen = self.turning_point, self.early.seen_at if self.early is not None else None
         result = JobResult(

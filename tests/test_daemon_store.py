@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
-from dallm.daemon.store import Store
+from dallm.daemon.store import ADDED_COLUMNS, SCHEMA, Store
 from dallm.home import DaemonLock, DaemonPaths, LockHeld, lock_is_held
 from dallm.protocol import JobResult, WorkerError
 
@@ -25,6 +26,27 @@ def test_queue_order_priorities_then_fifo(tmp_path: Path) -> None:
     assert order == [ids[1], ids[3], ids[0], ids[2], ids[4]]
     assert [t.to_state for t in s.transitions(ids[0])] == ["queued", "running"]
     assert s.counts() == {"running": 5}
+
+
+def test_store_of_an_older_daemon_gets_the_new_columns(tmp_path: Path) -> None:
+    """A store written before the phase/ETA columns existed opens, lists and takes the new fields."""
+    path = tmp_path / "old.db"
+    old = SCHEMA
+    for column, kind in ADDED_COLUMNS.items():
+        old = old.replace(f",\n    {column} {kind}", "")
+    assert "phase" not in old.split("CREATE TABLE IF NOT EXISTS transitions")[0]
+    db = sqlite3.connect(path)
+    db.executescript(old)
+    db.execute(
+        "INSERT INTO jobs (name, config, state, created, updated) VALUES ('old', '{}', 'running', 1, 1)"
+    )
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert s.summary(1).phase == "" and s.summary(1).eval_stop_seconds is None
+    s.update_job(1, phase="kid", phase_since=5.0, eval_every=20, samples_every=0, eval_stop_seconds=3.5)
+    row = s.summary(1)
+    assert (row.phase, row.phase_since, row.eval_every, row.eval_stop_seconds) == ("kid", 5.0, 20, 3.5)
 
 
 def test_supersede_marks_only_later_steps(tmp_path: Path) -> None:

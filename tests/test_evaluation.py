@@ -16,7 +16,7 @@ from test_sampling import lora_parts
 
 from dallm.config import ConfigError, JobConfig, config_from_dict
 from dallm.evaluation import LiveEvaluator
-from dallm.protocol import FinishedEvent, JobEvent, LogEvent, MetricsEvent, SampleEvent
+from dallm.protocol import FinishedEvent, JobEvent, LogEvent, MetricsEvent, PhaseEvent, SampleEvent
 
 KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
 
@@ -107,6 +107,13 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
         if ev.due(step):
             series[step] = ev.run(step)
     assert sorted(series) == [2, 4]
+    # Each stop names its phases before its work: the grid, then KID (its metrics follow in the row).
+    seen = [(e.phase, e.step) if isinstance(e, PhaseEvent) else (e.kind, e.step) for e in job["events"]
+            if isinstance(e, PhaseEvent | SampleEvent)]  # fmt: skip
+    assert seen == [(k, s) for s in (2, 4) for k in ("sampling", "sample", "kid")]
+    assert series[4]["eval_stop_seconds"] == pytest.approx(
+        (series[2]["eval_seconds"] + series[4]["eval_seconds"]) / 2
+    )
     for values in series.values():
         assert set(values) >= KID_KEYS and values["eval_seconds"] > 0 and 0 < values["eval_share"] <= 1
         assert all(np.isfinite(v) for v in values.values())

@@ -13,7 +13,7 @@ from engine_helpers import job, losses, metrics, same_weights, weights
 
 from dallm.checkpoint import list_checkpoints, load_checkpoint
 from dallm.data import DataError
-from dallm.protocol import FinishedEvent, InterruptCommand, JobEvent, MetricsEvent, StartedEvent
+from dallm.protocol import FinishedEvent, InterruptCommand, JobEvent, MetricsEvent, PhaseEvent, StartedEvent
 from dallm.train import train
 
 
@@ -207,3 +207,36 @@ def test_sampling_does_not_change_training(
     train(job(tiny_sd, images, train={"steps": 4}), out_dir=tmp_path / "without")
     assert losses(tmp_path / "with") == losses(tmp_path / "without")
     assert (tmp_path / "with" / "samples" / "step-000004.png").is_file()
+
+
+def test_phase_events_frame_each_evaluation_and_checkpoint(
+    tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The engine says when it leaves training (samples, a checkpoint, the end) and when it comes
+    back, each change once: a step counter that stands still has a reason on the wire."""
+    events: list[JobEvent] = []
+    samples = {"every": 2, "prompts": ["a red circle"], "seeds": [0], "steps": 2}
+    train(
+        job(tiny_sd, image_dir(n=2), train={"steps": 4}, samples=samples),
+        out_dir=tmp_path,
+        emit=events.append,
+    )
+    phases = [(e.phase, e.step) for e in events if isinstance(e, PhaseEvent)]
+    assert phases == [
+        ("training", 0),
+        ("sampling", 2),
+        ("training", 2),
+        ("checkpointing", 3),
+        ("training", 3),
+        ("sampling", 4),
+        ("stopping", 4),  # the grid of step 4 exists: the end makes no second one
+    ]
+    kinds = [e.kind for e in events if e.kind in ("phase", "sample", "started", "finished")]
+    assert kinds[:4] == ["started", "phase", "phase", "sample"]  # "sampling" comes before its grid
+    assert kinds[-3:] == ["sample", "phase", "finished"]
+    started = next(e for e in events if isinstance(e, StartedEvent))
+    assert (started.samples_every, started.eval_every) == (2, 0)
+    sampled = [e for e in events if isinstance(e, MetricsEvent) and "eval_stop_seconds" in e.values]
+    assert [e.step for e in sampled] == [2, 4] and all(e.values["eval_stop_seconds"] > 0 for e in sampled)
+    times = [e.at for e in events if isinstance(e, PhaseEvent)]
+    assert times == sorted(times)

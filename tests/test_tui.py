@@ -307,3 +307,31 @@ def test_command_line() -> None:
         False,
     )
     assert build_parser().parse_args([]).images == "auto"
+
+
+async def test_phase_and_its_time_show_while_the_step_stands_still() -> None:
+    """During an evaluation no metrics come: the header and the queue say what the job does and
+    for how long (the clock moves on its own), and the ETA counts the evaluations to come."""
+    from dallm.protocol import JobSummary, PhaseEvent, StartedEvent
+
+    conn = FakeConnection([JobSummary(id=1, name="phased", state="running", total_steps=100)])
+    conn.emit(1, StartedEvent(start_step=0, total_steps=100, device="cpu", trainable_params=1, eval_every=20),
+              MetricsEvent(step=40, values={"loss": 0.1, "steps_per_s": 2.0, "eval_stop_seconds": 10.0}),
+              live=False)  # fmt: skip
+    app = make_app(conn)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await until(pilot, loaded(app))
+        table = app.query_one(JobTable)
+        assert str(table.get_cell("1", "eta")) == "1m00s"  # 60 steps at 2/s + 3 evaluations of 10 s
+        assert "·" not in header_text(app)  # no phase named yet: none shown
+        conn.emit(1, PhaseEvent(phase="kid", step=40, at=time.time() - 65))
+        await until(pilot, lambda: "kid 1m0" in header_text(app))
+        await until(pilot, lambda: "kid 1m0" in str(table.get_cell("1", "phase")))
+        first = header_text(app)
+        await until(pilot, lambda: header_text(app) != first and "kid 1m" in header_text(app))  # ticks alone
+        conn.emit(1, PhaseEvent(phase="training", step=40, at=time.time()))
+        await until(pilot, lambda: "training 0s" in header_text(app))
+        conn.set_state(1, "finished", "completed")
+        await until(pilot, lambda: "finished" in header_text(app))
+        await until(pilot, lambda: str(table.get_cell("1", "phase")) == "-")
+        assert "training" not in header_text(app)

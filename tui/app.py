@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from functools import partial
 
 from rich.text import Text
@@ -15,7 +16,7 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.widgets import Footer
 
-from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary
+from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary, phase_text
 from dallm.tui import images
 from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
 from dallm.tui.link import DaemonLink
@@ -34,6 +35,7 @@ from dallm.tui.widgets import (
 
 ACTIVE_STATES = frozenset({"running", "stopping"})
 QUEUE_REFRESH_S = 0.5  # the queue table is redrawn at most this often for metrics alone
+PHASE_TICK_S = 1.0  # the time in a phase counts on while the engine emits nothing (an evaluation)
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
 
 
@@ -109,6 +111,7 @@ class DallmApp(App[None]):
         self.query_one(JobHeader).update(Text("waiting for the daemon…", style="dim italic"))
         self.query_one(JobTable).focus()
         self.run_worker(self.link.run, thread=True, name="daemon-link", exit_on_error=False)
+        self.set_interval(PHASE_TICK_S, self._tick_phases)
 
     def on_unmount(self) -> None:
         self.link.stop()
@@ -181,6 +184,11 @@ class DallmApp(App[None]):
             self._select(started[-1])
 
     # -- showing --------------------------------------------------------------------------------
+
+    def _tick_phases(self) -> None:
+        now = time.time()
+        if self._queue_timer is None and any(phase_text(r, now) for r in self.model.jobs.values()):
+            self._show_queue()
 
     def _show_queue(self) -> None:
         if self._queue_timer is not None:

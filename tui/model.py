@@ -24,7 +24,9 @@ from dallm.protocol import (
     SampleEvent,
     StartedEvent,
     TurningPointEvent,
+    format_seconds,
 )
+from dallm.protocol import eta_seconds as protocol_eta_seconds
 
 LOG_LINES = 2000
 _PLACED = frozenset({"cs_fluct", "cs_fluct_step"})  # series placed on a step of their own
@@ -246,18 +248,6 @@ class Model:
         return touched
 
 
-def eta_seconds(row: JobSummary) -> float | None:
-    if row.state != "running" or not row.steps_per_s or row.total_steps <= 0:
-        return None
-    return max(0, row.total_steps - row.step) / row.steps_per_s
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
+# The ETA (training steps and the evaluations still to come) is shared with `dallm ls`/`show`.
+eta_seconds = protocol_eta_seconds
+format_eta = format_seconds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -10,7 +12,7 @@ from textual.reactive import reactive
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from dallm.protocol import JobSummary
+from dallm.protocol import JobSummary, phase_text
 from dallm.tui.chart import Chart, Trace
 from dallm.tui.model import JobData, eta_seconds, format_eta
 
@@ -27,6 +29,16 @@ STATE_STYLES = {
 
 def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def live_state_text(row: JobSummary, now: float) -> Text:
+    """The state and, for a live job, its phase and the time in it: a step counter that stands
+    still during an evaluation says why."""
+    text = state_text(row.state)
+    phase = phase_text(row, now)
+    if phase:
+        text.append(f" · {phase}", style="cyan")
+    return text
 
 
 def kid_text(kid: float | None, std: float | None = None) -> str:
@@ -76,6 +88,7 @@ class JobTable(DataTable):
         ("name", "Name"),
         ("state", "State"),
         ("step", "Step"),
+        ("phase", "Phase"),  # what a step that stands still waits for (evaluation, a checkpoint)
         ("kid", "KID val"),
         ("tp", "TP"),
         ("eta", "ETA"),
@@ -102,6 +115,7 @@ class JobTable(DataTable):
             "name": row.name,
             "state": state_text(row.state),
             "step": step,
+            "phase": Text(phase_text(row, time.time()) or "-", style="cyan"),
             "kid": kid_text(row.kid_val, row.kid_val_std),
             "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
             "eta": format_eta(eta_seconds(row)),
@@ -159,7 +173,7 @@ class JobHeader(Static):
         if row is None:
             self.update(Text("no job selected", style="dim"))
             return
-        text = Text.assemble((f"{row.id} ", "bold"), (row.name + "  ", ""), state_text(row.state))
+        text = Text.assemble((f"{row.id} ", "bold"), (row.name + "  ", ""), live_state_text(row, time.time()))
         if row.reason:
             style = "bold red" if row.state == "failed" else "yellow"
             text.append(f"  {row.reason}", style=style)

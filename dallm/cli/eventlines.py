@@ -11,6 +11,7 @@ from dallm.protocol import (
     JobStateEvent,
     LogEvent,
     MetricsEvent,
+    PhaseEvent,
     RolledBackEvent,
     SampleEvent,
     StartedEvent,
@@ -57,6 +58,8 @@ class EventLines:
                 f"started at step {ev.start_step}/{ev.total_steps} on {ev.device}, "
                 f"{ev.trainable_params:,} trainable parameters"
             )
+        if isinstance(ev, PhaseEvent):  # only what stops training: "training" would repeat every stop
+            return None if ev.phase == "training" else ("engine", f"{ev.phase} at step {ev.step}")
         if isinstance(ev, CheckpointEvent):
             return "engine", f"checkpoint of step {ev.step}: {ev.path}"
         if isinstance(ev, SampleEvent):

@@ -18,9 +18,12 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dallm.cli import CommandError
+
+if TYPE_CHECKING:
+    from dallm.protocol import JobSummary
 
 EXIT_UNAVAILABLE = 3
 
@@ -202,7 +205,7 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from dallm.protocol import JOB_STATES
+    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, phase_text
     from dallm.sweep import sweep_of  # a job in a sweep folder (`dallm sweep`) belongs to that sweep
 
     for state in args.state or []:
@@ -218,12 +221,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         jobs = [j for j in jobs if sweeps[j.id] == args.sweep]
     jobs.sort(key=lambda j: (sweeps[j.id] is not None, sweeps[j.id] or ""))  # sweeps grouped, after the rest
     if args.json:
-        _print_json([j.model_dump(mode="json") | {"sweep": sweeps[j.id]} for j in jobs])
+        _print_json(
+            [j.model_dump(mode="json") | {"sweep": sweeps[j.id], "eta_s": eta_seconds(j)} for j in jobs]
+        )
         return 0
     if not jobs:
         print("no jobs")
         return 0
-    rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "DEVICE", "AGE", "REASON")]
+    now = time.time()
+    rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "ETA", "DEVICE", "AGE", "REASON")]
     group: str | None = None
     for j in jobs:
         if sweeps[j.id] != group:
@@ -231,8 +237,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
             rows.append((f"sweep {group}:",))
         step = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step)
         name = f"  {j.name}" if group else j.name
+        phase = phase_text(j, now)
+        state = f"{j.state} ({phase})" if phase else j.state
+        eta = format_seconds(eta_seconds(j))
         rows.append(
-            (str(j.id), name, j.state, str(j.priority), step, j.device or "-", _ago(j.created), j.reason)
+            (str(j.id), name, state, str(j.priority), step, eta, j.device or "-", _ago(j.created), j.reason)
         )
     widths = [max(len(r[i]) for r in rows if len(r) > 1) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -244,6 +253,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from dallm.protocol import eta_seconds, format_seconds, phase_text
+
     with _client(args) as c:
         d = c.show(args.job)
     if args.json:
@@ -254,6 +265,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(
         f"  step {s.step}/{s.total_steps}  priority {s.priority}  device {s.device or '-'}  attempts {s.attempts}"
     )
+    phase = phase_text(s, time.time())
+    if phase:
+        print(f"  phase {phase}  ETA {format_seconds(eta_seconds(s))} ({_eta_parts(s)})")
     print(f"  output {s.out_dir}")
     if s.history_gap:
         print(f"  history incomplete: {s.history_gap}")
@@ -274,6 +288,19 @@ def cmd_show(args: argparse.Namespace) -> int:
         when = datetime.fromtimestamp(t.t).strftime("%Y-%m-%d %H:%M:%S")
         print(f"    {when}  {t.from_state or '-':>13} -> {t.to_state:<13} {t.reason}")
     return 0
+
+
+def _eta_parts(s: JobSummary) -> str:
+    """What the ETA is made of, so that a user can see evaluation counted."""
+    from dallm.protocol.jobs import evaluations_left
+
+    left = max(0, s.total_steps - s.step)
+    speed = (
+        f"{left} steps at {s.steps_per_s:.3g}/s" if s.steps_per_s else f"{left} steps, speed not measured yet"
+    )
+    n = evaluations_left(s)
+    cost = f"{s.eval_stop_seconds:.1f} s each" if s.eval_stop_seconds is not None else "cost not measured yet"
+    return f"{speed} + {n} evaluation(s), {cost}" if n else speed
 
 
 def _log_line(t: float, level: str, message: str) -> str:

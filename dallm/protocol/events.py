@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -70,6 +70,24 @@ class StartedEvent(Message):
     total_steps: int
     device: str
     trainable_params: int
+    # When the engine stops to evaluate (0: never); with the measured cost, what the ETA adds.
+    eval_every: int = 0  # KID
+    samples_every: int = 0  # sample grids
+
+
+# "loading": set by the daemon when it starts a worker (the engine loads model and data).
+Phase = Literal["loading", "training", "sampling", "kid", "checkpointing", "stopping"]
+PHASES: tuple[str, ...] = get_args(Phase)
+
+
+class PhaseEvent(Message):
+    """The engine began `phase` at `step` (Unix time `at`): says what a step counter that does not
+    move is waiting for (evaluation, a checkpoint, the final result)."""
+
+    kind: Literal["phase"] = "phase"
+    phase: Phase
+    step: int
+    at: float
 
 
 class RolledBackEvent(Message):
@@ -119,6 +137,7 @@ JobEventTypes = (
     | StartedEvent
     | RolledBackEvent
     | FinishedEvent
+    | PhaseEvent
 )
 JobEvent = Annotated[JobEventTypes, Field(discriminator="kind")]
 job_event_adapter: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)

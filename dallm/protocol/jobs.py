@@ -8,6 +8,7 @@ event on the same topic, so a subscriber of some topics sees a gap as `prev` > t
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, TypeAdapter
@@ -17,6 +18,7 @@ from dallm.protocol.events import (
     JobEventTypes,
     Message,
     MetricsEvent,
+    PhaseEvent,
     RolledBackEvent,
     StartedEvent,
     TurningPointEvent,
@@ -52,8 +54,13 @@ class JobSummary(Message):
     result_step: int | None = None
     kid_val: float | None = None  # validation KID of the last evaluation kept (or of the result)
     kid_val_std: float | None = None  # its spread, when the engine measured one
-    steps_per_s: float | None = None
+    steps_per_s: float | None = None  # training steps alone (evaluation not counted)
     history_gap: str | None = None  # events the daemon lost (its store was unwritable too long)
+    phase: str = ""  # what the engine does now (training, sampling, kid, checkpointing, stopping)
+    phase_since: float | None = None  # since when (Unix time)
+    eval_every: int = 0  # the engine stops to evaluate KID every this many steps (0: never)
+    samples_every: int = 0  # ... and to make sample grids
+    eval_stop_seconds: float | None = None  # measured mean wall time of one such stop
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes
@@ -75,9 +82,19 @@ def summary_changes(event: Any) -> dict[str, Any]:
             out["kid_val_std"] = values.get("kid_val_std")  # a KID without a spread has none
         if "steps_per_s" in values:
             out["steps_per_s"] = values["steps_per_s"]
+        if "eval_stop_seconds" in values:
+            out["eval_stop_seconds"] = values["eval_stop_seconds"]
         return out
+    if isinstance(event, PhaseEvent):
+        return {"phase": event.phase, "phase_since": event.at}
     if isinstance(event, StartedEvent):
-        return {"step": event.start_step, "total_steps": event.total_steps, "device": event.device}
+        return {
+            "step": event.start_step,
+            "total_steps": event.total_steps,
+            "device": event.device,
+            "eval_every": event.eval_every,
+            "samples_every": event.samples_every,
+        }
     if isinstance(event, RolledBackEvent):
         return {"step": event.step}
     if isinstance(event, TurningPointEvent):
@@ -89,6 +106,54 @@ def summary_changes(event: Any) -> dict[str, Any]:
             out["kid_val_std"] = event.result_kid_val_std
         return out
     return {}
+
+
+def _stops(after: int, upto: int, every: int) -> int:
+    """How many multiples of `every` lie in (after, upto]."""
+    return upto // every - after // every if every > 0 else 0
+
+
+def evaluations_left(row: JobSummary) -> int:
+    """The evaluation stops still to come: every step where KID or a sample grid is due, plus the
+    final evaluation when the last step is not one of them."""
+    a, b, step, total = row.eval_every, row.samples_every, row.step, row.total_steps
+    if a <= 0 and b <= 0:
+        return 0
+    both = math.lcm(a, b) if a > 0 and b > 0 else 0
+    n = _stops(step, total, a) + _stops(step, total, b) - _stops(step, total, both)
+    last_is_stop = any(k > 0 and total % k == 0 for k in (a, b))
+    return n + (0 if last_is_stop or step > total else 1)
+
+
+def eta_seconds(row: JobSummary) -> float | None:
+    """Seconds until a running job ends: its training steps left at the measured training speed
+    plus its evaluation stops left at their measured mean cost (none measured yet: counted as 0,
+    so the ETA grows after the first evaluation rather than guessing)."""
+    if row.state != "running" or not row.steps_per_s or row.total_steps <= 0:
+        return None
+    training = max(0, row.total_steps - row.step) / row.steps_per_s
+    return training + evaluations_left(row) * (row.eval_stop_seconds or 0.0)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration as people read it: 42s, 3m07s, 1h05m; "-" when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def phase_text(row: JobSummary, now: float) -> str:
+    """What a live job does now and for how long ("kid 1m05s"); "" for a job not running."""
+    if row.state not in ("running", "stopping") or not row.phase:
+        return ""
+    if row.phase_since is None:
+        return row.phase
+    return f"{row.phase} {format_seconds(max(0.0, now - row.phase_since))}"
 
 
 class Transition(Message):
