@@ -26,6 +26,7 @@ from dallm.daemon import handlers, identity
 from dallm.daemon.confine import Roots
 from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
+from dallm.daemon.resources import ResourceSampler
 from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
 from dallm.daemon.spill import STORE_ERRORS, Spill
 from dallm.daemon.store import EventRow, Store
@@ -109,6 +110,7 @@ class Daemon:
             self._bind_tcp(endpoint)
         self.slots = make_slots(devices, max_jobs)
         self.sched = Scheduler(self.slots, self.paths.endpoint("workers"), runner)
+        self.resources = ResourceSampler()  # answers ResourcesRequest (NVML opened once, if there)
         self.seq = self.store.head()
         self.topic_prev: dict[str, int] = self.store.topic_heads()
         self.batch: list[EventRow] = []

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -40,6 +41,7 @@ from dallm.protocol import (
     JobResult,
     MetricsEvent,
     SampleEvent,
+    UsageEvent,
     WorkerDone,
     WorkerError,
     WorkerHello,
@@ -48,6 +50,7 @@ from dallm.protocol import (
 )
 
 DEFAULT_RUNNER = "dallm.train:train"
+USAGE_EVERY_S = 5.0  # how often the worker reports its peak memory (with the engine's events)
 _MORE = int(zmq.SNDMORE)
 
 
@@ -92,6 +95,17 @@ def classify(exc: BaseException) -> WorkerError:
     return WorkerError(category="error", message=text, traceback=tb)
 
 
+def peak_usage() -> UsageEvent:
+    """This process's peak memory so far: resident (the kernel's high-water mark) and, when torch
+    has touched a GPU, torch's peak allocation (what an OOM is about)."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu_mb = None
+    torch = sys.modules.get("torch")  # never import torch only to ask
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+    return UsageEvent(peak_rss_mb=round(rss_mb, 1), peak_gpu_mb=None if gpu_mb is None else round(gpu_mb, 1))
+
+
 class WorkerLink:
     """The worker end of the daemon link: `emit` and `poll` as the engine wants them."""
 
@@ -105,6 +119,7 @@ class WorkerLink:
         self.sock.connect(endpoint)
         self.lock = threading.Lock()
         self.pending: collections.deque[JobCommand] = collections.deque()
+        self.usage_at = 0.0  # when the peak memory was last reported
         self.send(WorkerHello(job=job, attempt=attempt, pid=os.getpid()))
 
     def send(self, message: WorkerMessage) -> None:
@@ -129,6 +144,12 @@ class WorkerLink:
                 send(png, 0, copy=False)
             else:
                 send(body.encode(), 0)
+        if type(event) is not UsageEvent and time.monotonic() - self.usage_at >= USAGE_EVERY_S:
+            self.report_usage()
+
+    def report_usage(self) -> None:
+        self.usage_at = time.monotonic()
+        self.emit(peak_usage())
 
     def poll(self) -> JobCommand | None:
         with self.lock:
@@ -169,9 +190,12 @@ def run(args: argparse.Namespace) -> int:
         )
         if not isinstance(result, JobResult):
             raise TypeError(f"the engine {args.runner} returned {type(result).__name__}, not a JobResult")
+        link.report_usage()  # the final peak, before the daemon hears that the job ended
         link.send(WorkerDone(result=result))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
         err = classify(e)
+        with contextlib.suppress(Exception):
+            link.report_usage()
         link.send(err)  # first: the log below may be on a full disk
         with contextlib.suppress(OSError):
             print(err.traceback, file=sys.stderr, flush=True)
