@@ -109,7 +109,9 @@ class QueueBar(Horizontal):
         box.value = self.view.search
         box.display = True
         self.display = True
-        box.focus()
+        # Focus once laid out: a widget that was hidden is not in the focus chain until then, and
+        # keys typed meanwhile would reach the app's bindings (s: stop) instead of the box.
+        self.call_after_refresh(box.focus)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
