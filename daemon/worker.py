@@ -36,6 +36,7 @@ from dallm.protocol import (
     WORKER_EVENT,
     WORKER_MESSAGE,
     Engine,
+    FinishedEvent,
     JobCommand,
     JobEvent,
     JobResult,
@@ -127,6 +128,8 @@ class WorkerLink:
             self.sock.send_multipart([WORKER_MESSAGE, message.model_dump_json().encode()])
 
     def emit(self, event: JobEvent) -> None:
+        if type(event) is FinishedEvent:
+            self.report_usage()  # the final peak, before the job's last event
         if type(event) is MetricsEvent and not all(map(math.isfinite, event.values.values())):
             # JSON has no NaN/inf: keep the step, leave out the values that are not numbers.
             event = MetricsEvent(
@@ -190,7 +193,6 @@ def run(args: argparse.Namespace) -> int:
         )
         if not isinstance(result, JobResult):
             raise TypeError(f"the engine {args.runner} returned {type(result).__name__}, not a JobResult")
-        link.report_usage()  # the final peak, before the daemon hears that the job ended
         link.send(WorkerDone(result=result))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
         err = classify(e)
