@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
 """The Ray executor against a local Ray cluster (one per test session: a head node and two 1-GPU
 nodes in this machine, ray.cluster_utils.Cluster; Ray hands out GPU ids without GPUs). Jobs use the
 fake engine. The daemon is a child process connected to the cluster like a remote one would be; its
@@ -8,13 +9,14 @@ All tests of this file run in one xdist worker (the cluster is per process)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import DaemonProc, config, metric_steps, wait_state, wait_step
+from daemon_helpers import DaemonProc, config, home, metric_steps, wait_state, wait_step  # noqa: F401
 from ray.cluster_utils import Cluster
 
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.ray]
@@ -55,7 +57,7 @@ def test_two_jobs_run_as_ray_tasks_and_finish(ray_daemons) -> None:
         done = [wait_state(c, job, "finished", timeout=120) for job in jobs]
         for s in done:
             assert s.step == 20 and s.reason == "completed 20 steps"
-            assert " @ node 127.0.0.1 (" in s.device and s.device.endswith(" GPU 0"), s.device
+            assert re.fullmatch(r"cpu @ node \S+ \([0-9a-f]{8}\) GPU 0", s.device), s.device
             assert metric_steps(c, s.id) == list(range(1, 21))
             assert [k.step for k in c.show(s.id).checkpoints] == [5, 10, 15, 20]
         assert done[0].device != done[1].device  # one on each node

@@ -154,7 +154,7 @@ class RayExecutor:
         self.relay: Relay | None = None
         self.keys: dict[bytes, tuple[bytes, bytes]] = {}
 
-    def slots(self, max_jobs: int | None) -> list[str]:
+    def slots(self, devices: list[str], max_jobs: int | None) -> list[str]:
         """As many jobs at once as the cluster's GPUs hold (`--max-jobs` caps it); on a CPU cluster,
         one per node unless --max-jobs says more."""
         if max_jobs:
