@@ -9,6 +9,7 @@ All tests of this file run in one xdist worker (the cluster is per process)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,11 @@ from daemon_helpers import DaemonProc, config, home, metric_steps, wait_state, w
 from ray.cluster_utils import Cluster
 
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.ray]
+# CI runs the first test (~1 min with the cluster's start on 2 cores); the others take ~4 min more
+# and run with DALLM_RAY_SLOW=1 (docs/cluster.md, "What was tested").
+cluster_slow = pytest.mark.skipif(
+    os.environ.get("DALLM_RAY_SLOW") != "1", reason="slow Ray cluster test: set DALLM_RAY_SLOW=1"
+)
 STORE_BYTES = 80 * 2**20  # the object store's least: the jobs pass small dicts only
 
 
@@ -65,6 +71,7 @@ def test_two_jobs_run_as_ray_tasks_and_finish(ray_daemons) -> None:
 
 
 @pytest.mark.slow
+@cluster_slow
 def test_stop_rollback_checkpoint_cancel_on_ray_jobs(ray_daemons) -> None:
     d = ray_daemons(step_s=0.05)
     with d.client() as c:
@@ -87,6 +94,19 @@ def test_stop_rollback_checkpoint_cancel_on_ray_jobs(ray_daemons) -> None:
         assert json.loads((Path(s.out_dir) / "result.json").read_text())["result_step"] == 10
 
 
+def worker_pids(home: Path) -> list[int]:
+    """Worker processes of this home (their --out is under it), on this machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+        except OSError:
+            continue
+        if b"dallm.daemon.worker" in cmd and str(home).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
 def _node_of(cluster: Cluster, device: str) -> Any:
     for node in cluster.worker_nodes:
         if f"({node.node_id[:8]})" in device:
@@ -95,6 +115,7 @@ def _node_of(cluster: Cluster, device: str) -> Any:
 
 
 @pytest.mark.slow
+@cluster_slow
 def test_a_job_whose_node_dies_resumes_elsewhere_from_its_checkpoint(ray_daemons, cluster: Cluster) -> None:
     d = ray_daemons(step_s=0.05)
     with d.client() as c:
@@ -113,21 +134,26 @@ def test_a_job_whose_node_dies_resumes_elsewhere_from_its_checkpoint(ray_daemons
             s = wait_state(c, job, "finished", timeout=180)
             assert s.step == 60 and f"({node.node_id[:8]})" not in s.device
             assert metric_steps(c, job) == list(range(1, 61))  # resumed at a checkpoint: nothing lost
-            assert any("resuming from its last checkpoint" in r for r in reasons[-3:] + [s.reason]) or any(
-                "resuming" in t.reason for t in c.show(job).transitions
-            )
+            reasons = [t.reason for t in c.show(job).transitions]
+            assert "started on ray (attempt 2, resuming from its last checkpoint)" in reasons, reasons
         finally:
             cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=STORE_BYTES)
             cluster.wait_for_nodes()
 
 
 @pytest.mark.slow
-def test_daemon_killed_mid_job_requeues_and_loses_nothing(ray_daemons) -> None:
+@cluster_slow
+def test_daemon_killed_mid_job_requeues_and_loses_nothing(ray_daemons, home: Path) -> None:
     d = ray_daemons(step_s=0.05)
     with d.client() as c:
         job = c.submit(config("a", steps=60, every=5)).id
         wait_step(c, job, 12, timeout=120)
+    assert worker_pids(home)  # the check below would be empty otherwise
     d.kill9()  # its Ray driver dies: Ray ends its tasks, the worker dies with its task
+    end = time.monotonic() + 60
+    while worker_pids(home) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not worker_pids(home), "the Ray task outlived the daemon that started it"
     d2 = ray_daemons(step_s=0.05)
     with d2.client() as c:
         s = wait_state(c, job, "finished", timeout=180)
