@@ -99,6 +99,8 @@ class Daemon:
         self.roots = Roots(self.paths.jobs, allow)
         self.lock = DaemonLock(self.paths)
         self.lock.acquire()
+        # Before any socket: an executor that cannot work (no Ray, folders not shared) stops the start.
+        ex = make_executor(executor, executor_options or {}, [self.paths.jobs, *allow])
         self.started = time.time()
         self.store = Store(self.paths.db)
         self.ctx = zmq.Context()
@@ -111,7 +113,6 @@ class Daemon:
         self._bind_ipc()
         for endpoint in bind or []:
             self._bind_tcp(endpoint)
-        ex = make_executor(executor, executor_options or {}, [self.paths.jobs, *allow])
         self.slots = ex.slots(devices, max_jobs)
         self.sched = Scheduler(
             self.slots, self.paths.endpoint("workers"), runner, ex, PeakBook(self.paths.db)
