@@ -20,6 +20,9 @@ import pytest
 from daemon_helpers import DaemonProc, config, home, metric_steps, wait_state, wait_step  # noqa: F401
 from ray.cluster_utils import Cluster
 
+from dallm.cli import main as dallm_main
+from dallm.tui.widgets import JobTable
+
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.ray]
 # CI runs the first test (~1 min with the cluster's start on 2 cores); the others take ~4 min more
 # and run with DALLM_RAY_SLOW=1 (docs/cluster.md, "What was tested").
@@ -55,7 +58,7 @@ def ray_daemons(home: Path, cluster: Cluster) -> Iterator[Callable[..., DaemonPr
         d.cleanup()
 
 
-def test_two_jobs_run_as_ray_tasks_and_finish(ray_daemons) -> None:
+def test_two_jobs_run_as_ray_tasks_and_finish(ray_daemons, home: Path, capsys) -> None:
     d = ray_daemons(step_s=0.01)
     with d.client() as c:
         assert c.ping().slots == ["ray", "ray"]  # two 1-GPU nodes: two jobs at once
@@ -68,6 +71,12 @@ def test_two_jobs_run_as_ray_tasks_and_finish(ray_daemons) -> None:
             assert [k.step for k in c.show(s.id).checkpoints] == [5, 10, 15, 20]
         assert done[0].device != done[1].device  # one on each node
         assert "started on ray (attempt 1, from step 0)" in [t.reason for t in c.show(jobs[0]).transitions]
+    # The placement shows in `dallm ls`, `dallm show` and the TUI's queue (its Device column).
+    assert dallm_main(["ls", "--home", str(home)]) == 0
+    assert done[0].device in capsys.readouterr().out
+    assert dallm_main(["show", str(jobs[1]), "--home", str(home)]) == 0
+    assert f"device {done[1].device}" in capsys.readouterr().out
+    assert JobTable.cells(done[0])["device"] == done[0].device
 
 
 @pytest.mark.slow

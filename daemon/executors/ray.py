@@ -96,6 +96,7 @@ class RayHandle:
 
     def __init__(self, ray: Any, ref: Any) -> None:
         self.ray, self.ref = ray, ref
+        self.nodes = _alive_nodes(ray)  # a crash is a lost node only when one of these has died
         self.returncode: int | None = None
         self.lost: str | None = None
         self.error: str | None = None
@@ -118,7 +119,7 @@ class RayHandle:
             self.lost = f"its Ray node was lost ({type(e).__name__})"
         except ex.WorkerCrashedError:
             # A crashed Ray worker: its node went away, or the process was killed on a live node.
-            self.lost = "its Ray node was lost" if _node_gone(self.ray) else None
+            self.lost = "its Ray node was lost" if self.nodes - _alive_nodes(self.ray) else None
             self.returncode = -signal.SIGKILL
         except ex.RayError as e:
             self.returncode, self.error = 1, f"Ray task failed: {str(e).strip().splitlines()[0]}"
@@ -130,8 +131,8 @@ class RayHandle:
             self.ray.cancel(self.ref, force=sig == signal.SIGKILL)
 
 
-def _node_gone(ray: Any) -> bool:
-    return any(not n.get("Alive", True) for n in ray.nodes())
+def _alive_nodes(ray: Any) -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 class RayExecutor:
