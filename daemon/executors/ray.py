@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,6 @@ class RayHandle:
         self.returncode: int | None = None
         self.lost: str | None = None
         self.error: str | None = None
-        self.placement = ""
         self.forced = False
 
     def poll(self) -> int | None:
@@ -112,7 +112,7 @@ class RayHandle:
         ex = self.ray.exceptions
         try:
             out = self.ray.get(self.ref)
-            self.returncode, self.placement, self.error = out["code"], out["placement"], out["error"]
+            self.returncode, self.error = out["code"], out["error"]
         except ex.TaskCancelledError:
             self.returncode = -(signal.SIGKILL if self.forced else signal.SIGTERM)
         except (ex.NodeDiedError, ex.LocalRayletDiedError, ex.ObjectLostError) as e:
@@ -145,7 +145,6 @@ class RayExecutor:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         resources = ray.cluster_resources()
         self.cluster_gpus = float(resources.get("GPU", 0))
-        self.cluster_cpus = float(resources.get("CPU", 0))
         if gpus_per_job is not None and not 0 <= gpus_per_job <= max(self.cluster_gpus, 0):
             raise ValueError(f"--gpus-per-job {gpus_per_job:g}: the cluster has {self.cluster_gpus:g} GPU(s)")
         self.gpus = gpus_per_job if gpus_per_job is not None else (1.0 if self.cluster_gpus else 0.0)
@@ -153,7 +152,6 @@ class RayExecutor:
         check_shared(ray, folders)
         self.remote = ray.remote(max_retries=0)(run_worker)
         self.relay: Relay | None = None
-        self.keys: dict[bytes, tuple[bytes, bytes]] = {}
 
     def slots(self, devices: list[str], max_jobs: int | None) -> list[str]:
         """As many jobs at once as the cluster's GPUs hold (`--max-jobs` caps it); on a CPU cluster,
@@ -186,7 +184,10 @@ class RayExecutor:
         task = self.remote.options(
             num_gpus=self.gpus, num_cpus=1, name=f"dallm-job-{spec.job}.{spec.attempt}"
         )
-        ref = task.remote(spec.argv(None), env, str(spec.log), str(spec.config), digest)
+        # No --slot-cores: the daemon's cores say nothing of the node's. Ray sets OMP_NUM_THREADS to
+        # the task's num_cpus, which the worker follows (dallm/threads.py).
+        argv = replace(spec, slot_cores=None).argv(None)
+        ref = task.remote(argv, env, str(spec.log), str(spec.config), digest)
         return RayHandle(self.ray, ref)
 
     def release(self, identity: bytes) -> None:
