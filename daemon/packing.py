@@ -103,7 +103,7 @@ class PeakBook:
     """Recorded peaks by shape, in the daemon's store (its own table and connection)."""
 
     def __init__(self, db: Path | str) -> None:
-        self.db = sqlite3.connect(str(db), timeout=5.0, isolation_level=None)
+        self.db = sqlite3.connect(str(db), timeout=5.0, isolation_level=None, check_same_thread=False)
         self.db.execute("CREATE TABLE IF NOT EXISTS peak_memory (shape TEXT PRIMARY KEY, bytes INTEGER "
                         "NOT NULL, job INTEGER, t REAL)")  # fmt: skip
 
