@@ -240,7 +240,12 @@ def worker_log(d: Daemon, req: WorkerLogRequest) -> WorkerLogReply:
 
 
 def resources(d: Daemon) -> ResourcesReply:
-    workers = [RunningWorker(job, w.proc.pid, w.device) for job, w in sorted(d.sched.by_job.items())]
+    # A worker on another machine (an executor's node: pid None) is not sampled here.
+    workers = [
+        RunningWorker(job, w.proc.pid, w.device)
+        for job, w in sorted(d.sched.by_job.items())
+        if w.proc.pid is not None
+    ]
     return d.resources.sample(workers)
 
 
