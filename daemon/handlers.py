@@ -14,6 +14,7 @@ from dallm.config import ConfigError, config_from_dict
 from dallm.daemon.confine import check_reads, output_folder
 from dallm.daemon.jobstate import CancelPending, encode_pending
 from dallm.daemon.limits import MAX_HISTORY_PAGE, page_rows
+from dallm.daemon.resources import RunningWorker
 from dallm.preflight import PreflightError, preflight
 from dallm.protocol import (
     TERMINAL_STATES,
@@ -36,6 +37,8 @@ from dallm.protocol import (
     PriorityRequest,
     ProtocolError,
     Request,
+    ResourcesReply,
+    ResourcesRequest,
     RollbackCommand,
     RollbackRequest,
     ShowRequest,
@@ -43,6 +46,8 @@ from dallm.protocol import (
     StopCommand,
     StopRequest,
     SubmitRequest,
+    WorkerLogReply,
+    WorkerLogRequest,
     encode_reply,
     history_frames,
 )
@@ -202,6 +207,48 @@ def logs(d: Daemon, req: LogsRequest) -> LogsReply:
     return LogsReply(lines=lines, head=d.seq)
 
 
+WORKER_LOG = "worker.log"  # in the job's output folder (Daemon.start_job: stdout and stderr)
+
+
+def worker_log(d: Daemon, req: WorkerLogRequest) -> WorkerLogReply:
+    """A tail of the worker's log, or what was added since `offset`: whole lines only, so that a
+    follower never splits one (a single line longer than `max_bytes` comes cut)."""
+    row = _job(d, req.job)
+    path = Path(row["out_dir"] or ".") / WORKER_LOG
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if req.offset is None:
+                start = max(0, size - req.max_bytes)
+            else:
+                start = req.offset if req.offset <= size else 0  # shorter than before: a new file
+            f.seek(start)
+            data = f.read(min(req.max_bytes, size - start))
+    except FileNotFoundError:
+        return WorkerLogReply(path=str(path), text="", start=0, end=0, size=0)
+    except OSError as e:
+        raise ProtocolError("conflict", f"job {row['id']}: cannot read {path}: {e.strerror}") from None
+    if req.offset is None and start > 0 and b"\n" in data:
+        cut = data.index(b"\n") + 1  # a tail starts at a line's start
+        data, start = data[cut:], start + cut
+    if not data.endswith(b"\n") and b"\n" in data:
+        data = data[: data.rindex(b"\n") + 1]  # the last line is still being written
+    elif not data.endswith(b"\n") and len(data) < req.max_bytes:
+        data = b""  # one unfinished line: wait for its end
+    text = data.decode("utf-8", errors="replace")
+    return WorkerLogReply(path=str(path), text=text, start=start, end=start + len(data), size=size)
+
+
+def resources(d: Daemon) -> ResourcesReply:
+    # A worker on another machine (an executor's node: pid None) is not sampled here.
+    workers = [
+        RunningWorker(job, w.proc.pid, w.device)
+        for job, w in sorted(d.sched.by_job.items())
+        if w.proc.pid is not None
+    ]
+    return d.resources.sample(workers)
+
+
 def handle(d: Daemon, req_id: int, req: Request, local: bool = False) -> list[bytes]:
     """local: the request came over the IPC socket (the daemon's own user)."""
     try:
@@ -223,6 +270,10 @@ def handle(d: Daemon, req_id: int, req: Request, local: bool = False) -> list[by
             rep = show(d, req)
         elif isinstance(req, LogsRequest):
             rep = logs(d, req)
+        elif isinstance(req, WorkerLogRequest):
+            rep = worker_log(d, req)
+        elif isinstance(req, ResourcesRequest):
+            rep = resources(d)
         elif isinstance(req, StopRequest):
             rep = stop(d, req)
         elif isinstance(req, RollbackRequest):

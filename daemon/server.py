@@ -28,6 +28,7 @@ from dallm.daemon.executors import make_executor
 from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
 from dallm.daemon.packing import PeakBook
+from dallm.daemon.resources import ResourceSampler
 from dallm.daemon.scheduler import Scheduler, WorkerProc, outcome
 from dallm.daemon.spill import STORE_ERRORS, Spill
 from dallm.daemon.store import EventRow, Store
@@ -117,6 +118,7 @@ class Daemon:
         self.sched = Scheduler(
             self.slots, self.paths.endpoint("workers"), runner, ex, PeakBook(self.paths.db)
         )
+        self.resources = ResourceSampler()  # answers ResourcesRequest (NVML opened once, if there)
         self.seq = self.store.head()
         self.topic_prev: dict[str, int] = self.store.topic_heads()
         self.batch: list[EventRow] = []

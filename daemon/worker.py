@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -35,12 +36,14 @@ from dallm.protocol import (
     WORKER_EVENT,
     WORKER_MESSAGE,
     Engine,
+    FinishedEvent,
     JobCommand,
     JobEvent,
     JobResult,
     MetricsEvent,
     SampleEvent,
     StartedEvent,
+    UsageEvent,
     WorkerDone,
     WorkerError,
     WorkerHello,
@@ -49,6 +52,7 @@ from dallm.protocol import (
 )
 
 DEFAULT_RUNNER = "dallm.train:train"
+USAGE_EVERY_S = 5.0  # how often the worker reports its peak memory (with the engine's events)
 # Set by an executor that starts the worker on another machine (daemon/executors/ray.py): the CURVE
 # keys of its link (Z85: the daemon's public key, this job's public and secret key), and where it
 # runs ("node 10.0.0.3 GPU 1"), which the engine's "started" event carries as part of its device.
@@ -98,6 +102,17 @@ def classify(exc: BaseException) -> WorkerError:
     return WorkerError(category="error", message=text, traceback=tb)
 
 
+def peak_usage() -> UsageEvent:
+    """This process's peak memory so far: resident (the kernel's high-water mark) and, when torch
+    has touched a GPU, torch's peak allocation (what an OOM is about)."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu_mb = None
+    torch = sys.modules.get("torch")  # never import torch only to ask
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+    return UsageEvent(peak_rss_mb=round(rss_mb, 1), peak_gpu_mb=None if gpu_mb is None else round(gpu_mb, 1))
+
+
 class WorkerLink:
     """The worker end of the daemon link: `emit` and `poll` as the engine wants them."""
 
@@ -117,6 +132,7 @@ class WorkerLink:
         self.sock.connect(endpoint)
         self.lock = threading.Lock()
         self.pending: collections.deque[JobCommand] = collections.deque()
+        self.usage_at = 0.0  # when the peak memory was last reported
         self.send(WorkerHello(job=job, attempt=attempt, pid=os.getpid()))
 
     def send(self, message: WorkerMessage) -> None:
@@ -124,6 +140,8 @@ class WorkerLink:
             self.sock.send_multipart([WORKER_MESSAGE, message.model_dump_json().encode()])
 
     def emit(self, event: JobEvent) -> None:
+        if type(event) is FinishedEvent:
+            self.report_usage()  # the final peak, before the job's last event
         if type(event) is MetricsEvent and not all(map(math.isfinite, event.values.values())):
             # JSON has no NaN/inf: keep the step, leave out the values that are not numbers.
             event = MetricsEvent(
@@ -143,6 +161,12 @@ class WorkerLink:
                 send(png, 0, copy=False)
             else:
                 send(body.encode(), 0)
+        if type(event) is not UsageEvent and time.monotonic() - self.usage_at >= USAGE_EVERY_S:
+            self.report_usage()
+
+    def report_usage(self) -> None:
+        self.usage_at = time.monotonic()
+        self.emit(peak_usage())
 
     def poll(self) -> JobCommand | None:
         with self.lock:
@@ -188,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
         link.send(WorkerDone(result=result))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
         err = classify(e)
+        with contextlib.suppress(Exception):
+            link.report_usage()
         link.send(err)  # first: the log below may be on a full disk
         with contextlib.suppress(OSError):
             print(err.traceback, file=sys.stderr, flush=True)

@@ -67,11 +67,15 @@ from dallm.protocol import (
     PongReply,
     PriorityRequest,
     ProtocolError,
+    ResourcesReply,
+    ResourcesRequest,
     RollbackRequest,
     ShowRequest,
     ShutdownRequest,
     StopRequest,
     SubmitRequest,
+    WorkerLogReply,
+    WorkerLogRequest,
     decode_envelope,
     decode_reply,
     encode_request,
@@ -283,6 +287,17 @@ class DaemonClient:
 
     def logs(self, job: int | str, since: int = 0) -> LogsReply:
         return self.request(LogsRequest(job=str(job), since=since))
+
+    def worker_log(
+        self, job: int | str, offset: int | None = None, max_bytes: int | None = None
+    ) -> WorkerLogReply:
+        """The tail of the job's worker log (offset None), or what was written since `offset`."""
+        more = {} if max_bytes is None else {"max_bytes": max_bytes}
+        return self.request(WorkerLogRequest(job=str(job), offset=offset, **more))
+
+    def resources(self) -> ResourcesReply:
+        """Host, GPUs and running jobs as the daemon samples them now."""
+        return self.request(ResourcesRequest())
 
     def stop(self, job: int | str) -> JobSummary:
         return self.request(StopRequest(job=str(job))).job

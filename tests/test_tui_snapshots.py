@@ -9,10 +9,15 @@ import time
 
 import pytest
 
+from dallm.protocol import GpuUsage, HostUsage, JobUsage, ResourcesReply, UsageEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
+from dallm.tui.chart import Chart
 from dallm.tui.demo import demo_connection
-from dallm.tui.widgets import ConnectionBar
+from dallm.tui.views.compare import CompareScreen
+from dallm.tui.views.logs import LogTailScreen
+from dallm.tui.views.resources import ResourcesScreen
+from dallm.tui.widgets import ConnectionBar, JobTable
 
 pytestmark = pytest.mark.xdist_group("tui")
 
@@ -77,3 +82,81 @@ def test_stop_confirmation(snap_compare) -> None:
         await pilot.pause(0.1)
 
     assert snap_compare(app_with(demo_connection(points=400)), terminal_size=(80, 24), run_before=ask)
+
+
+# -- the views of tui/views/ ----------------------------------------------------------------------
+
+
+def until_true(pilot, predicate, timeout: float = 10.0):
+    async def wait() -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "the view did not fill"
+            await pilot.pause(0.02)
+        await pilot.pause(0.2)
+
+    return wait()
+
+
+async def select_job(pilot, job: int) -> None:
+    await ready()(pilot)
+    table = pilot.app.query_one(JobTable)
+    table.move_cursor(row=table.get_row_index(str(job)))
+    await until_true(pilot, lambda: pilot.app.selected == job)
+
+
+def test_compare_view(snap_compare) -> None:
+    async def compare(pilot) -> None:
+        await select_job(pilot, 1)
+        await pilot.press("space")
+        await select_job(pilot, 2)
+        await pilot.press("space", "v")
+        await until_true(pilot, lambda: isinstance(pilot.app.screen, CompareScreen))
+        charts = pilot.app.screen.query(Chart)
+        await until_true(pilot, lambda: all(len(c.traces) == 2 for c in charts))
+
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=(120, 40), run_before=compare)
+
+
+def test_log_tail_of_a_failed_job(snap_compare) -> None:
+    async def logs(pilot) -> None:
+        await select_job(pilot, 3)
+        await pilot.press("l")
+        await until_true(pilot, lambda: isinstance(pilot.app.screen, LogTailScreen))
+        await until_true(pilot, lambda: any("OutOfMemoryError" in x for x in pilot.app.screen.log_lines))
+
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=(100, 24), run_before=logs)
+
+
+def test_resources_view(snap_compare) -> None:
+    conn = demo_connection(points=400)
+    conn.usage = ResourcesReply(
+        t=0.0,
+        host=HostUsage(cpu_percent=37.5, cpu_count=16, mem_used_mb=50000.0, mem_total_mb=131072.0),
+        gpus=[
+            GpuUsage(
+                index=0, name="NVIDIA H200", util_percent=93.0, mem_used_mb=61440.0, mem_total_mb=143771.0
+            )
+        ],  # fmt: skip
+        jobs=[
+            JobUsage(job=1, pid=4242, device="cuda:0", cpu_percent=99.0, rss_mb=3200.0, gpu_mem_mb=60000.0)
+        ],
+    )
+    conn.emit(2, UsageEvent(peak_rss_mb=2900.0, peak_gpu_mb=52000.0))
+
+    async def resources(pilot) -> None:
+        await ready()(pilot)
+        await pilot.press("u")
+        await until_true(pilot, lambda: isinstance(pilot.app.screen, ResourcesScreen))
+        await until_true(pilot, lambda: pilot.app.screen.query_one("#resources-jobs").row_count == 2)
+
+    assert snap_compare(app_with(conn), terminal_size=(120, 30), run_before=resources)
+
+
+def test_queue_filtered(snap_compare) -> None:
+    async def search(pilot) -> None:
+        await ready()(pilot)
+        await pilot.press("slash", *"sweep", "enter")
+        await until_true(pilot, lambda: pilot.app.query_one(JobTable).row_count == 2)
+
+    assert snap_compare(app_with(demo_connection(points=400)), terminal_size=(80, 24), run_before=search)

@@ -76,3 +76,61 @@ def test_tui_in_tmux_on_the_micro_quickstart(home: Path, daemons) -> None:
         assert wait_state(d.client(), job.id, "stopped-early").state == "stopped-early"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def press_until(session: str, keys: list[str], predicate: Callable[[str], bool], tries: int = 4) -> str:
+    """Send `keys` until the screen shows their effect: a key that reaches the app while it is
+    still starting up (Textual's terminal queries) can be lost."""
+    for _ in range(tries):
+        tmux("send-keys", "-t", session, *keys)
+        try:
+            return screen_until(session, predicate, timeout=5)
+        except AssertionError:
+            continue
+    return screen_until(session, predicate, timeout=5)
+
+
+def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -> None:
+    """The views on a real daemon (fake engine): two jobs compared (their KID curves overlaid, a
+    legend naming both), and the log tail of a job that failed shows the worker's traceback."""
+    from daemon_helpers import config
+
+    d = daemons(step_s=0.01)
+    c = d.client()
+    a = c.submit(config("cmp-a", steps=40, every=20, eval={"every": 10}))
+    b = c.submit(config("cmp-b", steps=40, every=20, eval={"every": 10}))
+    boom = c.submit(config("boom-nan.5", steps=20, every=10))
+    for job in (a, b):
+        assert wait_state(c, job.id, "finished").state == "finished"
+    assert wait_state(c, boom.id, "failed").state == "failed"
+    session = f"dallm-views-{boom.id}-{int(time.time())}"
+    tui = f"{sys.executable} -m dallm.tui.app --home {home} --images none"
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", tui)
+    try:
+        # the failed job is selected first and its history (the traceback in the event log) loaded
+        screen_until(session, lambda t: "cmp-a" in t and "FloatingPointError" in t, timeout=60)
+
+        # One key at a time, each once its effect shows: a key sent right behind an arrow key's
+        # escape sequence was seen to be lost. The queue is in run order: ended jobs newest first
+        # (boom, cmp-b, cmp-a), the cursor on boom; the header line names the selected job.
+        def on(job: int, name: str) -> Callable[[str], bool]:
+            return lambda t: re.search(rf"^ {job} {name}\s+(finished|failed)", t, re.M) is not None
+
+        press_until(session, ["Down"], on(b.id, "cmp-b"))
+        press_until(session, ["Space"], lambda t: t.count("● cmp-") == 1)
+        press_until(session, ["Down"], on(a.id, "cmp-a"))
+        press_until(session, ["Space"], lambda t: t.count("● cmp-") == 2)
+        press_until(session, ["v"], lambda t: "Comparing 2 jobs" in t)
+        text = screen_until(session, lambda t: "KID (val)" in t and f"{a.id} cmp-a" in t, timeout=30)
+        kid_legend = next(line for line in text.splitlines() if "KID (val)" in line)
+        assert f"{b.id} cmp-b" in kid_legend and f"{a.id} cmp-a" in kid_legend
+        press_until(session, ["Escape"], lambda t: "Comparing" not in t)
+        press_until(session, ["Up"], on(b.id, "cmp-b"))
+        press_until(session, ["Up"], on(boom.id, "boom-nan.5"))
+        press_until(session, ["l"], lambda t: f"worker log of job {boom.id}" in t)
+        text = screen_until(session, lambda t: "FloatingPointError: loss is NaN at step 5" in t, timeout=30)
+        assert f"worker log of job {boom.id} (boom-nan.5)" in text
+        assert "Traceback (most recent call last):" in text
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        c.close()

@@ -23,6 +23,8 @@ from dallm.tui.link import DaemonLink
 from dallm.tui.model import Model
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
 from dallm.tui.thumbnail import Thumbnail
+from dallm.tui.views.actions import ViewActions
+from dallm.tui.views.queue import QueueBar, QueueView
 from dallm.tui.widgets import (
     Charts,
     CheckpointList,
@@ -39,13 +41,14 @@ PHASE_TICK_S = 1.0  # the time in a phase counts on while the engine emits nothi
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
 
 
-class DallmApp(App[None]):
+class DallmApp(ViewActions, App[None]):
     """The dashboard. All daemon traffic goes through `DaemonLink` (a thread) and `Connection.send`
     (thread workers); the handlers here only update the model and the widgets."""
 
     CSS_PATH = "app.tcss"
     TITLE = "dallm"
-    ENABLE_COMMAND_PALETTE = False  # every action has its key; the footer needs the room at 80 columns
+    # ctrl+p: Textual's palette, with every view and action below; not in the footer (no room at 80).
+    COMMAND_PALETTE_BINDING = "ctrl+p"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         Binding("s", "stop", "Stop"),
@@ -58,11 +61,24 @@ class DallmApp(App[None]):
         Binding("t", "toggle_charts", "Charts"),
         Binding("left_square_bracket", "older_sample", "Older", key_display="["),
         Binding("right_square_bracket", "newer_sample", "Newer", key_display="]"),
+        # Views and queue management: in help, the palette and docs/tui.md; the footer has no room.
+        Binding("space", "mark", "Mark", show=False),
+        Binding("v", "compare", "Compare", show=False),
+        Binding("l", "logs", "Logs", show=False),
+        Binding("d", "details", "Details", show=False),
+        Binding("u", "resources", "Resources", show=False),
+        Binding("slash", "search", "Search", key_display="/", show=False),
+        Binding("f", "filter_state", "Filter state", show=False),
+        Binding("o", "sort", "Sort", show=False),
+        Binding("h", "hide_finished", "Hide finished", show=False),
+        Binding("C", "clone", "Clone", key_display="C", show=False),
+        Binding("T", "toggle_theme", "Theme", key_display="T", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
 
     selected: reactive[int | None] = reactive(None)
+    queue_view: reactive[QueueView] = reactive(QueueView)
 
     class ActionAnswered(Message):
         """The daemon answered (or could not be asked) a request made from the keyboard."""
@@ -93,10 +109,12 @@ class DallmApp(App[None]):
         self.user_picked = False
         self._moving = False
         self._queue_timer: Timer | None = None
+        self.marked: list[int] = []  # jobs marked (space) for the compare view, in marking order
 
     def compose(self) -> ComposeResult:
         yield ConnectionBar(id="connection")
         yield JobTable(id="jobs")
+        yield QueueBar(id="queue-bar")
         yield JobHeader(id="job-header")
         with Horizontal(id="main"):
             yield Charts(id="charts")
@@ -104,7 +122,7 @@ class DallmApp(App[None]):
                 yield Thumbnail(self.images_mode, id="thumbnail")
                 yield CheckpointList(id="checkpoints")
         yield EventLog(id="log")
-        yield Footer(compact=True)
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.query_one(ConnectionBar).endpoint = self.connection.endpoint
@@ -195,14 +213,13 @@ class DallmApp(App[None]):
             self._queue_timer.stop()
             self._queue_timer = None
         table = self.query_one(JobTable)
-        table.show_jobs(list(self.model.jobs.values()))
-        if (
-            self.selected is not None
-            and table.current_job != self.selected
-            and self.selected in self.model.jobs
-        ):
+        rows = self.queue_view.rows(self.model.jobs.values())
+        table.show_jobs(rows, set(self.marked))
+        self.query_one(QueueBar).shown_count = (len(rows), len(self.model.jobs))
+        shown = {r.id for r in rows}
+        if self.selected is not None and table.current_job != self.selected and self.selected in shown:
             self._select(self.selected)  # the rows were reordered: keep the selected job under the cursor
-        if self.selected not in self.model.jobs:
+        if self.selected not in shown:
             self.selected = table.current_job
         elif self.selected is not None:
             self.query_one(JobHeader).show(self.model.jobs[self.selected])

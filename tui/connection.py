@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from dallm.protocol import EventEnvelope, JobSummary
+from dallm.config import apply_overrides, config_from_dict, config_to_dict
+from dallm.protocol import EventEnvelope, JobDetail, JobSummary, ResourcesReply, WorkerLogReply
 
 
 class ConnectionLost(Exception):
@@ -25,11 +26,12 @@ class ConnectionLost(Exception):
 class Action:
     """A request the user makes from the keyboard."""
 
-    kind: Literal["stop", "rollback", "cancel", "checkpoint", "priority"]
+    kind: Literal["stop", "rollback", "cancel", "checkpoint", "priority", "clone"]
     job: int
     step: int | None = None  # rollback
     resume: bool = False  # rollback
     priority: int | None = None  # priority (the new absolute value)
+    overrides: tuple[str, ...] = ()  # clone: `--set` items (KEY=VALUE) applied to the job's config
 
     def describe(self) -> str:
         if self.kind == "rollback":
@@ -39,6 +41,9 @@ class Action:
             return f"priority {self.job} -> {self.priority}"
         if self.kind == "checkpoint":
             return f"checkpoint {self.job} now"
+        if self.kind == "clone":
+            sets = " ".join(f"--set {o}" for o in self.overrides)
+            return f"clone {self.job}" + (f" {sets}" if sets else "")
         return f"{self.kind} {self.job}"
 
 
@@ -46,6 +51,15 @@ class Action:
 class Outcome:
     ok: bool
     message: str
+
+
+def clone_config(config: dict, overrides: list[str], job: int) -> dict:
+    """Job `job`'s config (as the daemon resolved it) with `--set` items applied, validated: a
+    ConfigError names the key or the item. Its output_dir is dropped unless an item sets it, so
+    the clone writes to a folder of its own rather than over the original's."""
+    data = {k: v for k, v in config.items() if k != "output_dir"}
+    data = apply_overrides(data, list(overrides))
+    return config_to_dict(config_from_dict(data, f"clone of job {job}", list(overrides)))
 
 
 @runtime_checkable
@@ -67,3 +81,13 @@ class Connection(Protocol):
         ...
 
     def send(self, action: Action) -> Outcome: ...
+
+    def show(self, job: int) -> JobDetail:
+        """What `dallm show` prints: the resolved config, transitions, checkpoints, last metrics."""
+        ...
+
+    def worker_log(self, job: int, offset: int | None = None) -> WorkerLogReply:
+        """The tail of the job's worker log (offset None) or what was written since `offset`."""
+        ...
+
+    def resources(self) -> ResourcesReply: ...

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from dallm.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
+from dallm.config import ConfigError
 from dallm.home import resolve_home
-from dallm.protocol import EventEnvelope, JobSummary, job_topic
-from dallm.tui.connection import Action, ConnectionLost, Outcome
+from dallm.protocol import EventEnvelope, JobDetail, JobSummary, ResourcesReply, WorkerLogReply, job_topic
+from dallm.tui.connection import Action, ConnectionLost, Outcome, clone_config
+
+T = TypeVar("T")
 
 HEARTBEAT_S = 2.0  # ping the daemon when the event stream was quiet this long
 
@@ -103,12 +108,44 @@ class DaemonConnection:
                 raise ConnectionLost(str(e)) from None
         return events
 
+    def _ask(self, call: Callable[[DaemonClient], T]) -> T:
+        """A request on the actions' client (any thread); a refusal raises DaemonError."""
+        with self._action_lock:
+            if self._action_client is None:
+                self._action_client = self._new_client()
+            try:
+                return call(self._action_client)
+            except DaemonUnavailable as e:
+                self._action_client.close()
+                self._action_client = None
+                raise ConnectionLost(str(e)) from None
+
+    def show(self, job: int) -> JobDetail:
+        return self._ask(lambda c: c.show(job))
+
+    def worker_log(self, job: int, offset: int | None = None) -> WorkerLogReply:
+        return self._ask(lambda c: c.worker_log(job, offset))
+
+    def resources(self) -> ResourcesReply:
+        return self._ask(lambda c: c.resources())
+
+    def _clone(self, c: DaemonClient, action: Action) -> Outcome:
+        detail = c.show(action.job)
+        try:
+            data = clone_config(detail.config, list(action.overrides), action.job)
+        except ConfigError as e:
+            return Outcome(False, str(e))
+        row = c.submit(data, priority=detail.summary.priority, source=f"clone of job {action.job}")
+        return Outcome(True, f"{action.job}: cloned as job {row.id} ({row.name}); now {row.state}")
+
     def send(self, action: Action) -> Outcome:
         with self._action_lock:
             if self._action_client is None:
                 self._action_client = self._new_client()
             c = self._action_client
             try:
+                if action.kind == "clone":
+                    return self._clone(c, action)
                 if action.kind == "stop":
                     row, verb = c.stop(action.job), "stop requested"
                 elif action.kind == "cancel":

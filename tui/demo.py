@@ -8,6 +8,7 @@ import threading
 
 from PIL import Image, ImageDraw
 
+from dallm.config import JobConfig, config_to_dict
 from dallm.protocol import (
     TERMINAL_STATES,
     CheckpointEvent,
@@ -99,6 +100,24 @@ def job_events(
     return out
 
 
+FAILED_LOG = """\
+torch threads: 2 (slot of 2 cores)
+step 100: loss 0.1432
+Traceback (most recent call last):
+  File "dallm/daemon/worker.py", line 182, in run
+    result = runner(
+  File "dallm/train.py", line 611, in train
+    loss = step_fn(batch)
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (demo)
+"""
+
+
+def demo_config(name: str, total: int) -> dict:
+    """A valid job config for a demo job (what `d` shows and `C` clones)."""
+    cfg = {"name": name, "data": {"dir": f"/data/{name.split('-')[0]}"}, "train": {"steps": total}}
+    return config_to_dict(JobConfig.model_validate(cfg))
+
+
 def demo_connection(points: int = 400, jobs: int = 4) -> FakeConnection:
     """A daemon with a running job (turning point found), a finished one, a failed one, a queued one,
     and further running jobs when `jobs` > 4."""
@@ -113,12 +132,15 @@ def demo_connection(points: int = 400, jobs: int = 4) -> FakeConnection:
     for i in range(4, jobs):
         specs.append((i + 1, f"bulk-{i + 1}", "running", points, None))
     for job_id, name, state, steps, tp in specs[:jobs]:
-        conn.add_job(JobSummary(id=job_id, name=name, state="queued", total_steps=total, priority=0))
+        row = JobSummary(id=job_id, name=name, state="queued", total_steps=total, priority=0)
+        conn.add_job(row, config=demo_config(name, total))
         if steps:
+            conn.write_worker_log(job_id, "torch threads: 2 (slot of 2 cores)\n")
             conn.emit(job_id, *job_events(steps, total, tp=tp, phase=job_id * 0.3), live=False)
         if state == "finished":
             conn.set_state(job_id, "finished", "completed", live=False)
         elif state == "failed":
+            conn.write_worker_log(job_id, FAILED_LOG.split("\n", 1)[1])
             conn.emit(job_id, LogEvent(level="error", message="CUDA out of memory at step 137"), live=False)
             conn.set_state(job_id, "failed", "oom: CUDA out of memory at step 137", live=False)
         elif state == "running":

@@ -87,6 +87,14 @@ HELP = """\
                what it saved so far stays in its output folder
   + -          raise / lower the job's priority in the queue
 
+[b]Views and the queue[/b]
+  space        mark / unmark a job to compare    v  compare the marked jobs
+  l            the worker log (f follow, / search)
+  d            job details (e export)            u  resources (CPU, RAM, GPUs, jobs)
+  /            search the queue    f  filter by state    o  sort    h  hide ended jobs
+  C            clone the job with --set overrides
+  T            dark / light theme                ctrl+p  command palette
+
   ?            this help          q  quit
 
 The yellow ┊ in a chart marks the turning point (second valley of CS-Fluctuation).

@@ -108,11 +108,12 @@ class JobTable(DataTable):
             self.add_column(label, key=key)
 
     @staticmethod
-    def cells(row: JobSummary) -> dict[str, object]:
+    def cells(row: JobSummary, marked: bool = False) -> dict[str, object]:
         step = f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
         return {
             "id": str(row.id),
-            "name": row.name,
+            # A job marked for comparison (space) carries a dot before its name.
+            "name": Text.assemble(("● ", "bold magenta"), row.name) if marked else row.name,
             "state": state_text(row.state),
             "step": step,
             "phase": Text(phase_text(row, time.time()) or "-", style="cyan"),
@@ -123,15 +124,15 @@ class JobTable(DataTable):
             "pri": str(row.priority),
         }
 
-    def show_jobs(self, rows: list[JobSummary]) -> None:
-        """Bring the table in line with `rows` (in run order), touching only the cells that changed."""
-        rows = sorted(rows, key=run_order)
+    def show_jobs(self, rows: list[JobSummary], marked: frozenset[int] | set[int] = frozenset()) -> None:
+        """Bring the table in line with `rows` (in the order given: the queue view sorts them),
+        touching only the cells that changed; `marked`: the jobs marked for comparison."""
         wanted = {str(r.id) for r in rows}  # row keys are the ids as text
         for key in [k for k in self.rows if k.value not in wanted]:
             self.remove_row(key)
         present = {k.value for k in self.rows}
         for row in rows:
-            cells = self.cells(row)
+            cells = self.cells(row, row.id in marked)
             key = str(row.id)
             if key not in present:
                 self.add_row(*cells.values(), key=key)

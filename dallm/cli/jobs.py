@@ -253,7 +253,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from dallm.protocol import eta_seconds, format_seconds, phase_text
+    from dallm.protocol import eta_seconds, format_seconds, peak_memory_text, phase_text
 
     with _client(args) as c:
         d = c.show(args.job)
@@ -269,6 +269,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if phase:
         print(f"  phase {phase}  ETA {format_seconds(eta_seconds(s))} ({_eta_parts(s)})")
     print(f"  output {s.out_dir}")
+    if s.peak_rss_mb is not None:
+        print(f"  peak memory: {peak_memory_text(s)}")
     if s.history_gap:
         print(f"  history incomplete: {s.history_gap}")
     if s.turning_point is not None:

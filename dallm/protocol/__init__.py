@@ -5,12 +5,14 @@ worker, the daemon, the CLI and the TUI import them (`from dallm.protocol import
 - `jobs`:    job states, the summary row and its reducer (`JobSummary.apply`), state events, envelopes
 - `control`: control requests and replies, error codes, the protocol version
 - `worker`:  worker <-> daemon messages
+- `resources`: host, GPU and per-job usage the daemon samples (ResourcesRequest)
 - `wire`:    ZeroMQ framing of all of the above
 - `files`:   metrics.jsonl lines, result.json, eval/summary.json and their readers (import it directly)
 """
 
 from dallm.protocol.control import (
     MAX_CONTROL_BYTES,
+    MAX_WORKER_LOG_BYTES,
     PROTOCOL_VERSION,
     CancelRequest,
     CheckpointRequest,
@@ -32,11 +34,15 @@ from dallm.protocol.control import (
     ProtocolError,
     Reply,
     Request,
+    ResourcesReply,
+    ResourcesRequest,
     RollbackRequest,
     ShowRequest,
     ShutdownRequest,
     StopRequest,
     SubmitRequest,
+    WorkerLogReply,
+    WorkerLogRequest,
     reply_adapter,
     request_adapter,
 )
@@ -65,6 +71,7 @@ from dallm.protocol.events import (
     StartedEvent,
     StopCommand,
     TurningPointEvent,
+    UsageEvent,
     job_command_adapter,
     job_event_adapter,
 )
@@ -84,9 +91,11 @@ from dallm.protocol.jobs import (
     eta_seconds,
     format_seconds,
     job_topic,
+    peak_memory_text,
     phase_text,
     summary_changes,
 )
+from dallm.protocol.resources import GpuUsage, HostUsage, JobUsage
 from dallm.protocol.wire import (
     decode_envelope,
     decode_reply,
@@ -118,9 +127,11 @@ __all__ = [
     "StartedEvent",
     "Phase",
     "PhaseEvent",
+    "UsageEvent",
     "eta_seconds",
     "format_seconds",
     "phase_text",
+    "peak_memory_text",
     "RolledBackEvent",
     "FinishReason",
     "Outcome",
@@ -162,6 +173,9 @@ __all__ = [
     "ShowRequest",
     "HistoryRequest",
     "LogsRequest",
+    "WorkerLogRequest",
+    "ResourcesRequest",
+    "MAX_WORKER_LOG_BYTES",
     "StopRequest",
     "RollbackRequest",
     "CancelRequest",
@@ -177,6 +191,11 @@ __all__ = [
     "HistoryReply",
     "LogLine",
     "LogsReply",
+    "WorkerLogReply",
+    "ResourcesReply",
+    "HostUsage",
+    "GpuUsage",
+    "JobUsage",
     "OkReply",
     "ErrorReply",
     "Reply",

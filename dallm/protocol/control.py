@@ -15,9 +15,11 @@ from pydantic import Field, TypeAdapter
 
 from dallm.protocol.events import Message as _Message
 from dallm.protocol.jobs import EventEnvelope, JobDetail, JobState, JobSummary
+from dallm.protocol.resources import GpuUsage, HostUsage, JobUsage
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # ZMQ_MAXMSGSIZE of the control socket: a bigger frame drops the peer
+MAX_WORKER_LOG_BYTES = 256 << 10  # one worker-log answer: well inside a control frame
 
 # preflight_failed: a submit whose config is valid but could not run (no images, a corrupt image, a
 # missing caption, model.base not found, a rank wider than the model...); the message names the key
@@ -87,6 +89,22 @@ class LogsRequest(_Message):
     since: int = Field(default=0, ge=0)
 
 
+class WorkerLogRequest(_Message):
+    """Bytes of the job's worker log (the worker's stdout/stderr: prints, warnings, tracebacks).
+    `offset` None: the last `max_bytes` (a tail); else from `offset` on (following a tail)."""
+
+    op: Literal["worker_log"] = "worker_log"
+    job: JobRef
+    offset: int | None = Field(default=None, ge=0)
+    max_bytes: int = Field(default=MAX_WORKER_LOG_BYTES, ge=1, le=MAX_WORKER_LOG_BYTES)
+
+
+class ResourcesRequest(_Message):
+    """Host CPU/memory, each GPU and each running job's worker, sampled by the daemon now."""
+
+    op: Literal["resources"] = "resources"
+
+
 class StopRequest(_Message):
     op: Literal["stop"] = "stop"
     job: JobRef
@@ -130,6 +148,8 @@ Request = Annotated[
     | ShowRequest
     | HistoryRequest
     | LogsRequest
+    | WorkerLogRequest
+    | ResourcesRequest
     | StopRequest
     | RollbackRequest
     | CancelRequest
@@ -192,6 +212,27 @@ class LogsReply(_Message):
     head: int
 
 
+class WorkerLogReply(_Message):
+    """`text`: bytes `start`..`end` of the log (decoded as UTF-8, broken characters replaced);
+    `size`: the file's length now. A missing log (the job never started) is empty, size 0."""
+
+    op: Literal["worker_log"] = "worker_log"
+    path: str
+    text: str
+    start: int
+    end: int
+    size: int
+
+
+class ResourcesReply(_Message):
+    op: Literal["resources"] = "resources"
+    t: float  # when sampled (Unix time)
+    host: HostUsage
+    gpus: list[GpuUsage] = Field(default_factory=list)
+    gpu_note: str = ""  # why no GPU is listed (no NVML on the daemon's machine, say)
+    jobs: list[JobUsage] = Field(default_factory=list)
+
+
 class OkReply(_Message):
     op: Literal["ok"] = "ok"
     message: str = ""
@@ -204,7 +245,16 @@ class ErrorReply(_Message):
 
 
 Reply = Annotated[
-    PongReply | JobReply | JobListReply | JobDetailReply | HistoryReply | LogsReply | OkReply | ErrorReply,
+    PongReply
+    | JobReply
+    | JobListReply
+    | JobDetailReply
+    | HistoryReply
+    | LogsReply
+    | WorkerLogReply
+    | ResourcesReply
+    | OkReply
+    | ErrorReply,
     Field(discriminator="op"),
 ]
 reply_adapter: TypeAdapter[Reply] = TypeAdapter(Reply)

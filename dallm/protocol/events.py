@@ -90,6 +90,15 @@ class PhaseEvent(Message):
     at: float
 
 
+class UsageEvent(Message):
+    """The worker's peak memory so far (emitted by the worker, not the engine, every few seconds
+    and at the end): resident memory of the process and, on a GPU, torch's peak allocation."""
+
+    kind: Literal["usage"] = "usage"
+    peak_rss_mb: float
+    peak_gpu_mb: float | None = None
+
+
 class RolledBackEvent(Message):
     """Weights and optimizer state are now those of `step`; history after it is superseded."""
 
@@ -138,6 +147,7 @@ JobEventTypes = (
     | RolledBackEvent
     | FinishedEvent
     | PhaseEvent
+    | UsageEvent
 )
 JobEvent = Annotated[JobEventTypes, Field(discriminator="kind")]
 job_event_adapter: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)

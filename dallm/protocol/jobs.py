@@ -22,6 +22,7 @@ from dallm.protocol.events import (
     RolledBackEvent,
     StartedEvent,
     TurningPointEvent,
+    UsageEvent,
 )
 
 QUEUE_TOPIC = "queue"
@@ -61,6 +62,8 @@ class JobSummary(Message):
     eval_every: int = 0  # the engine stops to evaluate KID every this many steps (0: never)
     samples_every: int = 0  # ... and to make sample grids
     eval_stop_seconds: float | None = None  # measured mean wall time of one such stop
+    peak_rss_mb: float | None = None  # the worker's peak resident memory (UsageEvent)
+    peak_gpu_mb: float | None = None  # torch's peak GPU allocation in the worker
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes
@@ -85,6 +88,8 @@ def summary_changes(event: Any) -> dict[str, Any]:
         if "eval_stop_seconds" in values:
             out["eval_stop_seconds"] = values["eval_stop_seconds"]
         return out
+    if isinstance(event, UsageEvent):
+        return {"peak_rss_mb": event.peak_rss_mb, "peak_gpu_mb": event.peak_gpu_mb}
     if isinstance(event, PhaseEvent):
         return {"phase": event.phase, "phase_since": event.at}
     if isinstance(event, StartedEvent):
@@ -154,6 +159,14 @@ def phase_text(row: JobSummary, now: float) -> str:
     if row.phase_since is None:
         return row.phase
     return f"{row.phase} {format_seconds(max(0.0, now - row.phase_since))}"
+
+
+def peak_memory_text(s: JobSummary) -> str:
+    """The worker's peak memory (of its latest attempt): resident, and on a GPU torch's peak."""
+    text = f"{s.peak_rss_mb:,.0f} MiB resident" if s.peak_rss_mb is not None else "not reported"
+    if s.peak_gpu_mb is not None:
+        text += f", {s.peak_gpu_mb:,.0f} MiB GPU (torch peak allocation)"
+    return text
 
 
 class Transition(Message):
