@@ -1,6 +1,7 @@
 """dallm-tui benchmark: 10 jobs x 10,000 points per series, headless (Textual's test driver).
 
     .venv/bin/python bench/bench_tui.py [--jobs 10] [--points 10000] [--updates 40] [--idle 10]
+                                        [--chart braille|plotext]
 
 Prints:
 - load: time to load every job's history into the TUI (through the link thread, as from a daemon);
@@ -10,12 +11,17 @@ Prints:
   from scratch alone;
 - idle: CPU used by the whole process (all threads) while connected and nothing happens, as a share
   of one core (target < 5 %).
+
+`--chart plotext` swaps the own braille chart for textual-plotext's `PlotextPlot` (a maintained
+Textual plotting widget; `pip install textual-plotext`, not a dependency of dallm) drawing the same
+traces, to decide whether the own chart earns its keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -29,6 +35,43 @@ from dallm.tui.app import DallmApp  # noqa: E402
 from dallm.tui.chart import Chart  # noqa: E402
 from dallm.tui.demo import job_events, metrics_at  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
+
+
+def use_plotext() -> None:
+    """Make the dashboard draw its two charts with textual-plotext (same traces, same data)."""
+    from textual_plotext import PlotextPlot
+
+    from dallm.tui import widgets
+
+    class PlotextChart(PlotextPlot):
+        """`Chart`'s interface over a PlotextPlot: every trace plotted as a line, markers as vlines."""
+
+        def __init__(self, title: str = "", **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.title, self.traces, self.empty_text = title, [], ""
+            self._key: object = None
+
+        def set_data(self, traces, key, *, marker=None, x_range=None, title=None, cursor=None, log_y=False):
+            if key == self._key and title in (None, self.title):
+                return
+            self._key, self.traces = key, traces
+            self.title = title or self.title
+            plt = self.plt
+            plt.clear_data()
+            plt.title(self.title)
+            plt.yscale("log" if log_y else "linear")
+            for t in traces:
+                plt.plot(
+                    t.steps.tolist(), t.values.tolist(), label=None if t.dim else t.label, marker="braille"
+                )
+            if marker is not None:
+                plt.vline(marker[0], "yellow")
+            if x_range is not None:
+                plt.xlim(*x_range)
+            self.refresh()
+
+    widgets.Chart = PlotextChart  # type: ignore[misc,assignment]
+    globals()["Chart"] = PlotextChart
 
 
 def build(jobs: int, points: int) -> FakeConnection:
@@ -118,7 +161,10 @@ async def run(args: argparse.Namespace) -> None:
         n = 20
         for _ in range(n):
             for c in charts:
-                c._draw(c.size.width, c.size.height)
+                if hasattr(c, "_draw"):
+                    c._draw(c.size.width, c.size.height)
+                else:  # plotext: build the whole text of the plot
+                    c.render()
         per = (time.perf_counter() - t) / n * 1000
         print(f"both charts drawn from scratch ({data.series['loss'].n:,} points each series): {per:.1f} ms")
 
@@ -138,7 +184,12 @@ def main() -> None:
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=48)
-    asyncio.run(run(p.parse_args()))
+    p.add_argument("--chart", choices=("braille", "plotext"), default="braille")
+    args = p.parse_args()
+    if args.chart == "plotext":
+        use_plotext()
+    print(f"chart: {args.chart}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
