@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PIL import Image  # noqa: E402
+
 from dallm.tui.app import DallmApp  # noqa: E402
 from dallm.tui.demo import demo_connection  # noqa: E402
 from dallm.tui.gallery import GalleryScreen  # noqa: E402
@@ -69,9 +71,14 @@ def main() -> None:
     convert = shutil.which("rsvg-convert")
     for svg in svgs:
         if convert:
-            subprocess.run([convert, "-o", str(svg.with_suffix(".png")), str(svg)], check=True)
+            png = svg.with_suffix(".png")
+            subprocess.run([convert, "-o", str(png), str(svg)], check=True)
             svg.unlink()
-            print(svg.with_suffix(".png"))
+            # A terminal has few colours: a 128-colour palette keeps the docs small.
+            with Image.open(png) as im:
+                small = im.convert("RGB").quantize(128)
+            small.save(png, optimize=True)
+            print(png)
         else:
             print(svg, "(no rsvg-convert: kept as SVG)")
 

@@ -45,9 +45,13 @@ def detect_mode() -> ImageMode:
 
 
 def resolve_mode(requested: str) -> ImageMode:
+    """The mode to draw with. Call it before Textual starts: it may ask the terminal (detection, and
+    the cell size that textual-image measures when its widgets are first imported)."""
     if requested not in IMAGE_MODES:
         raise ValueError(f"--images: expected one of {', '.join(IMAGE_MODES)}, got {requested!r}")
-    return detect_mode() if requested == "auto" else requested  # type: ignore[return-value]
+    mode: ImageMode = detect_mode() if requested == "auto" else requested  # type: ignore[assignment]
+    widget_class(mode)  # imports textual_image.widget now, which measures the cell size
+    return mode
 
 
 def widget_class(mode: ImageMode) -> type[Widget] | None:
