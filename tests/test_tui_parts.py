@@ -150,6 +150,7 @@ def test_no_graphics_protocol_detected_means_half_blocks(monkeypatch: pytest.Mon
     """textual-image found neither Sixel (DA1) nor Kitty graphics: half-blocks, never its coarser
     unicode last resort, never nothing. Its choice is replayed with both queries answering "no"."""
     import textual_image.renderable as renderable
+    import textual_image.widget  # noqa: F401  (measures the cell size now, on the real stdout)
     from textual_image.renderable import sixel, tgp
 
     class Stdout(io.StringIO):

@@ -374,8 +374,10 @@ class Chart(Widget):
         ok = np.isfinite(ys) & (t.steps >= x0) & (t.steps <= x1)
         if not 0 < ok.sum() <= SPARSE:
             return []
-        c = ((t.steps[ok] - x0) / (x1 - x0) * (cols - 1) + 0.5).astype(np.int64)
-        r = ((y1 - np.clip(ys[ok], y0, y1)) / (y1 - y0) * (rows - 1) + 0.5).astype(np.int64)
+        # The cell of the dot the line draws for the point (same pixel mapping as `dots`).
+        pw, ph = cols * 2, rows * 4
+        c = np.minimum(((t.steps[ok] - x0) / (x1 - x0) * (pw - 1) + 0.5).astype(np.int64), pw - 1) // 2
+        r = ((ph - 1) - np.round((np.clip(ys[ok], y0, y1) - y0) / (y1 - y0) * (ph - 1)).astype(np.int64)) // 4
         return [(int(rr), int(cc), i, float(v)) for rr, cc, v in zip(r, c, t.values[ok], strict=True)]
 
     def _notes(self, traces: list[Trace], x0: float, x1: float) -> list[str]:
