@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dallm.protocol import JobSummary, MetricsEvent  # noqa: E402
 from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 from dallm.tui.app import DallmApp  # noqa: E402
-from dallm.tui.chart import Chart  # noqa: E402
+from dallm.tui.chart import Chart, Trace  # noqa: E402
 from dallm.tui.demo import job_events, metrics_at  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
 
@@ -72,6 +72,35 @@ def use_plotext() -> None:
 
     widgets.Chart = PlotextChart  # type: ignore[misc,assignment]
     globals()["Chart"] = PlotextChart
+
+
+def draw_ab(points: int, rounds: int, size: tuple[int, int] = (110, 20)) -> None:
+    """One chart of 3 series x `points`, drawn from scratch by the braille chart and by plotext in
+    turns (same process, interleaved: a loaded box slows both alike). Prints the medians."""
+    import numpy as np
+    import plotext
+
+    steps = np.arange(float(points))
+    series = [np.sin(steps / 300 + i) + 2 + 0.05 * np.cos(steps * 1.3) for i in range(3)]
+    chart = Chart("bench")
+    times: dict[str, list[float]] = {"braille": [], "plotext": []}
+    for r in range(rounds):
+        chart.set_data([Trace(str(i), steps, v, "red") for i, v in enumerate(series)], r)
+        t = time.perf_counter()
+        chart._draw(*size)
+        times["braille"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        plotext.clear_figure()
+        plotext.plotsize(*size)
+        for i, v in enumerate(series):
+            plotext.plot(steps.tolist(), v.tolist(), label=str(i), marker="braille")
+        plotext.build()
+        times["plotext"].append(time.perf_counter() - t)
+    medians = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(
+        f"one chart, 3 x {points:,} points, {size[0]}x{size[1]} cells, from scratch, median of {rounds} "
+        f"interleaved: braille {medians['braille']:.1f} ms, plotext {medians['plotext']:.1f} ms"
+    )
 
 
 def build(jobs: int, points: int) -> FakeConnection:
@@ -185,7 +214,11 @@ def main() -> None:
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--chart", choices=("braille", "plotext"), default="braille")
+    p.add_argument("--draw-ab", type=int, metavar="ROUNDS", help="only: braille vs plotext, one chart")
     args = p.parse_args()
+    if args.draw_ab:
+        draw_ab(args.points, args.draw_ab)
+        return
     if args.chart == "plotext":
         use_plotext()
     print(f"chart: {args.chart}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
