@@ -4,8 +4,6 @@ the job's sample history."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -90,8 +88,7 @@ class GalleryScreen(Screen[None]):
         for col, title, sample, empty in cols:
             column = self.query_one(f"#col-{col}", Vertical)
             column.query_one(".column-title", Static).update(title)
-            grid = column.query_one(SampleGrid)
-            self.run_worker(partial(grid.show, sample, empty), group=col, exclusive=True)
+            column.query_one(SampleGrid).show(sample, empty)
 
     def action_browse(self, delta: int) -> None:
         n = len(self.data.samples) if self.data else 0

@@ -8,8 +8,7 @@ is fitted to the cell by textual-image (aspect kept), so the images grow with th
 
 from __future__ import annotations
 
-from functools import partial
-
+from PIL import Image
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Container, Vertical
@@ -27,7 +26,7 @@ def cell_label(prompt: str | None, seed: int | None) -> str:
 
 
 class SampleCell(Vertical):
-    """One image under its label."""
+    """One image under its label; `set` swaps both in place (no remounting)."""
 
     DEFAULT_CSS = """
     SampleCell { height: 1fr; width: 1fr; }
@@ -36,7 +35,7 @@ class SampleCell(Vertical):
     SampleCell > .cell-image > * { width: auto; height: auto; }
     """
 
-    def __init__(self, mode: images.ImageMode, label: str, image: object | None) -> None:
+    def __init__(self, mode: images.ImageMode, label: str, image: Image.Image | None) -> None:
         super().__init__()
         self.mode, self.label, self.image = mode, label, image
 
@@ -44,13 +43,25 @@ class SampleCell(Vertical):
         yield Static(Text(self.label, no_wrap=True, overflow="ellipsis"), classes="cell-label")
         widget = images.widget_class(self.mode)
         with Container(classes="cell-image"):
-            if widget is not None and self.image is not None:
+            if widget is not None:
                 yield widget(self.image)  # type: ignore[call-arg]
+
+    def set(self, label: str, image: Image.Image | None) -> None:
+        self.label, self.image = label, image
+        if not self.is_mounted:
+            return  # compose draws them
+        self.query_one(".cell-label", Static).update(Text(label, no_wrap=True, overflow="ellipsis"))
+        for widget in self.query_one(".cell-image", Container).children:
+            widget.image = image  # type: ignore[attr-defined]
 
 
 class SampleGrid(Container):
     """A sample grid as labelled cells (prompts x seeds); one unlabelled image when the grid's layout
-    is unknown (an event without prompts or seeds)."""
+    is unknown (an event without prompts or seeds).
+
+    Synchronous on purpose: a new grid of the same layout swaps the images in place; only another
+    layout remounts. (An async update, cancelled by the next one in the middle of its remove/mount,
+    left the app waiting for ever under load: seen in bench_tui and a Pilot test.)"""
 
     DEFAULT_CSS = """
     SampleGrid { layout: grid; grid-gutter: 0 1; height: 1fr; }
@@ -62,19 +73,13 @@ class SampleGrid(Container):
         self.mode = mode
         self.sample: Sample | None = None
 
-    async def show(self, sample: Sample | None, empty: str = "no samples yet") -> None:
+    def show(self, sample: Sample | None, empty: str = "no samples yet") -> None:
         if sample is self.sample and self.children:
             return
         self.sample = sample
-        await self.remove_children()
-        if sample is None:
-            self.styles.grid_size_columns, self.styles.grid_size_rows = 1, 1
-            await self.mount(Static(empty, classes="grid-note"))
-            return
-        image = images.decode(sample.png)
-        if image is None:
-            self.styles.grid_size_columns, self.styles.grid_size_rows = 1, 1
-            await self.mount(Static("(unreadable image)", classes="grid-note"))
+        image = images.decode(sample.png) if sample is not None else None
+        if sample is None or image is None:
+            self._note_only(empty if sample is None else "(unreadable image)")
             return
         rows, cols = len(sample.prompts), len(sample.seeds)
         cells = images.grid_cells(image, rows, cols) if rows and cols else None
@@ -82,10 +87,25 @@ class SampleGrid(Container):
             rows, cols, labels, cells = 1, 1, [" · ".join(sample.prompts)], [image]
         else:
             labels = [cell_label(p, s) for p in sample.prompts for s in sample.seeds]
+        current = [c for c in self.children if isinstance(c, SampleCell)]
+        if len(current) == len(cells) and len(current) == len(self.children):
+            for cell, label, picture in zip(current, labels, cells, strict=True):
+                cell.set(label, picture)
+            return
         self.styles.grid_size_columns, self.styles.grid_size_rows = cols, rows
-        await self.mount_all(
+        self.remove_children()
+        self.mount_all(
             [SampleCell(self.mode, label, cell) for label, cell in zip(labels, cells, strict=True)]
         )
+
+    def _note_only(self, text: str) -> None:
+        notes = [c for c in self.children if isinstance(c, Static)]
+        if len(self.children) == 1 and notes:
+            notes[0].update(text)
+            return
+        self.styles.grid_size_columns, self.styles.grid_size_rows = 1, 1
+        self.remove_children()
+        self.mount(Static(text, classes="grid-note"))
 
 
 class Thumbnail(Vertical):
@@ -170,5 +190,4 @@ class Thumbnail(Vertical):
         if not self.is_mounted:
             return
         self.query_one(".caption", Static).update(self.caption())
-        grid = self.query_one(SampleGrid)
-        self.run_worker(partial(grid.show, self.current), group="thumbnail", exclusive=True)
+        self.query_one(SampleGrid).show(self.current)
