@@ -138,7 +138,8 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
     assert ev.base_generations == 1 and ext.pil_images == 11
 
     samples = [e for e in job["events"] if isinstance(e, SampleEvent)]
-    assert [e.step for e in samples] == [0, 2, 4, 5] and [e.base for e in samples] == [True, False, False, False]
+    assert [e.step for e in samples] == [0, 2, 4, 5]
+    assert [e.base for e in samples] == [True, False, False, False]
     assert samples[0].path == "samples/base.png" and samples[1].seeds == list(cfg.samples.seeds)
     samples = samples[1:]
     assert samples[0].path == "samples/step-000002.png" and samples[0].png.startswith(b"\x89PNG")
