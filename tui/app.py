@@ -205,6 +205,8 @@ class DallmApp(App[None]):
         if self._queue_timer is not None:
             self._queue_timer.stop()
             self._queue_timer = None
+        if not self.query(JobTable):  # a timer that fired while the app closes: the widgets are gone
+            return
         table = self.query_one(JobTable)
         table.show_jobs(list(self.model.jobs.values()))
         if (
