@@ -1,6 +1,7 @@
 """dallm-tui benchmark: 10 jobs x 10,000 points per series, headless (Textual's test driver).
 
     .venv/bin/python bench/bench_tui.py [--jobs 10] [--points 10000] [--updates 40] [--idle 10]
+                                        [--chart braille|plotext]
 
 Prints:
 - load: time to load every job's history into the TUI (through the link thread, as from a daemon);
@@ -10,12 +11,17 @@ Prints:
   from scratch alone;
 - idle: CPU used by the whole process (all threads) while connected and nothing happens, as a share
   of one core (target < 5 %).
+
+`--chart plotext` swaps the own braille chart for textual-plotext's `PlotextPlot` (a maintained
+Textual plotting widget; `pip install textual-plotext`, not a dependency of dallm) drawing the same
+traces, to decide whether the own chart earns its keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -26,9 +32,75 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dallm.protocol import JobSummary, MetricsEvent  # noqa: E402
 from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 from dallm.tui.app import DallmApp  # noqa: E402
-from dallm.tui.chart import Chart  # noqa: E402
+from dallm.tui.chart import Chart, Trace  # noqa: E402
 from dallm.tui.demo import job_events, metrics_at  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
+
+
+def use_plotext() -> None:
+    """Make the dashboard draw its two charts with textual-plotext (same traces, same data)."""
+    from textual_plotext import PlotextPlot
+
+    from dallm.tui import widgets
+
+    class PlotextChart(PlotextPlot):
+        """`Chart`'s interface over a PlotextPlot: every trace plotted as a line, markers as vlines."""
+
+        def __init__(self, title: str = "", **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.title, self.traces, self.empty_text = title, [], ""
+            self._key: object = None
+
+        def set_data(self, traces, key, *, marker=None, x_range=None, title=None, cursor=None, log_y=False):
+            if key == self._key and title in (None, self.title):
+                return
+            self._key, self.traces = key, traces
+            self.title = title or self.title
+            plt = self.plt
+            plt.clear_data()
+            plt.title(self.title)
+            plt.yscale("log" if log_y else "linear")
+            for t in traces:
+                plt.plot(
+                    t.steps.tolist(), t.values.tolist(), label=None if t.dim else t.label, marker="braille"
+                )
+            if marker is not None:
+                plt.vline(marker[0], "yellow")
+            if x_range is not None:
+                plt.xlim(*x_range)
+            self.refresh()
+
+    widgets.Chart = PlotextChart  # type: ignore[misc,assignment]
+    globals()["Chart"] = PlotextChart
+
+
+def draw_ab(points: int, rounds: int, size: tuple[int, int] = (110, 20)) -> None:
+    """One chart of 3 series x `points`, drawn from scratch by the braille chart and by plotext in
+    turns (same process, interleaved: a loaded box slows both alike). Prints the medians."""
+    import numpy as np
+    import plotext
+
+    steps = np.arange(float(points))
+    series = [np.sin(steps / 300 + i) + 2 + 0.05 * np.cos(steps * 1.3) for i in range(3)]
+    chart = Chart("bench")
+    times: dict[str, list[float]] = {"braille": [], "plotext": []}
+    for r in range(rounds):
+        chart.set_data([Trace(str(i), steps, v, "red") for i, v in enumerate(series)], r)
+        t = time.perf_counter()
+        chart._draw(*size)
+        times["braille"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        plotext.clear_figure()
+        plotext.plotsize(*size)
+        for i, v in enumerate(series):
+            plotext.plot(steps.tolist(), v.tolist(), label=str(i), marker="braille")
+        plotext.build()
+        times["plotext"].append(time.perf_counter() - t)
+    medians = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(
+        f"one chart, 3 x {points:,} points, {size[0]}x{size[1]} cells, from scratch, median of {rounds} "
+        f"interleaved: braille {medians['braille']:.1f} ms, plotext {medians['plotext']:.1f} ms"
+    )
 
 
 def build(jobs: int, points: int) -> FakeConnection:
@@ -118,7 +190,10 @@ async def run(args: argparse.Namespace) -> None:
         n = 20
         for _ in range(n):
             for c in charts:
-                c._draw(c.size.width, c.size.height)
+                if hasattr(c, "_draw"):
+                    c._draw(c.size.width, c.size.height)
+                else:  # plotext: build the whole text of the plot
+                    c.render()
         per = (time.perf_counter() - t) / n * 1000
         print(f"both charts drawn from scratch ({data.series['loss'].n:,} points each series): {per:.1f} ms")
 
@@ -138,7 +213,16 @@ def main() -> None:
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=48)
-    asyncio.run(run(p.parse_args()))
+    p.add_argument("--chart", choices=("braille", "plotext"), default="braille")
+    p.add_argument("--draw-ab", type=int, metavar="ROUNDS", help="only: braille vs plotext, one chart")
+    args = p.parse_args()
+    if args.draw_ab:
+        draw_ab(args.points, args.draw_ab)
+        return
+    if args.chart == "plotext":
+        use_plotext()
+    print(f"chart: {args.chart}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

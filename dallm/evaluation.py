@@ -279,18 +279,34 @@ class LiveEvaluator:
         t0 = self.clock()
         sc = self.cfg.samples
         if not self.sample_steps and not (self.out_dir / "samples" / "base.png").exists():
-            write_grid(self.out_dir, None, self.sample_grid(base=True), sc.prompts, sc.seeds, sc.thumbnail)
+            self._base_grid()
         record, thumb = write_grid(self.out_dir, step, self.sample_grid(), sc.prompts, sc.seeds, sc.thumbnail)
         self.sample_steps.append(step)
         self.sample_seconds += self.clock() - t0
-        self.emit(SampleEvent(step=step, path=record.path, png=thumb, prompts=list(sc.prompts)))
+        self.emit(
+            SampleEvent(
+                step=step, path=record.path, png=thumb, prompts=list(sc.prompts), seeds=list(sc.seeds)
+            )
+        )
+
+    def _base_grid(self) -> None:
+        """The base model's grid, written and sent once: the TUI's gallery sets it beside the turning
+        point's and the latest grid."""
+        sc = self.cfg.samples
+        record, thumb = write_grid(
+            self.out_dir, None, self.sample_grid(base=True), sc.prompts, sc.seeds, sc.thumbnail
+        )
+        self.emit(
+            SampleEvent(
+                step=0, path=record.path, png=thumb, prompts=list(sc.prompts), seeds=list(sc.seeds), base=True
+            )
+        )
 
     def prime_base(self) -> None:
         """Make the base model's sample grid and KID features now (before training), for a job that
         changes the base weights themselves (train.method = "full": no adapters to turn off)."""
-        sc = self.cfg.samples
         if self.samples_on and not (self.out_dir / "samples" / "base.png").exists():
-            write_grid(self.out_dir, None, self.sample_grid(base=True), sc.prompts, sc.seeds, sc.thumbnail)
+            self._base_grid()
         if self.kid_on:
             self.references()
 

@@ -110,7 +110,9 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
     # Each stop names its phases before its work: the grid, then KID (its metrics follow in the row).
     seen = [(e.phase, e.step) if isinstance(e, PhaseEvent) else (e.kind, e.step) for e in job["events"]
             if isinstance(e, PhaseEvent | SampleEvent)]  # fmt: skip
-    assert seen == [(k, s) for s in (2, 4) for k in ("sampling", "sample", "kid")]
+    # The base model's grid is made (and sent, as step 0) with the first one.
+    stops = [(k, s) for s in (2, 4) for k in ("sampling", "sample", "kid")]
+    assert seen == [*stops[:1], ("sample", 0), *stops[1:]]
     assert series[4]["eval_stop_seconds"] == pytest.approx(
         (series[2]["eval_seconds"] + series[4]["eval_seconds"]) / 2
     )
@@ -136,7 +138,10 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
     assert ev.base_generations == 1 and ext.pil_images == 11
 
     samples = [e for e in job["events"] if isinstance(e, SampleEvent)]
-    assert [e.step for e in samples] == [2, 4, 5]
+    assert [e.step for e in samples] == [0, 2, 4, 5]
+    assert [e.base for e in samples] == [True, False, False, False]
+    assert samples[0].path == "samples/base.png" and samples[1].seeds == list(cfg.samples.seeds)
+    samples = samples[1:]
     assert samples[0].path == "samples/step-000002.png" and samples[0].png.startswith(b"\x89PNG")
     with Image.open(job["out"] / samples[0].path) as im:
         assert im.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2 prompts x 2 seeds of 16 px
@@ -272,7 +277,7 @@ def test_engine_job_with_evaluation_then_report(
     assert all(set(r) >= KID_KEYS and r["eval_seconds"] > 0 for r in rows if "kid_val" in r)
     result = json.loads((out / "result.json").read_text())
     assert result["eval"]["eval_count"] == 3 and 0 < result["eval"]["eval_share"] < 1
-    assert [e.step for e in events if isinstance(e, SampleEvent)] == [2, 4, 6]
+    assert [e.step for e in events if isinstance(e, SampleEvent)] == [0, 2, 4, 6]  # 0: the base
     # the live stream carries the same KID as the log (the daemon and the TUI only see events)
     live = {e.step: e.values for e in events if isinstance(e, MetricsEvent) and "kid_val" in e.values}
     assert sorted(live) == [2, 4, 6]

@@ -7,15 +7,17 @@ import time
 from collections.abc import Callable
 
 import pytest
+from textual_image.widget import HalfcellImage
 
 from dallm.protocol import MetricsEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import EMPTY_QUEUE, DallmApp
-from dallm.tui.chart import Chart
+from dallm.tui.chart import Chart, format_number
 from dallm.tui.connection import Action, Outcome
 from dallm.tui.demo import demo_connection, job_events
+from dallm.tui.gallery import GalleryScreen
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
-from dallm.tui.thumbnail import Thumbnail
+from dallm.tui.thumbnail import SampleGrid, Thumbnail
 from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
@@ -256,14 +258,14 @@ async def test_help_fits_the_screen(conn: FakeConnection, size: tuple[int, int])
         assert dialog.region.width >= min(90, size[0] * 0.8)
 
 
-async def test_charts_and_thumbnail_paint_their_background(conn: FakeConnection) -> None:
+async def test_charts_paint_their_background(conn: FakeConnection) -> None:
     # Cells left at the terminal's default background showed as white panes in a stock xterm.
+    # (The thumbnail is textual-image widgets in containers now: Textual paints those.)
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        thumb = app.query_one(Thumbnail)
-        await until(pilot, lambda: len(thumb.samples) == 6)
-        for widget in (*app.query(Chart), thumb):
+        await pilot.press("comma")  # the cursor column too
+        for widget in app.query(Chart):
             for y in range(widget.size.height + 1):  # one past the end: the blank line
                 for segment in widget.render_line(y):
                     assert segment.style is not None and segment.style.bgcolor is not None, (widget, y)
@@ -335,3 +337,113 @@ async def test_phase_and_its_time_show_while_the_step_stands_still() -> None:
         await until(pilot, lambda: "finished" in header_text(app))
         await until(pilot, lambda: str(table.get_cell("1", "phase")) == "-")
         assert "training" not in header_text(app)
+
+
+# -- charts and the gallery (issue 14: chart interaction, sample gallery) -------------------------
+
+
+def chart_lines(app: DallmApp, which: str = "#chart-top") -> list[str]:
+    chart = app.query_one(which, Chart)
+    return [strip.text for strip in chart._draw(chart.size.width, chart.size.height)]
+
+
+async def test_zoom_pan_and_reset(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        charts = app.query_one(Charts)
+        full = charts._full
+        assert full == (1.0, 300.0) and charts.window is None
+        assert chart_lines(app)[-1].split() == ["1", "300"]
+        await pilot.press("z")
+        a, b = charts.window
+        assert b - a == pytest.approx((full[1] - full[0]) / 2) and a < 150 < b  # about the centre
+        await pilot.press("z", "z", "z", "z", "z", "z", "z")
+        assert charts.window[1] - charts.window[0] == 10  # no closer than 10 steps
+        for chart in app.query(Chart):  # both charts show the window
+            assert chart.x_range == charts.window
+        await pilot.press("0", "z", "less_than_sign", "less_than_sign", "less_than_sign")
+        assert charts.window[0] == 1.0  # panned to the start, no further
+        await pilot.press("greater_than_sign")
+        assert charts.window[0] > 1.0
+        shown = chart_lines(app)[-1].split()
+        assert [float(x) for x in shown] == pytest.approx(list(charts.window), abs=0.5)
+        await pilot.press("Z", "Z")
+        assert charts.window is None  # zoomed out to the whole run
+        await pilot.press("z", "0")
+        assert charts.window is None and charts.cursor is None
+
+
+async def test_cursor_reads_values_and_clicks_set_it(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        charts = app.query_one(Charts)
+        await pilot.press("comma")
+        assert charts.cursor == 150  # shown at the centre first
+        data = app.model.data[1]
+        legend = chart_lines(app, "#chart-bottom")[0]
+        # KID is evaluated every 50 steps: the cursor reads the evaluation at 150, with its spread
+        val = data.series["kid_val"].at(150)
+        std = data.series["kid_val_std"].at(150)
+        assert "@ step 150" in legend and f"val {format_number(val)}±{format_number(std)}" in legend
+        await pilot.press("full_stop", "full_stop")
+        assert charts.cursor > 150
+        await pilot.click("#chart-bottom", offset=(8, 5))  # the first column of the plot
+        assert charts.cursor == 1
+
+
+async def test_log_scale_and_smoothing_keys(conn: FakeConnection) -> None:
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        top = app.query_one("#chart-top", Chart)
+        assert top.log_y and "(log)" in chart_lines(app)[0]  # CS-Fluctuation starts on a log axis
+        await pilot.press("y")
+        assert not top.log_y and "(log)" not in chart_lines(app)[0]
+        await pilot.press("t", "e")
+        await until(pilot, lambda: "smoothed 0.6" in top.title)
+        assert [t.dim for t in top.traces] == [True, False]  # the raw curve, faint, under the smoothed
+        assert "smoothing 0.6" in notifications(app)
+        await pilot.press("e", "e", "e")
+        assert top.title == "Loss" and len(top.traces) == 1
+
+
+async def test_gallery_sets_base_turning_point_and_latest_side_by_side() -> None:
+    app = make_app(demo_connection(points=400))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, loaded(app))
+        await pilot.press("g")
+        await until(pilot, lambda: isinstance(app.screen, GalleryScreen))
+        screen = app.screen
+        await pilot.pause(0.3)
+        titles = [str(w.render()) for w in screen.query(".column-title")]
+        assert titles == [
+            "base model",
+            "turning point (step 240, grid of step 200)",
+            "latest (step 400)",
+        ]
+        grids = list(screen.query(SampleGrid))
+        await until(pilot, lambda: all(len(g.query(HalfcellImage)) == 4 for g in grids))
+        labels = [str(w.render()) for w in grids[2].query(".cell-label")]
+        assert labels == ["a red circle · seed 0", "a red circle · seed 1", "a blue square · seed 0",
+                          "a blue square · seed 1"]  # fmt: skip
+        # each column's images are drawn at one size (textual-image fits them to their cells)
+        sizes = [g.query_one(HalfcellImage).size for g in grids]
+        assert sizes[0].width >= 20 and sizes[0].height == sizes[1].height == sizes[2].height
+        await pilot.press("left_square_bracket")
+        await until(pilot, lambda: "7/8 (step 350)" in str(screen.query(".column-title").last().render()))
+        await pilot.press("escape")
+        assert not isinstance(app.screen, GalleryScreen)
+
+
+async def test_side_thumbnail_is_labelled_and_grows_with_the_pane() -> None:
+    app = DallmApp(demo_connection(points=400), images_mode="halfblock", poll_timeout=0.02)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        thumb = app.query_one(Thumbnail)
+        await until(pilot, lambda: len(thumb.query(HalfcellImage)) == 4)
+        assert [str(w.render()) for w in thumb.query(".cell-label")][0] == "a red circle · seed 0"
+        small = thumb.query_one(HalfcellImage).size
+        await pilot.resize_terminal(200, 60)
+        await until(pilot, lambda: thumb.query_one(HalfcellImage).size.width > small.width)

@@ -1,10 +1,13 @@
-"""The TUI's pure parts: chart downsampling, image encoders and terminal detection, the event model."""
+"""The TUI's pure parts: chart drawing, image mode detection (textual-image), the event model."""
 
 from __future__ import annotations
 
+import importlib
+import io
+import sys
+
 import numpy as np
 import pytest
-from PIL import Image
 
 from dallm.protocol import (
     CheckpointEvent,
@@ -18,7 +21,8 @@ from dallm.protocol import (
     job_topic,
 )
 from dallm.tui import images
-from dallm.tui.chart import column_spans
+from dallm.tui.chart import Chart, Trace, column_spans, ema, value_at
+from dallm.tui.demo import sample_png
 from dallm.tui.model import Model, Series, eta_seconds, format_eta
 
 
@@ -59,77 +63,147 @@ def test_column_spans_ignore_nan_and_out_of_range() -> None:
     assert len(cols) == 0
 
 
+def chart_text(chart: Chart, width: int = 60, height: int = 12) -> list[str]:
+    return [strip.text for strip in chart._draw(width, height)]
+
+
+def test_ema_is_debiased_and_matches_the_recurrence() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=1000)
+    s, want = 0.0, []
+    for i, v in enumerate(x):
+        s = 0.9 * s + 0.1 * v
+        want.append(s / (1 - 0.9 ** (i + 1)))
+    assert np.allclose(ema(x, 0.9, block=64), want)
+    assert ema(np.array([5.0, 5.0]), 0.99)[0] == pytest.approx(5.0)  # not pulled towards 0
+    assert ema(x, 0.0) is x
+
+
+def test_value_at_reads_the_nearest_point() -> None:
+    steps, values = np.array([10.0, 20.0, 30.0]), np.array([1.0, 2.0, 3.0])
+    assert value_at(steps, values, 24) == (1, 2.0)
+    assert value_at(steps, values, 26) == (2, 3.0)
+    assert value_at(steps, values, 0) == (0, 1.0) and value_at(steps[:0], values[:0], 1) is None
+
+
+def test_log_scale_spreads_orders_of_magnitude() -> None:
+    # CS-Fluctuation spans 1e-8..6e-5: on a linear axis everything below 1e-6 sits on the bottom row.
+    steps = np.arange(100, dtype=float)
+    values = np.logspace(-8, np.log10(6e-5), 100)
+    chart = Chart("CS-Fluctuation")
+    chart.set_data([Trace("cs_fluct", steps, values, "magenta")], 1)
+    linear = chart_text(chart)
+    chart.set_data([Trace("cs_fluct", steps, values, "magenta")], 2, log_y=True)
+    log = chart_text(chart)
+    assert "(log)" in log[0] and "(log)" not in linear[0]
+    assert log[1].strip().startswith("6.0e-05") and log[-2].strip().startswith("1.0e-08")
+
+    def bottom_half(lines: list[str]) -> int:  # braille cells with dots in the lower half
+        return sum(ch != chr(0x2800) and ord(ch) >= 0x2800 for ln in lines[6:-1] for ch in ln)
+
+    assert bottom_half(log) < bottom_half(linear)  # the curve climbs on the log axis, not flat at the bottom
+    chart.set_data([Trace("cs_fluct", steps, values - 1e-6, "magenta")], 3, log_y=True)
+    assert "53 values ≤ 0 hidden (log)" in chart_text(chart, width=90)[0]
+
+
+def test_cursor_reads_values_at_its_step() -> None:
+    steps = np.array([0.0, 50.0, 100.0])
+    chart = Chart("KID")
+    kid = Trace("val", steps, np.array([0.1, 0.05, 0.02]), "green", err=np.array([0.01, 0.02, 0.005]))
+    chart.set_data([kid], 1, cursor=48.0)
+    text = chart_text(chart, width=90)
+    assert "@ step 48" in text[0] and "val 0.05±0.02 (step 50)" in text[0]
+    assert any("│" in line for line in text[1:-1])  # the cursor's column
+
+
+def test_error_bars_and_negative_kid_note() -> None:
+    steps = np.array([10.0, 20.0, 30.0])
+    kid = Trace("val", steps, np.array([0.01, -0.002, 0.004]), "green", err=np.array([0.05, 0.05, 0.05]))
+    chart = Chart("KID")
+    chart.set_data([kid], 1)
+    text = chart_text(chart, width=90, height=14)
+    assert "1 KID < 0 (unbiased estimate: read as 0)" in text[0]
+    assert text[1].strip().startswith("0.06")  # the axis reaches the top of the bars (0.004 + 0.05 ...)
+    assert any("╌" in line for line in text)  # the zero line
+    assert sum(line.count("●") for line in text) == 3  # each evaluation marked
+    chart.set_data([Trace("val", steps, np.array([0.01, 0.02, 0.004]), "green")], 2)
+    assert "KID < 0" not in chart_text(chart, width=90)[0]
+
+
+def test_single_evaluation_is_a_labelled_point() -> None:
+    # One KID among 400 steps of loss: it was a lone dot at the right edge.
+    kid = Trace("val", np.array([400.0]), np.array([0.0123]), "green")
+    chart = Chart("KID")
+    chart.set_data([kid], 1, x_range=(0.0, 400.0))
+    body = chart_text(chart)[1:-1]
+    row = next(line for line in body if "●" in line)
+    assert "0.0123" in row and row.index("0.0123") < row.index("●")  # labelled, inside the chart
+    chart.set_data([kid], 2)  # only that step: centred, not at an edge
+    row = next(line for line in chart_text(chart)[1:-1] if "●" in line)
+    assert 20 < row.index("●") < 45
+
+
 # -- images ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("env", "mode"),
-    [
-        ({"TERM": "xterm-256color"}, "halfblock"),
-        ({"TERM": "xterm-kitty", "KITTY_WINDOW_ID": "1"}, "kitty"),
-        ({"TERM": "tmux-256color", "KITTY_WINDOW_ID": "1", "TMUX": "/tmp/x"}, "halfblock"),
-        ({"TERM": "screen-256color"}, "halfblock"),
-        ({"TERM": "xterm-256color", "TERM_PROGRAM": "WezTerm"}, "sixel"),
-        ({"TERM": "foot"}, "sixel"),
-        ({"TERM": "dumb"}, "none"),
-    ],
-)
-def test_detect_mode_is_conservative(env: dict[str, str], mode: str) -> None:
-    assert images.detect_mode(env) == mode
+def test_no_graphics_protocol_detected_means_half_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """textual-image found neither Sixel (DA1) nor Kitty graphics: half-blocks, never its coarser
+    unicode last resort, never nothing. Its choice is replayed with both queries answering "no"."""
+    import textual_image.renderable as renderable
+    import textual_image.widget  # noqa: F401  (measures the cell size now, on the real stdout)
+    from textual_image.renderable import sixel, tgp
+
+    class Stdout(io.StringIO):
+        def __init__(self, tty: bool) -> None:
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr(sixel, "query_terminal_support", lambda: False)
+    monkeypatch.setattr(tgp, "query_terminal_support", lambda: False)
+    try:
+        for tty in (True, False):  # a terminal that answers "no" to both, and output that is no terminal
+            monkeypatch.setattr(sys, "__stdout__", Stdout(tty))
+            importlib.reload(renderable)  # it decides when imported (before Textual starts)
+            assert renderable.is_tty is tty
+            assert images.detect_mode() == "halfblock"
+            assert images.resolve_mode("auto") == "halfblock"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(renderable)
+    from textual_image.widget import HalfcellImage
+
+    assert images.widget_class("halfblock") is HalfcellImage
+    assert images.widget_class("none") is None
+
+
+def test_detected_protocols_map_to_modes() -> None:
+    from textual_image.renderable import HalfcellImage, SixelImage, TGPImage, UnicodeImage
+    from textual_image.widget import SixelImage as SixelWidget
+    from textual_image.widget import TGPImage as TGPWidget
+
+    assert images.mode_of(SixelImage) == "sixel" and images.widget_class("sixel") is SixelWidget
+    assert images.mode_of(TGPImage) == "kitty" and images.widget_class("kitty") is TGPWidget
+    assert images.mode_of(HalfcellImage) == images.mode_of(UnicodeImage) == "halfblock"
 
 
 def test_resolve_mode() -> None:
-    assert images.resolve_mode("sixel", {}) == "sixel"
-    assert images.resolve_mode("auto", {"TERM": "xterm"}) == "halfblock"
-    with pytest.raises(ValueError):
-        images.resolve_mode("png", {})
+    assert images.resolve_mode("sixel") == "sixel"
+    with pytest.raises(ValueError, match="--images: expected one of"):
+        images.resolve_mode("png")
 
 
-def _image(w: int = 20, h: int = 10) -> Image.Image:
-    img = Image.new("RGB", (w, h), (255, 0, 0))
-    img.paste((0, 0, 255), (0, h // 2, w, h))
-    return img
-
-
-def test_halfblock_two_pixels_per_cell() -> None:
-    strips = images.halfblock_strips(_image(20, 10), 20, 5)
-    assert len(strips) == 5
-    assert all(s.cell_length == 20 for s in strips)
-    seg = next(s for s in strips[0] if s.text.strip())
-    assert seg.text[0] == "▀"
-    assert seg.style.color.triplet == (255, 0, 0)
-    last = next(s for s in strips[-1] if s.text.strip())
-    assert last.style.bgcolor.triplet == (0, 0, 255)
-
-
-def test_sixel_sequence() -> None:
-    seq = images.sixel(_image(20, 12))
-    assert seq.startswith("\x1bP") and seq.endswith("\x1b\\")
-    assert '"1;1;20;12' in seq
-    body = seq[seq.index("q") + 1 : -2]
-    assert body.count("-") == 2  # two bands of six rows
-    assert "#0;2;" in body or "#1;2;" in body
-
-
-def test_fit_cells_keeps_the_aspect_ratio() -> None:
-    # A 2x3 sample grid in a 46x14-cell pane of 7x15-pixel cells (xterm, DejaVu Sans Mono 9):
-    # height-bound, so it covers fewer columns than the pane has (and is centred in it).
-    fitted, cols, rows = images.fit_cells(_image(200, 300), 46, 14, (7, 15))
-    assert fitted.size == (140, 210)
-    assert (cols, rows) == (20, 14)
-    _, cols, rows = images.fit_cells(_image(300, 100), 10, 10, (10, 20))
-    assert (cols, rows) == (10, 2)  # 100x33 pixels: two rows, not the ten Kitty would stretch it over
-
-
-def test_kitty_sequence_is_chunked() -> None:
-    rng = np.random.default_rng(0)
-    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    seq = images.kitty(noisy, 10, 5)
-    chunks = seq.split("\x1b\\")[:-1]
-    assert len(chunks) > 1
-    assert chunks[0].startswith("\x1b_Ga=T,f=100") and "c=10,r=5" in chunks[0]
-    assert chunks[-1].startswith("\x1b_Gm=0;")
-    assert images.decode(b"not a png") is None
+def test_grid_cells_cut_the_engines_thumbnail() -> None:
+    png = sample_png(100)
+    grid = images.decode(png)
+    assert grid is not None and images.decode(b"not a png") is None
+    cells = images.grid_cells(grid, 2, 2)
+    assert cells is not None and len(cells) == 4 and {c.size for c in cells} == {(24, 24)}
+    # no white pad inside a cell: the cut lands on the cells, not on the grid's lines
+    assert all(min(c.getpixel((x, y)) for x in (0, 23) for y in (0, 23)) != (255, 255, 255) for c in cells)
+    assert images.grid_cells(grid, 0, 2) is None and images.grid_cells(grid, 40, 40) is None
 
 
 # -- model ----------------------------------------------------------------------------------------

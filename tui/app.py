@@ -73,6 +73,17 @@ class DallmApp(ViewActions, App[None]):
         Binding("h", "hide_finished", "Hide finished", show=False),
         Binding("C", "clone", "Clone", key_display="C", show=False),
         Binding("T", "toggle_theme", "Theme", key_display="T", show=False),
+        Binding("g", "gallery", "Gallery"),
+        # Charts (in the help, not the footer: it has no room at 80 columns).
+        Binding("z", "zoom(0.5)", "Zoom in", show=False),
+        Binding("Z", "zoom(2.0)", "Zoom out", show=False, key_display="Z"),
+        Binding("less_than_sign", "pan(-1)", "Pan left", show=False, key_display="<"),
+        Binding("greater_than_sign", "pan(1)", "Pan right", show=False, key_display=">"),
+        Binding("comma", "cursor(-1)", "Cursor left", show=False, key_display=","),
+        Binding("full_stop", "cursor(1)", "Cursor right", show=False, key_display="."),
+        Binding("y", "log_scale", "Log y", show=False),
+        Binding("e", "smoothing", "Smoothing", show=False),
+        Binding("0", "reset_chart", "Whole run", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
@@ -212,6 +223,8 @@ class DallmApp(ViewActions, App[None]):
         if self._queue_timer is not None:
             self._queue_timer.stop()
             self._queue_timer = None
+        if not self.query(JobTable):  # a timer that fired while the app closes: the widgets are gone
+            return
         table = self.query_one(JobTable)
         rows = self.queue_view.rows(self.model.jobs.values())
         table.show_jobs(rows, set(self.marked))
@@ -363,6 +376,34 @@ class DallmApp(ViewActions, App[None]):
 
     def action_newer_sample(self) -> None:
         self.query_one(Thumbnail).newer()
+
+    def action_zoom(self, factor: float) -> None:
+        self.query_one(Charts).zoom(factor)
+
+    def action_pan(self, direction: int) -> None:
+        self.query_one(Charts).pan(direction)
+
+    def action_cursor(self, direction: int) -> None:
+        self.query_one(Charts).move_cursor(direction)
+
+    def action_log_scale(self) -> None:
+        self.query_one(Charts).toggle_log()
+
+    def action_smoothing(self) -> None:
+        weight = self.query_one(Charts).cycle_smoothing()
+        self.notify(f"smoothing {weight:g}" if weight else "smoothing off", title="charts")
+
+    def action_reset_chart(self) -> None:
+        self.query_one(Charts).reset()
+
+    def action_gallery(self) -> None:
+        row = self._selected_row("show samples of")
+        if row is None:
+            return
+        from dallm.tui.gallery import GalleryScreen
+
+        data = self.model.data.get(row.id)
+        self.push_screen(GalleryScreen(row, data, self.images_mode))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -27,23 +27,35 @@ from dallm.testing.fake_daemon import FakeConnection
 COLORS = [(220, 60, 60), (60, 170, 80), (70, 90, 220), (230, 200, 40), (200, 80, 200), (60, 200, 210)]
 
 
-def sample_png(step: int, cells: int = 4, size: int = 24) -> bytes:
-    """A grid of `cells` simple shapes whose colours drift with `step` (something that changes)."""
-    image = Image.new("RGB", (cells * size, size), (30, 30, 36))
+DEMO_PROMPTS = ["a red circle", "a blue square"]
+DEMO_SEEDS = [0, 1]
+
+
+def sample_png(step: int, size: int = 24) -> bytes:
+    """A prompts x seeds grid (1-pixel white pad, as the engine's thumbnails) of simple shapes whose
+    colours drift with `step` (something that changes)."""
+    rows, cols = len(DEMO_PROMPTS), len(DEMO_SEEDS)
+    image = Image.new("RGB", (cols * (size + 1) + 1, rows * (size + 1) + 1), "white")
     draw = ImageDraw.Draw(image)
-    for i in range(cells):
+    for i in range(rows * cols):
+        r_, c_ = divmod(i, cols)
         c = COLORS[(i + step // 100) % len(COLORS)]
         bg = COLORS[(i + 3) % len(COLORS)]
-        x = i * size
-        draw.rectangle((x, 0, x + size - 1, size - 1), fill=tuple(v // 3 for v in bg))
+        x, y = 1 + c_ * (size + 1), 1 + r_ * (size + 1)
+        draw.rectangle((x, y, x + size - 1, y + size - 1), fill=tuple(v // 3 for v in bg))
         r = 5 + (step // 50 + i) % 5
-        if i % 2:
-            draw.ellipse((x + 12 - r, 12 - r, x + 12 + r, 12 + r), fill=c)
-        else:
-            draw.rectangle((x + 12 - r, 12 - r, x + 12 + r, 12 + r), fill=c)
+        mid_x, mid_y = x + size // 2, y + size // 2
+        shape = draw.ellipse if r_ == 0 else draw.rectangle
+        shape((mid_x - r, mid_y - r, mid_x + r, mid_y + r), fill=c)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def sample_event(step: int, base: bool = False) -> SampleEvent:
+    path = "samples/base.png" if base else f"samples/step-{step:06d}.png"
+    png = sample_png(step)
+    return SampleEvent(step=step, path=path, png=png, prompts=DEMO_PROMPTS, seeds=DEMO_SEEDS, base=base)
 
 
 def metrics_at(step: int, total: int, phase: float = 0.0) -> dict[str, float]:
@@ -53,9 +65,10 @@ def metrics_at(step: int, total: int, phase: float = 0.0) -> dict[str, float]:
         "loss": 0.08 + 0.25 * math.exp(-4 * x) + 0.01 * math.sin(step * 0.7 + phase),
         "lr": 1e-4,
         "cs": 0.02 + 0.3 * (1 - math.exp(-3 * x)),
-        "cs_fluct": 1.0
-        + math.cos(2 * math.pi * 2.2 * x + phase) * math.exp(-x)
-        + 0.05 * math.sin(step * 1.3),
+        # A real run's scale: 6e-5 falling to ~1e-8, with two valleys (log axis by default).
+        "cs_fluct": 6e-5
+        * math.exp(-5 * x)
+        * (1.03 + math.cos(2 * math.pi * 2.2 * x + phase) + 0.02 * math.sin(step * 1.3)),
         "steps_per_s": 4.0,
     }
     return values
@@ -67,6 +80,7 @@ def kid_at(step: int, total: int) -> dict[str, float]:
         "kid_train": 0.09 * math.exp(-3 * x) + 0.004,
         "kid_val": 0.09 * math.exp(-2.5 * x) + 0.012 + 0.03 * max(0.0, x - 0.6) ** 2,
         "kid_base": 0.01 + 0.08 * (1 - math.exp(-2 * x)),
+        "kid_val_std": 0.004 + 0.02 * math.exp(-2 * x),  # the spread over KID subsets
     }
 
 
@@ -85,13 +99,15 @@ def job_events(
     out: list[JobEvent] = []
     if start == 0:
         out.append(StartedEvent(start_step=0, total_steps=total, device="cpu", trainable_params=811_008))
+        if samples:
+            out.append(sample_event(0, base=True))
     for step in range(start + 1, step_to + 1):
         values = metrics_at(step, total, phase)
         if step % eval_every == 0:
             values |= kid_at(step, total)
         out.append(MetricsEvent(step=step, values=values))
         if samples and step % eval_every == 0:
-            out.append(SampleEvent(step=step, path=f"samples/step-{step:06d}.png", png=sample_png(step)))
+            out.append(sample_event(step))
         if step % ckpt_every == 0:
             out.append(CheckpointEvent(step=step, path=f"checkpoints/step-{step}"))
             out.append(LogEvent(message=f"step {step}: loss {values['loss']:.4f}"))

@@ -100,7 +100,9 @@ class Sample:
     step: int
     png: bytes
     path: str
-    prompts: list[str]
+    prompts: list[str]  # the grid's rows
+    seeds: list[int] = field(default_factory=list)  # the grid's columns
+    base: bool = False  # the base model's grid
 
 
 @dataclass
@@ -113,6 +115,7 @@ class JobData:
     series: dict[str, Series] = field(default_factory=dict)
     superseded: dict[str, Series] = field(default_factory=dict)  # the branch the last rollback left
     samples: list[Sample] = field(default_factory=list)
+    base_sample: Sample | None = None  # the base model's grid, kept apart from the history
     checkpoints: list[Checkpoint] = field(default_factory=list)
     turning_point: int | None = None
     log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=LOG_LINES))  # (level, text)
@@ -151,8 +154,12 @@ class JobData:
             for name, x, value in metric_points(ev):
                 self.series_for(name).append(x, value, ev.step)
         elif isinstance(ev, SampleEvent):
-            self.samples = [s for s in self.samples if s.step < ev.step]
-            self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))
+            sample = Sample(ev.step, ev.png, ev.path, list(ev.prompts), list(ev.seeds), ev.base)
+            if ev.base:
+                self.base_sample = sample
+            else:
+                self.samples = [s for s in self.samples if s.step < ev.step]
+                self.samples.append(sample)
         elif isinstance(ev, CheckpointEvent):
             self.checkpoints = [c for c in self.checkpoints if c.step != ev.step]
             self.checkpoints.append(Checkpoint(ev.step, ev.path))

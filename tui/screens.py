@@ -78,6 +78,14 @@ HELP = """\
   tab          next pane        shift+tab  previous pane
   [ ]          older / newer sample grid (] past the last follows the latest)
   t            charts: CS-Fluctuation + KID  /  loss + CS
+  g            sample gallery: base, turning point and latest grids side by side
+
+[b]Charts[/b] (both share the step window and the cursor)
+  z Z          zoom in / out on steps          < >   pan left / right
+  , .          cursor left / right: the legend reads the values at its step (click too)
+  y            log / linear y-scale of the top chart (CS-Fluctuation starts on log)
+  e            smoothing (EMA 0.6, 0.9, 0.99, off; the raw curve stays faint)
+  0            the whole run again, cursor off
 
 [b]Acting[/b] (each goes to the daemon; its answer shows in a notification and the log)
   s            early stop: finish now, with the turning-point weights when one was found
@@ -97,7 +105,9 @@ HELP = """\
 
   ?            this help          q  quit
 
-The yellow ┊ in a chart marks the turning point (second valley of CS-Fluctuation).
+The yellow ┊ in a chart marks the turning point (second valley of CS-Fluctuation). KID is
+drawn with error bars (± its std over subsets) and ● on each evaluation; KID < 0 is an
+unbiased estimate of "no difference" (the chart says so).
 Mouse: click a job, a checkpoint, a key in the footer; click the left/right half of the
 thumbnail to step back/forward through the samples.
 """

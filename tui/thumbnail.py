@@ -1,28 +1,119 @@
-"""The sample-grid thumbnail of the selected job, with a position in its sample history."""
+"""Sample grids drawn with textual-image: the side-pane thumbnail of the selected job (with a position
+in its sample history) and the labelled grid both it and the gallery use.
+
+The engine's thumbnail is one PNG of prompts (rows) x seeds (columns). `SampleGrid` cuts it into its
+cells and shows each under a `prompt · seed` label, so every image says what it is; each cell's image
+is fitted to the cell by textual-image (aspect kept), so the images grow with the pane.
+"""
 
 from __future__ import annotations
 
-from rich.segment import Segment
-from rich.style import Style
+from PIL import Image
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Container, Vertical
 from textual.events import Click
 from textual.reactive import reactive
-from textual.strip import Strip
-from textual.widget import Widget
+from textual.widgets import Static
 
 from dallm.tui import images
 from dallm.tui.model import Sample
 
 
-class Thumbnail(Widget):
-    """Shows one sample grid: the latest, unless the user stepped back (`older`/`newer`).
+def cell_label(prompt: str | None, seed: int | None) -> str:
+    parts = [p for p in (prompt, None if seed is None else f"seed {seed}") if p]
+    return " · ".join(parts)
 
-    Half-blocks are drawn as ordinary cells. Sixel and Kitty images are written to the terminal
-    after Textual has drawn the (blank) cells they cover, and again when the widget moves or
-    the sample changes.
+
+class SampleCell(Vertical):
+    """One image under its label; `set` swaps both in place (no remounting)."""
+
+    DEFAULT_CSS = """
+    SampleCell { height: 1fr; width: 1fr; }
+    SampleCell > .cell-label { height: 1; width: 1fr; color: $text-muted; text-wrap: nowrap; text-overflow: ellipsis; }
+    SampleCell > .cell-image { height: 1fr; width: 1fr; align: center middle; }
+    SampleCell > .cell-image > * { width: auto; height: auto; }
     """
+
+    def __init__(self, mode: images.ImageMode, label: str, image: Image.Image | None) -> None:
+        super().__init__()
+        self.mode, self.label, self.image = mode, label, image
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(self.label, no_wrap=True, overflow="ellipsis"), classes="cell-label")
+        widget = images.widget_class(self.mode)
+        with Container(classes="cell-image"):
+            if widget is not None:
+                yield widget(self.image)  # type: ignore[call-arg]
+
+    def set(self, label: str, image: Image.Image | None) -> None:
+        self.label, self.image = label, image
+        if not self.is_mounted:
+            return  # compose draws them
+        self.query_one(".cell-label", Static).update(Text(label, no_wrap=True, overflow="ellipsis"))
+        for widget in self.query_one(".cell-image", Container).children:
+            widget.image = image  # type: ignore[attr-defined]
+
+
+class SampleGrid(Container):
+    """A sample grid as labelled cells (prompts x seeds); one unlabelled image when the grid's layout
+    is unknown (an event without prompts or seeds).
+
+    Synchronous on purpose: a new grid of the same layout swaps the images in place; only another
+    layout remounts. (An async update, cancelled by the next one in the middle of its remove/mount,
+    left the app waiting for ever under load: seen in bench_tui and a Pilot test.)"""
+
+    DEFAULT_CSS = """
+    SampleGrid { layout: grid; grid-gutter: 0 1; height: 1fr; }
+    SampleGrid > .grid-note { color: $text-muted; }
+    """
+
+    def __init__(self, mode: images.ImageMode = "halfblock", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.sample: Sample | None = None
+
+    def show(self, sample: Sample | None, empty: str = "no samples yet") -> None:
+        if sample is self.sample and self.children:
+            return
+        self.sample = sample
+        image = images.decode(sample.png) if sample is not None else None
+        if sample is None or image is None:
+            self._note_only(empty if sample is None else "(unreadable image)")
+            return
+        rows, cols = len(sample.prompts), len(sample.seeds)
+        cells = images.grid_cells(image, rows, cols) if rows and cols else None
+        if cells is None:
+            rows, cols, labels, cells = 1, 1, [" · ".join(sample.prompts)], [image]
+        else:
+            labels = [cell_label(p, s) for p in sample.prompts for s in sample.seeds]
+        current = [c for c in self.children if isinstance(c, SampleCell)]
+        if len(current) == len(cells) and len(current) == len(self.children):
+            for cell, label, picture in zip(current, labels, cells, strict=True):
+                cell.set(label, picture)
+            return
+        self.styles.grid_size_columns, self.styles.grid_size_rows = cols, rows
+        self.remove_children()
+        self.mount_all(
+            [SampleCell(self.mode, label, cell) for label, cell in zip(labels, cells, strict=True)]
+        )
+
+    def _note_only(self, text: str) -> None:
+        notes = [c for c in self.children if isinstance(c, Static)]
+        if len(self.children) == 1 and notes:
+            notes[0].update(text)
+            return
+        self.styles.grid_size_columns, self.styles.grid_size_rows = 1, 1
+        self.remove_children()
+        self.mount(Static(text, classes="grid-note"))
+
+
+class Thumbnail(Vertical):
+    """The selected job's sample grid: the latest, unless the user stepped back (`older`/`newer`)."""
 
     DEFAULT_CSS = """
     Thumbnail { height: 1fr; min-height: 3; }
+    Thumbnail > .caption { height: 1; color: $text-muted; }
     """
 
     index: reactive[int] = reactive(-1)  # -1: follow the latest sample
@@ -32,11 +123,14 @@ class Thumbnail(Widget):
         self.mode = mode
         self.samples: list[Sample] = []
         self._job: int | None = None
-        self._cache_key: object = None
-        self._lines: list[Strip] = []
-        self._graphics: tuple[object, str, int] | None = (
-            None  # (key, escape sequence, left pad) of the last image
-        )
+        self._n = -1
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.caption(), classes="caption")
+        yield SampleGrid(self.mode)
+
+    def on_mount(self) -> None:
+        self._redraw()
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -44,12 +138,12 @@ class Thumbnail(Widget):
         if job != self._job:
             self._job = job
             self.index = -1
-        if samples is not self.samples or len(samples) != getattr(self, "_n", -1):
+        if samples is not self.samples or len(samples) != self._n:
             self.samples = samples
             self._n = len(samples)
             if self.index >= len(samples):
                 self.index = -1
-            self.refresh()
+            self._redraw()
 
     @property
     def position(self) -> int | None:
@@ -74,7 +168,7 @@ class Thumbnail(Widget):
         self.index = -1 if pos + 1 >= len(self.samples) - 1 else pos + 1
 
     def watch_index(self) -> None:
-        self.refresh()
+        self._redraw()
 
     def on_click(self, event: Click) -> None:
         if event.x < self.size.width // 2:
@@ -92,57 +186,8 @@ class Thumbnail(Widget):
         follow = "latest" if self.index < 0 else "[ ] to browse, latest with ]"
         return f"step {sample.step}  ({pos + 1}/{len(self.samples)}, {follow})"
 
-    def render_line(self, y: int) -> Strip:
-        width, height = self.size
-        sample = self.current
-        base = self.rich_style  # the background under every cell, as in Chart.render_line
-        key = (id(sample), width, height, self.index, self.mode, base)
-        if key != self._cache_key:
-            self._cache_key = key
-            self._lines = [line.apply_style(base) for line in self._draw(sample, width, height)]
-        if y == 1 and self.mode in ("sixel", "kitty"):
-            # Textual just (re)painted the blank cells under the image: draw it again over them.
-            self.call_after_refresh(self._write_graphics, sample, width, height - 1)
-        return self._lines[y] if y < len(self._lines) else Strip.blank(width, base)
-
-    def _draw(self, sample: Sample | None, width: int, height: int) -> list[Strip]:
-        caption = Strip([Segment(self.caption(), Style(dim=True))]).crop_extend(0, width, None)
-        body_h = height - 1
-        if sample is None or body_h < 1 or self.mode == "none":
-            return [caption]
-        image = images.decode(sample.png)
-        if image is None:
-            return [caption, Strip([Segment("(unreadable image)", Style(dim=True))])]
-        if self.mode == "halfblock":
-            return [caption, *images.halfblock_strips(image, width, body_h)]
-        return [caption]
-
-    def _write_graphics(self, sample: Sample | None, width: int, height: int) -> None:
-        """Sixel/Kitty: draw the image over this widget's cells, below the caption."""
-        driver = self.app._driver
-        if (
-            driver is None
-            or not self.is_mounted
-            or self.app.is_headless
-            or self.screen is not self.app.screen
-        ):
+    def _redraw(self) -> None:
+        if not self.is_mounted:
             return
-        if sample is None or height < 1:
-            if self.mode == "kitty":
-                driver.write(images.kitty_delete())
-            return
-        key = (id(sample), width, height)
-        if self._graphics is None or self._graphics[0] != key:
-            image = images.decode(sample.png)
-            if image is None:
-                return
-            fitted, cols, rows = images.fit_cells(image, width, height, images.cell_pixels())
-            # Kitty stretches the image over the cells it is given: give it the fitted box's cells.
-            seq = images.kitty(image, cols, rows) if self.mode == "kitty" else images.sixel(fitted)
-            self._graphics = (key, seq, (width - cols) // 2)  # centred, as the half-blocks are
-        _, seq, pad = self._graphics
-        if self.mode == "kitty":
-            seq = images.kitty_delete() + seq
-        region = self.content_region
-        driver.write(f"\x1b7\x1b[{region.y + 2};{region.x + 1 + pad}H{seq}\x1b8")
-        driver.flush()
+        self.query_one(".caption", Static).update(self.caption())
+        self.query_one(SampleGrid).show(self.current)

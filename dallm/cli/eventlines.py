@@ -63,7 +63,8 @@ class EventLines:
         if isinstance(ev, CheckpointEvent):
             return "engine", f"checkpoint of step {ev.step}: {ev.path}"
         if isinstance(ev, SampleEvent):
-            return "engine", f"samples of step {ev.step}: {ev.path}"
+            of = "the base model" if ev.base else f"step {ev.step}"
+            return "engine", f"samples of {of}: {ev.path}"
         if isinstance(ev, TurningPointEvent):
             return "engine", f"turning point at step {ev.step} (seen at step {ev.seen_at})"
         if isinstance(ev, RolledBackEvent):

@@ -39,7 +39,9 @@ class SampleEvent(Message):
     step: int
     path: str  # full-size grid on disk, relative to the job's output folder
     png: bytes = b""
-    prompts: list[str] = Field(default_factory=list)
+    prompts: list[str] = Field(default_factory=list)  # the grid's rows
+    seeds: list[int] = Field(default_factory=list)  # the grid's columns
+    base: bool = False  # the base model's grid (before any training), sent once with step 0
 
 
 class CheckpointEvent(Message):
