@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -22,7 +21,7 @@ import zmq
 from pydantic import ValidationError
 
 from dallm.config import ConfigError
-from dallm.daemon import handlers, identity
+from dallm.daemon import handlers, identity, reconcile
 from dallm.daemon.confine import Roots
 from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
@@ -36,7 +35,6 @@ from dallm.protocol import (
     QUEUE_TOPIC,
     WORKER_EVENT,
     WORKER_MESSAGE,
-    CheckpointEvent,
     ErrorReply,
     FinishedEvent,
     InterruptCommand,
@@ -114,7 +112,8 @@ class Daemon:
         self.batch: list[EventRow] = []
         self.out_frames: list[list[bytes]] = []
         self.job_updates: dict[int, dict[str, Any]] = {}
-        self.spill = Spill()  # batches the store could not take yet (daemon/spill.py)
+        self.folders: dict[int, Path] = {}  # job -> output folder, known without the store
+        self.spill = Spill(folder_of=self.job_folder)  # batches the store could not take yet
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
@@ -211,11 +210,13 @@ class Daemon:
             self.batch, self.job_updates, self.out_frames = [], {}, []
         if not self.spill:
             return
-        written = self.spill.drain(self.store.add_events, self.store.mark_gap)
+        self.spill.drain(self.store.add_events, self.store.mark_gap, self._publish)
+
+    def _publish(self, batch: list[list[bytes]]) -> None:
         more, last = _MORE, _LAST
         for pub in self.pubs:
             send = pub.send
-            for frames in written:  # a PUB never blocks: it drops at a subscriber's HWM
+            for frames in batch:  # a PUB never blocks: it drops at a subscriber's HWM
                 for frame in frames[:-1]:
                     send(frame, more)
                 send(frames[-1], last)
@@ -234,6 +235,16 @@ class Daemon:
     def job_log(self, job: int, level: str, message: str) -> None:
         ev = LogEvent(level=level, message=message)  # type: ignore[arg-type]
         self.add_event(job, job_topic(job), "log", None, ev.model_dump_json(), None)
+
+    def job_folder(self, job: int) -> Path | None:
+        """The job's output folder, for the disk spill: known from its start (the store may be the
+        thing failing), else read from the store."""
+        folder = self.folders.get(job)
+        if folder is None:
+            with contextlib.suppress(*STORE_ERRORS):
+                out = (self.store.job(job) or {}).get("out_dir")
+                folder = Path(out) if out else None
+        return folder if folder is not None and folder.is_dir() else None
 
     def command(self, w: WorkerProc, cmd: JobCommand) -> None:
         if w.hello:
@@ -299,51 +310,13 @@ class Daemon:
             w.finished = ev
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
-            self._backfill(job, ev.start_step)
+            reconcile.backfill(self, job, ev.start_step)
         if isinstance(ev, RolledBackEvent):
             # Subscribers fold events into their rows (JobSummary.apply) but cannot know the KID the
             # kept history ends with: the whole row follows, as for any change of a job's row.
             self.flush()
             state = self.store.summary(job).state
             self.publish_state(job, state, f"rolled back to step {ev.step}")
-
-    def _backfill(self, job: int, upto: int) -> None:
-        """Metric steps up to the resume step that the store lacks (events a killed daemon never
-        committed) are read back from the job's metrics.jsonl, so the history has no holes."""
-        from dallm.protocol.files import METRICS_FILE, read_metrics
-
-        self.flush()
-        have = set(self.store.metric_steps(job))
-        out = (self.store.job(job) or {}).get("out_dir") or "."
-        missing = [
-            r
-            for r in read_metrics(Path(out) / METRICS_FILE)
-            if r.get("step", 0) <= upto and r.get("step") not in have
-        ]
-        for row in missing:
-            values = {k: float(v) for k, v in row.items()
-                      if k != "step" and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
-            data = MetricsEvent(step=int(row["step"]), values=values).model_dump_json()
-            self.add_event(job, job_topic(job), "metrics", int(row["step"]), data, None)
-        if missing:
-            self.job_log(
-                job, "warning", f"{len(missing)} metric step(s) up to {upto} restored from metrics.jsonl"
-            )
-        self._backfill_checkpoints(job, Path(out), upto)
-
-    def _backfill_checkpoints(self, job: int, out: Path, upto: int) -> None:
-        """Checkpoint events up to the resume step that the store lacks, from the checkpoints/step-N
-        folders on disk (a folder is only there once complete: it is renamed into place)."""
-        from dallm.protocol.files import checkpoint_folders
-
-        have = {c.step for c in self.store.checkpoints(job) if not c.superseded}
-        missing = [(s, p) for s, p in checkpoint_folders(out / "checkpoints") if s <= upto and s not in have]
-        for step, folder in missing:
-            data = CheckpointEvent(step=step, path=str(folder.relative_to(out))).model_dump_json()
-            self.add_event(job, job_topic(job), "checkpoint", step, data, None)
-        if missing:
-            self.job_log(job, "warning", f"{len(missing)} checkpoint event(s) up to {upto} restored from "
-                         f"{out / 'checkpoints'}")  # fmt: skip
 
     def drain_workers(self, budget: int = 50_000) -> None:
         for _ in range(budget):
@@ -417,6 +390,38 @@ class Daemon:
             return False
         return self.keywatch.allowed(user)
 
+    def _check_keys(self, now: float) -> None:
+        """Re-read authorized/ (every second, at once after SIGHUP). A removed key's requests are
+        refused per request; its subscriptions are cut by reopening the CURVE event sockets: every
+        subscriber reconnects by itself (ZMQ does), and the removed key's new handshake is refused."""
+        if self.keywatch is None:
+            return
+        before = self.keywatch.keys
+        if not self.keywatch.poll(now):
+            return
+        log.info("authorized client keys re-read")
+        if before - self.keywatch.keys:
+            for i, endpoint in enumerate(self.event_endpoints):
+                if endpoint.startswith("tcp://"):
+                    self.pubs[i] = self._reopen_pub(self.pubs[i], endpoint)
+
+    def _reopen_pub(self, old: zmq.Socket, endpoint: str) -> zmq.Socket:
+        old.close(0)
+        pub = self._pub_socket()
+        make_curve_server(pub, *server_keys(self.paths.keys))
+        for _ in range(100):  # the old listener's port is released by ZMQ's I/O thread, shortly
+            try:
+                pub.bind(endpoint)
+                break
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE:
+                    raise
+                time.sleep(0.02)
+        else:
+            log.error("cannot bind %s again after a key was revoked: its subscribers are cut off", endpoint)
+        log.warning("a client key was revoked: subscribers of %s reconnect with their keys", endpoint)
+        return pub
+
     def reload_keys(self) -> None:
         """SIGHUP: re-read authorized/ at the next loop turn."""
         if self.keywatch is not None:
@@ -426,7 +431,8 @@ class Daemon:
 
     def _recover(self) -> None:
         """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
-        a stop or rollback asked before it died is asked again, a cancel is carried out."""
+        a stop or rollback asked before it died is asked again, a cancel is carried out. One whose
+        worker wrote its result meanwhile ends with it (daemon/reconcile.py)."""
         for job in self.store.ids_in("running", "stopping"):
             row = self.store.job(job) or {}
             pid = row.get("pid")
@@ -436,6 +442,8 @@ class Daemon:
             elif pid:
                 log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
             identity.forget(self.paths.state_dir, job)
+            if reconcile.finished_while_down(self, job, row):
+                continue
             if isinstance(decode_pending(row.get("pending")), CancelPending):
                 self.set_state(
                     job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
@@ -461,6 +469,7 @@ class Daemon:
             resume = None  # nothing saved yet: start over
         try:
             out.mkdir(parents=True, exist_ok=True)
+            self.folders[job] = out
             cfg_path = out / "job-config.json"
             cfg_path.write_text(json.dumps(for_slot(json.loads(row["config"]), self.slot_device())))
             w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log")
@@ -545,8 +554,7 @@ class Daemon:
                         self.serve(s)
                 if now - last_tick >= 0.05 or not ready:
                     last_tick = now
-                    if self.keywatch is not None and self.keywatch.poll(now):
-                        log.info("authorized client keys re-read")
+                    self._check_keys(now)
                     self.flush()  # retries held batches; jobs change state only once they are in
                     if not self.spill:
                         self.reap()

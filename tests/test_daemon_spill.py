@@ -1,10 +1,13 @@
 # ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
 """Store writes that fail (a full disk, a locked database) drop no event: batches wait in the spill and
-are written in order once the store works; control requests meanwhile get `unavailable`; a spill
-overflow marks the job's history incomplete; a restart restores checkpoint events from the job folder."""
+are written in order once the store works; control requests meanwhile get `unavailable`; beyond the
+memory bound they go to the job folder and come back in order; only a batch neither can take marks the
+job's history incomplete; a restart restores checkpoint events from the job folder."""
 
 from __future__ import annotations
 
+import errno
+import json
 import sqlite3
 import tempfile
 import threading
@@ -17,7 +20,10 @@ import pytest
 from daemon_helpers import FAKE, config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
 from dallm.client import DaemonClient, DaemonError
+from dallm.daemon import spill as spill_module
 from dallm.daemon.server import Daemon
+from dallm.daemon.spill import SPILL_FILE, Spill
+from dallm.daemon.store import EventRow
 from dallm.protocol import TERMINAL_STATES, JobSummary
 
 
@@ -83,9 +89,40 @@ def test_failed_store_writes_are_held_and_written_in_order(inproc, home: Path) -
         assert [x.step for x in c.show(job).checkpoints] == list(range(10, 81, 10))
 
 
-def test_spill_overflow_marks_the_history_incomplete(inproc, home: Path, capsys) -> None:
+def test_spill_overflow_goes_to_the_job_folder_and_back_in_order(inproc, home: Path) -> None:
     d, fault = inproc
-    d.spill.max_bytes = 2000  # a few metric events: the outage overflows it
+    d.spill.max_bytes = 2000  # a few metric events: the outage overflows memory
+    seen: list[Path] = []
+    with DaemonClient(home=home, timeout=10) as c:
+        job = c.submit(config("disk", steps=80, every=10)).id
+        out = Path(c.summary(job).out_dir)
+        spilled = out / SPILL_FILE
+
+        def on_disk(spill: Spill) -> bool:
+            if spilled.exists() and spilled.stat().st_size > 2000:
+                seen.append(spilled)
+            return bool(seen)
+
+        refused = _outage(c, d, fault, job, on_disk)
+        assert refused.code == "unavailable" and "in the job folder" in str(refused)
+        assert spilled.stat().st_mode & 0o077 == 0  # the job owner's events: 0600
+        s = _wait_end(c, job)
+        assert s.state == "finished", s.reason
+        assert s.history_gap is None and "history incomplete" not in s.reason
+        assert metric_steps(c, job) == list(range(1, 81))  # in seq order, none twice, none lost
+        assert [x.step for x in c.show(job).checkpoints] == list(range(10, 81, 10))
+        assert not spilled.exists()  # deleted once replayed
+
+
+def test_spill_overflow_marks_the_history_incomplete(inproc, home: Path, capsys, monkeypatch) -> None:
+    """Only what neither memory nor the job folder can take is lost, and then said."""
+    d, fault = inproc
+    d.spill.max_bytes = 2000
+
+    def full(path: Path, line: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spill_module, "append_line", full)
     with DaemonClient(home=home, timeout=10) as c:
         job = c.submit(config("hole", steps=80, every=10)).id
         refused = _outage(c, d, fault, job, lambda spill: bool(spill.lost))
@@ -99,6 +136,42 @@ def test_spill_overflow_marks_the_history_incomplete(inproc, home: Path, capsys)
 
     assert main(["show", str(job), "--home", str(home)]) == 0
     assert "history incomplete:" in capsys.readouterr().out
+
+
+def _rows(job: int, seqs: range) -> list[EventRow]:
+    return [(q, q - 1, job, f"job/{job}", "metrics", q, float(q), json.dumps({"x": q}), None) for q in seqs]
+
+
+def test_spill_files_replay_in_seq_order_across_jobs_and_resume_after_a_cut(tmp_path: Path) -> None:
+    folders = {1: tmp_path / "a", 2: tmp_path / "b"}
+    for f in folders.values():
+        f.mkdir()
+    sp = Spill(max_bytes=30, folder_of=folders.get)
+    sp.push(_rows(1, range(1, 3)), {1: {"step": 2}}, [[b"m"]])  # memory
+    sp.push(_rows(1, range(3, 5)) + _rows(2, range(5, 6)), {1: {"step": 4}}, [[b"x"]])  # disk from here
+    sp.push(_rows(2, range(6, 7)), {}, [[b"y"]])  # fits in memory, but goes after the files: to disk
+    sp.push([(7, 0, 2, "job/2", "sample", 7, 7.0, "{}", b"\x89PNG")], {}, [])
+    assert len(sp) == 7 and (folders[1] / SPILL_FILE).exists() and (folders[2] / SPILL_FILE).exists()
+    written: list[int] = []
+    updates: list[dict[int, dict[str, Any]]] = []
+    fail_at = {5}
+
+    def commit(rows: list[EventRow], upd: dict[int, dict[str, Any]]) -> None:
+        if any(r[0] in fail_at for r in rows):
+            raise sqlite3.OperationalError("database or disk is full")
+        written.extend(r[0] for r in rows)
+        updates.append(upd)
+        assert rows[-1][0] != 7 or rows[-1][8] == b"\x89PNG"  # blobs come back as they went
+
+    published: list[list[list[bytes]]] = []
+    sp.drain(commit, lambda job, note: None, published.append)
+    assert written == [1, 2, 3, 4] and sp  # cut at seq 5: the rest waits
+    fail_at.clear()
+    sp.drain(commit, lambda job, note: None, published.append)
+    assert written == [1, 2, 3, 4, 5, 6, 7]  # in order, none twice
+    assert {1: {"step": 4}} in updates
+    assert not sp and not any((f / SPILL_FILE).exists() for f in folders.values())
+    assert published[0] == [[b"m"]] and len(published) == 5  # the memory batch, then one per line
 
 
 def test_restart_restores_checkpoint_events_from_the_job_folder(daemons, home: Path) -> None:
