@@ -1,5 +1,6 @@
-"""Recovery from the job folder: what a job's engine wrote to disk that the store lacks (events a killed,
-frozen or disk-starved daemon never committed) is put back as events, so the history has no holes.
+"""Recovery: the jobs a dead daemon left running (`recover`), and from the job folder what its engine
+wrote to disk that the store lacks (events a killed, frozen or disk-starved daemon never committed),
+put back as events so the history has no holes.
 
 - On a resume (a StartedEvent with start_step > 0), up to that step: metric steps (metrics.jsonl),
   checkpoints (checkpoints/step-N, complete once renamed into place) and sample grids (samples/).
@@ -13,15 +14,20 @@ Every restore is said in the job's log, with the file it came from.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dallm.daemon.jobstate import decode_pending
+from dallm.daemon import identity
+from dallm.daemon.jobstate import CancelPending, decode_pending
 from dallm.daemon.scheduler import result_outcome
 from dallm.protocol import (
     CheckpointEvent,
@@ -46,6 +52,7 @@ from dallm.protocol.files import (
 if TYPE_CHECKING:
     from dallm.daemon.server import Daemon
 
+log = logging.getLogger("dallm.daemon")
 SAMPLES = "samples"
 SAMPLE_INDEX = "index.jsonl"  # dallm.evolution.INDEX (not imported: that module pulls in torch)
 THUMBNAIL = 128  # pixels, the longer side of a restored sample's thumbnail
@@ -156,6 +163,29 @@ def _samples(d: Daemon, job: int, out: Path, upto: int) -> int:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def recover(d: Daemon) -> None:
+    """At start: jobs a dead daemon left running are queued again and resume from their last
+    checkpoint; a stop or rollback asked before it died is asked again, a cancel is carried out; one
+    whose worker wrote its result meanwhile ends with it. A stored pid is killed only when it is
+    still our worker (daemon/identity.py)."""
+    for job in d.store.ids_in("running", "stopping"):
+        row = d.store.job(job) or {}
+        pid = row.get("pid")
+        if pid and identity.is_our_worker(d.paths.state_dir, job, pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        elif pid:
+            log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
+        identity.forget(d.paths.state_dir, job)
+        if finished_while_down(d, job, row):
+            continue
+        if isinstance(decode_pending(row.get("pending")), CancelPending):
+            d.set_state(job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time())
+            continue
+        d.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
+                    resume_path=row.get("out_dir"), pid=None)  # fmt: skip
 
 
 def finished_while_down(d: Daemon, job: int, row: dict[str, Any]) -> bool:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ import zmq
 from pydantic import ValidationError
 
 from dallm.config import ConfigError
-from dallm.daemon import handlers, identity, reconcile
+from dallm.daemon import handlers, identity, reconcile, revoke
 from dallm.daemon.confine import Roots
-from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
+from dallm.daemon.jobstate import check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
 from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
 from dallm.daemon.spill import STORE_ERRORS, Spill
@@ -119,12 +120,14 @@ class Daemon:
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
         self.stalled = StalledPeers()
+        self.waiting: list[bytes] | None = None  # a worker message held until the store works
+        self.retry_at = 0.0
         write_info(
             self.paths,
             {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
              "started": self.started},
         )  # fmt: skip
-        self._recover()
+        reconcile.recover(self)
 
     # --- sockets ------------------------------------------------------------------------------
 
@@ -137,14 +140,14 @@ class Daemon:
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises Again instead of dropping silently
         return s
 
-    def _pub_socket(self) -> zmq.Socket:
+    def pub_socket(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.PUB)
         s.setsockopt(zmq.SNDHWM, PUB_HWM)
         s.setsockopt(zmq.LINGER, 0)
         return s
 
     def _bind_ipc(self) -> None:
-        ctl, pub = self._control_socket(), self._pub_socket()
+        ctl, pub = self._control_socket(), self.pub_socket()
         ctl.bind(self.paths.endpoint("control"))
         pub.bind(self.paths.endpoint("events"))
         self.control.append(ctl)
@@ -176,7 +179,7 @@ class Daemon:
         if self.auth is None:
             self.auth = start_authenticator(self.ctx, keys)
             self.keywatch = KeyWatch(self.auth, keys)
-        ctl, pub = self._control_socket(), self._pub_socket()
+        ctl, pub = self._control_socket(), self.pub_socket()
         public, secret = server_keys(keys)
         make_curve_server(ctl, public, secret)
         make_curve_server(pub, public, secret)
@@ -299,12 +302,18 @@ class Daemon:
             # A resume (or a rollback) replaces the history after its step.
             after = ev.start_step if isinstance(ev, StartedEvent) else ev.step
             self.flush()
-            self.store.supersede(job, after, self.seq + 1)
+            try:
+                if self.spill:
+                    raise sqlite3.OperationalError(self.spill.reason)
+                self.store.supersede(job, after, self.seq + 1)
+                # The summary's KID must be one the kept history has, not an erased evaluation's.
+                kid, std = self.store.kid_val_at(job, after)
+            except STORE_ERRORS:
+                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain_workers
+                return
             w.last_step = after
             step = None if isinstance(ev, StartedEvent) else ev.step
             if after > 0 or isinstance(ev, RolledBackEvent):
-                # The summary's KID must be one the kept history has, not an erased evaluation's.
-                kid, std = self.store.kid_val_at(job, after)
                 self.job_updates.setdefault(job, {}).update(kid_val=kid, kid_val_std=std)
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
@@ -319,15 +328,25 @@ class Daemon:
             self.publish_state(job, state, f"rolled back to step {ev.step}")
 
     def drain_workers(self, budget: int = 50_000) -> None:
+        """Worker messages, in order. One whose handling writes the store itself (a resume's
+        `started`, a `rolled_back`: they supersede history) waits while the store fails, and every
+        later one with it, unread in ZMQ's queues (bounded by their high-water marks): none is lost."""
         for _ in range(budget):
-            try:
-                frames = self.workers.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+            if self.waiting is not None:
+                if time.monotonic() < self.retry_at:
+                    break
+                frames, self.waiting = self.waiting, None
+            else:
+                try:
+                    frames = self.workers.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
             try:
                 self._on_worker(frames)
             except (ValidationError, ValueError) as e:
                 log.warning("bad worker message: %s", e)
+            if self.waiting is not None:
+                break
         self.flush()
 
     # --- control requests ---------------------------------------------------------------------
@@ -391,36 +410,9 @@ class Daemon:
         return self.keywatch.allowed(user)
 
     def _check_keys(self, now: float) -> None:
-        """Re-read authorized/ (every second, at once after SIGHUP). A removed key's requests are
-        refused per request; its subscriptions are cut by reopening the CURVE event sockets: every
-        subscriber reconnects by itself (ZMQ does), and the removed key's new handshake is refused."""
-        if self.keywatch is None:
-            return
-        before = self.keywatch.keys
-        if not self.keywatch.poll(now):
-            return
-        log.info("authorized client keys re-read")
-        if before - self.keywatch.keys:
-            for i, endpoint in enumerate(self.event_endpoints):
-                if endpoint.startswith("tcp://"):
-                    self.pubs[i] = self._reopen_pub(self.pubs[i], endpoint)
-
-    def _reopen_pub(self, old: zmq.Socket, endpoint: str) -> zmq.Socket:
-        old.close(0)
-        pub = self._pub_socket()
-        make_curve_server(pub, *server_keys(self.paths.keys))
-        for _ in range(100):  # the old listener's port is released by ZMQ's I/O thread, shortly
-            try:
-                pub.bind(endpoint)
-                break
-            except zmq.ZMQError as e:
-                if e.errno != zmq.EADDRINUSE:
-                    raise
-                time.sleep(0.02)
-        else:
-            log.error("cannot bind %s again after a key was revoked: its subscribers are cut off", endpoint)
-        log.warning("a client key was revoked: subscribers of %s reconnect with their keys", endpoint)
-        return pub
+        """Re-read authorized/ (every second, at once after SIGHUP); cut a removed key's subscriptions."""
+        if self.keywatch is not None:
+            revoke.check(self, self.keywatch, now)
 
     def reload_keys(self) -> None:
         """SIGHUP: re-read authorized/ at the next loop turn."""
@@ -428,29 +420,6 @@ class Daemon:
             self.keywatch.request()
 
     # --- scheduling and workers ---------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
-        a stop or rollback asked before it died is asked again, a cancel is carried out. One whose
-        worker wrote its result meanwhile ends with it (daemon/reconcile.py)."""
-        for job in self.store.ids_in("running", "stopping"):
-            row = self.store.job(job) or {}
-            pid = row.get("pid")
-            if pid and identity.is_our_worker(self.paths.state_dir, job, pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-            elif pid:
-                log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
-            identity.forget(self.paths.state_dir, job)
-            if reconcile.finished_while_down(self, job, row):
-                continue
-            if isinstance(decode_pending(row.get("pending")), CancelPending):
-                self.set_state(
-                    job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
-                )
-                continue
-            self.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
-                           resume_path=row.get("out_dir"), pid=None)  # fmt: skip
 
     def schedule(self) -> None:
         while not self.shutting_down and self.sched.free_slot() is not None:
@@ -505,7 +474,7 @@ class Daemon:
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
             self.drain_workers()
-            if self.spill:
+            if self.spill or self.waiting is not None:
                 return  # the store cannot take its events (or its end) yet: reaped once it can
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
@@ -547,7 +516,7 @@ class Daemon:
             ready = dict(poller.poll(100))
             now = time.time()
             try:
-                if self.workers in ready:
+                if self.workers in ready or self.waiting is not None:
                     self.drain_workers()
                 for s in self.control:
                     if s in ready:
@@ -559,6 +528,8 @@ class Daemon:
                     if not self.spill:
                         self.reap()
                         self.schedule()
+                if self.waiting is not None:
+                    time.sleep(0.01)  # the waiting message keeps the worker socket readable: no spin
             except Exception:  # a bug in one path must not take the daemon (and every job) down
                 log.exception("daemon loop")
                 self.batch, self.out_frames, self.job_updates = [], [], {}

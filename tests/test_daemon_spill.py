@@ -24,7 +24,7 @@ from dallm.daemon import spill as spill_module
 from dallm.daemon.server import Daemon
 from dallm.daemon.spill import SPILL_FILE, Spill
 from dallm.daemon.store import EventRow
-from dallm.protocol import TERMINAL_STATES, JobSummary
+from dallm.protocol import TERMINAL_STATES, JobSummary, job_topic
 
 
 @pytest.fixture
@@ -191,3 +191,36 @@ def test_restart_restores_checkpoint_events_from_the_job_folder(daemons, home: P
         kept = sorted(x.step for x in c.show(job).checkpoints if not x.superseded)
         assert kept == list(range(10, 61, 10))
         assert any("checkpoint event(s) up to" in line.message for line in c.logs(job).lines)
+
+
+def test_a_start_during_an_outage_waits_for_the_store(inproc, home: Path, monkeypatch) -> None:
+    """`started` supersedes history (a store write of its own): while the store fails it waits, and
+    every later worker message with it, unread; then all of them go in, in order."""
+    d, fault = inproc
+    real_supersede, real_on_worker = d.store.supersede, d._on_worker
+
+    def supersede(*args: Any) -> int:
+        if fault["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_supersede(*args)
+
+    def on_worker(frames: list[bytes]) -> None:
+        if len(frames) > 3 and b'"kind":"started"' in frames[3] and not fault.get("tripped"):
+            fault["on"] = fault["tripped"] = True  # the disk fills as the job starts
+        real_on_worker(frames)
+
+    monkeypatch.setattr(d.store, "supersede", supersede)
+    monkeypatch.setattr(d, "_on_worker", on_worker)
+    with DaemonClient(home=home, timeout=10) as c:
+        job = c.submit(config("late", steps=30, every=10)).id
+        end = time.monotonic() + 20
+        while not fault.get("tripped") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert fault.get("tripped"), "the job did not start"
+        time.sleep(0.5)  # the worker trains on; its messages queue up unread
+        fault["on"] = False
+        s = _wait_end(c, job)
+        assert s.state == "finished" and s.total_steps == 30, s.reason
+        events, _ = c.history_all(0, [job_topic(job)], kinds=["started"])
+        assert len(events) == 1
+        assert metric_steps(c, job) == list(range(1, 31))
