@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from dallm.daemon import identity
 from dallm.daemon.jobstate import CancelPending, decode_pending
 from dallm.daemon.scheduler import result_outcome
+from dallm.daemon.spill import SPILL_FILE
 from dallm.protocol import (
     CheckpointEvent,
     FinishedEvent,
@@ -169,7 +170,8 @@ def recover(d: Daemon) -> None:
     """At start: jobs a dead daemon left running are queued again and resume from their last
     checkpoint; a stop or rollback asked before it died is asked again, a cancel is carried out; one
     whose worker wrote its result meanwhile ends with it. A stored pid is killed only when it is
-    still our worker (daemon/identity.py)."""
+    still our worker (daemon/identity.py). First, spill files it could not replay go in."""
+    _adopt_spills(d)
     for job in d.store.ids_in("running", "stopping"):
         row = d.store.job(job) or {}
         pid = row.get("pid")
@@ -186,6 +188,24 @@ def recover(d: Daemon) -> None:
             continue
         d.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
                     resume_path=row.get("out_dir"), pid=None)  # fmt: skip
+
+
+def _adopt_spills(d: Daemon) -> None:
+    files = {}
+    for s in d.store.list_jobs():
+        path = Path(s.out_dir) / SPILL_FILE
+        if s.out_dir and path.is_file():
+            files[s.id] = path
+    if not files:
+        return
+    top, topics = d.spill.adopt(files, d.store.head())
+    d.seq = max(d.seq, top)
+    for topic, seq in topics.items():
+        d.topic_prev[topic] = max(d.topic_prev.get(topic, 0), seq)
+    log.warning(
+        "replaying %d spilled event(s) a daemon left in %s", len(d.spill), ", ".join(map(str, files.values()))
+    )
+    d.flush()
 
 
 def finished_while_down(d: Daemon, job: int, row: dict[str, Any]) -> bool:

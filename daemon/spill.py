@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dallm.daemon.store import EventRow
+from dallm.daemon.store import SUMMARY_COLUMNS, EventRow
 from dallm.protocol import envelope_frames
 
 log = logging.getLogger("dallm.daemon")
@@ -59,20 +59,28 @@ class Lost:
         return f"{self.events} event(s) lost while the store could not be written{steps}"
 
 
-def _encode(batch: int, job: int, rows: list[EventRow], updates: dict[str, Any]) -> bytes:
+def encode_line(batch: int, job: int, rows: list[EventRow], updates: dict[str, Any]) -> bytes:
     out = [[*r[:8], base64.b64encode(r[8]).decode() if r[8] is not None else None] for r in rows]
     return (json.dumps({"b": batch, "job": job, "rows": out, "updates": updates}) + "\n").encode()
 
 
-def _decode(line: bytes) -> tuple[int, int, list[EventRow], dict[str, Any]]:
-    """One line of a spill file; ValueError (or KeyError, TypeError) when it is not one."""
+# The job row's columns a spilled batch may set: the file lies in a job folder, so only known column
+# names of it reach the store's SQL (values are parameters), and only events of its own job.
+UPDATABLE = frozenset(k.strip() for k in SUMMARY_COLUMNS.split(",")) - {"id"}
+
+
+def _decode(line: bytes, job: int) -> tuple[int, int, list[EventRow], dict[str, Any]]:
+    """One line of job `job`'s spill file; ValueError (or KeyError, TypeError) when it is not one."""
     d = json.loads(line)
     rows: list[EventRow] = []
-    for seq, prev, job, topic, kind, step, t, data, blob in d["rows"]:
-        rows.append((int(seq), int(prev), int(job), str(topic), str(kind),
+    for seq, prev, row_job, topic, kind, step, t, data, blob in d["rows"]:
+        rows.append((int(seq), int(prev), int(row_job), str(topic), str(kind),
                      None if step is None else int(step), float(t), str(data),
                      None if blob is None else base64.b64decode(blob)))  # fmt: skip
-    return int(d["b"]), int(d["job"]), rows, dict(d["updates"])
+    updates = dict(d["updates"])
+    if int(d["job"]) != job or any(r[2] != job for r in rows) or not UPDATABLE.issuperset(updates):
+        raise ValueError("a line of another job, or a column a batch never sets")
+    return int(d["b"]), job, rows, updates
 
 
 def append_line(path: Path, line: bytes) -> None:
@@ -105,6 +113,7 @@ class Spill:
     on_disk: int = 0  # events in the files
     batches: int = 0  # numbers the lines of a batch, for the replay's order
     replayed: tuple[int, int] = (-1, -1)  # (batch, job) of the last line written: a cut replay resumes
+    committed: int = 0  # rows up to this seq are in the store already (files a dead daemon left)
 
     def __bool__(self) -> bool:
         """True while the store cannot be written (batches wait, or a loss is not yet recorded)."""
@@ -123,6 +132,27 @@ class Spill:
         self.held.append(Held(rows, updates, frames, size))
         self.size += size
 
+    def adopt(self, files: dict[int, Path], committed: int) -> tuple[int, dict[str, int]]:
+        """Spill files a dead daemon left unreplayed: written before anything newer. Rows up to seq
+        `committed` (the store's head) are in already. Returns the highest seq in the files and each
+        topic's last, from which the daemon's numbering must go on."""
+        top, topics = committed, {}
+        for job, path in files.items():
+            with contextlib.suppress(OSError), path.open("rb") as f:
+                for line in f:
+                    try:
+                        batch, _, rows, _ = _decode(line, job)
+                    except (ValueError, KeyError, TypeError):
+                        continue  # counted as lost when replayed
+                    self.batches = max(self.batches, batch)
+                    for r in rows:
+                        if r[0] > committed:
+                            top, topics[r[3]] = max(top, r[0]), max(topics.get(r[3], 0), r[0])
+                            self.on_disk += 1
+            self.files[job] = path
+        self.committed = committed
+        return top, topics
+
     def _to_disk(self, rows: list[EventRow], updates: dict[int, dict[str, Any]]) -> None:
         self.batches += 1
         by_job: dict[int, list[EventRow]] = {job: [] for job in updates}
@@ -135,7 +165,7 @@ class Spill:
                 continue
             path = folder / SPILL_FILE
             try:
-                append_line(path, _encode(self.batches, job, part, updates.get(job, {})))
+                append_line(path, encode_line(self.batches, job, part, updates.get(job, {})))
             except OSError as e:
                 self._drop(job, part, f"cannot append to {path}: {e.strerror or e}")
                 continue
@@ -187,7 +217,7 @@ class Spill:
         with f:
             for n, line in enumerate(f, start=1):
                 try:
-                    yield _decode(line)
+                    yield _decode(line, job)
                 except (ValueError, KeyError, TypeError):
                     self._drop(job, [], f"{path}:{n} is not a spilled batch")
                     self.lost[job].events += 1
@@ -199,6 +229,7 @@ class Spill:
         for batch, job, rows, updates in lines:
             if (batch, job) <= self.replayed:
                 continue
+            rows = [r for r in rows if r[0] > self.committed]
             commit(rows, {job: updates} if updates else {})
             self.replayed = (batch, job)
             self.on_disk -= len(rows)

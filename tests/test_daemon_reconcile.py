@@ -15,9 +15,12 @@ from pathlib import Path
 from daemon_helpers import config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
 from dallm.daemon.reconcile import sample_grids
+from dallm.daemon.spill import SPILL_FILE, append_line, encode_line
 from dallm.protocol import (
+    QUEUE_TOPIC,
     TERMINAL_STATES,
     FinishedEvent,
+    LogEvent,
     SampleEvent,
     TurningPointEvent,
     job_topic,
@@ -108,3 +111,29 @@ def test_sample_grids_from_the_index_stay_inside_the_job_folder(tmp_path: Path) 
     text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8, "pa'  # torn last line
     (samples / "index.jsonl").write_text(text)
     assert sample_grids(tmp_path) == {5: ("samples/step-000005.png", ["a red circle"])}
+
+
+def test_a_spill_file_a_dead_daemon_left_is_replayed_first(daemons, home: Path) -> None:
+    d = daemons()
+    with d.client() as c:
+        job = c.submit(config("left", steps=5, every=5)).id
+        out = Path(wait_state(c, job, set(TERMINAL_STATES)).out_dir)
+    d.kill9()
+    db = sqlite3.connect(home / "dallm.db")
+    head = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    db.close()
+    # What a daemon that died during a store outage left in the job folder: two batches.
+    rows = [
+        (head + i, 0, job, job_topic(job), "log", None, time.time(),
+         LogEvent(level="warning", message=f"spilled {i}").model_dump_json(), None)
+        for i in (1, 2)
+    ]  # fmt: skip
+    append_line(out / SPILL_FILE, encode_line(7, job, rows[:1], {}))
+    append_line(out / SPILL_FILE, encode_line(8, job, rows[1:], {"step": 5}))
+    d2 = daemons()
+    with d2.client() as c:
+        lines = [(x.seq, x.message) for x in c.logs(job).lines if x.message.startswith("spilled")]
+        assert lines == [(head + 1, "spilled 1"), (head + 2, "spilled 2")]
+        assert not (out / SPILL_FILE).exists()
+        c.set_priority(job, 3)  # numbered after the replayed events, not on top of them
+        assert c.history(since=head + 2, topics=[QUEUE_TOPIC]).events

@@ -22,7 +22,7 @@ from daemon_helpers import FAKE, config, daemons, home, metric_steps, wait_state
 from dallm.client import DaemonClient, DaemonError
 from dallm.daemon import spill as spill_module
 from dallm.daemon.server import Daemon
-from dallm.daemon.spill import SPILL_FILE, Spill
+from dallm.daemon.spill import SPILL_FILE, Spill, append_line, encode_line
 from dallm.daemon.store import EventRow
 from dallm.protocol import TERMINAL_STATES, JobSummary, job_topic
 
@@ -224,3 +224,18 @@ def test_a_start_during_an_outage_waits_for_the_store(inproc, home: Path, monkey
         events, _ = c.history_all(0, [job_topic(job)], kinds=["started"])
         assert len(events) == 1
         assert metric_steps(c, job) == list(range(1, 31))
+
+
+def test_a_spill_line_of_another_job_or_column_is_refused(tmp_path: Path) -> None:
+    """The file lies in a job folder: a line for another job, or setting a column no batch sets,
+    never reaches the store; it counts as lost."""
+    path = tmp_path / SPILL_FILE
+    append_line(path, encode_line(1, 2, _rows(2, range(1, 2)), {}))  # job 2's event in job 1's file
+    append_line(path, encode_line(2, 1, _rows(1, range(2, 3)), {"config": "{}"}))
+    append_line(path, encode_line(3, 1, _rows(1, range(3, 4)), {"step": 3}))
+    sp = Spill()
+    assert sp.adopt({1: path}, committed=0) == (3, {"job/1": 3})
+    written: list[int] = []
+    gaps: dict[int, str] = {}
+    sp.drain(lambda rows, upd: written.extend(r[0] for r in rows), gaps.__setitem__, lambda frames: None)
+    assert written == [3] and "2 event(s) lost" in gaps[1] and not path.exists()
