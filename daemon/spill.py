@@ -110,17 +110,18 @@ class Spill:
     reason: str = ""  # the last store error, while batches wait
     lost: dict[int, Lost] = field(default_factory=dict)
     files: dict[int, Path] = field(default_factory=dict)  # job -> its spill file, while it has lines
-    on_disk: int = 0  # events in the files
+    on_disk: dict[int, int] = field(default_factory=dict)  # job -> events in its file
     batches: int = 0  # numbers the lines of a batch, for the replay's order
     replayed: tuple[int, int] = (-1, -1)  # (batch, job) of the last line written: a cut replay resumes
     committed: int = 0  # rows up to this seq are in the store already (files a dead daemon left)
+    unreadable: set[tuple[Path, int]] = field(default_factory=set)  # (file, line) counted lost
 
     def __bool__(self) -> bool:
         """True while the store cannot be written (batches wait, or a loss is not yet recorded)."""
         return bool(self.held) or bool(self.files) or bool(self.lost)
 
     def __len__(self) -> int:
-        return sum(len(h.rows) for h in self.held) + self.on_disk
+        return sum(len(h.rows) for h in self.held) + sum(self.on_disk.values())
 
     def push(
         self, rows: list[EventRow], updates: dict[int, dict[str, Any]], frames: list[list[bytes]]
@@ -148,7 +149,7 @@ class Spill:
                     for r in rows:
                         if r[0] > committed:
                             top, topics[r[3]] = max(top, r[0]), max(topics.get(r[3], 0), r[0])
-                            self.on_disk += 1
+                            self.on_disk[job] = self.on_disk.get(job, 0) + 1
             self.files[job] = path
         self.committed = committed
         return top, topics
@@ -172,11 +173,15 @@ class Spill:
             if job not in self.files:
                 log.warning("job %s: store unwritable and memory spill full: events go to %s", job, path)
             self.files[job] = path
-            self.on_disk += len(part)
+            self.on_disk[job] = self.on_disk.get(job, 0) + len(part)
 
-    def _drop(self, job: int, rows: list[EventRow], why: str) -> None:
+    def _drop(self, job: int, rows: list[EventRow], why: str, lines: int = 0) -> None:
+        """Record a loss: `rows`, or `lines` of a spill file that cannot be read back."""
+        if not rows and not lines:
+            log.error("job %s: store unwritable, spill full (%s): its row's summary not updated", job, why)
+            return
         lost = self.lost.setdefault(job, Lost())
-        lost.events += len(rows)
+        lost.events += len(rows) + lines
         steps = [r[5] for r in rows if r[5] is not None]
         if steps:
             lost.first_step = min(steps) if lost.first_step is None else min(lost.first_step, *steps)
@@ -209,18 +214,25 @@ class Spill:
             self.reason = ""
 
     def _lines(self, job: int, path: Path) -> Iterator[tuple[int, int, list[EventRow], dict[str, Any]]]:
+        """The lines of a spill file; one that cannot be read back is counted lost once (a replay
+        that the store cuts short reads the file again)."""
         try:
             f = path.open("rb")
         except OSError as e:
-            self._drop(job, [], f"cannot read {path}: {e.strerror or e}")
+            if (path, 0) not in self.unreadable:
+                self.unreadable.add((path, 0))
+                self._drop(
+                    job, [], f"cannot read {path}: {e.strerror or e}", lines=max(1, self.on_disk.get(job, 0))
+                )
             return
         with f:
             for n, line in enumerate(f, start=1):
                 try:
                     yield _decode(line, job)
                 except (ValueError, KeyError, TypeError):
-                    self._drop(job, [], f"{path}:{n} is not a spilled batch")
-                    self.lost[job].events += 1
+                    if (path, n) not in self.unreadable:
+                        self.unreadable.add((path, n))
+                        self._drop(job, [], f"{path}:{n} is not a spilled batch", lines=1)
 
     def _replay(self, commit: Commit, publish: Publish) -> None:
         """The spill files, merged back into the order of their batches, each line written once
@@ -232,14 +244,15 @@ class Spill:
             rows = [r for r in rows if r[0] > self.committed]
             commit(rows, {job: updates} if updates else {})
             self.replayed = (batch, job)
-            self.on_disk -= len(rows)
+            self.on_disk[job] = self.on_disk.get(job, 0) - len(rows)
             publish([envelope_frames(r[0], r[1], r[3], r[2], r[6], r[7], r[8]) for r in rows])
         for job, path in self.files.items():
             with contextlib.suppress(OSError):
                 path.unlink()
             log.warning("job %s: spilled events replayed into the store from %s", job, path)
         self.files.clear()
-        self.on_disk = 0
+        self.on_disk.clear()
+        self.unreadable.clear()
 
     def message(self) -> str:
         where = "held in memory" + (" and in the job folder(s)" if self.files else "")
