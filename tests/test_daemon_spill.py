@@ -237,5 +237,14 @@ def test_a_spill_line_of_another_job_or_column_is_refused(tmp_path: Path) -> Non
     assert sp.adopt({1: path}, committed=0) == (3, {"job/1": 3})
     written: list[int] = []
     gaps: dict[int, str] = {}
-    sp.drain(lambda rows, upd: written.extend(r[0] for r in rows), gaps.__setitem__, lambda frames: None)
-    assert written == [3] and "2 event(s) lost" in gaps[1] and not path.exists()
+    full = [True]
+
+    def commit(rows: list[EventRow], upd: dict[int, dict[str, Any]]) -> None:
+        if full.pop():
+            raise sqlite3.OperationalError("database or disk is full")
+        written.extend(r[0] for r in rows)
+
+    sp.drain(commit, gaps.__setitem__, lambda frames: None)  # cut: the file is read again next time
+    full.append(False)
+    sp.drain(commit, gaps.__setitem__, lambda frames: None)
+    assert written == [3] and gaps[1].startswith("2 event(s) lost") and not path.exists()
