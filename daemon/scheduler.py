@@ -214,36 +214,41 @@ def signal_name(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+def result_outcome(done: JobResult, shutting_down: bool) -> tuple[str, str, bool]:
+    """(state, reason, resume) for a job whose engine returned `done` (also read back from a
+    result.json by daemon/reconcile.py)."""
+    r = done.reason
+    if r == "interrupted":
+        why = "daemon stopped" if shutting_down else "interrupted"
+        return "queued", f"{why} at step {done.final_step}; resumes from its checkpoint", True
+    if r == "completed":
+        return "finished", f"completed {done.final_step} steps", False
+    if r == "early_stop":
+        tp = done.turning_point
+        result = "result: its weights" if tp == done.result_step else f"result: step {done.result_step}"
+        at = f" at step {tp}" if tp is not None else ""
+        return (
+            "stopped-early",
+            f"early stop at step {done.final_step} (turning point{at}); {result}",
+            False,
+        )
+    if r == "stopped":
+        return (
+            "stopped-early",
+            f"stopped at step {done.final_step}; result is step {done.result_step}",
+            False,
+        )
+    if r == "rolled_back":
+        return "stopped-early", f"rolled back to step {done.result_step}", False
+    return "finished", f"finished ({r}) at step {done.final_step}", False
+
+
 def outcome(w: WorkerProc, shutting_down: bool, retries: int) -> tuple[str, str, bool]:
     """(state, reason, resume) for a job whose worker ended."""
-    done = w.done
     if w.cancel:
         return "cancelled", "cancelled by user", False
-    if done is not None:
-        r = done.reason
-        if r == "interrupted":
-            why = "daemon stopped" if shutting_down else "interrupted"
-            return "queued", f"{why} at step {done.final_step}; resumes from its checkpoint", True
-        if r == "completed":
-            return "finished", f"completed {done.final_step} steps", False
-        if r == "early_stop":
-            tp = done.turning_point
-            result = "result: its weights" if tp == done.result_step else f"result: step {done.result_step}"
-            at = f" at step {tp}" if tp is not None else ""
-            return (
-                "stopped-early",
-                f"early stop at step {done.final_step} (turning point{at}); {result}",
-                False,
-            )
-        if r == "stopped":
-            return (
-                "stopped-early",
-                f"stopped at step {done.final_step}; result is step {done.result_step}",
-                False,
-            )
-        if r == "rolled_back":
-            return "stopped-early", f"rolled back to step {done.result_step}", False
-        return "finished", f"finished ({r}) at step {done.final_step}", False
+    if w.done is not None:
+        return result_outcome(w.done, shutting_down)
     if w.error is not None:
         return "failed", w.error.message, False
     if w.proc.error:

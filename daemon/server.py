@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ import zmq
 from pydantic import ValidationError
 
 from dallm.config import ConfigError
-from dallm.daemon import handlers, identity
+from dallm.daemon import handlers, identity, reconcile, revoke
 from dallm.daemon.confine import Roots
 from dallm.daemon.executors import make_executor
-from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
+from dallm.daemon.jobstate import check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
 from dallm.daemon.packing import PeakBook
 from dallm.daemon.resources import ResourceSampler
@@ -39,7 +39,6 @@ from dallm.protocol import (
     QUEUE_TOPIC,
     WORKER_EVENT,
     WORKER_MESSAGE,
-    CheckpointEvent,
     ErrorReply,
     FinishedEvent,
     InterruptCommand,
@@ -124,18 +123,21 @@ class Daemon:
         self.batch: list[EventRow] = []
         self.out_frames: list[list[bytes]] = []
         self.job_updates: dict[int, dict[str, Any]] = {}
-        self.spill = Spill()  # batches the store could not take yet (daemon/spill.py)
+        self.folders: dict[int, Path] = {}  # job -> output folder, known without the store
+        self.spill = Spill(folder_of=self.job_folder)  # batches the store could not take yet
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
         self.stop_loop = False
         self.stalled = StalledPeers()
+        self.waiting: list[bytes] | None = None  # a worker message held until the store works
+        self.retry_at = 0.0
         write_info(
             self.paths,
             {"pid": os.getpid(), "control": self.control_endpoints, "events": self.event_endpoints,
              "started": self.started},
         )  # fmt: skip
-        self._recover()
+        reconcile.recover(self)
 
     # --- sockets ------------------------------------------------------------------------------
 
@@ -148,14 +150,14 @@ class Daemon:
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full client queue raises Again instead of dropping silently
         return s
 
-    def _pub_socket(self) -> zmq.Socket:
+    def pub_socket(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.PUB)
         s.setsockopt(zmq.SNDHWM, PUB_HWM)
         s.setsockopt(zmq.LINGER, 0)
         return s
 
     def _bind_ipc(self) -> None:
-        ctl, pub = self._control_socket(), self._pub_socket()
+        ctl, pub = self._control_socket(), self.pub_socket()
         ctl.bind(self.paths.endpoint("control"))
         pub.bind(self.paths.endpoint("events"))
         self.control.append(ctl)
@@ -187,7 +189,7 @@ class Daemon:
         if self.auth is None:
             self.auth = start_authenticator(self.ctx, keys)
             self.keywatch = KeyWatch(self.auth, keys)
-        ctl, pub = self._control_socket(), self._pub_socket()
+        ctl, pub = self._control_socket(), self.pub_socket()
         public, secret = server_keys(keys)
         make_curve_server(ctl, public, secret)
         make_curve_server(pub, public, secret)
@@ -221,11 +223,13 @@ class Daemon:
             self.batch, self.job_updates, self.out_frames = [], {}, []
         if not self.spill:
             return
-        written = self.spill.drain(self.store.add_events, self.store.mark_gap)
+        self.spill.drain(self.store.add_events, self.store.mark_gap, self._publish)
+
+    def _publish(self, batch: list[list[bytes]]) -> None:
         more, last = _MORE, _LAST
         for pub in self.pubs:
             send = pub.send
-            for frames in written:  # a PUB never blocks: it drops at a subscriber's HWM
+            for frames in batch:  # a PUB never blocks: it drops at a subscriber's HWM
                 for frame in frames[:-1]:
                     send(frame, more)
                 send(frames[-1], last)
@@ -244,6 +248,16 @@ class Daemon:
     def job_log(self, job: int, level: str, message: str) -> None:
         ev = LogEvent(level=level, message=message)  # type: ignore[arg-type]
         self.add_event(job, job_topic(job), "log", None, ev.model_dump_json(), None)
+
+    def job_folder(self, job: int) -> Path | None:
+        """The job's output folder, for the disk spill: known from its start (the store may be the
+        thing failing), else read from the store."""
+        folder = self.folders.get(job)
+        if folder is None:
+            with contextlib.suppress(*STORE_ERRORS):
+                out = (self.store.job(job) or {}).get("out_dir")
+                folder = Path(out) if out else None
+        return folder if folder is not None and folder.is_dir() else None
 
     def command(self, w: WorkerProc, cmd: JobCommand) -> None:
         if w.hello:
@@ -298,18 +312,24 @@ class Daemon:
             # A resume (or a rollback) replaces the history after its step.
             after = ev.start_step if isinstance(ev, StartedEvent) else ev.step
             self.flush()
-            self.store.supersede(job, after, self.seq + 1)
+            try:
+                if self.spill:
+                    raise sqlite3.OperationalError(self.spill.reason)
+                self.store.supersede(job, after, self.seq + 1)
+                # The summary's KID must be one the kept history has, not an erased evaluation's.
+                kid, std = self.store.kid_val_at(job, after)
+            except STORE_ERRORS:
+                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain_workers
+                return
             w.last_step = after
             step = None if isinstance(ev, StartedEvent) else ev.step
             if after > 0 or isinstance(ev, RolledBackEvent):
-                # The summary's KID must be one the kept history has, not an erased evaluation's.
-                kid, std = self.store.kid_val_at(job, after)
                 self.job_updates.setdefault(job, {}).update(kid_val=kid, kid_val_std=std)
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
         self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
-            self._backfill(job, ev.start_step)
+            reconcile.backfill(self, job, ev.start_step)
         if isinstance(ev, RolledBackEvent):
             # Subscribers fold events into their rows (JobSummary.apply) but cannot know the KID the
             # kept history ends with: the whole row follows, as for any change of a job's row.
@@ -317,54 +337,26 @@ class Daemon:
             state = self.store.summary(job).state
             self.publish_state(job, state, f"rolled back to step {ev.step}")
 
-    def _backfill(self, job: int, upto: int) -> None:
-        """Metric steps up to the resume step that the store lacks (events a killed daemon never
-        committed) are read back from the job's metrics.jsonl, so the history has no holes."""
-        from dallm.protocol.files import METRICS_FILE, read_metrics
-
-        self.flush()
-        have = set(self.store.metric_steps(job))
-        out = (self.store.job(job) or {}).get("out_dir") or "."
-        missing = [
-            r
-            for r in read_metrics(Path(out) / METRICS_FILE)
-            if r.get("step", 0) <= upto and r.get("step") not in have
-        ]
-        for row in missing:
-            values = {k: float(v) for k, v in row.items()
-                      if k != "step" and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
-            data = MetricsEvent(step=int(row["step"]), values=values).model_dump_json()
-            self.add_event(job, job_topic(job), "metrics", int(row["step"]), data, None)
-        if missing:
-            self.job_log(
-                job, "warning", f"{len(missing)} metric step(s) up to {upto} restored from metrics.jsonl"
-            )
-        self._backfill_checkpoints(job, Path(out), upto)
-
-    def _backfill_checkpoints(self, job: int, out: Path, upto: int) -> None:
-        """Checkpoint events up to the resume step that the store lacks, from the checkpoints/step-N
-        folders on disk (a folder is only there once complete: it is renamed into place)."""
-        from dallm.protocol.files import checkpoint_folders
-
-        have = {c.step for c in self.store.checkpoints(job) if not c.superseded}
-        missing = [(s, p) for s, p in checkpoint_folders(out / "checkpoints") if s <= upto and s not in have]
-        for step, folder in missing:
-            data = CheckpointEvent(step=step, path=str(folder.relative_to(out))).model_dump_json()
-            self.add_event(job, job_topic(job), "checkpoint", step, data, None)
-        if missing:
-            self.job_log(job, "warning", f"{len(missing)} checkpoint event(s) up to {upto} restored from "
-                         f"{out / 'checkpoints'}")  # fmt: skip
-
     def drain_workers(self, budget: int = 50_000) -> None:
+        """Worker messages, in order. One whose handling writes the store itself (a resume's
+        `started`, a `rolled_back`: they supersede history) waits while the store fails, and every
+        later one with it, unread in ZMQ's queues (bounded by their high-water marks): none is lost."""
         for _ in range(budget):
-            try:
-                frames = self.workers.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+            if self.waiting is not None:
+                if time.monotonic() < self.retry_at:
+                    break
+                frames, self.waiting = self.waiting, None
+            else:
+                try:
+                    frames = self.workers.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
             try:
                 self._on_worker(frames)
             except (ValidationError, ValueError) as e:
                 log.warning("bad worker message: %s", e)
+            if self.waiting is not None:
+                break
         self.flush()
 
     # --- control requests ---------------------------------------------------------------------
@@ -427,32 +419,17 @@ class Daemon:
             return False
         return self.keywatch.allowed(user)
 
+    def _check_keys(self, now: float) -> None:
+        """Re-read authorized/ (every second, at once after SIGHUP); cut a removed key's subscriptions."""
+        if self.keywatch is not None:
+            revoke.check(self, self.keywatch, now)
+
     def reload_keys(self) -> None:
         """SIGHUP: re-read authorized/ at the next loop turn."""
         if self.keywatch is not None:
             self.keywatch.request()
 
     # --- scheduling and workers ---------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Jobs a dead daemon left running are queued again and resume from their last checkpoint;
-        a stop or rollback asked before it died is asked again, a cancel is carried out."""
-        for job in self.store.ids_in("running", "stopping"):
-            row = self.store.job(job) or {}
-            pid = row.get("pid")
-            if pid and identity.is_our_worker(self.paths.state_dir, job, pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-            elif pid:
-                log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
-            identity.forget(self.paths.state_dir, job)
-            if isinstance(decode_pending(row.get("pending")), CancelPending):
-                self.set_state(
-                    job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
-                )
-                continue
-            self.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
-                           resume_path=row.get("out_dir"), pid=None)  # fmt: skip
 
     def schedule(self) -> None:
         while not self.shutting_down and self.sched.free_slot() is not None:
@@ -476,6 +453,7 @@ class Daemon:
             resume = None  # nothing saved yet: start over
         try:
             out.mkdir(parents=True, exist_ok=True)
+            self.folders[job] = out
             cfg_path = out / "job-config.json"
             config = json.loads(row["config"])
             cfg_path.write_text(json.dumps(for_slot(config, self.sched.devices[slot])))
@@ -508,7 +486,7 @@ class Daemon:
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
             self.drain_workers()
-            if self.spill:
+            if self.spill or self.waiting is not None:
                 return  # the store cannot take its events (or its end) yet: reaped once it can
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
@@ -550,19 +528,20 @@ class Daemon:
             ready = dict(poller.poll(100))
             now = time.time()
             try:
-                if self.workers in ready:
+                if self.workers in ready or self.waiting is not None:
                     self.drain_workers()
                 for s in self.control:
                     if s in ready:
                         self.serve(s)
                 if now - last_tick >= 0.05 or not ready:
                     last_tick = now
-                    if self.keywatch is not None and self.keywatch.poll(now):
-                        log.info("authorized client keys re-read")
+                    self._check_keys(now)
                     self.flush()  # retries held batches; jobs change state only once they are in
                     if not self.spill:
                         self.reap()
                         self.schedule()
+                if self.waiting is not None:
+                    time.sleep(0.01)  # the waiting message keeps the worker socket readable: no spin
             except Exception:  # a bug in one path must not take the daemon (and every job) down
                 log.exception("daemon loop")
                 self.batch, self.out_frames, self.job_updates = [], [], {}

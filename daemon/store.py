@@ -318,3 +318,20 @@ class Store:
         if not include_superseded:
             sql += " AND superseded = 0"
         return [r[0] for r in self.db.execute(sql + " ORDER BY seq", (job_topic(job_id),))]
+
+    def event_steps(self, job_id: int, kind: str) -> set[int]:
+        """Steps of the job's events of `kind` (not metrics) still in its history."""
+        rows = self.db.execute(
+            "SELECT step FROM events WHERE job_id = ? AND kind != 'metrics' AND kind = ? AND superseded = 0 "
+            "AND step IS NOT NULL",
+            (job_id, kind),
+        )
+        return {r[0] for r in rows}
+
+    def last_event_seq(self, job_id: int, kind: str) -> int:
+        """Seq of the job's last event of `kind` (not metrics); 0 when it has none."""
+        row = self.db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ? AND kind != 'metrics' AND kind = ?",
+            (job_id, kind),
+        ).fetchone()
+        return int(row[0])

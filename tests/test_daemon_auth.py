@@ -109,6 +109,53 @@ def test_revoked_key_stops_working_without_a_restart(daemons, home: Path) -> Non
         c.ping()  # a new connection: the handshake is refused
 
 
+def _subscriber(endpoint: str, server: Path, client: Path) -> zmq.Socket:
+    from dallm.transport import event_endpoint, make_curve_client
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    make_curve_client(sub, server, client)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(event_endpoint(endpoint))
+    return sub
+
+
+def _hears(sub: zmq.Socket, c: DaemonClient, job: int, seconds: float) -> bool:
+    """Whether `sub` gets any event while the job's priority is set (each change publishes its row)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        c.set_priority(job, 1)
+        if sub.poll(200, zmq.POLLIN):
+            return True
+    return False
+
+
+def test_revoked_key_loses_its_event_subscription(daemons, home: Path) -> None:
+    keys = DaemonPaths(home).keys
+    home.mkdir(parents=True)
+    _, alice = create_client_keys(keys, "alice")
+    _, bob = create_client_keys(keys, "bob")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    d = daemons("--bind", endpoint)
+    server = keys / "server.key"
+    subs = {name: _subscriber(endpoint, server, key) for name, key in (("alice", alice), ("bob", bob))}
+    try:
+        with d.client() as c:
+            job = c.submit(config("q", steps=2, every=2)).id
+            assert all(_hears(sub, c, job, 10) for sub in subs.values())  # both subscribed
+            (keys / "authorized" / "alice.key").unlink()
+            time.sleep(1.5)  # the daemon re-reads authorized/ every second
+            for sub in subs.values():
+                while sub.poll(0, zmq.POLLIN):
+                    sub.recv_multipart()  # what was published before the revocation
+            assert _hears(subs["bob"], c, job, 10)  # an authorized subscriber reconnects by itself
+            assert not _hears(subs["alice"], c, job, 3)  # the revoked one hears nothing more
+        assert "a client key was revoked" in d.log_text()
+    finally:
+        for sub in subs.values():
+            sub.close(0)
+
+
 def long_home(root: Path) -> Path:
     """A home whose run folder is too long for IPC paths: the sockets go to /tmp/dallm-<uid>-<hash>."""
     h = root / ("x" * 90) / "h"
