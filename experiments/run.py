@@ -7,6 +7,7 @@
     python experiments/run.py size                      # data.limit = 5, 10, 20, 50
     python experiments/run.py full                      # train.method = lora, full
     python experiments/run.py all                       # all, in this order (the priority order)
+    python experiments/run.py llm_early_stop            # micro LLM: 5 seeds x 2 lr, ppl_val (issue 17)
 
 Each sweep goes to runs/experiments/<name>/ and its report to runs/experiments/<name>/report/
 (`dallm report --sweep`); `early_stop` adds experiments/early_stop.py's analysis. A sweep that is
@@ -54,6 +55,36 @@ EXPERIMENTS: dict[str, list[str]] = {
         "monitor.early_stop=off",
     ],
 }
+
+
+# The LLM early-stop study (configs/llm-quickstart.toml on 8 teacher training texts, so that it
+# overfits): 600 steps, the turning point recorded (notify) and training run to the end, ppl_val
+# every 15 steps (every window boundary of M = 30 (5%) and 60 (10%)), replayed by early_stop.py.
+LLM_CONFIG = ROOT / "configs" / "llm-quickstart.toml"
+LLM_DATA = OUT / "llm-data"
+LLM_SETS = ["train.steps=600", "monitor.early_stop=notify", "eval.every=15", "samples.every=0"]
+LLM_SETS += ["checkpoint.every=300", "checkpoint.keep=1"]
+LLM_GRID = ["--grid", "train.lr=3e-3,1e-2", "--repeat", "5"]
+
+
+def llm_early_stop(args: argparse.Namespace) -> None:
+    from dallm.micro_llm.data import text_sets, write_text_sets
+
+    files = write_text_sets(LLM_DATA, text_sets(n_train=8, n_val=64, n_base=64, seed=1))
+    sets = LLM_SETS + [f"data.{name}={path}" for name, path in files.items()]
+    folder = OUT / "llm_early_stop"
+    cmd = [sys.executable, "-m", "dallm", "sweep", str(LLM_CONFIG), "--local", "--id", folder.name]
+    cmd += ["--out", str(folder), "--workers", str(args.workers), *LLM_GRID]
+    cmd += [a for x in sets for a in ("--set", x)]
+    if args.repeat is not None:
+        cmd += ["--repeat", str(args.repeat)]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    print(f"llm_early_stop: sweep exit {rc} after {time.time() - t0:.0f} s", flush=True)
+    analysis = [sys.executable, str(ROOT / "experiments" / "early_stop.py"), str(folder), "--metric", "ppl"]
+    subprocess.call(analysis, cwd=ROOT)
 
 
 def common(base: str | None, scale: float) -> list[str]:
@@ -125,12 +156,15 @@ def run(name: str, args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["data", *EXPERIMENTS, "all"])
+    p.add_argument("what", choices=["data", *EXPERIMENTS, "all", "llm_early_stop"])
     p.add_argument("--base", default=None, help="a micro model folder (default: the shipped one)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the step counts (default 1)")
     p.add_argument("--repeat", type=int, default=None, help="seeds per grid point (default: per experiment)")
     args = p.parse_args()
+    if args.what == "llm_early_stop":  # text data of its own: no images needed
+        llm_early_stop(args)
+        return 0
     make_data()
     if args.what == "data":
         return 0

@@ -101,6 +101,7 @@ class Sample:
     png: bytes
     path: str
     prompts: list[str]
+    texts: list[str] = field(default_factory=list)  # an LLM job's generations (no png)
 
 
 @dataclass
@@ -152,7 +153,7 @@ class JobData:
                 self.series_for(name).append(x, value, ev.step)
         elif isinstance(ev, SampleEvent):
             self.samples = [s for s in self.samples if s.step < ev.step]
-            self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts)))
+            self.samples.append(Sample(ev.step, ev.png, ev.path, list(ev.prompts), list(ev.texts)))
         elif isinstance(ev, CheckpointEvent):
             self.checkpoints = [c for c in self.checkpoints if c.step != ev.step]
             self.checkpoints.append(Checkpoint(ev.step, ev.path))

@@ -77,7 +77,7 @@ HELP = """\
   ↑ ↓          choose a job (the queue is in run order) or a checkpoint (in the list)
   tab          next pane        shift+tab  previous pane
   [ ]          older / newer sample grid (] past the last follows the latest)
-  t            charts: CS-Fluctuation + KID  /  loss + CS
+  t            charts: CS-Fluctuation + KID (perplexity for LLM jobs)  /  loss + CS
 
 [b]Acting[/b] (each goes to the daemon; its answer shows in a notification and the log)
   s            early stop: finish now, with the turning-point weights when one was found

@@ -108,6 +108,8 @@ class Thumbnail(Widget):
     def _draw(self, sample: Sample | None, width: int, height: int) -> list[Strip]:
         caption = Strip([Segment(self.caption(), Style(dim=True))]).crop_extend(0, width, None)
         body_h = height - 1
+        if sample is not None and sample.texts:  # an LLM job: its latest generations as text
+            return [caption, *_text_strips(sample.texts, width, body_h)]
         if sample is None or body_h < 1 or self.mode == "none":
             return [caption]
         image = images.decode(sample.png)
@@ -127,7 +129,7 @@ class Thumbnail(Widget):
             or self.screen is not self.app.screen
         ):
             return
-        if sample is None or height < 1:
+        if sample is None or height < 1 or sample.texts:
             if self.mode == "kitty":
                 driver.write(images.kitty_delete())
             return
@@ -146,3 +148,15 @@ class Thumbnail(Widget):
         region = self.content_region
         driver.write(f"\x1b7\x1b[{region.y + 2};{region.x + 1 + pad}H{seq}\x1b8")
         driver.flush()
+
+
+def _text_strips(texts: list[str], width: int, height: int) -> list[Strip]:
+    """Generated texts, one after another (alternating colours), wrapped to `width`, cut at `height`."""
+    import textwrap
+
+    lines: list[Strip] = []
+    for i, text in enumerate(texts):
+        style = Style(color="green" if i % 2 == 0 else "cyan")
+        for part in textwrap.wrap(text, max(width, 1)) or [""]:
+            lines.append(Strip([Segment(part, style)]).crop_extend(0, width, None))
+    return lines[:height]

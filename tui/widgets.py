@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import numpy as np
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -221,9 +223,14 @@ class Charts(Vertical):
                 x_range=x_range,
                 title="CS-Fluctuation",
             )
-            kid = trace("kid_train", "train", "blue") + trace("kid_val", "val", "green")
-            kid += trace("kid_base", "base", "red")
-            bottom.set_data(kid, key, x_range=x_range, title="KID")
+            # What the job measures: perplexity for an LLM job, KID for an image job.
+            llm = "ppl_val" in data.series or "ppl_train" in data.series
+            metric = "ppl" if llm else "kid"
+            kid = trace(f"{metric}_train", "train", "blue") + trace(f"{metric}_val", "val", "green")
+            kid += trace(f"{metric}_base", "base", "red")
+            if llm:  # perplexity falls by decades (35,000 to 2 on the micro LLM): log scale
+                kid = [dataclasses.replace(t, values=np.log10(np.maximum(t.values, 1e-12))) for t in kid]
+            bottom.set_data(kid, key, x_range=x_range, title="log10 perplexity" if llm else "KID")
         else:
             top.empty_text = "no data yet"
             top.set_data(trace("loss", "loss", "cyan"), key, x_range=x_range, title="Loss")
