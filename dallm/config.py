@@ -90,7 +90,8 @@ class LoraConfig(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
     )
     text_encoder_rank: int | None = Field(default=None, ge=1)
-    mlp: bool = False  # llm: also the MLP projections (gate/up/down) when `targets` is not set
+    # llm: `targets` unset means the attention projections, and the MLP's (gate/up/down) with mlp
+    mlp: bool = False
 
 
 class TokensConfig(_Section):
@@ -315,6 +316,10 @@ class JobConfig(_Section):
         return self.output_dir if self.output_dir is not None else Path("runs") / self.name
 
 
+LLM_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama, Qwen2, Mistral, Gemma names
+LLM_MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
 def _llm_consistent(cfg: JobConfig) -> None:
     """An LLM job names text files and none of the image-only settings."""
     if not cfg.data.train:
@@ -331,6 +336,8 @@ def _llm_consistent(cfg: JobConfig) -> None:
             raise ValueError(f'{key}: an image setting; not for model.kind = "llm"')
     if cfg.train.method != "lora":
         raise ValueError('train.method: model.kind = "llm" trains LoRA only')
+    if "targets" not in cfg.lora.model_fields_set:  # an LLM's names: attention (and MLP) projections
+        cfg.lora.targets = LLM_ATTENTION + (LLM_MLP if cfg.lora.mlp else [])
     if cfg.model.quantize == "4bit" and cfg.train.device == "cpu":
         raise ValueError('model.quantize: "4bit" needs a CUDA device (bitsandbytes)')
 

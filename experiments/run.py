@@ -57,20 +57,22 @@ EXPERIMENTS: dict[str, list[str]] = {
 }
 
 
-# The LLM early-stop study (configs/llm-quickstart.toml on 8 teacher training texts, so that it
-# overfits): 600 steps, the turning point recorded (notify) and training run to the end, ppl_val
-# every 15 steps (every window boundary of M = 30 (5%) and 60 (10%)), replayed by early_stop.py.
+# The LLM early-stop study (configs/llm-quickstart.toml on 4 teacher training texts, batches of 4,
+# so that it overfits within the CPU budget): 300 steps, the turning point recorded (notify) and
+# training run to the end, ppl_val every 15 steps (every window boundary of M = 15 (5%) and 30
+# (10%)), the detector fed after step 15 (LoRA B starts at 0: CS jumps from 0 in the first steps),
+# every policy replayed by early_stop.py.
 LLM_CONFIG = ROOT / "configs" / "llm-quickstart.toml"
 LLM_DATA = OUT / "llm-data"
-LLM_SETS = ["train.steps=600", "monitor.early_stop=notify", "eval.every=15", "samples.every=0"]
-LLM_SETS += ["checkpoint.every=300", "checkpoint.keep=1"]
-LLM_GRID = ["--grid", "train.lr=3e-3,1e-2", "--repeat", "5"]
+LLM_SETS = ["train.steps=300", "train.batch_size=4", "monitor.early_stop=notify", "monitor.start_step=15"]
+LLM_SETS += ["eval.every=15", "samples.every=0", "checkpoint.every=300", "checkpoint.keep=1"]
+LLM_GRID = ["--grid", "train.lr=5e-3,1e-2", "--repeat", "5"]
 
 
 def llm_early_stop(args: argparse.Namespace) -> None:
     from dallm.micro_llm.data import text_sets, write_text_sets
 
-    files = write_text_sets(LLM_DATA, text_sets(n_train=8, n_val=64, n_base=64, seed=1))
+    files = write_text_sets(LLM_DATA, text_sets(n_train=4, n_val=64, n_base=64, seed=1))
     sets = LLM_SETS + [f"data.{name}={path}" for name, path in files.items()]
     folder = OUT / "llm_early_stop"
     cmd = [sys.executable, "-m", "dallm", "sweep", str(LLM_CONFIG), "--local", "--id", folder.name]

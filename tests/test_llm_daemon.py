@@ -41,13 +41,23 @@ def llm_config(texts: dict[str, Path], name: str, steps: int, **sections: Any) -
     return cfg
 
 
+def follow_until_or_fail(c, sub, job: int, done) -> list:
+    """follow_until, naming the job's state and reason (and its log) when it fails first."""
+    try:
+        return follow_until(sub, job, done, timeout=240)
+    except AssertionError:
+        s = c.summary(job)
+        raise AssertionError(f"job {job}: {s.state} ({s.reason}); log: {c.logs(job).lines[-5:]}") from None
+
+
 def test_llm_job_through_the_daemon(daemons, texts: dict[str, Path], tmp_path: Path) -> None:
     d = daemons(runner=None, OMP_NUM_THREADS="1")
     with d.client() as c:
         # 1. early stop: the job ends by itself at the turning point's confirmation
         job = c.submit(llm_config(texts, "llm-stop", steps=300))
         with c.subscribe([QUEUE_TOPIC, job_topic(job.id)], since=0) as sub:
-            seen = follow_until(
+            seen = follow_until_or_fail(
+                c,
                 sub,
                 job.id,
                 lambda s: (

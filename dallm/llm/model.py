@@ -19,9 +19,6 @@ from dallm.config import ConfigError, JobConfig
 from dallm.llm.data import resolve_llm_base
 from dallm.lora import ADAPTER, peft_config
 
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama, Qwen2, Mistral, Gemma names
-MLP = ["gate_proj", "up_proj", "down_proj"]
-
 
 @dataclass
 class LlmParts:
@@ -40,13 +37,6 @@ def require_bitsandbytes() -> None:
             "model.quantize",
             "4bit needs bitsandbytes",
         ) from None
-
-
-def lora_targets(cfg: JobConfig) -> list[str]:
-    """`lora.targets` when set in the config, else the attention projections (and MLP with lora.mlp)."""
-    if "targets" in cfg.lora.model_fields_set:
-        return list(cfg.lora.targets)
-    return ATTENTION + (MLP if cfg.lora.mlp else [])
 
 
 def weight_dtype(device: torch.device) -> torch.dtype:
@@ -106,13 +96,13 @@ def load_llm(cfg: JobConfig, device: torch.device) -> LlmParts:
             model.gradient_checkpointing_enable()
     model.requires_grad_(False)
     lc = cfg.lora
-    lora_config = peft_config(lc.rank, lc.alpha, lc.dropout, lora_targets(cfg), lc.init)
+    lora_config = peft_config(lc.rank, lc.alpha, lc.dropout, cfg.lora.targets, lc.init)
     lora_config.task_type = "CAUSAL_LM"
     try:
         peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
-            reason = f"{lora_targets(cfg)} match no module of {source}"
+            reason = f"{cfg.lora.targets} match no module of {source}"
             raise ConfigError(f"lora.targets: {reason}", "lora.targets", reason) from None
         raise
     for name, p in peft_model.named_parameters():
