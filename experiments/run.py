@@ -58,15 +58,16 @@ EXPERIMENTS: dict[str, list[str]] = {
 
 
 # The LLM early-stop study (configs/llm-quickstart.toml on 4 teacher training texts, batches of 4,
-# so that it overfits within the CPU budget): 300 steps, the turning point recorded (notify) and
-# training run to the end, ppl_val every 15 steps (every window boundary of M = 15 (5%) and 30
-# (10%)), the detector fed after step 15 (LoRA B starts at 0: CS jumps from 0 in the first steps),
-# every policy replayed by early_stop.py.
+# so that it overfits within the CPU budget): 200 steps, the turning point recorded (notify) and
+# training run to the end, ppl_val every 10 steps (every window boundary of M = 10 (5%) and 20
+# (10%)), the detector fed after step 10 (LoRA B starts at 0: CS jumps from 0 in the first steps),
+# every policy replayed by early_stop.py. One sweep per learning rate, side by side (one process
+# and one torch thread each), so that both learning rates have their first seeds early.
 LLM_CONFIG = ROOT / "configs" / "llm-quickstart.toml"
 LLM_DATA = OUT / "llm-data"
-LLM_SETS = ["train.steps=300", "train.batch_size=4", "monitor.early_stop=notify", "monitor.start_step=15"]
-LLM_SETS += ["eval.every=15", "samples.every=0", "checkpoint.every=300", "checkpoint.keep=1"]
-LLM_GRID = ["--grid", "train.lr=5e-3,1e-2", "--repeat", "5"]
+LLM_SETS = ["train.steps=200", "train.batch_size=4", "monitor.early_stop=notify", "monitor.start_step=10"]
+LLM_SETS += ["eval.every=10", "samples.every=0", "checkpoint.every=200", "checkpoint.keep=1"]
+LLM_LRS = ["1e-2", "2e-2"]
 
 
 def llm_early_stop(args: argparse.Namespace) -> None:
@@ -75,16 +76,17 @@ def llm_early_stop(args: argparse.Namespace) -> None:
     files = write_text_sets(LLM_DATA, text_sets(n_train=4, n_val=64, n_base=64, seed=1))
     sets = LLM_SETS + [f"data.{name}={path}" for name, path in files.items()]
     folder = OUT / "llm_early_stop"
-    cmd = [sys.executable, "-m", "dallm", "sweep", str(LLM_CONFIG), "--local", "--id", folder.name]
-    cmd += ["--out", str(folder), "--workers", str(args.workers), *LLM_GRID]
-    cmd += [a for x in sets for a in ("--set", x)]
-    if args.repeat is not None:
-        cmd += ["--repeat", str(args.repeat)]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    rc = subprocess.call(cmd, cwd=ROOT, env=env)
-    print(f"llm_early_stop: sweep exit {rc} after {time.time() - t0:.0f} s", flush=True)
+    t0, procs = time.time(), []
+    for lr in LLM_LRS:
+        out = folder / f"lr{lr}"
+        cmd = [sys.executable, "-m", "dallm", "sweep", str(LLM_CONFIG), "--local", "--id", out.name]
+        cmd += ["--out", str(out), "--workers", "1", "--repeat", str(args.repeat or 5)]
+        cmd += [a for x in [*sets, f"train.lr={lr}"] for a in ("--set", x)]
+        print("$", " ".join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
+    rcs = [p.wait() for p in procs]
+    print(f"llm_early_stop: sweeps exit {rcs} after {time.time() - t0:.0f} s", flush=True)
     analysis = [sys.executable, str(ROOT / "experiments" / "early_stop.py"), str(folder), "--metric", "ppl"]
     subprocess.call(analysis, cwd=ROOT)
 

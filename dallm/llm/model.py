@@ -9,6 +9,7 @@ LoRA factors are float32 whatever the base (peft upcasts adapters), so optimizer
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ def load_llm(cfg: JobConfig, device: torch.device) -> LlmParts:
     from transformers.utils import logging as transformers_logging
 
     source = resolve_llm_base(cfg.model.base)
+    # peft asks transformers 5 a renamed question; the warning says nothing to a dallm user
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     transformers_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     kw: dict[str, Any] = {"revision": cfg.model.revision, "dtype": weight_dtype(device)}
