@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv when missing,
 # installs the CPU torch wheel first (a bare torch requirement would pull a CUDA build), then dallm
 # with the exact versions of constraints.txt (the lock), so an upstream release cannot break a clone.
+# The `ray` extra is installed too (a ~80 MB wheel, no torch): the Ray executor's tests run in CI.
 # `make demo` starts (or reuses) a daemon, submits the quickstart and shows it live in the TUI.
 PY ?= python3
 VENV := .venv
@@ -17,7 +18,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ray]'
 	$(BIN)/pip check
 	touch $(STAMP)
 
@@ -39,7 +40,7 @@ lock:
 	rm -rf $(SCRATCH) && $(PY) -m venv $(SCRATCH)
 	$(SCRATCH)/bin/pip install -q --upgrade pip
 	$(SCRATCH)/bin/pip install -q $(TORCH)
-	$(SCRATCH)/bin/pip install -q '.[dev]' && rm -rf build
+	$(SCRATCH)/bin/pip install -q '.[dev,ray]' && rm -rf build
 	$(SCRATCH)/bin/pip check
 	{ echo "# The tested dependency set (make lock; see README 'Installing'). Python 3.11, CPU torch."; \
 	  $(SCRATCH)/bin/pip freeze --exclude-editable | grep -v -i '^dallm[=@ ]' | sed 's/+cpu$$//'; } > constraints.txt
@@ -51,7 +52,7 @@ check-latest:
 	rm -rf $(SCRATCH) && $(PY) -m venv $(SCRATCH)
 	$(SCRATCH)/bin/pip install -q --upgrade pip
 	$(SCRATCH)/bin/pip install -q $(TORCH)
-	$(SCRATCH)/bin/pip install -q --upgrade -e '.[dev]'
+	$(SCRATCH)/bin/pip install -q --upgrade -e '.[dev,ray]'
 	$(SCRATCH)/bin/pip check
 	$(SCRATCH)/bin/pip list --format=freeze | grep -iE '^(torch|diffusers|transformers|peft|textual|accelerate)='
 	$(SCRATCH)/bin/python -m pytest -n 2 --dist loadgroup -m 'not slow' -x

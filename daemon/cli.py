@@ -1,4 +1,5 @@
-"""`dallm-daemon start [--foreground] [--home DIR] [--bind ENDPOINT] [--devices 0,1|cpu] [--max-jobs N]`,
+"""`dallm-daemon start [--foreground] [--home DIR] [--bind ENDPOINT] [--devices 0,1|0x2|cpu] [--max-jobs N]
+[--executor local|ray [--ray-address auto|HOST:PORT|ray://HOST:PORT] [--gpus-per-job N]]`,
 `dallm-daemon stop`, `dallm-daemon status`, `dallm-daemon keys [--client NAME]`.
 
 Exit codes: 0 success; 1 error (one line on stderr); 3 `status`/`stop`: no daemon running.
@@ -56,6 +57,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         cmd += ["--allow", folder]
     if args.runner:
         cmd += ["--runner", args.runner]
+    cmd += executor_args(args)
     with open(paths.log, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip
@@ -102,7 +104,8 @@ def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
         raise Fail(str(e)) from None
     os.umask(0o077)  # job outputs, logs and configs: readable by the daemon's user only
     try:
-        daemon = Daemon(paths.home, devices, args.max_jobs, args.bind, args.runner, allow=allow)
+        daemon = Daemon(paths.home, devices, args.max_jobs, args.bind, args.runner, allow=allow,
+                        executor=args.executor, executor_options=executor_options(args))  # fmt: skip
     except LockHeld as e:
         raise Fail(str(e)) from None
     except (RuntimeError, ValueError, OSError) as e:
@@ -127,6 +130,23 @@ def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
         daemon.control_endpoints,
     )
     return daemon.run()
+
+
+def executor_options(args: argparse.Namespace) -> dict[str, object]:
+    if args.executor == "local" and (args.ray_address or args.gpus_per_job is not None or args.worker_host):
+        raise Fail("--ray-address, --gpus-per-job and --worker-host go with --executor ray")
+    return {"address": args.ray_address, "gpus_per_job": args.gpus_per_job, "worker_host": args.worker_host}
+
+
+def executor_args(args: argparse.Namespace) -> list[str]:
+    """The executor options, for the foreground daemon a background start runs."""
+    executor_options(args)  # refused here, before anything starts
+    out = ["--executor", args.executor]
+    for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-job", args.gpus_per_job),
+                        ("--worker-host", args.worker_host)):  # fmt: skip
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -194,13 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bind", action="append", metavar="ENDPOINT",
                    help="also listen on tcp://HOST:PORT (events on PORT+1), CURVE-authenticated; beyond loopback needs client keys")  # fmt: skip
     s.add_argument(
-        "--devices", help="0,1 (GPU indices) or cpu; default: every GPU nvidia-smi lists, else cpu"
+        "--devices",
+        help="0,1 (GPU indices), 0x2 (two jobs on GPU 0 when their memory fits) or cpu; "
+        "default: every GPU nvidia-smi lists, else cpu",
     )
     s.add_argument("--max-jobs", type=int, help="jobs at once (CPU slots when there is no GPU; default 1)")
     s.add_argument("--allow", action="append", metavar="DIR",
                    help="jobs may read and write under DIR (besides the home's jobs/ and, for your own "
                         "CLI, the config's folder); also $DALLM_ALLOW, :-separated")  # fmt: skip
     s.add_argument("--runner", default=os.environ.get("DALLM_JOB_RUNNER"), help=argparse.SUPPRESS)
+    s.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where workers run: local processes (default) or Ray tasks (docs/cluster.md)",
+    )
+    s.add_argument(
+        "--ray-address", metavar="ADDR", help="the Ray cluster: auto (default), HOST:PORT or ray://HOST:PORT"
+    )
+    s.add_argument(
+        "--gpus-per-job",
+        type=float,
+        metavar="N",
+        help="Ray: GPUs per job (default 1 when the cluster has GPUs; 0.5 packs two on one)",
+    )
+    s.add_argument("--worker-host", metavar="HOST",
+                   help="Ray: the address of this machine that nodes reach (default: the one Ray uses)")  # fmt: skip
     s.set_defaults(func=cmd_start)
     t = sub.add_parser("stop", help="stop gracefully: running jobs checkpoint and resume at the next start")
     t.add_argument("--timeout", type=float, default=300.0)

@@ -49,8 +49,11 @@ def record_path(run_dir: Path, job: int) -> Path:
     return run_dir / "workers" / f"{job}.json"
 
 
-def remember(run_dir: Path, job: int, pid: int, token: str) -> None:
-    """Record the worker of `job` (written before the job is marked running)."""
+def remember(run_dir: Path, job: int, pid: int | None, token: str) -> None:
+    """Record the worker of `job` (written before the job is marked running). None: it runs on
+    another machine (a Ray task), so there is no process here to signal later."""
+    if pid is None:
+        return
     path = record_path(run_dir, job)
     path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_suffix(".tmp")

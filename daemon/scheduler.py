@@ -7,28 +7,39 @@ CUDA device index (the worker sees only that device, CUDA_VISIBLE_DEVICES) or "c
 
 from __future__ import annotations
 
-import contextlib
-import os
+import logging
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dallm.daemon.executors import Executor, Handle, WorkerSpec
+from dallm.daemon.executors.local import LocalExecutor
 from dallm.daemon.identity import TOKEN_ENV, new_token
+from dallm.daemon.packing import MemoryOf, PeakBook, device_memory, fits, read_peak, shape_key
 from dallm.protocol import FinishedEvent, JobCommand, JobResult, WorkerError
 
+log = logging.getLogger("dallm.daemon")
 EXIT_GRACE_S = 0.3  # after a worker exits, wait this long for its last messages before judging it
 
 
 def detect_devices(spec: str | None) -> list[str]:
-    """`--devices`: "0,1" -> ["0", "1"], "cpu" -> ["cpu"], None/"auto" -> the GPUs nvidia-smi lists, else cpu."""
+    """`--devices`: "0,1" -> ["0", "1"], "0x2,1" -> ["0", "0", "1"] (two slots on GPU 0: packing,
+    daemon/packing.py), "cpu" -> ["cpu"], None/"auto" -> the GPUs nvidia-smi lists, else cpu."""
     if spec and spec != "auto":
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-        if not items or any(not (s == "cpu" or s.isdigit()) for s in items):
-            raise ValueError(f"--devices {spec!r}: use cpu or GPU indices like 0,1")
+        items: list[str] = []
+        for part in (s.strip() for s in spec.split(",")):
+            gpu, x, count = part.partition("x")
+            if part == "cpu":
+                items.append(part)
+            elif gpu.isdigit() and (not x or (count.isdigit() and 1 <= int(count) <= 16)):
+                items += [gpu] * (int(count) if x else 1)
+            else:
+                raise ValueError(
+                    f"--devices {spec!r}: {part!r} is not cpu, a GPU index (0) or GPU x slots (0x2)"
+                )
         return items
     if shutil.which("nvidia-smi"):
         try:
@@ -54,9 +65,12 @@ class WorkerProc:
     attempt: int
     slot: int
     device: str
-    proc: subprocess.Popen
+    proc: Handle
     identity: bytes
     token: str = ""  # $DALLM_WORKER_TOKEN of the process (daemon/identity.py)
+    out: Path | None = None
+    shape: str = ""  # packing.shape_key of its config
+    need: int | None = None  # its recorded peak GPU memory (bytes), None when unknown
     started: float = field(default_factory=time.time)
     hello: bool = False
     pending: list[JobCommand] = field(default_factory=list)
@@ -70,16 +84,30 @@ class WorkerProc:
 
 
 class Scheduler:
-    def __init__(self, slots: list[str], endpoint: str, runner: str | None) -> None:
+    """Slots and their workers; the executor starts and signals them (daemon/executors/)."""
+
+    def __init__(
+        self,
+        slots: list[str],
+        endpoint: str,
+        runner: str | None,
+        executor: Executor | None = None,
+        peaks: PeakBook | None = None,
+        memory: MemoryOf = device_memory,
+    ) -> None:
         from dallm.threads import usable_cores
 
         self.slot_cores = max(1, usable_cores() // len(slots))  # each worker's share of the CPU
         self.slots: list[WorkerProc | None] = [None] * len(slots)
         self.devices = slots
-        self.endpoint = endpoint
+        self.executor: Executor = executor or LocalExecutor()
+        self.endpoint = self.executor.endpoint(endpoint)
         self.runner = runner
+        self.peaks = peaks
+        self.memory = memory
         self.by_job: dict[int, WorkerProc] = {}
         self.by_identity: dict[bytes, WorkerProc] = {}
+        self.refused: dict[int, str] = {}  # job -> why it was not packed (logged once)
 
     def free_slot(self) -> int | None:
         for i, w in enumerate(self.slots):
@@ -87,37 +115,56 @@ class Scheduler:
                 return i
         return None
 
+    def slot_for(self, job: int, config: dict) -> int | None:
+        """A free slot for `job`: on an idle device first; on a GPU other jobs use only when its peak
+        memory fits beside theirs (daemon/packing.py). None: it waits."""
+        free = [i for i, w in enumerate(self.slots) if w is None]
+        if not free:
+            return None
+        busy = {w.device for w in self.slots if w is not None}
+        idle = [i for i in free if self._device(i) not in busy or self.devices[i] in ("cpu", "ray")]
+        if idle:
+            return idle[0]
+        need = self.peaks.get(shape_key(config)) if self.peaks else None
+        why = ""
+        for i in free:
+            others = [w.need for w in self.slots if w is not None and w.device == self._device(i)]
+            ok, why = fits(need, others, self.memory(self.devices[i]))
+            if ok:
+                log.info("job %s: %s on %s", job, why, self._device(i))
+                return i
+        if self.refused.get(job) != why:
+            self.refused[job] = why
+            log.info("job %s waits for a GPU of its own: %s", job, why)
+        return None
+
+    def _device(self, slot: int) -> str:
+        d = self.devices[slot]
+        return d if d in ("cpu", "ray") else f"cuda:{d}"
+
     def start(
-        self, job: int, attempt: int, config_path: Path, out_dir: Path, resume: Path | None, log: Path
+        self,
+        job: int,
+        attempt: int,
+        config_path: Path,
+        out_dir: Path,
+        resume: Path | None,
+        log: Path,
+        slot: int | None = None,
+        config: dict | None = None,
     ) -> WorkerProc:
-        slot = self.free_slot()
-        assert slot is not None
-        device = self.devices[slot]
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
-        env["PYTHONUNBUFFERED"] = "1"
+        slot = self.free_slot() if slot is None else slot
+        assert slot is not None and self.slots[slot] is None
         token = new_token()
-        env[TOKEN_ENV] = token  # lets a restarted daemon tell this worker from a reused pid
-        cmd = [sys.executable, "-m", "dallm.daemon.worker", "--endpoint", self.endpoint, "--job", str(job),
-               "--attempt", str(attempt), "--config", str(config_path), "--out", str(out_dir),
-               "--parent", str(os.getpid()), "--slot-cores", str(self.slot_cores)]  # fmt: skip
-        if resume is not None:
-            cmd += ["--resume", str(resume)]
-        if self.runner:
-            cmd += ["--runner", self.runner]
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=out_dir.parent, start_new_session=True)  # fmt: skip
-        w = WorkerProc(
-            job,
-            attempt,
-            slot,
-            "cpu" if device == "cpu" else f"cuda:{device}",
-            proc,
-            f"{job}.{attempt}".encode(),
-            token=token,
-        )
+        spec = WorkerSpec(job=job, attempt=attempt, device=self.devices[slot], endpoint=self.endpoint,
+                          config=config_path, out=out_dir, resume=resume, log=log, runner=self.runner,
+                          slot_cores=self.slot_cores, env={TOKEN_ENV: token})  # fmt: skip
+        handle = self.executor.start(spec)  # TOKEN_ENV lets a restarted daemon tell it from a reused pid
+        shape = shape_key(config) if config is not None else ""
+        w = WorkerProc(job, attempt, slot, self._device(slot), handle, f"{job}.{attempt}".encode(),
+                       token=token, out=out_dir, shape=shape,
+                       need=self.peaks.get(shape) if self.peaks and shape else None)  # fmt: skip
+        self.refused.pop(job, None)
         self.slots[slot] = w
         self.by_job[job] = w
         self.by_identity[w.identity] = w
@@ -139,12 +186,21 @@ class Scheduler:
         self.slots[w.slot] = None
         self.by_job.pop(w.job, None)
         self.by_identity.pop(w.identity, None)
+        self.executor.release(w.identity)
+        if self.peaks is not None and w.out is not None and w.shape:
+            peak = read_peak(w.out)
+            if peak is not None:
+                self.peaks.record(w.shape, peak, w.job)
 
     def kill(self, w: WorkerProc, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(w.proc.pid, sig)
+        w.proc.signal(sig)
         if sig != signal.SIGKILL and w.kill_deadline is None:
             w.kill_deadline = time.time() + grace
+
+    def close(self) -> None:
+        self.executor.close()
+        if self.peaks is not None:
+            self.peaks.close()
 
 
 def signal_name(returncode: int | None) -> str:
@@ -190,6 +246,10 @@ def outcome(w: WorkerProc, shutting_down: bool, retries: int) -> tuple[str, str,
         return "finished", f"finished ({r}) at step {done.final_step}", False
     if w.error is not None:
         return "failed", w.error.message, False
+    if w.proc.error:
+        return "failed", w.proc.error, False
+    if w.proc.lost:  # its machine went away: not the job's fault, so no retry is used up
+        return "queued", f"{w.proc.lost} at step {w.last_step}; resumes from its checkpoint elsewhere", True
     how = signal_name(w.proc.returncode)
     if shutting_down:
         return "queued", f"daemon stopped ({how} at step {w.last_step}); resumes from its checkpoint", True

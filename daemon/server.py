@@ -24,9 +24,11 @@ from pydantic import ValidationError
 from dallm.config import ConfigError
 from dallm.daemon import handlers, identity
 from dallm.daemon.confine import Roots
+from dallm.daemon.executors import make_executor
 from dallm.daemon.jobstate import CancelPending, check_transition, decode_pending
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM, StalledPeers
-from dallm.daemon.scheduler import Scheduler, WorkerProc, make_slots, outcome
+from dallm.daemon.packing import PeakBook
+from dallm.daemon.scheduler import Scheduler, WorkerProc, outcome
 from dallm.daemon.spill import STORE_ERRORS, Spill
 from dallm.daemon.store import EventRow, Store
 from dallm.home import DaemonLock, DaemonPaths, write_info
@@ -89,12 +91,16 @@ class Daemon:
         runner: str | None = None,
         shutdown_timeout: float = 120.0,
         allow: tuple[Path, ...] = (),
+        executor: str = "local",
+        executor_options: dict[str, Any] | None = None,
     ) -> None:
         self.paths = DaemonPaths(home)
         self.paths.prepare()
         self.roots = Roots(self.paths.jobs, allow)
         self.lock = DaemonLock(self.paths)
         self.lock.acquire()
+        # Before any socket: an executor that cannot work (no Ray, folders not shared) stops the start.
+        ex = make_executor(executor, executor_options or {}, [self.paths.jobs, *allow])
         self.started = time.time()
         self.store = Store(self.paths.db)
         self.ctx = zmq.Context()
@@ -107,8 +113,10 @@ class Daemon:
         self._bind_ipc()
         for endpoint in bind or []:
             self._bind_tcp(endpoint)
-        self.slots = make_slots(devices, max_jobs)
-        self.sched = Scheduler(self.slots, self.paths.endpoint("workers"), runner)
+        self.slots = ex.slots(devices, max_jobs)
+        self.sched = Scheduler(
+            self.slots, self.paths.endpoint("workers"), runner, ex, PeakBook(self.paths.db)
+        )
         self.seq = self.store.head()
         self.topic_prev: dict[str, int] = self.store.topic_heads()
         self.batch: list[EventRow] = []
@@ -449,9 +457,14 @@ class Daemon:
             job = self.store.next_queued()
             if job is None:
                 return
-            self.start_job(job)
+            row = self.store.job(job)
+            assert row is not None
+            slot = self.sched.slot_for(job, json.loads(row["config"]))
+            if slot is None:
+                return  # it waits for a GPU of its own (packing refused; the scheduler logged why)
+            self.start_job(job, slot)
 
-    def start_job(self, job: int) -> None:
+    def start_job(self, job: int, slot: int) -> None:
         row = self.store.job(job)
         assert row is not None
         out = Path(row["out_dir"])
@@ -462,8 +475,9 @@ class Daemon:
         try:
             out.mkdir(parents=True, exist_ok=True)
             cfg_path = out / "job-config.json"
-            cfg_path.write_text(json.dumps(for_slot(json.loads(row["config"]), self.slot_device())))
-            w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log")
+            config = json.loads(row["config"])
+            cfg_path.write_text(json.dumps(for_slot(config, self.sched.devices[slot])))
+            w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log", slot, config)
         except Exception as e:  # a job that cannot start fails alone; the daemon serves on
             log.exception("job %s: cannot start", job)
             self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
@@ -488,10 +502,6 @@ class Daemon:
         now = time.time()  # until the engine names its phase, the worker loads the model and data
         self.set_state(job, state, reason, attempts=attempt, pid=w.proc.pid, device=w.device,
                        started=now, phase="loading", phase_since=now)  # fmt: skip
-
-    def slot_device(self) -> str:
-        slot = self.sched.free_slot()
-        return self.sched.devices[slot] if slot is not None else "cpu"
 
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
@@ -573,6 +583,7 @@ class Daemon:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        self.sched.close()
         self.store.close()
         self.lock.release()
 

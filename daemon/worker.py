@@ -40,6 +40,7 @@ from dallm.protocol import (
     JobResult,
     MetricsEvent,
     SampleEvent,
+    StartedEvent,
     WorkerDone,
     WorkerError,
     WorkerHello,
@@ -48,6 +49,11 @@ from dallm.protocol import (
 )
 
 DEFAULT_RUNNER = "dallm.train:train"
+# Set by an executor that starts the worker on another machine (daemon/executors/ray.py): the CURVE
+# keys of its link (Z85: the daemon's public key, this job's public and secret key), and where it
+# runs ("node 10.0.0.3 GPU 1"), which the engine's "started" event carries as part of its device.
+CURVE_ENVS = ("DALLM_WORKER_SERVER_KEY", "DALLM_WORKER_PUBLIC_KEY", "DALLM_WORKER_SECRET_KEY")
+PLACEMENT_ENV = "DALLM_PLACEMENT"
 _MORE = int(zmq.SNDMORE)
 
 
@@ -102,6 +108,12 @@ class WorkerLink:
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_BYTES)
         self.sock.setsockopt(zmq.LINGER, 30_000)
+        keys = [os.environ.get(name, "") for name in CURVE_ENVS]
+        if all(keys):
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = (
+                k.encode() for k in keys
+            )
+        self.placement = os.environ.get(PLACEMENT_ENV, "")
         self.sock.connect(endpoint)
         self.lock = threading.Lock()
         self.pending: collections.deque[JobCommand] = collections.deque()
@@ -117,6 +129,8 @@ class WorkerLink:
             event = MetricsEvent(
                 step=event.step, values={k: v for k, v in event.values.items() if math.isfinite(v)}
             )
+        if self.placement and type(event) is StartedEvent:
+            event = event.model_copy(update={"device": f"{event.device} @ {self.placement}"})
         t = repr(time.time()).encode()
         png = event.png if isinstance(event, SampleEvent) else b""
         body = event.model_dump_json(exclude={"png"}) if png else event.model_dump_json()
@@ -154,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         from dallm.config import config_from_dict
+        from dallm.daemon.packing import write_peak
         from dallm.threads import set_torch_threads
 
         print(set_torch_threads(args.slot_cores), flush=True)  # to the job's log
@@ -169,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if not isinstance(result, JobResult):
             raise TypeError(f"the engine {args.runner} returned {type(result).__name__}, not a JobResult")
+        write_peak(Path(args.out))  # what packing needs to know of jobs of this shape
         link.send(WorkerDone(result=result))
     except BaseException as e:  # noqa: BLE001 - everything is reported to the daemon
         err = classify(e)
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--resume")
     p.add_argument("--runner", default=os.environ.get("DALLM_JOB_RUNNER", DEFAULT_RUNNER))
-    p.add_argument("--parent", type=int)
+    p.add_argument("--parent", type=int, help="die with this process (the daemon, or the Ray task)")
     p.add_argument("--slot-cores", type=int, help="CPU cores of this worker's slot (default: all)")
     return run(p.parse_args(argv))
 

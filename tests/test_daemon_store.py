@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dallm.daemon.executors.local import LocalHandle
 from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
 from dallm.daemon.store import ADDED_COLUMNS, SCHEMA, Store
 from dallm.home import DaemonLock, DaemonPaths, LockHeld, lock_is_held
@@ -75,8 +76,10 @@ def test_listing_500_jobs(tmp_path: Path) -> None:
 def _worker(**kw) -> WorkerProc:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
+    handle = LocalHandle(proc)
+    handle.lost = kw.pop("lost", None)
     return WorkerProc(
-        job=1, attempt=kw.pop("attempt", 1), slot=0, device="cpu", proc=proc, identity=b"1.1", **kw
+        job=1, attempt=kw.pop("attempt", 1), slot=0, device="cpu", proc=handle, identity=b"1.1", **kw
     )
 
 
@@ -92,6 +95,9 @@ def test_outcomes() -> None:
     assert outcome(_worker(), False, 0)[0] == "failed"  # died without a word
     assert outcome(_worker(attempt=1), False, 1)[0::2] == ("queued", True)  # retried
     assert outcome(_worker(cancel=True), False, 1)[0] == "cancelled"
+    # A worker whose machine went away (a Ray node) is queued again without using up a retry.
+    state, reason, resume = outcome(_worker(lost="its Ray node was lost"), False, 0)
+    assert (state, resume) == ("queued", True) and reason.startswith("its Ray node was lost at step 0")
 
 
 def test_slots_and_devices() -> None:
