@@ -74,6 +74,9 @@ def read_paths(cfg: Any) -> Iterator[tuple[str, Path, bool]]:
     ):
         if value is not None:
             yield key, Path(value), True
+    for key in ("train", "validation", "base"):  # LLM jobs' text files
+        for path in getattr(cfg.data, key):
+            yield f"data.{key}", Path(path), False
     if cfg.eval.inception_weights is not None:
         yield "eval.inception_weights", Path(cfg.eval.inception_weights), False
     base = cfg.model.base

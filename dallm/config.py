@@ -32,7 +32,12 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = "micro"  # "micro" (the shipped miniature model), a hub id, or a local diffusers folder
+    # "image": a text-to-image diffusion model; "llm": a causal language model (dallm.llm)
+    kind: Literal["image", "llm"] = "image"
+    # image: "micro" (the shipped miniature model), a hub id, or a local diffusers folder;
+    # llm: "micro-llm" (the shipped micro LLM), a hub id, or a local transformers folder
+    base: str = "micro"
+    quantize: Literal["none", "4bit"] = "none"  # llm: load the base in 4 bits (bitsandbytes, CUDA)
     revision: str | None = None
     variant: str | None = None
     resolution: int | None = Field(default=None, ge=8)  # None: the UNet's sample_size x VAE factor
@@ -52,6 +57,20 @@ class DataConfig(_Section):
     class_dir: Path | None = None
     class_prompt: str = ""
     prior_loss_weight: float = Field(default=1.0, ge=0)
+    # LLM jobs (model.kind = "llm"): text files, JSONL (one {"text": ...} per line) or .txt (one
+    # text per line). `validation`: held-out target text (ppl_val); without it `val_fraction` of
+    # the training texts are held out. `base`: text of the base model's distribution (ppl_base).
+    train: list[Path] = Field(default_factory=list)
+    validation: list[Path] = Field(default_factory=list)
+    val_fraction: float = Field(default=0.0, ge=0, lt=1)
+    base: list[Path] = Field(default_factory=list)
+    text_key: str = "text"  # the JSONL field holding the text
+    max_length: int = Field(default=512, ge=2)  # tokens per text (longer texts are cut)
+
+    @field_validator("train", "validation", "base", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | Path) else v
 
     @model_validator(mode="after")
     def _class_prompt_needed(self) -> DataConfig:
@@ -71,6 +90,8 @@ class LoraConfig(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
     )
     text_encoder_rank: int | None = Field(default=None, ge=1)
+    # llm: `targets` unset means the attention projections, and the MLP's (gate/up/down) with mlp
+    mlp: bool = False
 
 
 class TokensConfig(_Section):
@@ -200,6 +221,9 @@ class SamplesConfig(_Section):
     steps: int = Field(default=25, ge=1)
     guidance: float = Field(default=5.0, ge=0)
     thumbnail: int = Field(default=64, ge=8)
+    # llm: generated tokens per prompt; temperature 0 is greedy (then `seeds` give one text each)
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
 
 
 class EvalConfig(_Section):
@@ -242,8 +266,12 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         steps = self.train.steps
-        if self.data.dir is None:
+        if self.model.kind == "llm":
+            _llm_consistent(self)
+        elif self.data.dir is None:
             raise ValueError("data.dir: required (a folder of target images)")
+        elif self.data.train or self.data.validation or self.data.base:
+            raise ValueError('data.train: text files are for model.kind = "llm"; images go in data.dir')
         window = steps_of(self.monitor.window, steps, 2)
         if window > steps:
             raise ValueError(f"monitor.window: {self.monitor.window} is larger than train.steps ({steps})")
@@ -286,6 +314,32 @@ class JobConfig(_Section):
     @property
     def out(self) -> Path:
         return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+
+LLM_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama, Qwen2, Mistral, Gemma names
+LLM_MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _llm_consistent(cfg: JobConfig) -> None:
+    """An LLM job names text files and none of the image-only settings."""
+    if not cfg.data.train:
+        raise ValueError("data.train: required (JSONL or .txt files of training texts)")
+    image_only = {
+        "data.dir": cfg.data.dir is not None,
+        "data.class_dir": cfg.data.class_dir is not None,
+        "tokens.new": bool(cfg.tokens.new),
+        "lora.text_encoder": cfg.lora.text_encoder,
+        "eval.val_dir": cfg.eval.val_dir is not None,
+    }
+    for key, used in image_only.items():
+        if used:
+            raise ValueError(f'{key}: an image setting; not for model.kind = "llm"')
+    if cfg.train.method != "lora":
+        raise ValueError('train.method: model.kind = "llm" trains LoRA only')
+    if "targets" not in cfg.lora.model_fields_set:  # an LLM's names: attention (and MLP) projections
+        cfg.lora.targets = LLM_ATTENTION + (LLM_MLP if cfg.lora.mlp else [])
+    if cfg.model.quantize == "4bit" and cfg.train.device == "cpu":
+        raise ValueError('model.quantize: "4bit" needs a CUDA device (bitsandbytes)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +423,17 @@ def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             data[section][key] = str((base_dir / value).resolve())
         elif isinstance(value, str):
             data[section][key] = str(Path(value).expanduser())
+    texts = data.get("data") if isinstance(data.get("data"), dict) else {}
+    for key in ("train", "validation", "base"):  # LLM text files: one path or a list
+        value = texts.get(key)
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            texts[key] = [
+                str(Path(v).expanduser())
+                if Path(v).expanduser().is_absolute()
+                else str((base_dir / v).resolve())
+                for v in items
+            ]
     base = data.get("model", {}).get("base") if isinstance(data.get("model"), dict) else None
     if isinstance(base, str) and (base.startswith(".") or base.startswith("/") or base.startswith("~")):
         data["model"]["base"] = str((base_dir / Path(base).expanduser()).resolve())

@@ -208,6 +208,14 @@ def _check_images(
 
 def preflight(cfg: JobConfig) -> None:
     """Raise PreflightError (one line, naming the key or file) when `cfg` could not run."""
+    if cfg.model.kind == "llm":
+        from dallm.llm.data import preflight_llm
+
+        try:
+            preflight_llm(cfg)
+        except ConfigError as e:
+            raise PreflightError(e.key or "model", e.reason or str(e)) from None
+        return
     shape = model_shape(cfg.model.base)
     resolution = _check_sizes(cfg, shape)
     min_size = cfg.data.min_size or max(1, (resolution or 2) // 2)

@@ -9,6 +9,8 @@ rollback) and `result.json` (the turning point, when one was found), and writes 
 - kid.png      KID to the training targets, the validation targets and the base model, +- std bands,
                and the base model's own KID to the targets (dotted: the level to beat)
                (with the final evaluation and KID at the turning point from result.json's "eval")
+- ppl.png      (LLM jobs, in kid.png's place) perplexity of the validation texts, the training
+               texts and base-distribution text (forgetting), +- bootstrap std, log scale
 - samples.png  the sample evolution grid (cells of `samples/` grids as rows, steps as columns)
 
 A plot whose metrics the job did not log is skipped with the reason.
@@ -73,7 +75,7 @@ def merge_final_eval(rows: Rows, result: dict[str, Any]) -> Rows:
     final, ev = result.get("final_step"), result.get("eval")
     if not isinstance(final, int) or not isinstance(ev, dict):
         return rows
-    kid = {k: float(v) for k, v in ev.items() if k.startswith("kid_") and _number(v)}
+    kid = {k: float(v) for k, v in ev.items() if k.startswith(("kid_", "ppl_")) and _number(v)}
     if not kid:
         return rows
     by_step = rows_by_step(rows)
@@ -91,7 +93,7 @@ def turning_kid(result: dict[str, Any]) -> dict[str, float]:
     return {
         k.removeprefix("turning_"): float(v)
         for k, v in ev.items()
-        if k.startswith("turning_kid_") and _number(v)
+        if k.startswith(("turning_kid_", "turning_ppl_")) and _number(v)
     }
 
 
@@ -188,38 +190,63 @@ def plot_cs(rows: Rows, turning: int | None, path: Path, title: str) -> Path | s
     return _save(fig, path, f"{title}: CS and CS-Fluctuation")
 
 
+PPL_REFS = (
+    ("train", "training texts", "tab:blue"),
+    ("val", "validation texts", "tab:orange"),
+    ("base", "base-distribution text", "tab:gray"),
+)
+
+
 def plot_kid(
-    rows: Rows, turning: int | None, path: Path, title: str, at_turning: dict[str, float] | None = None
+    rows: Rows,
+    turning: int | None,
+    path: Path,
+    title: str,
+    at_turning: dict[str, float] | None = None,
+    metric: str = "kid",
 ) -> Path | str:
-    present = [(ref, label, color) for ref, label, color in KID_REFS if series(rows, f"kid_{ref}")[0]]
+    """KID (image jobs) or, with metric = "ppl", perplexity (LLM jobs; log scale) at each evaluation."""
+    refs = PPL_REFS if metric == "ppl" else KID_REFS
+    name = "perplexity" if metric == "ppl" else "KID"
+    present = [(ref, label, color) for ref, label, color in refs if series(rows, f"{metric}_{ref}")[0]]
     if not present:
-        return "no kid_* metrics logged (eval.every = 0 and no eval.val_dir?)"
+        return f"no {metric}_* metrics logged (eval.every = 0?)"
     fig, axes = _figure(1)
     ax = axes[0]
     by_step = rows_by_step(rows)
     for ref, label, color in present:
-        steps, mean = series(rows, f"kid_{ref}")
-        std = [by_step[s].get(f"kid_{ref}_std", 0.0) for s in steps]
-        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=f"KID to {label}")
+        steps, mean = series(rows, f"{metric}_{ref}")
+        std = [by_step[s].get(f"{metric}_{ref}_std", 0.0) for s in steps]
+        on = "on" if metric == "ppl" else "to"
+        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=f"{name} {on} {label}")
         if any(std):
             lo = [m - s for m, s in zip(mean, std, strict=True)]
             hi = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
-        base_level = series(rows, f"base_kid_{ref}")[1]
+        base_level = series(rows, f"base_{metric}_{ref}")[1]
         if base_level:
             ax.axhline(
-                base_level[-1], color=color, linestyle=":", linewidth=1.2, label=f"base model to {label}"
+                base_level[-1], color=color, linestyle=":", linewidth=1.2, label=f"base model {on} {label}"
             )
-        if turning is not None and at_turning and f"kid_{ref}" in at_turning:
+        if turning is not None and at_turning and f"{metric}_{ref}" in at_turning:
             ax.plot(
-                [turning], [at_turning[f"kid_{ref}"]], marker="*", markersize=12, color=color, linestyle=""
+                [turning],
+                [at_turning[f"{metric}_{ref}"]],
+                marker="*",
+                markersize=12,
+                color=color,
+                linestyle="",
             )
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_ylabel("KID")
+    if metric == "ppl":
+        ax.set_yscale("log")
+    else:
+        ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel(name)
     _mark_turning(axes, turning)
     fig.set_size_inches(9.5, 3.6)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _save(fig, path, f"{title}: KID (mean +- std over subsets)")
+    spread = "bootstrap std over texts" if metric == "ppl" else "mean +- std over subsets"
+    return _save(fig, path, f"{title}: {name} ({spread})")
 
 
 def rows_by_step(rows: Rows) -> dict[float, dict[str, float]]:
@@ -247,9 +274,13 @@ def write_report(out_dir: Path, dest: Path | None = None) -> dict[str, Path | st
     turning = read_turning_point(out_dir)
     dest = Path(dest) if dest is not None else out_dir / "report"
     title = out_dir.resolve().name
-    return {
+    plots: dict[str, Path | str] = {
         "loss": plot_loss(rows, dest / "loss.png", title),
         "cs": plot_cs(rows, turning, dest / "cs.png", title),
-        "kid": plot_kid(rows, turning, dest / "kid.png", title, turning_kid(result)),
-        "samples": plot_samples(out_dir, dest / "samples.png"),
     }
+    if any(k.startswith("ppl_") for r in rows for k in r):  # an LLM job: perplexities, text samples
+        plots["ppl"] = plot_kid(rows, turning, dest / "ppl.png", title, turning_kid(result), metric="ppl")
+        return plots
+    plots["kid"] = plot_kid(rows, turning, dest / "kid.png", title, turning_kid(result))
+    plots["samples"] = plot_samples(out_dir, dest / "samples.png")
+    return plots

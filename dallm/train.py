@@ -112,6 +112,10 @@ def train(
         out_dir = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else cfg.out
     out = Path(out_dir)
     emit = PhaseEmit(emit or _noop)
+    if cfg.model.kind == "llm":
+        from dallm.llm.train import train_llm
+
+        return train_llm(cfg, out, ckpt, emit, poll)
 
     device = pick_device(cfg.train.device)
     source = resolve_base(cfg.model.base)

@@ -23,7 +23,7 @@ from dallm.checkpoint import (
     deep_copy_state,
     restore_rng,
 )
-from dallm.config import ConfigError, JobConfig
+from dallm.config import ConfigError, JobConfig, TrainConfig
 from dallm.data import ImageSet, batch_indices
 from dallm.export import diffusers_lora_dict, emb_file_name, save_embeddings, save_lora
 from dallm.lora import add_lora, has_lora, load_lora_state, lora_parameters, lora_scalings, lora_state
@@ -62,6 +62,25 @@ def isolated_rng() -> Iterator[None]:
         torch.set_rng_state(state[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def optimizer_and_schedule(
+    groups: list[dict[str, Any]] | list[torch.nn.Parameter], tc: TrainConfig
+) -> tuple[Any, Any]:
+    """AdamW over `groups` and the LR schedule of `[train]` (image and LLM trainers alike)."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=tc.lr,
+        betas=(tc.adam_beta1, tc.adam_beta2),
+        eps=tc.adam_eps,
+        weight_decay=tc.weight_decay,
+    )
+    name = "constant_with_warmup" if tc.lr_scheduler == "constant" and tc.warmup_steps else tc.lr_scheduler
+    return optimizer, get_scheduler(
+        name, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps
+    )
 
 
 class Trainer:
@@ -104,21 +123,7 @@ class Trainer:
         if self.tokens is not None:
             groups.append({"params": [self.tokens.embedding], "lr": cfg.tokens.lr, "weight_decay": 0.0})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=tc.lr,
-            betas=(tc.adam_beta1, tc.adam_beta2),
-            eps=tc.adam_eps,
-            weight_decay=tc.weight_decay,
-        )
-        from diffusers.optimization import get_scheduler
-
-        name = (
-            "constant_with_warmup" if tc.lr_scheduler == "constant" and tc.warmup_steps else tc.lr_scheduler
-        )
-        self.lr_scheduler = get_scheduler(
-            name, self.optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps
-        )
+        self.optimizer, self.lr_scheduler = optimizer_and_schedule(groups, tc)
         self.scaler = (
             torch.amp.GradScaler("cuda") if self.use_autocast and tc.mixed_precision == "fp16" else None
         )

@@ -1,6 +1,9 @@
 """Early-stopping policies replayed offline on runs recorded once (`experiments/run.py early_stop_long`).
 
-    python experiments/early_stop.py runs/experiments/early_stop_long [--out DIR]
+    python experiments/early_stop.py runs/experiments/early_stop_long [--out DIR] [--metric kid|ppl]
+
+`--metric ppl` replays LLM runs (`experiments/run.py llm_early_stop`): validation perplexity and its
+bootstrap std over texts take the validation KID's place (lower is better for both).
 
 Each run trained to its end with `monitor.early_stop = "notify"`, CS logged every step and the
 validation KID (with its std over subsets) every `eval.every` steps. Every policy is replayed from
@@ -52,7 +55,7 @@ class Run:
     kid: dict[int, tuple[float, float]]  # step -> (kid_val, std)
 
 
-def load(folder: Path) -> list[Run]:
+def load(folder: Path, metric: str = "kid") -> list[Run]:
     runs = []
     for metrics in sorted(folder.glob("**/metrics.jsonl")):
         d = metrics.parent
@@ -72,7 +75,11 @@ def load(folder: Path) -> list[Run]:
                 int(cfg["train"]["steps"]),
                 int(start),
                 [(r["step"], r["cs"], r["lr"]) for r in rows if "cs" in r],
-                {r["step"]: (r["kid_val"], r["kid_val_std"]) for r in rows if "kid_val" in r},
+                {
+                    r["step"]: (r[f"{metric}_val"], r[f"{metric}_val_std"])
+                    for r in rows
+                    if f"{metric}_val" in r
+                },
             )
         )
     return runs
@@ -145,26 +152,28 @@ def main() -> int:
         default=["M 5% paper turning_then_best +5%", "M 5% paper turning", "M 5% guarded turning"],
         help="policies whose per-run rows are listed (default: the engine's defaults and turning alone)",
     )
+    p.add_argument("--metric", choices=["kid", "ppl"], default="kid", help="validation KID or perplexity")
     args = p.parse_args()
-    runs = load(args.folder)
+    runs = load(args.folder, args.metric)
     if not runs:
-        print(f"{args.folder}: no finished run with a validation KID", file=sys.stderr)
+        print(f"{args.folder}: no finished run with a validation {args.metric}", file=sys.stderr)
         return 1
     dest = args.out or args.folder / "report"
     dest.mkdir(parents=True, exist_ok=True)
+    unit = "ppl_val" if args.metric == "ppl" else "KID"
     last = {r.name: max(r.kid) for r in runs}
     improving = [r for r in runs if min(r.kid, key=lambda s: r.kid[s][0]) == last[r.name]]
     lines = [
         f"{len(runs)} runs ({', '.join(r.name for r in runs)}); best step = the last evaluated step "
         f"(still improving) in {len(improving)}: {', '.join(r.name for r in improving) or 'none'}.",
         "",
-        "| policy | within noise (runs) | steps saved, median (min-max) | regret in KID std, median (max) "
+        f"| policy | within noise (runs) | steps saved, median (min-max) | regret in {unit} std, median (max) "
         "| no turning point |",
         "|---|---|---|---|---|",
     ]
     rows = []
     summary: list[tuple[str, float, float]] = []
-    plist = policies(runs[0].total) + [("run to the end, best KID", 0, {}, "end", 0)]
+    plist = policies(runs[0].total) + [(f"run to the end, best {unit}", 0, {}, "end", 0)]
     for label, window, rule, sel, margin in plist:
         res = []
         for r in runs:
@@ -195,7 +204,7 @@ def main() -> int:
             "",
             f"Per run, {label}:",
             "",
-            "| run | turning (seen at) | stop | returned | best | KID returned - best, in std | within |",
+            f"| run | turning (seen at) | stop | returned | best | {unit} returned - best, in std | within |",
         ]
         lines.append("|---|---|---|---|---|---|---|")
         for x in (r for r in rows if r["policy"] == label):

@@ -7,6 +7,7 @@
     python experiments/run.py size                      # data.limit = 5, 10, 20, 50
     python experiments/run.py full                      # train.method = lora, full
     python experiments/run.py all                       # all, in this order (the priority order)
+    python experiments/run.py llm_early_stop            # micro LLM: 5 seeds x 2 lr, ppl_val (issue 17)
 
 Each sweep goes to runs/experiments/<name>/ and its report to runs/experiments/<name>/report/
 (`dallm report --sweep`); `early_stop` adds experiments/early_stop.py's analysis. A sweep that is
@@ -54,6 +55,40 @@ EXPERIMENTS: dict[str, list[str]] = {
         "monitor.early_stop=off",
     ],
 }
+
+
+# The LLM early-stop study (configs/llm-quickstart.toml on 4 teacher training texts, batches of 4,
+# so that it overfits within the CPU budget): 200 steps, the turning point recorded (notify) and
+# training run to the end, ppl_val every 10 steps (every window boundary of M = 10 (5%) and 20
+# (10%)), the detector fed after step 10 (LoRA B starts at 0: CS jumps from 0 in the first steps),
+# every policy replayed by early_stop.py. One sweep per learning rate, side by side (one process
+# and one torch thread each), so that both learning rates have their first seeds early.
+LLM_CONFIG = ROOT / "configs" / "llm-quickstart.toml"
+LLM_DATA = OUT / "llm-data"
+LLM_SETS = ["train.steps=200", "train.batch_size=4", "monitor.early_stop=notify", "monitor.start_step=10"]
+LLM_SETS += ["eval.every=10", "samples.every=0", "checkpoint.every=200", "checkpoint.keep=1"]
+LLM_LRS = ["1e-2", "2e-2"]
+
+
+def llm_early_stop(args: argparse.Namespace) -> None:
+    from dallm.micro_llm.data import text_sets, write_text_sets
+
+    files = write_text_sets(LLM_DATA, text_sets(n_train=4, n_val=64, n_base=64, seed=1))
+    sets = LLM_SETS + [f"data.{name}={path}" for name, path in files.items()]
+    folder = OUT / "llm_early_stop"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0, procs = time.time(), []
+    for lr in LLM_LRS:
+        out = folder / f"lr{lr}"
+        cmd = [sys.executable, "-m", "dallm", "sweep", str(LLM_CONFIG), "--local", "--id", out.name]
+        cmd += ["--out", str(out), "--workers", "1", "--repeat", str(args.repeat or 5)]
+        cmd += [a for x in [*sets, f"train.lr={lr}"] for a in ("--set", x)]
+        print("$", " ".join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
+    rcs = [p.wait() for p in procs]
+    print(f"llm_early_stop: sweeps exit {rcs} after {time.time() - t0:.0f} s", flush=True)
+    analysis = [sys.executable, str(ROOT / "experiments" / "early_stop.py"), str(folder), "--metric", "ppl"]
+    subprocess.call(analysis, cwd=ROOT)
 
 
 def common(base: str | None, scale: float) -> list[str]:
@@ -125,12 +160,15 @@ def run(name: str, args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["data", *EXPERIMENTS, "all"])
+    p.add_argument("what", choices=["data", *EXPERIMENTS, "all", "llm_early_stop"])
     p.add_argument("--base", default=None, help="a micro model folder (default: the shipped one)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the step counts (default 1)")
     p.add_argument("--repeat", type=int, default=None, help="seeds per grid point (default: per experiment)")
     args = p.parse_args()
+    if args.what == "llm_early_stop":  # text data of its own: no images needed
+        llm_early_stop(args)
+        return 0
     make_data()
     if args.what == "data":
         return 0

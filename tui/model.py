@@ -103,6 +103,7 @@ class Sample:
     prompts: list[str]  # the grid's rows
     seeds: list[int] = field(default_factory=list)  # the grid's columns
     base: bool = False  # the base model's grid
+    texts: list[str] = field(default_factory=list)  # an LLM job's generations (no png)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class JobData:
             for name, x, value in metric_points(ev):
                 self.series_for(name).append(x, value, ev.step)
         elif isinstance(ev, SampleEvent):
-            sample = Sample(ev.step, ev.png, ev.path, list(ev.prompts), list(ev.seeds), ev.base)
+            sample = Sample(ev.step, ev.png, ev.path, list(ev.prompts), list(ev.seeds), ev.base, list(ev.texts))
             if ev.base:
                 self.base_sample = sample
             else:

@@ -77,7 +77,7 @@ HELP = """\
   ↑ ↓          choose a job (the queue is in run order) or a checkpoint (in the list)
   tab          next pane        shift+tab  previous pane
   [ ]          older / newer sample grid (] past the last follows the latest)
-  t            charts: CS-Fluctuation + KID  /  loss + CS
+  t            charts: CS-Fluctuation + KID (perplexity for LLM jobs)  /  loss + CS
   g            sample gallery: base, turning point and latest grids side by side
 
 [b]Charts[/b] (both share the step window and the cursor)

@@ -25,6 +25,14 @@ def cell_label(prompt: str | None, seed: int | None) -> str:
     return " · ".join(parts)
 
 
+def generations_text(texts: list[str]) -> Text:
+    """An LLM job's generations, one after another in alternating colours (Static wraps them)."""
+    out = Text()
+    for i, text in enumerate(texts):
+        out.append(text + "\n", style="green" if i % 2 == 0 else "cyan")
+    return out
+
+
 class SampleCell(Vertical):
     """One image under its label; `set` swaps both in place (no remounting)."""
 
@@ -77,6 +85,9 @@ class SampleGrid(Container):
         if sample is self.sample and self.children:
             return
         self.sample = sample
+        if sample is not None and sample.texts:  # an LLM job: its latest generations as text
+            self._note_only(generations_text(sample.texts))
+            return
         image = images.decode(sample.png) if sample is not None else None
         if sample is None or image is None:
             self._note_only(empty if sample is None else "(unreadable image)")
@@ -98,7 +109,7 @@ class SampleGrid(Container):
             [SampleCell(self.mode, label, cell) for label, cell in zip(labels, cells, strict=True)]
         )
 
-    def _note_only(self, text: str) -> None:
+    def _note_only(self, text: str | Text) -> None:
         notes = [c for c in self.children if isinstance(c, Static)]
         if len(self.children) == 1 and notes:
             notes[0].update(text)

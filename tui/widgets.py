@@ -332,9 +332,14 @@ class Charts(Vertical):
                 log_y=self.log_y.get(title, False),
                 **common,
             )
-            kid = trace("kid_train", "train", "blue") + trace("kid_val", "val", "green")
-            kid += trace("kid_base", "base", "red")
-            bottom.set_data(kid, key, title="KID", log_y=self.log_y.get("KID", False), **common)
+            # What the job measures: perplexity for an LLM job, KID for an image job.
+            llm = "ppl_val" in data.series or "ppl_train" in data.series
+            metric, title = ("ppl", "perplexity") if llm else ("kid", "KID")
+            kid = trace(f"{metric}_train", "train", "blue") + trace(f"{metric}_val", "val", "green")
+            kid += trace(f"{metric}_base", "base", "red")
+            # perplexity falls by decades (35,000 to 2 on the micro LLM): log scale unless toggled
+            log_y = self.log_y.get(title, llm)
+            bottom.set_data(kid, key, title=title, log_y=log_y, **common)
         else:
             top.empty_text = "no data yet"
             top.set_data(

@@ -32,7 +32,9 @@ def register(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("export", help="export a job's LoRA as diffusers or kohya weights")
+    e = sub.add_parser(
+        "export", help="export a job's LoRA as diffusers or kohya weights, or a peft adapter (LLM)"
+    )
     e.add_argument(
         "output_dir", metavar="JOB|OUTPUT_DIR", help="a job output folder, or a daemon job id or name"
     )
@@ -41,8 +43,10 @@ def register(sub: Any) -> None:
     )
     e.add_argument("--connect", metavar="ENDPOINT", help="the daemon's control endpoint, for a JOB")
     e.add_argument("--step", type=int, help="export checkpoint N instead of the result")
-    e.add_argument("--format", choices=["diffusers", "kohya"], required=True)
-    e.add_argument("--out", type=Path, required=True, help="folder (diffusers) or .safetensors file (kohya)")
+    e.add_argument("--format", choices=["diffusers", "kohya", "peft"], required=True)
+    e.add_argument(
+        "--out", type=Path, required=True, help="folder (diffusers, peft) or .safetensors file (kohya)"
+    )
     e.set_defaults(func=cmd_export)
 
 
@@ -156,7 +160,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         except FileNotFoundError as e:
             raise CommandError(str(e)) from None
     try:
-        path = export_lora(src, args.format, args.out)
+        if args.format == "peft":
+            from dallm.llm.export import export_peft
+
+            path = export_peft(src, args.out)
+        else:
+            path = export_lora(src, args.format, args.out)
     except (FileNotFoundError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(path)

@@ -33,15 +33,17 @@ class MetricsEvent(Message):
 
 
 class SampleEvent(Message):
-    """A sample grid made at `step` (fixed prompts x fixed seeds); `png` is a small thumbnail grid."""
+    """Samples made at `step` for fixed prompts (x fixed seeds): an image job's grid (`png` is a
+    small thumbnail of it), or an LLM job's generated texts (`texts`, one per prompt and seed)."""
 
     kind: Literal["sample"] = "sample"
     step: int
-    path: str  # full-size grid on disk, relative to the job's output folder
+    path: str  # full-size grid (or the texts' file) on disk, relative to the job's output folder
     png: bytes = b""
     prompts: list[str] = Field(default_factory=list)  # the grid's rows
     seeds: list[int] = Field(default_factory=list)  # the grid's columns
     base: bool = False  # the base model's grid (before any training), sent once with step 0
+    texts: list[str] = Field(default_factory=list)  # an LLM job's generations (no png)
 
 
 class CheckpointEvent(Message):
