@@ -21,6 +21,7 @@ waiting); `eval_worker_seconds` is the evaluator process's busy time, `eval_seco
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import time
 from collections import deque
@@ -67,6 +68,17 @@ def _load_weights(parts: ModelParts, tokens: Any, state: TrainState) -> None:
         tokens.set_rows(state.token_rows)
 
 
+def _next_request(requests: Any, parent: int) -> Any:
+    """The next request; None (end) when asked to end or when the trainer `parent` is gone (a killed
+    trainer cannot say so, and this process must not outlive it)."""
+    while True:
+        try:
+            return requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
 def worker_main(
     cfg: JobConfig,
     out_dir: Path,
@@ -76,6 +88,7 @@ def worker_main(
     threads: int,
     requests: Any,
     replies: Any,
+    parent: int,
 ) -> None:
     """The evaluator process: the base model with the job's LoRA layers and tokens, then one
     request at a time: ("run" | "kid" | "samples", step, weights) -> ("done", ...)."""
@@ -100,7 +113,7 @@ def worker_main(
         t0 = time.perf_counter()
         ev = LiveEvaluator(cfg, parts, out_dir, emit, torch.device(device), weight_dtype, train_prompts)
         replies.put(("ready", time.perf_counter() - t0))
-        while (msg := requests.get()) is not None:
+        while (msg := _next_request(requests, parent)) is not None:
             kind, step, state = msg
             t0 = time.perf_counter()
             _load_weights(parts, tokens, state)
@@ -163,6 +176,7 @@ class BackgroundEvaluator(LiveEvaluator):
                 threads,
                 self._requests,
                 self._replies,
+                os.getpid(),
             ),  # fmt: skip
             name="dallm-eval",
             daemon=True,  # never outlives the trainer

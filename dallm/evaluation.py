@@ -19,6 +19,9 @@ KID (the study's Section 2.3) compares `eval.num_images` images generated from t
       `eval/base_features.pt` (reused on resume when model, prompts and settings match) and the
       images are kept in `eval/base/` to look at.
 Target features are computed once per job. The subset size is capped at the smaller sample count.
+Base and target features are also shared between jobs (`dallm.eval_cache`, keyed by exactly what
+makes them). `submit` / `collect` are how the job asks: here evaluation happens in the loop;
+`dallm.eval_worker.BackgroundEvaluator` (eval.mode = "background") does it in a process of its own.
 """
 
 from __future__ import annotations

@@ -201,3 +201,52 @@ def test_eval_mode_must_be_inline_or_background(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"eval\.mode") as e:
         config_from_dict({"data": {"dir": str(tmp_path)}, "eval": {"mode": "sideways"}})
     assert "\n" not in str(e.value)
+
+
+def test_the_evaluator_process_ends_when_the_trainer_is_killed(
+    tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A trainer killed with SIGKILL cannot ask its evaluator to end: the evaluator notices."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    data = image_dir(n=6, captions=True, name="train")
+    script = f"""
+import sys, time, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from engine_helpers import job
+from dallm.data import load_training_data
+from dallm.eval_worker import BackgroundEvaluator
+from dallm.models import load_parts
+from dallm.trainer import Trainer
+cfg = job({str(tiny_sd)!r}, {str(data)!r}, eval={{"every": 2, "num_images": 4, "steps": 2}})
+parts = load_parts(cfg.model)
+images, _ = load_training_data(cfg.data, 16)
+trainer = Trainer(cfg, parts, images, None, torch.device("cpu"))
+bg = BackgroundEvaluator(cfg, parts, {str(tmp_path / "out")!r}, lambda e: None, torch.device("cpu"),
+                         torch.float32, ["a cat"], trainer.weights)
+print(bg._proc.pid, flush=True)
+time.sleep(600)
+"""
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(trainer.stdout.readline())  # type: ignore[union-attr]
+        assert psutil.pid_exists(child)
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 120  # it checks every second; the margin is for a loaded box
+
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        while alive(child):
+            assert time.monotonic() < deadline, "the evaluator process outlived its trainer"
+            time.sleep(0.5)
+    finally:
+        trainer.kill()
