@@ -79,6 +79,18 @@ def _next_request(requests: Any, parent: int) -> Any:
                 return None
 
 
+def _watch_parent(parent: int) -> None:
+    """End this process as soon as the trainer `parent` is gone, even while loading or evaluating."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="dallm-eval-parent-watch", daemon=True).start()
+
+
 def worker_main(
     cfg: JobConfig,
     out_dir: Path,
@@ -93,6 +105,7 @@ def worker_main(
     """The evaluator process: the base model with the job's LoRA layers and tokens, then one
     request at a time: ("run" | "kid" | "samples", step, weights) -> ("done", ...)."""
     step = None
+    _watch_parent(parent)
     try:
         torch.set_num_threads(threads)
         from dallm.lora import add_lora

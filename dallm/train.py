@@ -172,7 +172,7 @@ class Job:
         self.step = 0
         self._times: list[float] = []
         # Rows from the oldest step whose evaluation is still running (eval.mode = "background"):
-        # written once its KID is in them, so metrics.jsonl stays in step order with one row a step.
+        # written and sent once its KID is in them: one row and one MetricsEvent a step, in order.
         self._held: list[tuple[int, dict[str, float]]] = []
         self._deferred: list[TrainState] = []  # checkpoints waiting for the KIDs up to their step
 
@@ -214,16 +214,15 @@ class Job:
             values["steps_per_s"] = len(self._times) / sum(self._times)
             self._watch(values)
             evaluated: dict[str, float] = {}
-            submitted = late = False
+            submitted = False
             if self.evaluator is not None:
                 if submitted := self.evaluator.due(self.step):
                     with isolated_rng():  # inline: evaluated now; background: a copy of the weights goes
                         self.evaluator.submit(self.step, self.trainer.weights)
-                evaluated, late = self._arrive(self.evaluator.collect())
+                evaluated = self._arrive(self.evaluator.collect())
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
-            if due or evaluated or submitted or late:  # evaluation steps are always logged
+            if due or evaluated or submitted:  # evaluation steps are always logged
                 self._write_row(self.step, values | evaluated)
-                self.emit(MetricsEvent(step=self.step, values=values | evaluated))
             if self.step % cfg.checkpoint.every == 0:
                 self.checkpoint(wait=False)
             self._write_deferred()
@@ -235,41 +234,42 @@ class Job:
 
     # -- evaluations that come back ---------------------------------------------------------------
 
-    def _arrive(self, arrived: list) -> tuple[dict[str, float], bool]:
+    def _arrive(self, arrived: list) -> dict[str, float]:
         """Record finished evaluations (`dallm.evaluation.Arrived`, in step order): the validation
-        KID for early stopping, earlier steps' values into their held rows and a `MetricsEvent` of
-        their step. Returns the current step's values and whether an earlier step's came."""
+        KID for early stopping, earlier steps' values into their held rows (which go out once
+        complete). Returns the current step's values (inline: evaluated just now)."""
         now: dict[str, float] = {}
-        late = False
         for a in arrived:
             if self.early is not None and "kid_val" in a.values:
                 self.early.record_kid(a.step, a.values, a.state)
             if a.step == self.step and not any(s == a.step for s, _ in self._held):
                 now = a.values
                 continue
-            late = True
             for s, row in self._held:
                 if s == a.step:
                     row.update(a.values)
-            self.emit(MetricsEvent(step=a.step, values=a.values))
         self._release()
-        return now, late
+        return now
 
     def _pending(self) -> list[int]:
         return self.evaluator.pending() if self.evaluator is not None else []
 
     def _write_row(self, step: int, values: dict[str, float]) -> None:
+        """The step's row into metrics.jsonl and its `MetricsEvent`: now, or held (in order) while an
+        evaluation up to it runs, so that each step has one row and one event, with its KID."""
         if self._held or any(s <= step for s in self._pending()):
             self._held.append((step, dict(values)))
         else:
             self.log.write(step, values)
+            self.emit(MetricsEvent(step=step, values=values))
 
     def _release(self) -> None:
-        """Write the held rows before the oldest evaluation still running."""
+        """Write and send the held rows before the oldest evaluation still running."""
         oldest = min(self._pending(), default=None)
         while self._held and (oldest is None or self._held[0][0] < oldest):
             step, row = self._held.pop(0)
             self.log.write(step, row)
+            self.emit(MetricsEvent(step=step, values=row))
 
     def _wait_evaluations(self) -> None:
         """Wait for every evaluation asked for up to now (a stop, a rollback, a command)."""
