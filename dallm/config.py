@@ -240,6 +240,14 @@ class EvalConfig(_Section):
     guidance: float = Field(default=5.0, ge=0)
     batch_size: int = Field(default=16, ge=1)
     inception_weights: Path | None = None
+    # background: a separate process evaluates copies of the trainable weights while training goes
+    # on (the trainer waits only where a policy needs a KID); inline: in the training loop.
+    mode: Literal["inline", "background"] = "background"
+    threads: int | None = Field(default=None, ge=1)  # background on the CPU; None: the spare cores, >= 1
+    # Features of the base model's eval images and of the target folders, shared between jobs under
+    # a key of exactly what makes them (None: $DALLM_CACHE, else <dallm home>/cache/eval).
+    cache: bool = True
+    cache_dir: Path | None = None
 
     @field_validator("features")
     @classmethod
@@ -417,6 +425,7 @@ def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         ("data", "class_dir"),
         ("eval", "val_dir"),
         ("eval", "inception_weights"),
+        ("eval", "cache_dir"),
     ):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():

@@ -19,6 +19,9 @@ KID (the study's Section 2.3) compares `eval.num_images` images generated from t
       `eval/base_features.pt` (reused on resume when model, prompts and settings match) and the
       images are kept in `eval/base/` to look at.
 Target features are computed once per job. The subset size is capped at the smaller sample count.
+Base and target features are also shared between jobs (`dallm.eval_cache`, keyed by exactly what
+makes them). `submit` / `collect` are how the job asks: here evaluation happens in the loop;
+`dallm.eval_worker.BackgroundEvaluator` (eval.mode = "background") does it in a process of its own.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from dallm.checkpoint import TrainState
 from dallm.config import ConfigError, JobConfig
+from dallm.eval_cache import FeatureCache, cache_root, files_fingerprint, model_fingerprint
 from dallm.evolution import write_evolution, write_grid
 from dallm.imagefiles import image_files
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
@@ -53,6 +59,16 @@ log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise differs from the sample grids' seeds
 Extractor = Callable[[Any], torch.Tensor]  # list of PIL images or [N,3,H,W] in [0,1] -> [N,D]
+Weights = Callable[[int], TrainState]  # the trainable weights of a step, copied (Trainer.weights)
+
+
+@dataclass
+class Arrived:
+    """The evaluation of `step`: its metric values, and the weights it was made from when kept."""
+
+    step: int
+    values: dict[str, float]
+    state: TrainState | None = None
 
 
 def target_images(folder: Path, key: str, limit: int | None = None) -> list[Path]:
@@ -104,6 +120,7 @@ class LiveEvaluator:
         *,
         extractor: Extractor | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        load_extractor: bool = True,
     ) -> None:
         self.cfg, self.parts, self.out_dir, self.emit = cfg, parts, Path(out_dir), emit
         self.device, self.weight_dtype, self.clock = torch.device(device), weight_dtype, clock
@@ -129,12 +146,15 @@ class LiveEvaluator:
         self.stop_seconds: list[float] = []  # per `run` (samples and/or KID): what the ETA counts
         self.sample_seconds = 0.0
         self.setup_seconds = 0.0  # loading the feature extractor
+        self.cache = FeatureCache(cache_root(ev.cache_dir), ev.cache)
+        self._arrived: list[Arrived] = []
         if self.kid_on:  # fail before training on folders or an extractor that cannot be used
             self._train_files = target_images(Path(cfg.data.dir or "."), "data.dir", cfg.data.limit)
             self._val_files = target_images(ev.val_dir, "eval.val_dir") if ev.val_dir else []
-            t0 = clock()
-            _ = self.extractor
-            self.setup_seconds = clock() - t0
+            if load_extractor:
+                t0 = clock()
+                _ = self.extractor
+                self.setup_seconds = clock() - t0
 
     def base_prompt(self, prompt: str) -> str:
         """`prompt` for the base model: learned tokens replaced by `tokens.init_word`, or removed."""
@@ -150,6 +170,25 @@ class LiveEvaluator:
 
     def due(self, step: int) -> bool:
         return self.samples_due(step) or self.kid_due(step)
+
+    def submit(self, step: int, weights: Weights) -> None:
+        """Evaluate what is due at `step`; here in the loop (`collect` hands the values out).
+        `dallm.eval_worker.BackgroundEvaluator` sends a copy of the weights to its process instead."""
+        values = self.run(step)
+        self._arrived.append(Arrived(step, values, weights(step) if "kid_val" in values else None))
+
+    def collect(self, wait_upto: int | None = None) -> list[Arrived]:
+        """The evaluations finished since the last call, in step order (`wait_upto`: none is pending
+        here, evaluations are finished when `submit` returns)."""
+        out, self._arrived = self._arrived, []
+        return out
+
+    def pending(self) -> list[int]:
+        """Steps submitted and not evaluated yet (none here)."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to release in the loop's own process."""
 
     def run(self, step: int) -> dict[str, float]:
         """Samples and/or KID at `step` with the current weights; returns the scalars for metrics."""
@@ -236,6 +275,8 @@ class LiveEvaluator:
     def summary(self) -> dict[str, float]:
         total = sum(self.eval_seconds)
         return {
+            "eval_cache_hits": float(self.cache.hits),
+            "eval_cache_misses": float(self.cache.misses),
             "eval_count": float(len(self.eval_seconds)),
             "eval_seconds_total": total,
             "eval_seconds_mean": total / len(self.eval_seconds) if self.eval_seconds else 0.0,
@@ -245,10 +286,14 @@ class LiveEvaluator:
             "wall_seconds": self.clock() - self.started,
         }
 
+    def trainer_seconds(self) -> float:
+        """Seconds the training loop spent on evaluation: here all of it (extractor, samples, KID)."""
+        return self.setup_seconds + sum(self.eval_seconds) + self.sample_seconds
+
     def share(self) -> float:
-        """Evaluation and sampling time as a fraction of the wall time since the evaluator was made."""
+        """`trainer_seconds` as a fraction of the wall time since the evaluator was made."""
         wall = max(self.clock() - self.started, 1e-9)
-        return (self.setup_seconds + sum(self.eval_seconds) + self.sample_seconds) / wall
+        return self.trainer_seconds() / wall
 
     # -- samples --------------------------------------------------------------------------------
 
@@ -351,15 +396,50 @@ class LiveEvaluator:
         """Features of the training targets, the validation targets and the base samples (once)."""
         if self._refs:
             return self._refs
-        bs = self.cfg.eval.batch_size
-        refs = {"train": _features_of_files(self.extractor, self._train_files, bs)}
+        refs = {"train": self._target_features(self._train_files)}
         if self._val_files:
-            refs["val"] = _features_of_files(self.extractor, self._val_files, bs)
+            refs["val"] = self._target_features(self._val_files)
         refs["base"] = self._base_features()
         self._refs = refs
         return refs
 
+    def _extractor_key(self) -> dict[str, Any]:
+        ev = self.cfg.eval
+        weights = [str(ev.inception_weights)] if ev.inception_weights else []
+        return {"features": ev.features, "weights": weights}
+
+    def _target_features(self, paths: Sequence[Path]) -> torch.Tensor:
+        """Features of target files, from the shared cache when the same files were seen before."""
+        key = {"kind": "targets", **self._extractor_key(), "files": files_fingerprint(list(paths))}
+        feats = self.cache.get(key)
+        if feats is None:
+            feats = _features_of_files(self.extractor, paths, self.cfg.eval.batch_size)
+            self.cache.put(key, feats)
+        return feats
+
+    def shared_base_key(self) -> dict[str, Any]:
+        """Everything the base model's eval images and their features depend on (the shared cache's
+        key): model files, prompts, initial noise, sampler, dtype and extractor."""
+        key = self._base_key()
+        key.update(self._extractor_key())
+        key.update(
+            kind="base",
+            model=model_fingerprint(str(getattr(self.parts, "source", self.cfg.model.base))),
+            noise=[self.cfg.seed + EVAL_SEED_OFFSET, list(self._eval_latents.shape)],
+            sampler="ddim-eta0",
+            dtype=str(self.weight_dtype),
+        )
+        return key
+
     def _base_features(self) -> torch.Tensor:
+        shared = self.shared_base_key()
+        feats = self.cache.get(shared)
+        if feats is None:
+            feats = self._job_base_features()
+            self.cache.put(shared, feats)
+        return feats
+
+    def _job_base_features(self) -> torch.Tensor:
         cache = self.out_dir / "eval" / "base_features.pt"
         key = self._base_key()
         if cache.is_file():

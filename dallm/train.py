@@ -140,14 +140,25 @@ def train(
     if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir or cfg.eval.prompts:
         from dallm.evaluation import LiveEvaluator
 
-        evaluator = LiveEvaluator(cfg, parts, out, emit, device, weight_dtype, images.captions)
+        if cfg.eval.mode == "background" and not full:  # "full" changes the base weights themselves
+            from dallm.eval_worker import BackgroundEvaluator
+
+            evaluator = BackgroundEvaluator(
+                cfg, parts, out, emit, device, weight_dtype, images.captions, trainer.weights
+            )
+        else:
+            evaluator = LiveEvaluator(cfg, parts, out, emit, device, weight_dtype, images.captions)
         if full and ckpt is None:  # the base model's samples and KID features before its weights move
             evaluator.prime_base()
-    job = Job(cfg, trainer, early, evaluator, out, emit, poll)
     try:
-        return job.run(ckpt)
+        job = Job(cfg, trainer, early, evaluator, out, emit, poll)
+        try:
+            return job.run(ckpt)
+        finally:
+            job.log.close()
     finally:
-        job.log.close()
+        if evaluator is not None:
+            evaluator.close()
 
 
 class Job:
@@ -164,6 +175,10 @@ class Job:
         self.log = MetricsLog(out / "metrics.jsonl")
         self.step = 0
         self._times: list[float] = []
+        # Rows from the oldest step whose evaluation is still running (eval.mode = "background"):
+        # written and sent once its KID is in them: one row and one MetricsEvent a step, in order.
+        self._held: list[tuple[int, dict[str, float]]] = []
+        self._deferred: list[TrainState] = []  # checkpoints waiting for the KIDs up to their step
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -203,22 +218,68 @@ class Job:
             values["steps_per_s"] = len(self._times) / sum(self._times)
             self._watch(values)
             evaluated: dict[str, float] = {}
-            if self.evaluator is not None and self.evaluator.due(self.step):
-                with isolated_rng():  # sample grids go out as their own events; KID comes back
-                    evaluated = self.evaluator.run(self.step)
-                if self.early is not None and "kid_val" in evaluated:
-                    self.early.record_kid(self.step, evaluated, self.trainer.weights(self.step))
+            submitted = False
+            if self.evaluator is not None:
+                if submitted := self.evaluator.due(self.step):
+                    with isolated_rng():  # inline: evaluated now; background: a copy of the weights goes
+                        self.evaluator.submit(self.step, self.trainer.weights)
+                evaluated = self._arrive(self.evaluator.collect())
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
-            if due or evaluated:  # evaluation results are always logged
-                self.log.write(self.step, values | evaluated)
-                self.emit(MetricsEvent(step=self.step, values=values | evaluated))
+            if due or evaluated or submitted:  # evaluation steps are always logged
+                self._write_row(self.step, values | evaluated)
             if self.step % cfg.checkpoint.every == 0:
-                self.checkpoint()
+                self.checkpoint(wait=False)
+            self._write_deferred()
             if self.early is not None and self.early.should_stop(self.step):
                 return self.finish("early_stop")
         # notify / off with select = "turning": the user chose to train on, the result is the last step
         keep_last = self.early is None or self.early.select == "turning"
         return self.finish("completed", self.step if keep_last else None)
+
+    # -- evaluations that come back ---------------------------------------------------------------
+
+    def _arrive(self, arrived: list) -> dict[str, float]:
+        """Record finished evaluations (`dallm.evaluation.Arrived`, in step order): the validation
+        KID for early stopping, earlier steps' values into their held rows (which go out once
+        complete). Returns the current step's values (inline: evaluated just now)."""
+        now: dict[str, float] = {}
+        for a in arrived:
+            if self.early is not None and "kid_val" in a.values:
+                self.early.record_kid(a.step, a.values, a.state)
+            if a.step == self.step and not any(s == a.step for s, _ in self._held):
+                now = a.values
+                continue
+            for s, row in self._held:
+                if s == a.step:
+                    row.update(a.values)
+        self._release()
+        return now
+
+    def _pending(self) -> list[int]:
+        return self.evaluator.pending() if self.evaluator is not None else []
+
+    def _write_row(self, step: int, values: dict[str, float]) -> None:
+        """The step's row into metrics.jsonl and its `MetricsEvent`: now, or held (in order) while an
+        evaluation up to it runs, so that each step has one row and one event, with its KID."""
+        if self._held or any(s <= step for s in self._pending()):
+            self._held.append((step, dict(values)))
+        else:
+            self.log.write(step, values)
+            self.emit(MetricsEvent(step=step, values=values))
+
+    def _release(self) -> None:
+        """Write and send the held rows before the oldest evaluation still running."""
+        oldest = min(self._pending(), default=None)
+        while self._held and (oldest is None or self._held[0][0] < oldest):
+            step, row = self._held.pop(0)
+            self.log.write(step, row)
+            self.emit(MetricsEvent(step=step, values=row))
+
+    def _wait_evaluations(self) -> None:
+        """Wait for every evaluation asked for up to now (a stop, a rollback, a command)."""
+        if self.evaluator is not None:
+            self._arrive(self.evaluator.collect(wait_upto=self.step))
+            self._write_deferred()
 
     def _watch(self, values: dict[str, float]) -> int | None:
         """CS and CS-Fluctuation into `values`; a snapshot at window boundaries; the new turning point."""
@@ -259,6 +320,7 @@ class Job:
             return None
         if isinstance(cmd, InterruptCommand):
             self.checkpoint()
+            self._wait_evaluations()
             return self.finish("interrupted", self.step, write=False)
         if isinstance(cmd, RollbackCommand):
             return self._rollback(cmd.step, cmd.resume)
@@ -287,24 +349,40 @@ class Job:
                 if snap.step <= state.step:
                     self.early.keep(snap)
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self, wait: bool = True) -> Path | None:
+        """A checkpoint of the current step. Its history must hold the KIDs up to its step: with
+        evaluations of those still running it is kept in memory and written when they are back
+        (`wait`: wait for them and write it now)."""
         self.phases.enter("checkpointing", self.step)
         state = self.trainer.state(self.step)
+        if any(s <= state.step for s in self._pending()):
+            if not wait:
+                self._deferred.append(state)
+                return None
+            self._arrive(self.evaluator.collect(wait_upto=state.step))
+        return self._write_checkpoint(state)
+
+    def _write_deferred(self) -> None:
+        while self._deferred and not any(s <= self._deferred[0].step for s in self._pending()):
+            self._write_checkpoint(self._deferred.pop(0))
+
+    def _write_checkpoint(self, state: TrainState) -> Path:
         if self.early is not None:
             state.extra["history"] = list(self.early.history)
             state.extra["kids"] = dict(self.early.kids)
             state.extra["snapshots"] = [s.weights_only() for s in self.early.snapshots()]
         writers = {
             "weights": lambda d: self.trainer.write_weights(d, state),
-            "history": lambda d: self.log.save_history(d, self.step),
+            "history": lambda d: self.log.save_history(d, state.step),
         }
         folder = save_checkpoint(self.ckpt_root, state, writers)
         protect = {self.turning_point} if self.turning_point is not None else set()
         prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep, protect)
-        self.emit(CheckpointEvent(step=self.step, path=str(folder.relative_to(self.out))))
+        self.emit(CheckpointEvent(step=state.step, path=str(folder.relative_to(self.out))))
         return folder
 
     def _rollback(self, step: int, resume: bool) -> JobResult | None:
+        self._wait_evaluations()  # what is still running belongs to the history being cut
         state = self._state_at(step, need_optimizer=resume) if 0 <= step <= self.step else None
         if state is None:
             have = sorted({s for s, _ in list_checkpoints(self.ckpt_root)} | set(self._snapshot_steps()))
@@ -356,6 +434,7 @@ class Job:
         """End the run at the current step. `result_step` None: what early stopping chooses."""
         final_step = self.step if final_step is None else final_step
         self.phases.enter("stopping", self.step)
+        self._wait_evaluations()  # the policy compares the KIDs of every evaluated step
         extra: dict = {}
         choice = None
         if write and self.evaluator is not None:

@@ -14,6 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def private_eval_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own shared-feature cache (`dallm.eval_cache`), never the user's."""
+    folder = tmp_path / "eval-cache"
+    monkeypatch.setenv("DALLM_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD-format folder (8x8 latents, 16x16 images), loadable with from_pretrained."""

@@ -20,6 +20,7 @@ def job(model: Path, images: Path, **sections: dict[str, Any]) -> JobConfig:
         "train": {"steps": 6, "device": "cpu", "lr": 1e-3},
         "monitor": {"window": 2, "early_stop": "off"},
         "checkpoint": {"every": 3, "keep": None},
+        "eval": {"mode": "inline"},  # background evaluation has its own tests (test_eval_worker.py)
     }
     for name, values in sections.items():
         if name in ("name", "seed"):

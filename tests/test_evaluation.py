@@ -227,6 +227,8 @@ def test_nothing_configured_means_nothing_due(job: dict[str, Any]) -> None:
         "sample_seconds_total",
         "eval_share",
         "wall_seconds",
+        "eval_cache_hits",
+        "eval_cache_misses",
     }
     assert not (job["out"] / "samples").exists()
 
