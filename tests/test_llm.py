@@ -178,10 +178,9 @@ def anyio_backend() -> str:
 @pytest.mark.anyio
 async def test_tui_labels_perplexity_and_shows_text_samples() -> None:
     from textual.app import App, ComposeResult
-
-    from dallm.tui.model import JobData
     from textual.widgets import Static
 
+    from dallm.tui.model import JobData
     from dallm.tui.thumbnail import SampleGrid, Thumbnail
     from dallm.tui.widgets import Charts
 
