@@ -25,6 +25,7 @@ import torch
 from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
 from dallm.early_stop import EarlyStop
+from dallm.evaluation import Arrived
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
 from dallm.micro_llm.metrics import model_perplexity
@@ -49,6 +50,7 @@ class LlmEvaluator:
         self.eval_seconds: list[float] = []
         self.early: EarlyStop | None = None
         self.weights: Callable[[int], TrainState] | None = None
+        self._arrived: list[Arrived] = []
 
     def attach(self, early: EarlyStop | None, weights: Callable[[int], TrainState]) -> None:
         """The early-stop policy to hand `ppl_val` to, and how to read the current weights."""
@@ -64,6 +66,24 @@ class LlmEvaluator:
 
     def due(self, step: int) -> bool:
         return self.samples_due(step) or self.ppl_due(step)
+
+    # -- the loop's interface (dallm.train.Job): evaluated here, in the training process ----------
+
+    def submit(self, step: int, weights: Callable[[int], TrainState]) -> None:
+        """Evaluate what is due at `step` now (`collect` hands the values out). The perplexities
+        reach the early-stop policy through `attach`, so the `Arrived` carries no weights."""
+        self._arrived.append(Arrived(step, self.run(step)))
+
+    def collect(self, wait_upto: int | None = None) -> list[Arrived]:
+        """The evaluations made since the last call (all of them: none runs in the background)."""
+        out, self._arrived = self._arrived, []
+        return out
+
+    def pending(self) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        """Nothing to release: the evaluator shares the trainer's model."""
 
     def run(self, step: int) -> dict[str, float]:
         """Generations and/or perplexities of the current weights at `step`."""
