@@ -83,7 +83,7 @@ def test_ls_and_show_name_the_phase_and_an_eta_with_the_evaluations(
     from dallm.protocol import JobDetail
 
     row = running(step=40, total_steps=100, steps_per_s=2.0, eval_every=20, eval_stop_seconds=10.0,
-                  phase="kid", phase_since=time.time() - 65)  # fmt: skip
+                  phase="kid", phase_since=time.time() - 65, kid_val=0.0606, kid_val_std=0.158)  # fmt: skip
 
     class Client:
         def jobs(self, states: object = None, limit: object = None) -> list[JobSummary]:
@@ -100,6 +100,7 @@ def test_ls_and_show_name_the_phase_and_an_eta_with_the_evaluations(
     assert main(["ls"]) == 0
     header, line = capsys.readouterr().out.splitlines()
     assert "ETA" in header and "running (kid 1m0" in line and "1m00s" in line  # 30 s training + 3 x 10 s
+    assert "KID VAL" in header and "0.0606±0.16" in line  # the KID with its spread
     assert main(["ls", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)[0]
     assert listed["phase"] == "kid" and listed["eta_s"] == pytest.approx(60.0)

@@ -16,7 +16,7 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.widgets import Footer
 
-from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary, phase_text
+from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary, kid_text, phase_text
 from dallm.tui import images
 from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
 from dallm.tui.link import DaemonLink
@@ -32,7 +32,6 @@ from dallm.tui.widgets import (
     EventLog,
     JobHeader,
     JobTable,
-    kid_text,
 )
 
 ACTIVE_STATES = frozenset({"running", "stopping"})

@@ -13,7 +13,7 @@ from textual.reactive import reactive
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from dallm.protocol import JobSummary, phase_text
+from dallm.protocol import JobSummary, kid_text, phase_text
 from dallm.tui.chart import Chart, Trace, ema
 from dallm.tui.model import JobData, Series, eta_seconds, format_eta
 
@@ -40,13 +40,6 @@ def live_state_text(row: JobSummary, now: float) -> Text:
     if phase:
         text.append(f" · {phase}", style="cyan")
     return text
-
-
-def kid_text(kid: float | None, std: float | None = None) -> str:
-    """A KID with its spread when known: a KID well inside its std is no evidence of anything."""
-    if kid is None:
-        return "-"
-    return f"{kid:.4f}" if std is None else f"{kid:.4f}±{std:.2g}"
 
 
 _RUN_ORDER = {"running": 0, "stopping": 0, "queued": 1}

@@ -84,7 +84,9 @@ class _LineProgress:
         if s.state == self.state and (tenth <= self.tenth or now - self.last < 5):
             return
         self.state, self.tenth, self.last = s.state, tenth, now
-        kid = f"  KID val {s.kid_val:.4f}" if s.kid_val is not None else ""
+        from dallm.protocol import kid_text
+
+        kid = f"  KID val {kid_text(s.kid_val, s.kid_val_std)}" if s.kid_val is not None else ""
         tp = f"  turning point {s.turning_point}" if s.turning_point is not None else ""
         total = f"/{s.total_steps}" if s.total_steps else ""
         print(f"job {s.id} {s.state:<13} step {s.step}{total}{kid}{tp}", file=sys.stderr, flush=True)
@@ -107,8 +109,10 @@ def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
     ) as bar:
         task = bar.add_task("", total=None, job=job, state="", extra="")
 
+        from dallm.protocol import kid_text
+
         def update(s: Any) -> None:
-            extra = f"KID {s.kid_val:.4f}" if s.kid_val is not None else ""
+            extra = f"KID {kid_text(s.kid_val, s.kid_val_std)}" if s.kid_val is not None else ""
             bar.update(task, total=s.total_steps or None, completed=s.step, state=s.state, extra=extra)
 
         summary = c.wait(job, timeout=timeout, on_update=update)
@@ -205,7 +209,7 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, phase_text
+    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, kid_text, phase_text
     from dallm.sweep import sweep_of  # a job in a sweep folder (`dallm sweep`) belongs to that sweep
 
     for state in args.state or []:
@@ -229,7 +233,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print("no jobs")
         return 0
     now = time.time()
-    rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "ETA", "DEVICE", "AGE", "REASON")]
+    rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "KID VAL", "ETA", "DEVICE", "AGE", "REASON")]
     group: str | None = None
     for j in jobs:
         if sweeps[j.id] != group:
@@ -241,7 +245,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         state = f"{j.state} ({phase})" if phase else j.state
         eta = format_seconds(eta_seconds(j))
         rows.append(
-            (str(j.id), name, state, str(j.priority), step, eta, j.device or "-", _ago(j.created), j.reason)
+            (str(j.id), name, state, str(j.priority), step, kid_text(j.kid_val, j.kid_val_std), eta)
+            + (j.device or "-", _ago(j.created), j.reason)
         )
     widths = [max(len(r[i]) for r in rows if len(r) > 1) for i in range(len(rows[0]) - 1)]
     for r in rows:

@@ -152,6 +152,13 @@ def format_seconds(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def kid_text(kid: float | None, std: float | None = None) -> str:
+    """A KID with its spread when known: a KID well inside its std is no evidence of anything."""
+    if kid is None:
+        return "-"
+    return f"{kid:.4f}" if std is None else f"{kid:.4f}±{std:.2g}"
+
+
 def phase_text(row: JobSummary, now: float) -> str:
     """What a live job does now and for how long ("kid 1m05s"); "" for a job not running."""
     if row.state not in ("running", "stopping") or not row.phase:
