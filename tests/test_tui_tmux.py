@@ -135,3 +135,44 @@ def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         c.close()
+
+
+def test_tui_in_tmux_checkpoint_now_then_rollback_and_resume(home: Path, daemons) -> None:
+    """`c` makes the running job write a checkpoint now (none is scheduled), and `r` on it, answered
+    with `r`, rolls the job back to that step and resumes it: on a real daemon (fake engine)."""
+    from daemon_helpers import config, wait_step
+
+    from dallm.protocol import job_topic
+
+    d = daemons(step_s=0.02)
+    c = d.client()
+    job = c.submit(config("ctl", steps=100_000, every=100_000))  # no scheduled checkpoint
+    session = f"dallm-ctl-{job.id}-{int(time.time())}"
+    tui = f"{sys.executable} -m dallm.tui.app --home {home} --images none"
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", tui)
+
+    def step_on_screen(t: str) -> int:
+        m = re.search(rf"^\s*{job.id}\s+ctl\s+\S+\s+(\d+)/\d+", t, re.M)
+        return int(m.group(1)) if m else -1
+
+    try:
+        screen_until(session, lambda t: step_on_screen(t) > 20, timeout=60)
+        assert c.show(str(job.id)).checkpoints == []
+        press_until(session, ["c"], lambda t: re.search(r"checkpoint at step \d+", t) is not None)
+        text = screen_until(session, lambda t: re.search(r"step\s+\d+\s+KID", t) is not None, timeout=30)
+        saved = [ck.step for ck in c.show(str(job.id)).checkpoints]
+        assert len(saved) == 1 and f"checkpoint at step {saved[0]}" in text
+        wait_step(c, job.id, saved[0] + 100)  # the job runs on past it
+        tmux("send-keys", "-t", session, "Tab")  # from the queue to the checkpoint list
+        screen_until(session, lambda t: step_on_screen(t) > saved[0] + 100, timeout=10)
+        press_until(session, ["r"], lambda t: f"back to step {saved[0]}" in t)
+        tmux("send-keys", "-t", session, "r")  # resume from it
+        text = screen_until(session, lambda t: f"rolled back to step {saved[0]}" in t, timeout=30)
+        rolled = c.summary(job.id)
+        assert rolled.state == "running"
+        events, _ = c.history_all(topics=[job_topic(job.id)], kinds=["rolled_back"])
+        assert [(e.event.step, e.event.resume) for e in events] == [(saved[0], True)]
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        c.cancel(job.id)
+        c.close()
