@@ -239,7 +239,11 @@ def test_stop_and_cancel_asked_before_a_daemon_crash_are_carried_out(daemons) ->
     with d2.client() as c:
         s = wait_state(c, to_stop.id, {"stopped-early", "finished", "failed"})
         assert s.state == "stopped-early", s.reason
-        assert any("daemon restarted" in t.reason for t in c.show(to_stop.id).transitions)
+        # Either the restarted daemon carried the stop out (requeue, then stop), or the worker had
+        # the stop already and finished while no daemon ran (daemon/reconcile.py ends it with its
+        # result): which one depends on when the kill lands against the worker's 0.5 s poll.
+        reasons = [t.reason for t in c.show(to_stop.id).transitions]
+        assert any("daemon restarted" in r or "while the daemon was down" in r for r in reasons), reasons
         to_cancel = c.submit(config("c", steps=100_000, every=1000))
         wait_step(c, to_cancel.id, 2)
         c.cancel(to_cancel.id)
