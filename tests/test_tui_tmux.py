@@ -187,7 +187,13 @@ def test_tui_in_tmux_shows_the_evaluation_phase(home: Path, daemons) -> None:
     cfg = load_config(
         REPO / "configs" / "quickstart.toml",
         ["eval.mode=inline", "eval.every=10", "train.steps=400", "monitor.early_stop=off"]
-        + ["samples.every=0", "checkpoint.every=1000"],
+        + [
+            "samples.every=0",
+            "checkpoint.every=1000",
+            "eval.num_images=10",
+            "eval.subset_size=5",
+            "eval.steps=5",
+        ],
     )
     d = daemons(runner=None, OMP_NUM_THREADS="1")
     c = d.client()
