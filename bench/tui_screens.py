@@ -2,7 +2,7 @@
 half-block images, saved as SVG by Textual and converted to PNG when `rsvg-convert` is installed
 (apt-get install librsvg2-bin).
 
-    .venv/bin/python bench/tui_screens.py [--out docs/screens]
+    .venv/bin/python bench/tui_screens.py [--out docs/screens] [--views resources compare ...]
 """
 
 from __future__ import annotations
@@ -19,26 +19,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
+from dallm.protocol import GpuUsage, HostUsage, JobUsage, ResourcesReply, UsageEvent  # noqa: E402
+from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 from dallm.tui.app import DallmApp  # noqa: E402
 from dallm.tui.demo import demo_connection  # noqa: E402
 from dallm.tui.gallery import GalleryScreen  # noqa: E402
 from dallm.tui.thumbnail import SampleCell  # noqa: E402
-from dallm.tui.widgets import ConnectionBar  # noqa: E402
+from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
 
-# (file name, keys pressed from the main view, what it shows)
+# (file name, keys pressed from the main view, what it shows); "job:N" moves the queue's cursor
+# to job N (the queue is in run order, which the demo's timing decides).
 VIEWS = [
     ("main", [], "queue, CS-Fluctuation (log) + KID with error bars, thumbnail, checkpoints, log"),
     ("chart-cursor", ["z", "comma", "e"], "zoomed in, cursor reading both charts, smoothing 0.6"),
     ("loss", ["t"], "loss + CS"),
     ("gallery", ["g"], "sample gallery: base, turning point, latest"),
     ("help", ["question_mark"], "help with every key"),
+    ("resources", ["u"], "resources: host, GPU, workers (a scripted sample of a GPU machine)"),
+    ("compare", ["space", "job:2", "space", "v"], "compare: jobs 1 and 2 overlaid"),
+    ("logs", ["job:3", "l"], "log tail of the failed job, its traceback in red"),
+    ("details", ["job:2", "d"], "details: show, state history, config as TOML"),
+    ("queue-search", ["slash", *"sweep", "enter"], "queue filtered by a name search"),
 ]
 
 
-async def shoot(out: Path, size: tuple[int, int]) -> list[Path]:
+def gpu_machine(conn: FakeConnection) -> None:
+    """The resources view's sample: the demo's fake daemon has no machine of its own to sample, so
+    this is scripted as a GPU machine reports it (host, one GPU, job 1's worker; job 2's peak)."""
+    conn.usage = ResourcesReply(
+        t=time.time(),
+        host=HostUsage(cpu_percent=37.5, cpu_count=16, mem_used_mb=50000.0, mem_total_mb=131072.0),
+        gpus=[
+            GpuUsage(
+                index=0, name="NVIDIA H200", util_percent=93.0, mem_used_mb=61440.0, mem_total_mb=143771.0
+            )
+        ],  # fmt: skip
+        jobs=[
+            JobUsage(job=1, pid=4242, device="cuda:0", cpu_percent=99.0, rss_mb=3200.0, gpu_mem_mb=60000.0)
+        ],
+    )
+    conn.emit(2, UsageEvent(peak_rss_mb=2900.0, peak_gpu_mb=52000.0), live=False)
+
+
+SETUP = {"resources": gpu_machine}
+
+
+async def shoot(out: Path, size: tuple[int, int], only: list[str]) -> list[Path]:
     saved = []
     for name, keys, _ in VIEWS:
-        app = DallmApp(demo_connection(points=400), images_mode="halfblock", poll_timeout=0.05)
+        if only and name not in only:
+            continue
+        conn = demo_connection(points=400)
+        if name in SETUP:
+            SETUP[name](conn)
+        app = DallmApp(conn, images_mode="halfblock", poll_timeout=0.05)
         async with app.run_test(size=size) as pilot:
             deadline = time.monotonic() + 30
             while not (
@@ -49,11 +83,20 @@ async def shoot(out: Path, size: tuple[int, int]) -> list[Path]:
                 await pilot.pause(0.05)
             while len(app.query(SampleCell)) < 4 and time.monotonic() < deadline:
                 await pilot.pause(0.05)
-            await pilot.press(*keys)
+            for key in keys:
+                if key.startswith("job:"):
+                    table = app.query_one(JobTable)
+                    table.move_cursor(row=table.get_row_index(key[4:]))
+                    while app.selected != int(key[4:]) or not app.model.data[app.selected].loaded:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"job {key[4:]} did not load")
+                        await pilot.pause(0.05)
+                else:
+                    await pilot.press(key)
             if isinstance(app.screen, GalleryScreen):
                 while len(app.screen.query(SampleCell)) < 12 and time.monotonic() < deadline:
                     await pilot.pause(0.05)
-            await pilot.pause(0.5)
+            await pilot.pause(1.5)  # the views ask the daemon (history, log, show, resources) first
             path = out / f"tui-{name}.svg"
             app.save_screenshot(filename=path.name, path=str(out))
             saved.append(path)
@@ -65,9 +108,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/screens"))
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=48)
+    names = [v[0] for v in VIEWS]
+    p.add_argument("--views", nargs="+", default=[], choices=names, help="only these (default: all)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    svgs = asyncio.run(shoot(args.out, (args.width, args.height)))
+    svgs = asyncio.run(shoot(args.out, (args.width, args.height), args.views))
     convert = shutil.which("rsvg-convert")
     for svg in svgs:
         if convert:

@@ -44,8 +44,7 @@ from dallm.protocol import (
     JobResult,
     LogEvent,
     MetricsEvent,
-    Phase,
-    PhaseEvent,
+    PhaseEmit,
     Poll,
     RollbackCommand,
     RolledBackEvent,
@@ -61,26 +60,6 @@ __all__ = ["JobResult", "train"]
 
 def _noop(_: JobEvent) -> None:
     pass
-
-
-class PhaseEmit:
-    """`emit` that forwards a `PhaseEvent` only when the phase changes: the loop re-enters
-    "training" after every evaluation or checkpoint, and the evaluator names its own phases."""
-
-    def __init__(self, emit: Emit) -> None:
-        self.inner = emit
-        self.phase: str | None = None
-
-    def __call__(self, event: JobEvent) -> None:
-        if isinstance(event, PhaseEvent):
-            if event.phase == self.phase:
-                return
-            self.phase = event.phase
-        self.inner(event)
-
-    def enter(self, phase: Phase, step: int) -> None:
-        if phase != self.phase:  # checked first: "training" is asked for every step
-            self(PhaseEvent(phase=phase, step=step, at=time.time()))
 
 
 def seed_everything(seed: int) -> None:

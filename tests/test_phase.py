@@ -107,3 +107,43 @@ def test_ls_and_show_name_the_phase_and_an_eta_with_the_evaluations(
     assert main(["show", "1"]) == 0
     out = capsys.readouterr().out
     assert "phase kid 1m0" in out and "ETA 1m00s (60 steps at 2/s + 3 evaluation(s), 10.0 s each)" in out
+
+
+def test_fake_engine_names_its_phases_like_the_engine(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake engine (daemon and TUI tests) sends the engine's phases, each once as it begins: a
+    TUI on it no longer shows "loading" for the whole run."""
+    from daemon_helpers import config
+
+    from dallm.config import config_from_dict
+    from dallm.protocol import JobEvent, RollbackCommand
+    from dallm.testing.fake_engine import train
+
+    monkeypatch.setenv("DALLM_FAKE_STEP_S", "0")
+    cfg = config_from_dict(
+        config("phases", steps=12, every=6, eval={"every": 4}, samples={"every": 8, "prompts": ["a"]})
+    )
+    events: list[JobEvent] = []
+    commands: list[RollbackCommand | None] = [None] * 10 + [RollbackCommand(step=6, resume=True)]
+    train(cfg, out_dir=tmp_path, emit=events.append, poll=lambda: commands.pop(0) if commands else None)
+    phases = [(e.phase, e.step) for e in events if isinstance(e, PhaseEvent)]
+    assert phases == [
+        ("training", 0),
+        ("kid", 4),
+        ("training", 4),
+        ("checkpointing", 6),
+        ("training", 6),
+        ("kid", 8),
+        ("sampling", 8),
+        ("training", 8),
+        # step 10: the rollback to 6; training goes on from there
+        ("kid", 8),
+        ("sampling", 8),
+        ("training", 8),
+        ("kid", 12),
+        ("checkpointing", 12),
+        ("stopping", 12),
+    ]
+    row = running()
+    for e in events:
+        row = row.apply(e)
+    assert row.phase == "stopping"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_tui import header_text, loaded, make_app, notifications, until
 
-from dallm.protocol import JobSummary, MetricsEvent, RolledBackEvent, StartedEvent
+from dallm.protocol import CheckpointEvent, JobSummary, MetricsEvent, RolledBackEvent, StartedEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.chart import Chart
 from dallm.tui.connection import Action
@@ -71,6 +71,31 @@ async def test_first_down_in_the_checkpoint_list_moves_to_the_next_one(conn: Fak
         assert checkpoints.chosen_step == 200
         await pilot.press("r")
         assert isinstance(app.screen, RollbackScreen) and "step 200" in app.screen.question
+
+
+async def test_first_down_after_checkpoints_arrived_one_by_one_moves_to_the_second() -> None:
+    """Broken 3 as a user met it: checkpoints arrive live one at a time, each rebuild kept the
+    cursor on the step it was on (the oldest), so the first ↓ wrapped round to the top. Until the
+    user moves it, the cursor follows the newest checkpoint; once moved, it stays on that step."""
+    conn = FakeConnection([JobSummary(id=1, name="live", state="running", total_steps=1000)])
+    conn.emit(1, StartedEvent(start_step=0, total_steps=1000, device="cpu", trainable_params=1), live=False)
+    app = make_app(conn)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, loaded(app))
+        checkpoints = app.query_one(CheckpointList)
+        for step in (20, 40, 60):
+            conn.emit(1, MetricsEvent(step=step, values={"loss": 0.1}), CheckpointEvent(step=step, path="c"))
+            await until(pilot, lambda n=step // 20: checkpoints.option_count == n)
+        assert checkpoints.chosen_step == 60
+        await pilot.press("tab")
+        await until(pilot, lambda: checkpoints.has_focus)
+        await pilot.press("down")
+        assert checkpoints.chosen_step == 40
+        conn.emit(1, MetricsEvent(step=80, values={"loss": 0.1}), CheckpointEvent(step=80, path="c"))
+        await until(pilot, lambda: checkpoints.option_count == 4)
+        assert checkpoints.chosen_step == 40  # the user's pick stays
+        await pilot.press("r")
+        assert isinstance(app.screen, RollbackScreen) and "step 40" in app.screen.question
 
 
 async def test_demo_rolls_back_a_finished_job_and_ends_its_running_one() -> None:

@@ -176,3 +176,89 @@ def test_tui_in_tmux_checkpoint_now_then_rollback_and_resume(home: Path, daemons
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         c.cancel(job.id)
         c.close()
+
+
+def test_tui_in_tmux_shows_the_evaluation_phase(home: Path, daemons) -> None:
+    """While an evaluation runs the step counter stands still and the screen says why: the job's
+    phase goes from training to kid (with its time) and back, on the micro model.
+    Inline evaluation: in the background the trainer would not stop for it."""
+    from dallm.protocol import PhaseEvent, job_topic
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.toml",
+        ["eval.mode=inline", "eval.every=10", "train.steps=400", "monitor.early_stop=off"]
+        + [
+            "samples.every=0",
+            "checkpoint.every=1000",
+            "eval.num_images=10",
+            "eval.subset_size=5",
+            "eval.steps=5",
+        ],
+    )
+    d = daemons(runner=None, OMP_NUM_THREADS="1")
+    c = d.client()
+    job = c.submit(config_to_dict(cfg), config_dir=REPO / "configs")
+    session = f"dallm-phase-{job.id}-{int(time.time())}"
+    tui = f"{sys.executable} -m dallm.tui.app --home {home} --images none"
+    tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "48", tui)
+    evaluating = re.compile(r"running · kid (\d+m)?\d+s")
+    try:
+        text = screen_until(session, lambda t: evaluating.search(t) is not None and shown_step(t, job.id) > 0)
+        at = shown_step(text, job.id)  # the step before the evaluated one: its metrics follow the KID
+        text = screen_until(
+            session,
+            lambda t: re.search(r"running · training \d+s", t) is not None and shown_step(t, job.id) > at,
+        )
+        events, _ = c.history_all(topics=[job_topic(job.id)], kinds=["phase"])
+        phases = [e.event.phase for e in events if isinstance(e.event, PhaseEvent)]
+        assert {"training", "kid"} <= set(phases)  # no grids (samples.every=0): no "sampling"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        c.cancel(job.id)
+        c.close()
+
+
+def test_tui_in_tmux_rollback_clears_the_erased_cs_fluctuation(home: Path, daemons) -> None:
+    """A rollback erases the CS-Fluctuation logged after its step, also the values that lag and are
+    drawn at earlier steps (issue 14 broken 1): the open TUI's legend then reads the value logged at
+    the rollback step, not the newest erased one. Fake engine (CS-Fluctuation lags 3 windows)."""
+    from daemon_helpers import config, metric_steps
+
+    from dallm.testing.fake_engine import cs_fluct_at
+    from dallm.tui.chart import format_number
+
+    d = daemons(step_s=0.02)
+    c = d.client()
+    job = c.submit(config("csf", steps=100_000, every=60, monitor={"window": 10, "early_stop": "off"}))
+    session = f"dallm-csf-{job.id}-{int(time.time())}"
+    tui = f"{sys.executable} -m dallm.tui.app --home {home} --images none"
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", tui)
+
+    def legend(t: str) -> str | None:
+        m = re.search(r"━ cs_fluct (\S+)", t)
+        return m.group(1) if m else None
+
+    try:
+        text = screen_until(session, lambda t: re.search(r"step\s+120\s+KID", t) is not None, timeout=60)
+        assert legend(text) is not None
+        tmux("send-keys", "-t", session, "Tab")  # to the checkpoint list
+        for _ in range(4):  # End: its oldest checkpoint, step 60 (a key can be lost: look at the dialog)
+            tmux("send-keys", "-t", session, "End")
+            time.sleep(0.5)
+            text = press_until(session, ["r"], lambda t: re.search(r"back to step \d+", t) is not None)
+            if "back to step 60" in text:
+                break
+            press_until(session, ["Escape"], lambda t: "back to step" not in t)
+        assert "back to step 60" in text, text
+        tmux("send-keys", "-t", session, "f")  # finish there
+        text = screen_until(session, lambda t: "rolled back to step 60" in t, timeout=30)
+        assert wait_state(c, job.id, "stopped-early").result_step == 60
+        last = max(metric_steps(c, job.id, include_superseded=True))
+        assert last >= 120 and max(metric_steps(c, job.id)) == 60  # it erased values logged at 61..
+        kept = format_number(cs_fluct_at(60))
+        # the newest erased value differs from the kept one (the fake's values rise with the step)
+        assert format_number(cs_fluct_at(last - last % 10)) != kept
+        text = screen_until(session, lambda t: legend(t) == kept, timeout=15)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        c.close()

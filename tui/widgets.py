@@ -362,11 +362,20 @@ def spread(data: JobData, name: str, series: Series) -> np.ndarray | None:
 
 
 class CheckpointList(OptionList):
-    """Checkpoints of the selected job (step, KID where known); the turning point is starred."""
+    """Checkpoints of the selected job (step, KID where known); the turning point is starred. The
+    cursor follows the newest checkpoint until the user moves it (keys, mouse), then stays on the
+    step chosen: kept on an old one while new ones arrived, the first ↓ wrapped round to the top."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._shown: tuple = ()
+        self._rebuilding = False
+        self._picked = False  # the user moved the cursor (for the job shown)
+
+    def watch_highlighted(self, highlighted: int | None) -> None:
+        super().watch_highlighted(highlighted)
+        if not self._rebuilding and highlighted is not None:
+            self._picked = True
 
     def show(self, data: JobData | None) -> None:
         rows: list[tuple[int, float | None, float | None, bool]] = []
@@ -381,17 +390,23 @@ class CheckpointList(OptionList):
         shown = (data.job if data else None, tuple(rows))
         if shown == self._shown:
             return
-        keep = self.chosen_step if data is not None and self._shown and self._shown[0] == data.job else None
+        same_job = data is not None and bool(self._shown) and self._shown[0] == data.job
+        keep = self.chosen_step if same_job and self._picked else None
         self._shown = shown
-        self.clear_options()
-        for step, kid, std, tp in rows:
-            label = Text(f"step {step:>6}  KID {kid_text(kid, std):>7}")
-            if tp:
-                label.append(" ★ TP", style="yellow")
-            self.add_option(Option(label, id=str(step)))
-        if rows:
+        self._rebuilding = True
+        try:
+            self.clear_options()
+            for step, kid, std, tp in rows:
+                label = Text(f"step {step:>6}  KID {kid_text(kid, std):>7}")
+                if tp:
+                    label.append(" ★ TP", style="yellow")
+                self.add_option(Option(label, id=str(step)))
             steps_list = [r[0] for r in rows]
-            self.highlighted = steps_list.index(keep) if keep in steps_list else 0
+            self._picked = keep in steps_list  # a pick a rollback erased, or another job: follow again
+            if rows:
+                self.highlighted = steps_list.index(keep) if keep in steps_list else 0
+        finally:
+            self._rebuilding = False
 
     @property
     def chosen_step(self) -> int | None:

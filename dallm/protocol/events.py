@@ -5,6 +5,7 @@ The engine calls `emit(event)` and, once per step, `poll()` for a command; a wor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Protocol, get_args
@@ -194,6 +195,26 @@ job_command_adapter: TypeAdapter[JobCommand] = TypeAdapter(JobCommand)
 
 Emit = Callable[[JobEvent], None]
 Poll = Callable[[], JobCommand | None]
+
+
+class PhaseEmit:
+    """`emit` that forwards a `PhaseEvent` only when the phase changes: the loop re-enters
+    "training" after every evaluation or checkpoint, and the evaluator names its own phases."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.inner = emit
+        self.phase: str | None = None
+
+    def __call__(self, event: JobEvent) -> None:
+        if isinstance(event, PhaseEvent):
+            if event.phase == self.phase:
+                return
+            self.phase = event.phase
+        self.inner(event)
+
+    def enter(self, phase: Phase, step: int) -> None:
+        if phase != self.phase:  # checked first: "training" is asked for every step
+            self(PhaseEvent(phase=phase, step=step, at=time.time()))
 
 
 class Engine(Protocol):

@@ -1,7 +1,9 @@
 """A fast, deterministic stand-in for `dallm.train.train` (an `Engine`), for daemon tests and the
 daemon benchmark: `dallm-daemon start --runner dallm.testing.fake_engine:train`.
 
-Same contract as the engine: emits StartedEvent, MetricsEvent per step, SampleEvent
+Same contract as the engine: emits StartedEvent, PhaseEvents as the engine does (training, sampling,
+kid, checkpointing, stopping; each once when it begins), MetricsEvent per step (with CS and a
+CS-Fluctuation that lags 3 windows, as the engine's), SampleEvent
 (a PNG thumbnail) every `samples.every`, CheckpointEvent every `checkpoint.every` (written atomically
 to checkpoints/step-N/), FinishedEvent; calls `poll()` once per step and obeys Stop / Rollback /
 CheckpointNow / Interrupt; `resume` takes a checkpoint folder or the output folder (latest
@@ -27,7 +29,7 @@ import time
 import zlib
 from pathlib import Path
 
-from dallm.config import JobConfig
+from dallm.config import JobConfig, window_steps
 from dallm.metrics_log import MetricsLog
 from dallm.protocol import (
     CheckpointEvent,
@@ -38,6 +40,7 @@ from dallm.protocol import (
     JobResult,
     LogEvent,
     MetricsEvent,
+    PhaseEmit,
     Poll,
     RollbackCommand,
     RolledBackEvent,
@@ -73,6 +76,12 @@ def loss_at(step: int) -> float:
     return 1.0 / (1.0 + 0.05 * step) + 0.01 * ((step * 7919) % 13) / 13
 
 
+def cs_fluct_at(step: int) -> float:
+    """The fake's CS-Fluctuation logged at `step`: the real one's scale (1e-6..1e-4), rising with the
+    step so that a value on screen tells which step logged it."""
+    return 1e-7 * step * (1 + 0.1 * ((step * 7919) % 13) / 13)
+
+
 def _latest_checkpoint(folder: Path) -> Path | None:
     steps = sorted(
         (int(p.name.split("-")[1]), p)
@@ -92,14 +101,16 @@ def train(
 ) -> JobResult:
     out = Path(out_dir) if out_dir is not None else cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    send = emit or (lambda ev: None)
+    send = PhaseEmit(emit or (lambda ev: None))
     get = poll or (lambda: None)
     step_s = float(os.environ.get("DALLM_FAKE_STEP_S", "0.02"))
     fault = faults(cfg.name)
     total = cfg.train.steps
     every = cfg.checkpoint.every
+    window = window_steps(cfg)
 
     def save(step: int) -> None:
+        send.enter("checkpointing", step)
         final = out / "checkpoints" / f"step-{step:06d}"
         tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +140,7 @@ def train(
     turning: int | None = None
 
     def finish(reason: FinishReason, final: int, result: int) -> JobResult:
+        send.enter("stopping", final)
         done = JobResult(
             out_dir=out, reason=reason, final_step=final, result_step=result, turning_point=turning
         )
@@ -161,6 +173,7 @@ def train(
                         return finish("rolled_back", step, cmd.step)
                     step = cmd.step
                     continue
+            send.enter("training", step)
             step += 1
             if step_s:
                 time.sleep(step_s)
@@ -171,13 +184,19 @@ def train(
             if fault.get("nan") == step:
                 raise FloatingPointError(f"loss is NaN at step {step}")
             values = {"loss": loss_at(step), "lr": cfg.train.lr}
+            if step % window == 0:  # CS once a window; its fluctuation looks 3 windows ahead (Eqs. 3-4)
+                values["cs"] = 0.9 + 0.05 * loss_at(step)
+                if step >= 4 * window:
+                    values |= {"cs_fluct": cs_fluct_at(step), "cs_fluct_step": float(step - 3 * window)}
             if cfg.eval.every and step % cfg.eval.every == 0:  # a KID that depends on the step
+                send.enter("kid", step)
                 values |= {"kid_val": 1.0 / step, "kid_val_std": 0.1 / step}
             event = MetricsEvent(step=step, values=values)
             for _ in range(fault.get("blast", 1)):
                 send(event)
             metrics.write(step, {"loss": loss_at(step)})
             if cfg.samples.every and step % cfg.samples.every == 0:
+                send.enter("sampling", step)
                 send(
                     SampleEvent(
                         step=step,
