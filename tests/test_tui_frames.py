@@ -1,5 +1,5 @@
 """What a live frame redraws (bench/bench_tui.py measures how long it takes): a queue update redraws
-the rows it changes, not the whole table."""
+the rows it changes, not the whole table; a Sixel image writes one unit that fills its cells."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import time
 from collections.abc import Callable
 
 import pytest
+from PIL import Image
+from textual.app import App, ComposeResult
+from textual.geometry import Region
+from textual.strip import Strip
+from textual_image._terminal import get_cell_size
 
 from dallm.protocol import JobSummary, MetricsEvent
 from dallm.testing.fake_daemon import FakeConnection
+from dallm.tui import images
 from dallm.tui.app import DallmApp
 from dallm.tui.demo import job_events, metrics_at
+from dallm.tui.sixel import CellSixelImage
 from dallm.tui.widgets import ConnectionBar, JobTable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
@@ -87,3 +94,59 @@ async def test_a_value_wider_than_its_column_widens_it() -> None:
         await until(pilot, lambda: "100000/100" in row_text(table, 2))
         assert table.columns["step"].content_width > width  # type: ignore[index]
         assert "50/100" in row_text(table, 1)
+
+
+# -- Sixel images (tui/sixel.py): what is written to the terminal ---------------------------------
+
+
+class SixelApp(App[None]):
+    """One Sixel image widget of 12x5 cells at (3, 2)."""
+
+    CSS = "Image { width: 12; height: 5; offset: 3 2; }"  # textual-image's Image and ours
+
+    def __init__(self, image: Image.Image) -> None:
+        super().__init__()
+        self.image = image
+
+    def compose(self) -> ComposeResult:
+        yield images.widget_class("sixel")(self.image)  # type: ignore[misc]
+
+
+def sixel_lines(app: SixelApp) -> tuple[object, list[Strip]]:
+    inner = app.query_one(CellSixelImage).children[0]
+    return inner, inner.render_lines(Region(0, 0, inner.size.width, inner.size.height))
+
+
+async def test_sixel_image_fills_its_cells_and_moves_the_cursor_as_one_unit() -> None:
+    app = SixelApp(Image.new("RGB", (40, 10), "red"))  # wider than the 12x5 cells' aspect
+    async with app.run_test(size=(40, 12)) as pilot:
+        await pilot.pause()
+        inner, lines = sixel_lines(app)
+        region = app.screen.find_widget(inner).visible_region
+        assert len(lines) == 5 and all(not line._segments for line in lines[:-1])
+        [segment] = list(lines[-1])  # one segment: Textual cannot cut an escape code in two
+        assert segment.control and segment.cell_length == 0
+        text = segment.text
+        # Drawn at the widget's top-left; the cursor left right of it on its last row (not below).
+        assert text.startswith(f"\x1b[{region.y + 1};{region.x + 1}H\x1bP")
+        assert text.endswith(f"\x1b[{region.bottom};{region.right + 1}H")
+        # The image covers every cell: its raster is the cells' size in pixels.
+        cell = get_cell_size()
+        assert f'"1;1;{12 * cell.width};{5 * cell.height}' in text
+        for piece in lines[-1].divide([1, 5, 12]):  # cut at widget edges: the code stays whole
+            assert all(not s.text or s.text == text for s in piece)
+
+
+async def test_a_new_sixel_image_keeps_the_inner_widget() -> None:
+    app = SixelApp(Image.new("RGB", (40, 10), "red"))
+    async with app.run_test(size=(40, 12)) as pilot:
+        await pilot.pause()
+        widget = app.query_one(CellSixelImage)
+        inner = widget.children[0]
+        blue = Image.new("RGB", (40, 10), "blue")
+        widget.image = blue
+        await pilot.pause()
+        # textual-image's own widget remounts it (a blank frame, then the image in another).
+        assert widget.children[0] is inner and inner.image is blue
+        _, lines = sixel_lines(app)
+        assert "\x1bP" in lines[-1]._segments[0].text
