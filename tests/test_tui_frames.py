@@ -17,7 +17,9 @@ from dallm.protocol import JobSummary, MetricsEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui import images
 from dallm.tui.app import DallmApp
+from dallm.tui.chart import Chart
 from dallm.tui.demo import job_events, metrics_at
+from dallm.tui.gallery import GalleryScreen
 from dallm.tui.sixel import CellSixelImage
 from dallm.tui.widgets import ConnectionBar, JobTable
 
@@ -123,7 +125,11 @@ async def test_sixel_image_fills_its_cells_and_moves_the_cursor_as_one_unit() ->
         await pilot.pause()
         inner, lines = sixel_lines(app)
         region = app.screen.find_widget(inner).visible_region
-        assert len(lines) == 5 and all(not line._segments for line in lines[:-1])
+        assert len(lines) == 5
+        for line in lines[:-1]:  # above the last row: a cursor move across the image, one piece
+            [skip] = list(line)
+            assert line.cell_length == 12 and skip.control and skip.text == "\x1b[12C"
+            assert line.divide([12]) == [line]
         [segment] = list(lines[-1])  # one segment: Textual cannot cut an escape code in two
         assert segment.control and segment.cell_length == 0
         text = segment.text
@@ -150,3 +156,34 @@ async def test_a_new_sixel_image_keeps_the_inner_widget() -> None:
         assert widget.children[0] is inner and inner.image is blue
         _, lines = sixel_lines(app)
         assert "\x1bP" in lines[-1]._segments[0].text
+
+
+async def test_the_dashboard_waits_under_the_gallery_and_is_repainted_after_it() -> None:
+    conn = three_running_jobs()
+    app = DallmApp(conn, poll_timeout=0.02, backoff=(0.05, 0.2))
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = await shown(pilot, app)
+        await until(pilot, lambda: app.selected == 1 and app.model.data[1].loaded)
+        await pilot.press("g")
+        await until(pilot, lambda: isinstance(app.screen, GalleryScreen))
+        drawn: list[int] = []
+        for chart in app.screen_stack[0].query(Chart):
+            set_data = chart.set_data
+
+            def counting(*args, _set_data=set_data, **kwargs) -> None:
+                drawn.append(1)
+                _set_data(*args, **kwargs)
+
+            chart.set_data = counting  # type: ignore[method-assign]
+        conn.emit(1, MetricsEvent(step=51, values=metrics_at(51, 100)))
+        await until(pilot, lambda: app.model.data[1].series["loss"].n == 51)
+        await pilot.pause(0.6)
+        # Nothing of the dashboard shows under an opaque screen: Textual would forward its
+        # changes to the gallery as repaints (re-sending every Sixel image).
+        assert drawn == []
+        repaints: list[int] = []
+        refresh = app.screen_stack[0].refresh
+        app.screen_stack[0].refresh = lambda *a, **k: repaints.append(1) or refresh(*a, **k)  # type: ignore[method-assign]
+        await pilot.press("escape")
+        await until(pilot, lambda: "51/100" in row_text(table, 1))
+        assert drawn and repaints  # drawn on return, and every cell repainted

@@ -12,6 +12,10 @@ pixels on screen or drew in the wrong place:
 - after the image the cursor was put one row *below* the widget (textual-image issue #146): in a full
   redraw Textual writes the rest of that line without moving the cursor, so the cells right of the
   image's last row went one row down and that row kept old content. Here: the image's last row;
+- the rows above the image's last were empty strips, which Textual's compositor treats as no piece:
+  the widget behind filled them with blank cells whenever a partial update covered them without the
+  last row (seen as upper gallery images cut down to their last row). Here each is a cursor move
+  across the image's width (writes nothing, keeps the rest of the line in place);
 - a new image remounted the inner widget (`refresh(recompose=True)`): one frame blanked the region and
   the next drew the image, two frames that a partial update could split. Here the inner widget stays
   and is told the new image.
@@ -26,6 +30,8 @@ from rich.control import Control
 from rich.segment import ControlType, Segment
 from rich.style import Style
 from textual.app import ComposeResult
+from textual.geometry import Region
+from textual.strip import Strip
 from textual_image._pixeldata import PixelData
 from textual_image._terminal import CellSize
 from textual_image.widget.sixel import Image as SixelImage
@@ -41,6 +47,18 @@ class _CellSixels(_ImageSixelImpl):
     def _scale_image(self, image_data: PixelData, terminal_sizes: CellSize) -> PixelData:
         size = self.content_size
         return image_data.scaled(size.width * terminal_sizes.width, size.height * terminal_sizes.height)
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        lines = super().render_lines(crop)
+        # The rows above the last write nothing over the image but move the cursor across it. An
+        # empty strip (textual-image's) is no piece when Textual cuts the line, so the widget
+        # behind filled it with blank cells (a partial update erased those image rows); an empty
+        # strip of the right width leaves the cursor where it was, and a full redraw, which joins
+        # a line's pieces without moving the cursor, wrote the cells right of the image over the
+        # image instead (their old pixels stayed).
+        width = crop.width
+        skip = Segment(f"\x1b[{width}C", style=_NULL, control=((ControlType.CURSOR_FORWARD, width),))
+        return [Strip([skip], width) for _ in lines[:-1]] + lines[-1:]
 
     def _get_sixel_segments(self, sixel_data: str) -> list[Segment]:
         region = self.screen.find_widget(self).visible_region
