@@ -1,16 +1,22 @@
 """dallm-tui benchmark: 10 jobs x 10,000 points per series, headless (Textual's test driver).
 
     .venv/bin/python bench/bench_tui.py [--jobs 10] [--points 10000] [--updates 40] [--idle 10]
-                                        [--chart braille|plotext]
+                                        [--slowest 5] [--profile FILE] [--chart braille|plotext]
 
 Prints:
 - load: time to load every job's history into the TUI (through the link thread, as from a daemon);
 - redraw: for one live metrics event on the selected job, the time from the daemon publishing it
   to the end of the frame that shows it (link thread -> message -> model -> widgets -> compositor),
-  median and worst over `--updates` events (target < 50 ms); and the cost of redrawing both charts
-  from scratch alone;
+  median, p90 and worst over `--updates` events; and the cost of redrawing both charts from scratch
+  alone;
+- the time split of those frames (`FrameSplit`): the median per step, the lines each widget
+  re-rendered, and for each of the `--slowest` frames what it spent its time on; the garbage
+  collections during the updates (`--profile FILE`: cProfile of the UI thread meanwhile);
 - idle: CPU used by the whole process (all threads) while connected and nothing happens, as a share
-  of one core (target < 5 %).
+  of one core;
+- a last `RESULT: PASS` or `RESULT: FAIL (...)` line against the targets: median, p90 and worst
+  event -> frame <= 50 ms, idle < 5 % of a core. Run it on a quiet machine: the load average is
+  printed at the start and with the result.
 
 `--chart plotext` swaps the own braille chart for textual-plotext's `PlotextPlot` (a maintained
 Textual plotting widget; `pip install textual-plotext`, not a dependency of dallm) drawing the same
@@ -21,10 +27,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
 import sys
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +46,163 @@ from dallm.tui.app import DallmApp  # noqa: E402
 from dallm.tui.chart import Chart, Trace  # noqa: E402
 from dallm.tui.demo import job_events, metrics_at  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
+
+
+class FrameSplit:
+    """Where the time between publishing an event and its frame went, per frame.
+
+    Wraps the UI thread's steps (model, queue table, charts, other widgets, layout, compositor,
+    terminal write) with timers that count *exclusive* time (a nested step's time is its own, not
+    its caller's), and counts garbage collections through `gc.callbacks` (a collection on the UI
+    thread interrupts whatever step runs: it is taken out of that step). What is left of the
+    window ("wait") is the link thread, the message queue and Textual's frame timer (a frame is
+    drawn at most every 1/60 s after the first change)."""
+
+    def __init__(self) -> None:
+        self.main = threading.get_ident()
+        self.stack: list[list[float]] = []  # [start, time of nested steps]
+        self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.rendered: dict[str, int] = defaultdict(int)  # widgets rendered, by class
+        self.collections: list[tuple[int, float]] = []  # (generation, ms) on the UI thread, all run
+        self.gc_other = 0.0  # collections on the link thread (they hold the GIL: the UI waits too)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._gc)
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.calls.clear()
+        self.rendered.clear()
+        self.gc_other = 0.0
+
+    def _enter(self) -> None:
+        self.stack.append([time.perf_counter(), 0.0])
+
+    def _exit(self, category: str) -> None:
+        start, nested = self.stack.pop()
+        elapsed = time.perf_counter() - start
+        self.totals[category] += elapsed - nested
+        self.calls[category] += 1
+        if self.stack:
+            self.stack[-1][1] += elapsed
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if threading.get_ident() != self.main:
+            if phase == "start":
+                self._gc_start = time.perf_counter()
+            else:
+                self.gc_other += time.perf_counter() - self._gc_start
+            return
+        if phase == "start":
+            self._enter()
+        else:
+            elapsed = time.perf_counter() - self.stack[-1][0]
+            self.collections.append((info["generation"], elapsed * 1000))
+            self._exit(f"gc gen{info['generation']}")
+
+    def wrap(self, owner: object, name: str, category: str) -> None:
+        original: Callable = getattr(owner, name)
+
+        def timed(*args: object, **kwargs: object) -> object:
+            if threading.get_ident() != self.main:
+                return original(*args, **kwargs)
+            self._enter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._exit(category)
+
+        setattr(owner, name, timed)
+
+    def instrument(self) -> None:
+        from textual._compositor import Compositor
+        from textual.screen import Screen
+        from textual.widgets import DataTable
+
+        from dallm.tui import app, thumbnail, widgets
+        from dallm.tui.model import Model
+
+        self.wrap(Model, "apply_live", "model")
+        self.wrap(app.DallmApp, "_show_queue", "queue: rows")
+        self.wrap(DataTable, "render_line", "queue: draw")
+        self.wrap(widgets.Charts, "show", "charts: traces")
+        self.wrap(Chart, "_draw", "charts: draw")
+        for cls, name in (
+            (widgets.JobHeader, "show"),
+            (widgets.CheckpointList, "show"),
+            (widgets.EventLog, "show"),
+            (thumbnail.Thumbnail, "show"),
+        ):
+            self.wrap(cls, name, "other widgets")
+        self.count_renders()
+        self.wrap(Screen, "_refresh_layout", "layout")
+        self.wrap(Compositor, "render_update", "compositor")
+        self.wrap(app.DallmApp, "_display", "terminal write")
+
+    def count_renders(self) -> None:
+        """Count the lines the compositor re-renders per widget class (cache misses)."""
+        from textual._styles_cache import StylesCache
+        from textual.geometry import Region
+        from textual.widget import Widget
+
+        original = StylesCache.render_widget
+
+        def counted(cache: StylesCache, widget: Widget, crop: Region) -> list:
+            # Lines re-rendered: the dirty ones in the crop (the compositor asks every widget
+            # under the changed region for its lines; clean lines come from the widget's cache).
+            dirty, cached = cache._dirty_lines, cache._cache
+            n = sum(1 for y in range(crop.y, crop.bottom) if y in dirty or y not in cached)
+            if n:
+                self.rendered[type(widget).__name__] += n
+            return original(cache, widget, crop)
+
+        StylesCache.render_widget = counted  # type: ignore[method-assign]
+
+    def split(self, window_ms: float) -> dict[str, float]:
+        """The current window's split in ms, with what no step accounts for as "wait"."""
+        out = {k: v * 1000 for k, v in self.totals.items()}
+        if self.gc_other:
+            out["gc (link thread)"] = self.gc_other * 1000
+        out["wait"] = max(window_ms - sum(out.values()), 0.0)
+        return out
+
+
+def split_text(split: dict[str, float], top: int = 5) -> str:
+    parts = sorted(split.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{k} {v:.1f}" for k, v in parts if v >= 0.05)
+
+
+@dataclass
+class Frame:
+    """One live update: publish -> frame time, its split (ms), step calls and widgets rendered."""
+
+    ms: float
+    split: dict[str, float]
+    calls: dict[str, int]
+    rendered: dict[str, int]
+
+
+def report_splits(frames: list[Frame], slowest: int) -> None:
+    """Per-frame split: the median over all frames, then each of the `slowest` frames."""
+    keys = sorted({k for f in frames for k in f.split})
+    medians = {k: statistics.median(f.split.get(k, 0.0) for f in frames) for k in keys}
+    print(f"time split, median per frame (ms): {split_text(medians, top=len(keys))}")
+    names = sorted({k for f in frames for k in f.rendered})
+    widgets = {k: statistics.median(f.rendered.get(k, 0) for f in frames) for k in names}
+    print(
+        "lines re-rendered per update, median, by widget: "
+        + ", ".join(f"{k} {v:g}" for k, v in widgets.items() if v)
+    )
+    print(f"the {slowest} slowest updates (ms; then charts drawn, table lines drawn, frames written):")
+    for f in sorted(frames, key=lambda x: -x.ms)[:slowest]:
+        counts = (
+            f"[{f.calls.get('charts: draw', 0)} chart, {f.calls.get('queue: draw', 0)} table lines, "
+            f"{f.calls.get('terminal write', 0)} frames]"
+        )
+        print(f"  {f.ms:6.1f}: {split_text(f.split)} {counts}")
 
 
 def use_plotext() -> None:
@@ -116,20 +284,52 @@ def build(jobs: int, points: int) -> FakeConnection:
     return conn
 
 
-async def run(args: argparse.Namespace) -> None:
+TARGET_MS = 50.0  # event -> frame: median, p90 and worst of the updates
+TARGET_IDLE = 5.0  # % of one core
+
+
+def verdict(lat: list[float], idle: float) -> str:
+    """One line against the targets, naming every figure that misses."""
+    lat = sorted(lat)
+    figures = {"median": statistics.median(lat), "p90": lat[int(0.9 * (len(lat) - 1))], "worst": lat[-1]}
+    misses = [f"{k} {v:.1f} ms > {TARGET_MS:g}" for k, v in figures.items() if v > TARGET_MS]
+    if idle >= TARGET_IDLE:
+        misses.append(f"idle {idle:.2f} % >= {TARGET_IDLE:g}")
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    shown = ", ".join(f"{k} {v:.1f} ms" for k, v in figures.items())
+    if misses:
+        return f"RESULT: FAIL ({'; '.join(misses)}); load average now {load}"
+    return (
+        f"RESULT: PASS (event -> frame {shown}, all <= {TARGET_MS:g} ms; idle {idle:.2f} % < "
+        f"{TARGET_IDLE:g} %); load average now {load}"
+    )
+
+
+async def run(args: argparse.Namespace) -> tuple[list[float], float]:
     t = time.perf_counter()
     conn = build(args.jobs, args.points)
     print(
         f"fake daemon: {args.jobs} jobs x {args.points} points per series built in {time.perf_counter() - t:.1f} s"
     )
+    split = FrameSplit()
+    split.instrument()
     app = DallmApp(conn, images_mode="halfblock", poll_timeout=0.25)
     frames: list[tuple[float, int]] = []  # (when, version of job 1's data shown)
     display = app._display
+    # The split of the window [publish, first frame showing it], taken when that frame is written.
+    window: dict[str, object] = {"t0": 0.0, "before": None, "split": None, "calls": None, "rendered": None}
 
     def timed_display(*a, **kw):
         out = display(*a, **kw)
         d = app.model.data.get(1)
-        frames.append((time.perf_counter(), d.version if d is not None else -1))
+        now = time.perf_counter()
+        version = d.version if d is not None else -1
+        frames.append((now, version))
+        before = window["before"]
+        if before is not None and window["split"] is None and version > before:  # type: ignore[operator]
+            window["split"] = split.split((now - window["t0"]) * 1000)  # type: ignore[operator]
+            window["calls"] = dict(split.calls)
+            window["rendered"] = dict(split.rendered)
         return out
 
     app._display = timed_display  # type: ignore[method-assign]
@@ -159,16 +359,30 @@ async def run(args: argparse.Namespace) -> None:
             f"({total_points:,} points in {sum(len(d.series) for d in app.model.data.values())} series)"
         )
 
+        print(
+            f"gc: {gc.get_freeze_count():,} objects frozen, "
+            f"{sum(len(gc.get_objects(g)) for g in range(3)):,} tracked in generations 0-2"
+        )
         # Live updates on the selected job: publish, then wait for the frame that shows it.
         latencies: list[float] = []
         handled: list[float] = []
+        splits: list[Frame] = []
         data = app.model.data[1]
         step = args.points
+        split.collections.clear()  # from here: the collections during the live updates
+        profiler = None
+        if args.profile:  # the UI thread only (cProfile follows the thread that enables it)
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         for _ in range(args.updates):
             step += 1
             before = data.version
             frames.clear()
+            split.reset()
             t0 = time.perf_counter()
+            window.update(t0=t0, before=before, split=None, calls=None, rendered=None)
             values = metrics_at(step, args.points * 2)
             conn.emit(1, MetricsEvent(step=step, values=values))
             await until(lambda before=before: data.version > before)
@@ -176,7 +390,16 @@ async def run(args: argparse.Namespace) -> None:
             await until(lambda before=before: any(v > before for _, v in frames))
             shown = next(t for t, v in frames if v > before)
             latencies.append((shown - t0) * 1000)
+            splits.append(
+                Frame(latencies[-1], window["split"] or {}, window["calls"] or {}, window["rendered"] or {})  # type: ignore[arg-type]
+            )
+            window["before"] = None
             await asyncio.sleep(0.02)
+        split.close()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+            print(f"profile of the UI thread during the updates: {args.profile} (python -m pstats)")
         lat = sorted(latencies)
         print(
             f"redraw after a live update: median {statistics.median(lat):.1f} ms, "
@@ -184,6 +407,14 @@ async def run(args: argparse.Namespace) -> None:
             f"over {len(lat)} updates (target < 50 ms); "
             f"of which publish -> model updated: median {statistics.median(handled):.1f} ms"
         )
+        report_splits(splits, args.slowest)
+        for gen in range(3):
+            times = [ms for g, ms in split.collections if g == gen]
+            if times:
+                print(
+                    f"  gc gen{gen} on the UI thread during the updates: {len(times)} collections, "
+                    f"median {statistics.median(times):.1f} ms, worst {max(times):.1f} ms"
+                )
 
         charts = list(app.query(Chart))
         t = time.perf_counter()
@@ -203,6 +434,7 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.sleep(args.idle)
         cpu = (time.process_time() - c0) / (time.perf_counter() - w0) * 100
         print(f"idle CPU: {cpu:.2f} % of one core over {args.idle:g} s (target < 5 %)")
+        return latencies, cpu
 
 
 def main() -> None:
@@ -213,6 +445,8 @@ def main() -> None:
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=48)
+    p.add_argument("--slowest", type=int, default=5, help="frames whose time split is printed")
+    p.add_argument("--profile", metavar="FILE", help="cProfile the UI thread during the updates")
     p.add_argument("--chart", choices=("braille", "plotext"), default="braille")
     p.add_argument("--draw-ab", type=int, metavar="ROUNDS", help="only: braille vs plotext, one chart")
     args = p.parse_args()
@@ -222,7 +456,8 @@ def main() -> None:
     if args.chart == "plotext":
         use_plotext()
     print(f"chart: {args.chart}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    asyncio.run(run(args))
+    latencies, idle = asyncio.run(run(args))
+    print(verdict(latencies, idle))
 
 
 if __name__ == "__main__":

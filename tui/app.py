@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from functools import partial
@@ -120,6 +121,7 @@ class DallmApp(ViewActions, App[None]):
         self._moving = False
         self._queue_timer: Timer | None = None
         self.marked: list[int] = []  # jobs marked (space) for the compare view, in marking order
+        self._stale = False  # the dashboard missed redraws while covered (`_covered`)
 
     def compose(self) -> ComposeResult:
         yield ConnectionBar(id="connection")
@@ -140,6 +142,7 @@ class DallmApp(ViewActions, App[None]):
         self.query_one(JobTable).focus()
         self.run_worker(self.link.run, thread=True, name="daemon-link", exit_on_error=False)
         self.set_interval(PHASE_TICK_S, self._tick_phases)
+        self.screen_change_signal.subscribe(self, self._on_screen_change)
 
     def on_unmount(self) -> None:
         self.link.stop()
@@ -184,6 +187,10 @@ class DallmApp(ViewActions, App[None]):
 
     def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
         self.model.apply_history(message.job, message.envelopes)
+        # What is alive now (widgets, the model, caches) lives as long as the app: out of the
+        # cyclic collector's full scans, which otherwise walk it all during a live frame (bench_tui
+        # saw 1.2 s full collections at load 9). Refcounting still frees these objects.
+        gc.freeze()
         if message.job == self.selected:
             self._show_detail()
 
@@ -218,11 +225,33 @@ class DallmApp(ViewActions, App[None]):
         if self._queue_timer is None and any(phase_text(r, now) for r in self.model.jobs.values()):
             self._show_queue()
 
+    def _covered(self) -> bool:
+        """An opaque screen (the gallery, a view) is over the dashboard: nothing of it shows, so it
+        is drawn when it comes back. Textual forwards a background screen's changes to the screen
+        on top as repaints of the same regions: the gallery re-sent its twelve Sixel images several
+        times a second for charts nobody saw."""
+        stack = self.screen_stack
+        return len(stack) > 1 and stack[-1].styles.background.a == 1
+
+    def _on_screen_change(self, screen: object) -> None:
+        if screen is self.screen_stack[0]:
+            # Back on the dashboard: repaint every cell. Textual rewrites only what changed while it
+            # was covered, and Sixel pixels of the screen that was on top (the gallery's images)
+            # stay wherever no text is written over them (seen in xterm).
+            self.screen.refresh()
+        if self._stale and not self._covered():
+            self._stale = False
+            self._show_queue()
+            self._show_detail()
+
     def _show_queue(self) -> None:
         if self._queue_timer is not None:
             self._queue_timer.stop()
             self._queue_timer = None
         if not self.query(JobTable):  # a timer that fired while the app closes: the widgets are gone
+            return
+        if self._covered():
+            self._stale = True
             return
         table = self.query_one(JobTable)
         rows = self.queue_view.rows(self.model.jobs.values())
@@ -246,6 +275,12 @@ class DallmApp(ViewActions, App[None]):
         self._show_detail()
 
     def _show_detail(self) -> None:
+        if self._covered():
+            self._stale = True
+            return
+        if not self.query(JobHeader):  # the app closes, or the dashboard is not back yet
+            self._stale = True
+            return
         job = self.selected
         row = self.model.jobs.get(job) if job else None
         data = self.model.data.get(job) if job else None

@@ -9,6 +9,9 @@ the answers afterwards): `detect_mode` is called from `main` before the app runs
 tmux: the queries reach tmux itself. A tmux built with sixel support answers DA1 with Sixel and draws
 Sixel in its panes, so Sixel works there. textual-image 0.12 (the newest for Python 3.11; 0.13+ needs
 3.12) does not wrap Kitty graphics in tmux's passthrough, so Kitty-under-tmux gets half-blocks.
+
+Sixel is drawn by `tui/sixel.py`'s subclass of textual-image's widget, which leaves no stale pixels
+behind and cannot be drawn in the wrong place (what xterm showed with the library's own).
 """
 
 from __future__ import annotations
@@ -58,11 +61,15 @@ def widget_class(mode: ImageMode) -> type[Widget] | None:
     """The textual-image widget that draws `mode` (None: no images)."""
     if mode == "none":
         return None
-    from textual_image.widget import HalfcellImage, SixelImage, TGPImage
+    from textual_image.widget import HalfcellImage, TGPImage
 
     if mode == "auto":
         mode = detect_mode()
-    return {"sixel": SixelImage, "kitty": TGPImage}.get(mode, HalfcellImage)
+    if mode == "sixel":
+        from dallm.tui.sixel import CellSixelImage
+
+        return CellSixelImage
+    return {"kitty": TGPImage}.get(mode, HalfcellImage)
 
 
 def decode(png: bytes) -> Image.Image | None:
