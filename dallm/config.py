@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core.core_schema import ValidationInfo
 
 
 class ConfigError(ValueError):
@@ -236,6 +237,11 @@ class EvalConfig(_Section):
     # (None: half of eval.num_images).
     subset_size: int | None = Field(default=None, ge=2)
     num_subsets: int = Field(default=100, ge=1)
+    # A KID precision instead of a count: the std of the validation KID (else the training KID)
+    # wanted; the first evaluation measures it with num_images samples and picks the count for the
+    # rest of the job (docs/evaluation.md), at most max_images. None: num_images throughout.
+    kid_std_target: float | None = Field(default=None, gt=0)
+    max_images: int = Field(default=200, ge=2)
     steps: int = Field(default=25, ge=1)
     guidance: float = Field(default=5.0, ge=0)
     batch_size: int = Field(default=16, ge=1)
@@ -248,6 +254,14 @@ class EvalConfig(_Section):
     # a key of exactly what makes them (None: $DALLM_CACHE, else <dallm home>/cache/eval).
     cache: bool = True
     cache_dir: Path | None = None
+
+    @field_validator("max_images")
+    @classmethod
+    def _max_images(cls, v: int, info: ValidationInfo) -> int:
+        n = info.data.get("num_images")
+        if n is not None and v < n:
+            raise ValueError(f"{v} is below eval.num_images ({n}), the count a precision target starts from")
+        return v
 
     @field_validator("features")
     @classmethod

@@ -34,6 +34,7 @@ import torch
 from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
 from dallm.evaluation import Arrived, LiveEvaluator, Weights
+from dallm.kid import SampleCount
 from dallm.models import ModelParts
 from dallm.protocol import JobEvent, LogEvent, SampleEvent
 
@@ -138,7 +139,8 @@ def worker_main(
             else:
                 ev.samples(step)
             seconds = time.perf_counter() - t0
-            replies.put(("done", step, kind, values, seconds, ev.cache.hits, ev.cache.misses))
+            count = ev.count.values() if ev.count is not None else {}  # eval.kid_std_target's choice
+            replies.put(("done", step, kind, values, seconds, ev.cache.hits, ev.cache.misses, count))
             step = None
     except BaseException as e:  # noqa: BLE001 - said to the trainer in one line, then this process ends
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -311,11 +313,22 @@ class BackgroundEvaluator(LiveEvaluator):
         return True
 
     def _done(
-        self, step: int, kind: str, values: dict[str, float], seconds: float, hits: int, misses: int
+        self,
+        step: int,
+        kind: str,
+        values: dict[str, float],
+        seconds: float,
+        hits: int,
+        misses: int,
+        count: dict[str, float],
     ) -> None:
         _, _, state = self._pending.popleft()  # answered in the order asked
         self.worker_seconds += seconds
         self.cache.hits, self.cache.misses = hits, misses
+        if count and self.count is None:  # for eval/summary.json (the process logged it already)
+            self.count = SampleCount.from_values(
+                count, "eval.val_dir" if self.cfg.eval.val_dir else "data.dir"
+            )
         if "kid_val" in values or "kid_train" in values:
             self.eval_seconds.append(seconds)
         if kind != "run":

@@ -41,6 +41,7 @@ from dallm.config import ConfigError, JobConfig
 from dallm.eval_cache import FeatureCache, cache_root, files_fingerprint, model_fingerprint
 from dallm.evolution import write_evolution, write_grid
 from dallm.imagefiles import image_files
+from dallm.kid import SampleCount, subset_for
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
 from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
 from dallm.sampling import (
@@ -128,13 +129,13 @@ class LiveEvaluator:
         self.samples_on = cfg.samples.every > 0 and bool(cfg.samples.prompts)
         ev = cfg.eval
         self.kid_on = ev.every > 0 or ev.val_dir is not None or bool(ev.prompts)
-        prompts = list(ev.prompts) or [p for p in train_prompts if p] or [cfg.data.instance_prompt]
-        self.eval_prompts = [prompts[i % len(prompts)] for i in range(ev.num_images)]
-        self.base_prompts = [self.base_prompt(p) for p in self.eval_prompts]
+        self._prompt_cycle = list(ev.prompts) or [p for p in train_prompts if p] or [cfg.data.instance_prompt]
         shape = latent_shape(parts, cfg.model.resolution)
         self._sample_latents = initial_latents(cfg.samples.seeds, shape)
         gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
-        self._eval_latents = torch.randn((ev.num_images, *shape), generator=gen)
+        self._first_latents = torch.randn((ev.num_images, *shape), generator=gen)
+        self.count: SampleCount | None = None  # chosen for eval.kid_std_target at the first evaluation
+        self._use_images(ev.num_images)
         self._extractor = extractor
         self._refs: dict[str, torch.Tensor] = {}
         self._base_kid: dict[str, float] = {}  # base_kid_train, base_kid_val (+ _std): constant lines
@@ -155,6 +156,31 @@ class LiveEvaluator:
                 t0 = clock()
                 _ = self.extractor
                 self.setup_seconds = clock() - t0
+
+    def _use_images(self, n: int) -> None:
+        """Evaluate with `n` images from now on: image i keeps its prompt and noise whatever n is
+        (noise beyond eval.num_images comes from a second seed, so the first ones never change)."""
+        ev, first = self.cfg.eval, self._first_latents
+        self.eval_prompts = [self._prompt_cycle[i % len(self._prompt_cycle)] for i in range(n)]
+        self.base_prompts = [self.base_prompt(p) for p in self.eval_prompts]
+        if n <= ev.num_images:
+            self._eval_latents = first[:n]
+        else:
+            gen = torch.Generator().manual_seed(self.cfg.seed + EVAL_SEED_OFFSET + 1)
+            self._eval_latents = torch.cat(
+                [first, torch.randn((n - len(first), *first.shape[1:]), generator=gen)]
+            )
+
+    def _noise_key(self) -> list[Any]:
+        """The eval noise in cache keys: today's [seed, shape] at eval.num_images, plus how the
+        images were added or dropped for a count chosen by eval.kid_std_target."""
+        key: list[Any] = [self.cfg.seed + EVAL_SEED_OFFSET, list(self._first_latents.shape)]
+        n, n0 = len(self._eval_latents), self.cfg.eval.num_images
+        if n > n0:
+            key += ["extra", self.cfg.seed + EVAL_SEED_OFFSET + 1, n - n0]
+        elif n < n0:
+            key += ["first", n]
+        return key
 
     def base_prompt(self, prompt: str) -> str:
         """`prompt` for the base model: learned tokens replaced by `tokens.init_word`, or removed."""
@@ -201,6 +227,7 @@ class LiveEvaluator:
         if self.kid_due(step):
             self._phase("kid", step)
             values.update(self.evaluate(step))
+            values["eval_num_images"] = float(len(self.eval_prompts))  # chosen by eval.kid_std_target
         if values or self.samples_due(step):
             values["eval_seconds"] = self.clock() - t0
             values["eval_share"] = self.share()
@@ -268,13 +295,14 @@ class LiveEvaluator:
                 out.update({f"turning_{k}": v for k, v in at_tp.items()})
         final = self.kid_history.get(final_step, {})
         summary = EvalSummary(final_step=final_step, turning_point=turning_step, result_step=result_step,
+                              sample_count=self.count.describe() if self.count else None,
                               **(final | out | self.summary()))  # fmt: skip
         write_json(self.out_dir / EVAL_SUMMARY_FILE, summary)
         return out
 
     def summary(self) -> dict[str, float]:
         total = sum(self.eval_seconds)
-        return {
+        return (self.count.values() if self.count is not None else {}) | {
             "eval_cache_hits": float(self.cache.hits),
             "eval_cache_misses": float(self.cache.misses),
             "eval_count": float(len(self.eval_seconds)),
@@ -364,13 +392,13 @@ class LiveEvaluator:
         return self._extractor
 
     def _generated_features(
-        self, prompts: Sequence[str], base: bool, save_dir: Path | None = None
+        self, prompts: Sequence[str], base: bool, save_dir: Path | None = None, first: int = 0
     ) -> torch.Tensor:
-        """Features of the eval images for `prompts`, a batch at a time (images are not all kept)."""
+        """Features of the eval images `first`.. for `prompts`, a batch at a time (images are not all kept)."""
         ev = self.cfg.eval
         settings = self._settings(ev.steps, ev.guidance)
         feats = []
-        for start in range(0, len(prompts), ev.batch_size):
+        for start in range(first, len(prompts), ev.batch_size):
             end = min(start + ev.batch_size, len(prompts))
             images = self._generate(prompts[start:end], self._eval_latents[start:end], settings, base)
             feats.append(torch.as_tensor(self.extractor(images)).detach().float().cpu())
@@ -390,7 +418,7 @@ class LiveEvaluator:
             "steps": ev.steps,
             "guidance": ev.guidance,
             "resolution": self.cfg.model.resolution,
-        }
+        } | ({"noise": self._noise_key()} if len(self._eval_latents) != self.cfg.eval.num_images else {})
 
     def references(self) -> dict[str, torch.Tensor]:
         """Features of the training targets, the validation targets and the base samples (once)."""
@@ -400,8 +428,31 @@ class LiveEvaluator:
         if self._val_files:
             refs["val"] = self._target_features(self._val_files)
         refs["base"] = self._base_features()
+        if self.cfg.eval.kid_std_target is not None and self.count is None:
+            self.count = self._choose_count(refs)
+            if self.count.num_images != len(self.eval_prompts):
+                self._use_images(self.count.num_images)
+                refs["base"] = self._base_features(have=refs["base"])
         self._refs = refs
         return refs
+
+    def _choose_count(self, refs: dict[str, torch.Tensor]) -> SampleCount:
+        """The sample count for eval.kid_std_target, from the KID std of the base model's images
+        (already made with eval.num_images) to the validation targets (else the training targets)."""
+        from dallm.kid import choose_sample_count, kid
+
+        ev = self.cfg.eval
+        name, key = ("val", "eval.val_dir") if "val" in refs else ("train", "data.dir")
+        base, ref = refs["base"], refs[name]
+        subset, _ = subset_for(ev.subset_size, len(base), len(ref))
+        _, std = kid(base, ref, subset_size=subset, num_subsets=ev.num_subsets, seed=self.cfg.seed)
+        assert ev.kid_std_target is not None
+        count = choose_sample_count(
+            std, len(base), subset, ev.kid_std_target, max(ev.max_images, ev.num_images), key, len(ref)
+        )
+        level = "warning" if count.limit != "target" else "info"
+        self.emit(LogEvent(level=level, message=count.describe()))
+        return count
 
     def _extractor_key(self) -> dict[str, Any]:
         ev = self.cfg.eval
@@ -425,21 +476,22 @@ class LiveEvaluator:
         key.update(
             kind="base",
             model=model_fingerprint(str(getattr(self.parts, "source", self.cfg.model.base))),
-            noise=[self.cfg.seed + EVAL_SEED_OFFSET, list(self._eval_latents.shape)],
+            noise=self._noise_key(),
             sampler="ddim-eta0",
             dtype=str(self.weight_dtype),
         )
         return key
 
-    def _base_features(self) -> torch.Tensor:
+    def _base_features(self, have: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of the base model's eval images; `have`: those of the first images, already made."""
         shared = self.shared_base_key()
         feats = self.cache.get(shared)
         if feats is None:
-            feats = self._job_base_features()
+            feats = self._job_base_features(have)
             self.cache.put(shared, feats)
         return feats
 
-    def _job_base_features(self) -> torch.Tensor:
+    def _job_base_features(self, have: torch.Tensor | None = None) -> torch.Tensor:
         cache = self.out_dir / "eval" / "base_features.pt"
         key = self._base_key()
         if cache.is_file():
@@ -449,7 +501,12 @@ class LiveEvaluator:
                     return saved["features"]
             except Exception as e:  # a torn or foreign file: regenerate
                 log.warning("ignoring %s: %s", cache, e)
-        feats = self._generated_features(self.base_prompts, base=True, save_dir=cache.parent / "base")
+        n = len(self.base_prompts)
+        if have is not None and len(have) >= n:
+            return have[:n]
+        done = have if have is not None else torch.empty(0)
+        more = self._generated_features(self.base_prompts, True, cache.parent / "base", first=len(done))
+        feats = torch.cat([done, more]) if len(done) else more
         self.base_generations += 1
         tmp = cache.with_suffix(".tmp")
         torch.save({"key": key, "features": feats}, tmp)
@@ -458,15 +515,16 @@ class LiveEvaluator:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """KID of the current weights' eval images to each reference; recorded under `step`."""
-        from dallm.kid import kid, subset_for
+        from dallm.kid import kid
 
         t0 = self.clock()
         ev = self.cfg.eval
         refs = self.references()
         feats = self._generated_features(self.eval_prompts, base=False)
+        wanted = self.count.subset_size if self.count is not None else ev.subset_size
 
         def kid_to(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-            subset, warning = subset_for(ev.subset_size, len(a), len(b))
+            subset, warning = subset_for(wanted, len(a), len(b))
             if warning is not None and name not in self._subset_warned:  # once per reference
                 self._subset_warned.add(name)
                 self.emit(LogEvent(level="warning", message=f"{name}: {warning}"))

@@ -22,6 +22,9 @@ slightly negative for close distributions.
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -119,4 +122,124 @@ def kid(
     return float(arr.mean()), float(arr.std())
 
 
-__all__ = ["kid", "subset_for", "subset_indices"]
+# How the spread of a KID from m samples per side falls with m. The unbiased MMD^2 is a two-sample
+# U-statistic: Var = 4 zeta_1 / m + O(1 / m^2), so std ~ m^-1/2 whenever the two distributions differ
+# (zeta_1 > 0: a job's samples vs its targets), and std ~ m^-1 only when they are equal (zeta_1 = 0).
+# 1/2 is the slower of the two: counts chosen with it meet the target in both cases
+# (tests/test_kid_precision.py fits the exponent on Gaussian features: 0.5 and 1 respectively).
+STD_EXPONENT = 0.5
+
+_LIMITS = ("target", "max_images", "reference")  # what decided a SampleCount (its `limit`)
+
+
+@dataclass(frozen=True)
+class SampleCount:
+    """The eval sample count chosen for a KID precision target, and why (`describe`)."""
+
+    num_images: int  # samples per evaluation from now on
+    subset_size: int  # KID subset size (the same fraction of the samples as configured)
+    target: float  # eval.kid_std_target
+    measured_std: float  # the KID std measured at the configured count ...
+    measured_images: int  # ... of this many samples
+    measured_subset: int  # ... with subsets of this size
+    predicted_std: float  # the std expected with `subset_size` (STD_EXPONENT)
+    limit: (
+        str  # target: met; max_images: capped by eval.max_images; reference: the reference set is too small
+    )
+    reference: str  # the key of the reference set the target applies to (eval.val_dir / data.dir)
+    reference_size: int  # its number of images
+    needed_subset: int  # the subset size the target needs (more than `subset_size` unless met)
+
+    def values(self) -> dict[str, float]:
+        """As metric values (eval/summary.json and metrics rows carry floats only)."""
+        d = asdict(self)
+        d["limit"] = float(_LIMITS.index(self.limit))
+        d.pop("reference")
+        return {f"eval_samples_{k}": float(v) for k, v in d.items()}
+
+    @classmethod
+    def from_values(cls, values: dict[str, float], reference: str) -> SampleCount | None:
+        """The inverse of `values` (None when they hold no choice)."""
+        if "eval_samples_num_images" not in values:
+            return None
+        d: dict = {
+            k.removeprefix("eval_samples_"): v for k, v in values.items() if k.startswith("eval_samples_")
+        }
+        d["limit"] = _LIMITS[int(d["limit"])]
+        ints = (
+            "num_images",
+            "subset_size",
+            "measured_images",
+            "measured_subset",
+            "reference_size",
+            "needed_subset",
+        )
+        return cls(reference=reference, **{k: (int(v) if k in ints else v) for k, v in d.items()})
+
+    def describe(self) -> str:
+        """One line: the count, the figures it came from, and what limited it."""
+        got = (
+            f"KID samples: {self.num_images} (subsets of {self.subset_size}) for eval.kid_std_target "
+            f"{self.target:.3g}: std {self.measured_std:.3g} measured with {self.measured_images} samples "
+            f"(subsets of {self.measured_subset}), ~{self.predicted_std:.3g} expected"
+        )
+        if self.limit == "max_images":
+            return f"{got}; capped by eval.max_images (the target needs subsets of {self.needed_subset})"
+        if self.limit == "reference":
+            return (
+                f"{got}; eval.kid_std_target cannot be met: {self.reference} has {self.reference_size} images "
+                f"and KID subsets stay at most half of them; the target needs subsets of {self.needed_subset}, "
+                f"about {2 * self.needed_subset} reference images"
+            )
+        return got
+
+
+def choose_sample_count(
+    measured_std: float,
+    num_images: int,
+    subset_size: int,
+    target: float,
+    max_images: int,
+    reference: str,
+    reference_size: int,
+    exponent: float = STD_EXPONENT,
+) -> SampleCount:
+    """The number of eval samples whose KID std is `target`, from the std measured with
+    `num_images` samples and subsets of `subset_size` (std ~ subset^-exponent).
+
+    The subset keeps its fraction of the samples (so it stays below the count), is at most half of
+    the reference set (subsets of the references must vary for the spread to include their share),
+    and the count at most `max_images`; the count may also fall below `num_images` when the target
+    is looser than what was measured. `limit` says which bound decided.
+    """
+    frac = subset_size / num_images
+    if measured_std <= 0:  # identical features (a degenerate test): nothing to gain from more samples
+        needed = subset_size
+    else:
+        needed = math.ceil(subset_size * (measured_std / target) ** (1 / exponent) - 1e-9)
+    needed = max(2, needed)
+    m, limit = needed, "target"
+    ref_cap = max(2, reference_size // 2)
+    if m > ref_cap:
+        m, limit = ref_cap, "reference"
+    max_cap = max(2, math.floor(max_images * frac))
+    if m > max_cap:
+        m, limit = max_cap, "max_images"
+    n = min(max(math.ceil(m / frac - 1e-9), m + 1), max(max_images, m + 1))
+    predicted = measured_std * (subset_size / m) ** exponent
+    return SampleCount(
+        n,
+        m,
+        target,
+        measured_std,
+        num_images,
+        subset_size,
+        predicted,
+        limit,
+        reference,
+        reference_size,
+        needed,
+    )
+
+
+__all__ = ["STD_EXPONENT", "SampleCount", "choose_sample_count", "kid", "subset_for", "subset_indices"]

@@ -130,6 +130,7 @@ class EvalSummary(_Scalars):
 
     final_step: int | None = None
     turning_point: int | None = None
+    sample_count: str | None = None  # why the KID used eval_samples_num_images samples (eval.kid_std_target)
 
 
 class ResultFile(BaseModel):
