@@ -343,6 +343,8 @@ def _llm_consistent(cfg: JobConfig) -> None:
         "tokens.new": bool(cfg.tokens.new),
         "lora.text_encoder": cfg.lora.text_encoder,
         "eval.val_dir": cfg.eval.val_dir is not None,
+        "train.compile": cfg.train.compile,  # UNet options (dallm.trainer)
+        "train.channels_last": cfg.train.channels_last,
     }
     for key, used in image_only.items():
         if used:
