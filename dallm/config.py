@@ -132,6 +132,11 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # torch.compile of the UNet's training forward (static shapes; evaluation and sampling stay
+    # eager). The first step compiles (a minute or more at SD 1.5 shape); docs/engine.md.
+    compile: bool = False
+    # The UNet's weights and its inputs in channels-last memory format (NHWC convolutions).
+    channels_last: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     @field_validator("device")
@@ -352,6 +357,8 @@ def _llm_consistent(cfg: JobConfig) -> None:
         "tokens.new": bool(cfg.tokens.new),
         "lora.text_encoder": cfg.lora.text_encoder,
         "eval.val_dir": cfg.eval.val_dir is not None,
+        "train.compile": cfg.train.compile,  # UNet options (dallm.trainer)
+        "train.channels_last": cfg.train.channels_last,
     }
     for key, used in image_only.items():
         if used:

@@ -32,6 +32,7 @@ from dallm.tokens import NewTokens, add_tokens
 
 CLASS_SEED_OFFSET = 7919
 UNET_FILE = "diffusion_pytorch_model.safetensors"  # class images are drawn from their own shuffled sequence
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests swap in a cheaper one
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,6 +112,14 @@ class Trainer:
                 parts.text_encoder.gradient_checkpointing_enable()
         parts.unet.train()
         parts.text_encoder.train(self.train_text_encoder)
+        if tc.channels_last:  # NHWC convolutions; sampling and evaluation use the same weights
+            parts.unet.to(memory_format=torch.channels_last)
+        # The training forward only: evaluation samples with the eager UNet at other shapes.
+        # dynamic=False: one graph per batch shape (a job has one), no symbolic shapes.
+        self.unet_forward: Any = (
+            torch.compile(parts.unet, backend=COMPILE_BACKEND, dynamic=False) if tc.compile else parts.unet
+        )
+        self._compiled_ok = not tc.compile  # set once a compiled step has run
 
         self.unet_params = list(parts.unet.parameters()) if self.full else lora_parameters(parts.unet)
         self.te_params = lora_parameters(parts.text_encoder) if cfg.lora.text_encoder else []
@@ -169,6 +178,8 @@ class Trainer:
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator)
         t = t.to(self.device)
         noisy = sched.add_noise(latents, noise, t)
+        if cfg.train.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         ids = self._token_ids(captions)
         with torch.autocast(
@@ -176,7 +187,7 @@ class Trainer:
         ):
             with torch.set_grad_enabled(self.train_text_encoder):
                 hidden = parts.text_encoder(ids)[0]
-            pred = parts.unet(noisy, t, hidden).sample
+            pred = self.unet_forward(noisy, t, hidden, return_dict=False)[0]
         pred, target = pred.float(), target.float()
         if self.classes is None:
             return F.mse_loss(pred, target)
@@ -193,8 +204,18 @@ class Trainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         total = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
-            loss = self.micro_batch_loss(step, micro) / tc.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            try:
+                loss = self.micro_batch_loss(step, micro) / tc.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            except torch._dynamo.exc.TorchDynamoException as e:
+                if self._compiled_ok:
+                    raise
+                inner = getattr(e, "inner_exception", None) or e  # the backend's own error
+                first = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:200]}"
+                raise ConfigError(
+                    f"train.compile: torch.compile cannot run here ({first}); set train.compile = false"
+                ) from None
+            self._compiled_ok = True
             total += loss.detach()
         if step < self.cfg.tokens.ti_steps:  # textual inversion alone: LoRA waits
             for p in self.unet_params + self.te_params:

@@ -202,3 +202,29 @@ def test_cs_cuda_graph_matches_eager_and_follows_the_parameters():
         for p in lora_pairs(bf16):
             p.w.data = p.w.data.to(torch.bfloat16)
     assert abs(CosineSimilarity(bf16, cuda_graph=True)() - cs_naive(bf16)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cs_batched_w_equals_the_per_layer_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The batched W A^T (the CUDA default), forced on the CPU, in chunks of a few layers: the same CS
+    as the per-layer loop and the float64 reference, on every kind of layer and on bf16 weights."""
+    for model in (tiny_unet(), toy()):
+        randomize(model)
+        with torch.no_grad():
+            for p in lora_pairs(model):
+                p.w.data = p.w.data.to(dtype)
+        per_layer = CosineSimilarity(model, batch_w=False)
+        smallest = min(p.w.numel() for p in per_layer.pairs)
+        monkeypatch.setattr(CosineSimilarity, "W_CHUNK_BYTES", 4 * smallest)  # one layer a chunk
+        batched = CosineSimilarity(model, batch_w=True)
+        assert batched.batch_w and not per_layer.batch_w and not CosineSimilarity(model).batch_w
+        monkeypatch.undo()
+        whole = CosineSimilarity(model, batch_w=True)  # a chunk per group
+        if len(whole._groups) < len(whole):  # the UNet: groups of several layers, split above
+            assert all(len(c) == 1 for c in whole._chunks)
+            assert sum(len(c) for c in batched._chunks) == len(batched)
+            torch.testing.assert_close(whole.per_layer(), per_layer.per_layer(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(batched.per_layer(), per_layer.per_layer(), rtol=1e-6, atol=1e-7)
+        assert abs(batched() - cs_naive(model)) < 1e-5
+        randomize(model, seed=5)  # live parameters, as after an optimizer step
+        assert abs(batched() - cs_naive(model)) < 1e-5

@@ -57,6 +57,8 @@ def test_shipped_llm_configs_load() -> None:
         ({"data": {"dir": "/tmp"}}, "data.dir: an image setting"),
         ({"tokens": {"new": ["<s1>"]}}, "tokens.new: an image setting"),
         ({"train": {"method": "full"}}, "train.method: model.kind"),
+        ({"train": {"compile": True}}, "train.compile: an image setting"),
+        ({"train": {"channels_last": True}}, "train.channels_last: an image setting"),
         ({"model": {"quantize": "4bit"}}, "model.quantize"),
         ({"model": {"kind": "text"}}, "model.kind"),
         ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
