@@ -36,11 +36,14 @@ lint: $(STAMP)
 
 # Refresh the lock on purpose: the newest versions pyproject.toml allows, resolved in a scratch venv
 # and frozen into constraints.txt. Then `make test`, and commit constraints.txt if it passes.
+# `make lock KEEP=1` resolves the same requirements within the current lock instead: every pinned
+# version stays, and only what pyproject's requirements add or no longer need changes (a dependency
+# added to pyproject, or pins written into constraints.txt by hand, frozen as pip resolves them).
 lock:
 	rm -rf $(SCRATCH) && $(PY) -m venv $(SCRATCH)
 	$(SCRATCH)/bin/pip install -q --upgrade pip
 	$(SCRATCH)/bin/pip install -q $(TORCH)
-	$(SCRATCH)/bin/pip install -q '.[dev,ray]' && rm -rf build
+	$(SCRATCH)/bin/pip install -q $(if $(KEEP),-c constraints.txt) '.[dev,ray]' && rm -rf build
 	$(SCRATCH)/bin/pip check
 	{ echo "# The tested dependency set (make lock; see README 'Installing'). Python 3.11, CPU torch."; \
 	  $(SCRATCH)/bin/pip freeze --exclude-editable | grep -v -i '^dallm[=@ ]' | sed 's/+cpu$$//'; } > constraints.txt

@@ -11,16 +11,8 @@ import torch
 from PIL import Image
 
 from dallm.cli import main
-from dallm.features import (
-    INCEPTION_WEIGHTS_NAME,
-    FeatureError,
-    InceptionV3,
-    features_of_folder,
-    list_images,
-    load_extractor,
-    resize_bilinear_tf1,
-    to_rgb,
-)
+from dallm.features import FeatureError, features_of_folder, list_images, load_extractor, to_rgb
+from dallm.inception import INCEPTION_WEIGHTS_NAME, InceptionV3, resize_bilinear_tf1
 
 # ----------------------------------------------------------------------------------------------
 # fixtures

@@ -13,8 +13,9 @@ def test_build_end_to_end_tiny(tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from dallm.build_manifest import sha256
     from dallm.micro import load_feature_net
-    from dallm.micro.build import EvalSizes, build, sha256
+    from dallm.micro.build import EvalSizes, build
 
     torch.set_num_threads(1)
     out = tmp_path / "micro"

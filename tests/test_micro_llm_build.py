@@ -13,7 +13,7 @@ from dallm.cli import main
 def test_build_llm_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dallm.micro_llm.build import sha256
+    from dallm.build_manifest import sha256
 
     out = tmp_path / "llm"
     assert main(["micro", "build-llm", "--out", str(out), "--steps", "3", "--json"]) == 0

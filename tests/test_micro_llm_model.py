@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
+from dallm.build_manifest import sha256
 from dallm.micro_llm import MANIFEST_PATH, MODEL_DIR, load, world
-from dallm.micro_llm.build import Recipe, generate, make_model, sha256
+from dallm.micro_llm.build import Recipe, generate, make_model
 from dallm.micro_llm.data import text_sets
 from dallm.micro_llm.metrics import encode, model_perplexity
 

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from dallm.build_manifest import sha256
 from dallm.micro import FEATNET_PATH, MANIFEST_PATH, MODEL_DIR, feature_dim, load_feature_net
 from dallm.micro.build import (
     eval_prompts,
@@ -20,7 +21,6 @@ from dallm.micro.build import (
     make_world,
     prompt_following,
     sample,
-    sha256,
     to_tensor,
 )
 

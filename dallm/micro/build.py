@@ -21,9 +21,7 @@ the CPU in about 20 minutes on 2 idle cores (1226 s measured), faster on a GPU.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import platform
 import shutil
 import sys
 import time
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dallm.build_manifest import device_name, versions, write_manifest
 from dallm.micro import featnet as featnet_mod
 from dallm.micro.stages import (
     LATENT,
@@ -235,14 +234,6 @@ def evaluate(pipe, net, sizes: EvalSizes, seed: int, log=print) -> dict:
 # The build
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,11 +361,7 @@ def build(
         save_grid(grid, [images_q["base"][:16], images_q["baroque_prompted"][:16]])
 
     seconds["total"] = round(time.perf_counter() - t_start, 1)
-    files = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json"):
-        rel = path.relative_to(out).as_posix()
-        files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-    manifest = {
+    manifest = write_manifest(out, {
         "build_command": command or f"dallm micro build --steps-scale {steps_scale} --device {device}",
         "seed": seed,
         "steps_scale": steps_scale,
@@ -382,27 +369,13 @@ def build(
         "unet_channels": list(unet_channels),
         "eval": asdict(sizes),
         "seconds": seconds,
-        "device": _device_name(dev),
+        "device": device_name(dev),
         "threads": torch.get_num_threads(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": versions(diffusers, transformers),
         "quality": figures,
-        "total_bytes": sum(f["bytes"] for f in files.values()),
-        "files": files,
-    }
-    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    })  # fmt: skip
     log(json.dumps({k: manifest[k] for k in ("seconds", "quality", "total_bytes")}, indent=1))
     return manifest
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def save_grid(path: Path, rows: list[torch.Tensor], scale: int = 3) -> None:

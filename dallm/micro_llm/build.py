@@ -14,10 +14,8 @@ Steps (each seeded):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dallm.build_manifest import MANIFEST, device_name, versions, write_manifest
 from dallm.micro_llm import world
 from dallm.micro_llm.metrics import encode, model_perplexity
 
@@ -173,19 +172,11 @@ def evaluate(model, tokenizer, sizes: EvalSizes, seed: int) -> dict:
     }
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_out(out: Path) -> None:
     """Refuse a folder that has other files and is not an earlier build (nothing of a user's is lost)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "MANIFEST.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ValueError(
             f"--out {out}: not empty and not a micro LLM build (no MANIFEST.json); give a new folder"
         )
@@ -193,7 +184,7 @@ def _check_out(out: Path) -> None:
 
 def _clear(out: Path) -> None:
     """Remove the files an earlier build listed in its MANIFEST.json, so no stale file stays."""
-    manifest = out / "MANIFEST.json"
+    manifest = out / MANIFEST
     if manifest.is_file():
         root = out.resolve()
         for rel in json.loads(manifest.read_text()).get("files", {}):
@@ -243,10 +234,7 @@ def build(
     seconds["eval"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 1)
 
-    files = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json"):
-        files[path.relative_to(out).as_posix()] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-    manifest = {
+    return write_manifest(out, {
         "build_command": command or f"dallm micro build-llm --out {out} --seed {seed} --threads {threads}",
         "seed": seed,
         "recipe": asdict(recipe),
@@ -254,16 +242,8 @@ def build(
         "vocab_size": len(tokenizer),
         "eval": asdict(sizes),
         "seconds": seconds,
-        "device": f"cpu ({platform.machine()}, {threads} threads)",
+        "device": device_name(torch.device("cpu")),  # torch runs `threads` threads (set above)
         "threads": threads,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": versions(transformers),
         "quality": figures,
-        "total_bytes": sum(f["bytes"] for f in files.values()),
-        "files": files,
-    }
-    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    })  # fmt: skip

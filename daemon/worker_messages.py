@@ -1,0 +1,140 @@
+"""Worker messages into the daemon: engine events (into the event log), hello / done / error, and
+commands down to a worker (held until its hello)."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+
+import zmq
+from pydantic import ValidationError
+
+from dallm.daemon import reconcile
+from dallm.daemon.events import EventLog
+from dallm.daemon.scheduler import Scheduler, WorkerProc
+from dallm.daemon.spill import STORE_ERRORS
+from dallm.protocol import (
+    WORKER_EVENT,
+    WORKER_MESSAGE,
+    FinishedEvent,
+    JobCommand,
+    MetricsEvent,
+    RolledBackEvent,
+    StartedEvent,
+    WorkerDone,
+    WorkerHello,
+    job_event_adapter,
+    job_topic,
+    summary_changes,
+    worker_message_adapter,
+)
+
+log = logging.getLogger("dallm.daemon")
+
+
+class WorkerMessages(EventLog):
+    """Reads the worker socket; a part of Daemon (the attributes below are set by its __init__)."""
+
+    workers: zmq.Socket
+    sched: Scheduler
+    waiting: list[bytes] | None
+    retry_at: float
+
+    def command(self, w: WorkerProc, cmd: JobCommand) -> None:
+        if w.hello:
+            self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+        else:
+            w.pending.append(cmd)
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        w = self.sched.by_identity.get(frames[0])
+        if w is None or len(frames) < 3:
+            return  # a worker of an earlier attempt, or garbage
+        tag = frames[1]
+        if tag == WORKER_EVENT and len(frames) >= 4:
+            self._on_event(w, frames)
+        elif tag == WORKER_MESSAGE:
+            msg = worker_message_adapter.validate_json(frames[2])
+            if isinstance(msg, WorkerHello):
+                w.hello = True
+                for cmd in w.pending:
+                    self.workers.send_multipart([w.identity, cmd.model_dump_json().encode()])
+                w.pending.clear()
+            elif isinstance(msg, WorkerDone):
+                w.done = msg.result
+            else:
+                w.error = msg
+                self.job_log(w.job, "error", msg.message)
+                if msg.traceback:
+                    self.job_log(w.job, "debug", msg.traceback)
+
+    def _on_event(self, w: WorkerProc, frames: list[bytes]) -> None:
+        raw = frames[3]
+        try:
+            ev = job_event_adapter.validate_json(raw)
+            t = float(frames[2])
+        except (ValidationError, ValueError):
+            log.warning("job %s: dropped an invalid event %r", w.job, raw[:200])
+            return
+        job = w.job
+        upd = self.job_updates.get(job)
+        if upd is None:
+            upd = self.job_updates[job] = {}
+        upd.update(summary_changes(ev))  # the same fold as JobSummary.apply, into the store's row
+        if type(ev) is MetricsEvent:  # the bulk: keep this path short
+            w.last_step = ev.step
+            self.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
+            return
+        step = getattr(ev, "step", None)
+        blob = frames[4] if len(frames) > 4 else None
+        if isinstance(ev, StartedEvent | RolledBackEvent):
+            # A resume (or a rollback) replaces the history after its step.
+            after = ev.start_step if isinstance(ev, StartedEvent) else ev.step
+            self.flush()
+            try:
+                if self.spill:
+                    raise sqlite3.OperationalError(self.spill.reason)
+                self.store.supersede(job, after, self.seq + 1)
+                # The summary's KID must be one the kept history has, not an erased evaluation's.
+                kid, std = self.store.kid_val_at(job, after)
+            except STORE_ERRORS:
+                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain_workers
+                return
+            w.last_step = after
+            step = None if isinstance(ev, StartedEvent) else ev.step
+            if after > 0 or isinstance(ev, RolledBackEvent):
+                self.job_updates.setdefault(job, {}).update(kid_val=kid, kid_val_std=std)
+        elif isinstance(ev, FinishedEvent):
+            w.finished = ev
+        self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
+        if isinstance(ev, StartedEvent) and ev.start_step > 0:
+            reconcile.backfill(self, job, ev.start_step)
+        if isinstance(ev, RolledBackEvent):
+            # Subscribers fold events into their rows (JobSummary.apply) but cannot know the KID the
+            # kept history ends with: the whole row follows, as for any change of a job's row.
+            self.flush()
+            state = self.store.summary(job).state
+            self.publish_state(job, state, f"rolled back to step {ev.step}")
+
+    def drain_workers(self, budget: int = 50_000) -> None:
+        """Worker messages, in order. One whose handling writes the store itself (a resume's
+        `started`, a `rolled_back`: they supersede history) waits while the store fails, and every
+        later one with it, unread in ZMQ's queues (bounded by their high-water marks): none is lost."""
+        for _ in range(budget):
+            if self.waiting is not None:
+                if time.monotonic() < self.retry_at:
+                    break
+                frames, self.waiting = self.waiting, None
+            else:
+                try:
+                    frames = self.workers.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            try:
+                self._on_worker(frames)
+            except (ValidationError, ValueError) as e:
+                log.warning("bad worker message: %s", e)
+            if self.waiting is not None:
+                break
+        self.flush()
