@@ -72,6 +72,27 @@ class Arrived:
     state: TrainState | None = None
 
 
+class InLoopResults:
+    """The loop's `collect` / `pending` / `close` for an evaluator that evaluates in the training
+    process (`submit` appends to `_arrived` when its evaluation is done, so nothing is pending);
+    shared by the image and the LLM evaluator. `BackgroundEvaluator` overrides all three."""
+
+    _arrived: list[Arrived]
+
+    def collect(self, wait_upto: int | None = None) -> list[Arrived]:
+        """The evaluations finished since the last call, in step order (`wait_upto`: none is pending
+        here, evaluations are finished when `submit` returns)."""
+        out, self._arrived = self._arrived, []
+        return out
+
+    def pending(self) -> list[int]:
+        """Steps submitted and not evaluated yet (none here)."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to release in the loop's own process."""
+
+
 def target_images(folder: Path, key: str, limit: int | None = None) -> list[Path]:
     """Image files of `folder` sorted by name (the first `limit`), as the data loader orders them."""
     if not folder.is_dir():
@@ -106,7 +127,7 @@ def configured_extractor(cfg: JobConfig, device: torch.device) -> Extractor:
         raise ConfigError(f"eval.features: {e}") from None
 
 
-class LiveEvaluator:
+class LiveEvaluator(InLoopResults):
     """Sample grids every `samples.every` steps, KID every `eval.every` steps and at the end."""
 
     def __init__(
@@ -202,19 +223,6 @@ class LiveEvaluator:
         `dallm.eval_worker.BackgroundEvaluator` sends a copy of the weights to its process instead."""
         values = self.run(step)
         self._arrived.append(Arrived(step, values, weights(step) if "kid_val" in values else None))
-
-    def collect(self, wait_upto: int | None = None) -> list[Arrived]:
-        """The evaluations finished since the last call, in step order (`wait_upto`: none is pending
-        here, evaluations are finished when `submit` returns)."""
-        out, self._arrived = self._arrived, []
-        return out
-
-    def pending(self) -> list[int]:
-        """Steps submitted and not evaluated yet (none here)."""
-        return []
-
-    def close(self) -> None:
-        """Nothing to release in the loop's own process."""
 
     def run(self, step: int) -> dict[str, float]:
         """Samples and/or KID at `step` with the current weights; returns the scalars for metrics."""

@@ -25,7 +25,7 @@ import torch
 from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
 from dallm.early_stop import EarlyStop
-from dallm.evaluation import Arrived
+from dallm.evaluation import Arrived, InLoopResults
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
 from dallm.micro_llm.metrics import model_perplexity
@@ -38,7 +38,7 @@ def sample_file(step: int | None) -> str:
     return "samples/base.txt" if step is None else f"samples/step-{step:06d}.txt"
 
 
-class LlmEvaluator:
+class LlmEvaluator(InLoopResults):
     def __init__(self, cfg: JobConfig, parts: LlmParts, texts: Texts, out_dir: Path, emit: Emit) -> None:
         self.cfg, self.parts, self.out_dir, self.emit = cfg, parts, Path(out_dir), emit
         self.sets = {"val": texts.validation, "train": texts.train, "base": texts.base}
@@ -73,17 +73,6 @@ class LlmEvaluator:
         """Evaluate what is due at `step` now (`collect` hands the values out). The perplexities
         reach the early-stop policy through `attach`, so the `Arrived` carries no weights."""
         self._arrived.append(Arrived(step, self.run(step)))
-
-    def collect(self, wait_upto: int | None = None) -> list[Arrived]:
-        """The evaluations made since the last call (all of them: none runs in the background)."""
-        out, self._arrived = self._arrived, []
-        return out
-
-    def pending(self) -> list[int]:
-        return []
-
-    def close(self) -> None:
-        """Nothing to release: the evaluator shares the trainer's model."""
 
     def run(self, step: int) -> dict[str, float]:
         """Generations and/or perplexities of the current weights at `step`."""
