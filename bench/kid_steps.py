@@ -23,8 +23,9 @@ import torch
 from dallm.checkpoint import load_checkpoint
 from dallm.config import load_config
 from dallm.data import load_training_data
+from dallm.eval_inputs import target_images
 from dallm.eval_worker import _load_weights
-from dallm.evaluation import LiveEvaluator, target_images
+from dallm.evaluation import LiveEvaluator
 from dallm.kid import kid
 from dallm.lora import add_lora
 from dallm.models import load_parts, read_resolution, resolve_base

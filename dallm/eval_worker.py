@@ -33,7 +33,8 @@ import torch
 
 from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
-from dallm.evaluation import Arrived, LiveEvaluator, Weights
+from dallm.eval_interface import Arrived, Weights
+from dallm.evaluation import LiveEvaluator
 from dallm.kid import SampleCount
 from dallm.models import ModelParts
 from dallm.protocol import JobEvent, LogEvent, SampleEvent

@@ -29,18 +29,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from dallm.checkpoint import TrainState
-from dallm.config import ConfigError, JobConfig
+from dallm.config import JobConfig
 from dallm.eval_cache import FeatureCache, cache_root, files_fingerprint, model_fingerprint
+from dallm.eval_inputs import Extractor, configured_extractor, features_of_files, target_images
+from dallm.eval_interface import Arrived, InLoopResults, Weights
 from dallm.evolution import write_evolution, write_grid
-from dallm.imagefiles import image_files
 from dallm.kid import SampleCount, subset_for
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
 from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
@@ -59,72 +58,6 @@ from dallm.sampling import (
 log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise differs from the sample grids' seeds
-Extractor = Callable[[Any], torch.Tensor]  # list of PIL images or [N,3,H,W] in [0,1] -> [N,D]
-Weights = Callable[[int], TrainState]  # the trainable weights of a step, copied (Trainer.weights)
-
-
-@dataclass
-class Arrived:
-    """The evaluation of `step`: its metric values, and the weights it was made from when kept."""
-
-    step: int
-    values: dict[str, float]
-    state: TrainState | None = None
-
-
-class InLoopResults:
-    """The loop's `collect` / `pending` / `close` for an evaluator that evaluates in the training
-    process (`submit` appends to `_arrived` when its evaluation is done, so nothing is pending);
-    shared by the image and the LLM evaluator. `BackgroundEvaluator` overrides all three."""
-
-    _arrived: list[Arrived]
-
-    def collect(self, wait_upto: int | None = None) -> list[Arrived]:
-        """The evaluations finished since the last call, in step order (`wait_upto`: none is pending
-        here, evaluations are finished when `submit` returns)."""
-        out, self._arrived = self._arrived, []
-        return out
-
-    def pending(self) -> list[int]:
-        """Steps submitted and not evaluated yet (none here)."""
-        return []
-
-    def close(self) -> None:
-        """Nothing to release in the loop's own process."""
-
-
-def target_images(folder: Path, key: str, limit: int | None = None) -> list[Path]:
-    """Image files of `folder` sorted by name (the first `limit`), as the data loader orders them."""
-    if not folder.is_dir():
-        raise ConfigError(f"{key}: folder {folder} does not exist")
-    paths = image_files(folder)
-    paths = paths[:limit] if limit else paths
-    if len(paths) < 2:
-        raise ConfigError(f"{key}: KID needs at least 2 images, {folder} has {len(paths)}")
-    return paths
-
-
-def _features_of_files(extractor: Extractor, paths: Sequence[Path], batch_size: int) -> torch.Tensor:
-    feats = []
-    for start in range(0, len(paths), batch_size):
-        images = []
-        for path in paths[start : start + batch_size]:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        feats.append(torch.as_tensor(extractor(images)).detach().float().cpu())
-    return torch.cat(feats)
-
-
-def configured_extractor(cfg: JobConfig, device: torch.device) -> Extractor:
-    """The feature extractor `eval.features` names (micro, inception, clip:FOLDER)."""
-    from dallm.features import FeatureError, load_extractor
-
-    try:
-        return load_extractor(
-            cfg.eval.features, device=str(device), inception_weights=cfg.eval.inception_weights
-        )
-    except FeatureError as e:
-        raise ConfigError(f"eval.features: {e}") from None
 
 
 class LiveEvaluator(InLoopResults):
@@ -472,7 +405,7 @@ class LiveEvaluator(InLoopResults):
         key = {"kind": "targets", **self._extractor_key(), "files": files_fingerprint(list(paths))}
         feats = self.cache.get(key)
         if feats is None:
-            feats = _features_of_files(self.extractor, paths, self.cfg.eval.batch_size)
+            feats = features_of_files(self.extractor, paths, self.cfg.eval.batch_size)
             self.cache.put(key, feats)
         return feats
 

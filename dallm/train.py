@@ -218,7 +218,7 @@ class Job:
     # -- evaluations that come back ---------------------------------------------------------------
 
     def _arrive(self, arrived: list) -> dict[str, float]:
-        """Record finished evaluations (`dallm.evaluation.Arrived`, in step order): the validation
+        """Record finished evaluations (`dallm.eval_interface.Arrived`, in step order): the validation
         KID for early stopping, earlier steps' values into their held rows (which go out once
         complete). Returns the current step's values (inline: evaluated just now)."""
         now: dict[str, float] = {}

@@ -307,7 +307,7 @@ def test_unusable_feature_extractor_fails_before_training(job: dict[str, Any], t
 
 def test_micro_feature_net_through_load_extractor(job: dict[str, Any]) -> None:
     """The real (shipped) "micro" extractor on the tiny model's 16 px images."""
-    from dallm.evaluation import configured_extractor
+    from dallm.eval_inputs import configured_extractor
 
     cfg = make_cfg(job["data"], job["out"], job["val"], samples={"every": 0}, eval={"features": "micro"})
     ev = LiveEvaluator(

@@ -25,7 +25,7 @@ import torch
 from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
 from dallm.early_stop import EarlyStop
-from dallm.evaluation import Arrived, InLoopResults
+from dallm.eval_interface import Arrived, InLoopResults
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
 from dallm.micro_llm.metrics import model_perplexity
