@@ -76,7 +76,9 @@ def main() -> None:
         cold, warm, hits = references_seconds(cache, args.device)
         runs = {mode: run_job(Path(tmp) / mode, mode, args.steps, args.every, args.device, cache)
                 for mode in ("inline", "background")}  # fmt: skip
-    print(f"quickstart cut to {args.steps} steps, KID every {args.every}, samples every {2 * args.every}, {args.device}")
+    print(
+        f"quickstart cut to {args.steps} steps, KID every {args.every}, samples every {2 * args.every}, {args.device}"
+    )
     print(f"{'mode':<12}{'eval_share':>12}{'wall s':>10}{'trainer eval s':>16}{'evaluator s':>13}")
     for mode, s in runs.items():
         trainer = s["eval_share"] * s["wall_seconds"]

@@ -40,7 +40,9 @@ def steps_per_s(out: Path, steps: int, threads: str | None) -> tuple[float, str]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"bench_threads: dallm train failed: {proc.stderr.strip().splitlines()[-1:]}")
-    line = next((x for x in proc.stderr.splitlines() if x.startswith("torch threads:")), "not shown: no terminal")
+    line = next(
+        (x for x in proc.stderr.splitlines() if x.startswith("torch threads:")), "not shown: no terminal"
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [r["steps_per_s"] for r in rows if "steps_per_s" in r and r.get("step", 0) > 5]
     return statistics.median(rates), line

@@ -155,7 +155,9 @@ class JobData:
             for name, x, value in metric_points(ev):
                 self.series_for(name).append(x, value, ev.step)
         elif isinstance(ev, SampleEvent):
-            sample = Sample(ev.step, ev.png, ev.path, list(ev.prompts), list(ev.seeds), ev.base, list(ev.texts))
+            sample = Sample(
+                ev.step, ev.png, ev.path, list(ev.prompts), list(ev.seeds), ev.base, list(ev.texts)
+            )
             if ev.base:
                 self.base_sample = sample
             else:
