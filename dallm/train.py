@@ -257,8 +257,17 @@ class Job:
     def _wait_evaluations(self) -> None:
         """Wait for every evaluation asked for up to now (a stop, a rollback, a command)."""
         if self.evaluator is not None:
-            self._arrive(self.evaluator.collect(wait_upto=self.step))
+            self._wait_upto(self.step)
+
+    def _wait_upto(self, step: int) -> None:
+        """Wait for the evaluations up to `step` one at a time (oldest first), so that the held rows
+        and deferred checkpoints before each go out as it comes back: a slow evaluator with a
+        backlog shows its progress in metrics.jsonl instead of nothing until the last is back."""
+        while ahead := [s for s in self._pending() if s <= step]:
+            self._arrive(self.evaluator.collect(wait_upto=min(ahead)))
             self._write_deferred()
+        self._arrive(self.evaluator.collect())
+        self._write_deferred()
 
     def _watch(self, values: dict[str, float]) -> int | None:
         """CS and CS-Fluctuation into `values`; a snapshot at window boundaries; the new turning point."""
@@ -338,7 +347,7 @@ class Job:
             if not wait:
                 self._deferred.append(state)
                 return None
-            self._arrive(self.evaluator.collect(wait_upto=state.step))
+            self._wait_upto(state.step)
         return self._write_checkpoint(state)
 
     def _write_deferred(self) -> None:
