@@ -57,6 +57,8 @@ from dallm.trainer import Trainer, isolated_rng, pick_device
 
 __all__ = ["JobResult", "train"]
 
+BEHIND_WARN = 3  # a background evaluator this many evaluations behind, and falling back, is said once
+
 
 def _noop(_: JobEvent) -> None:
     pass
@@ -158,6 +160,9 @@ class Job:
         # written and sent once its KID is in them: one row and one MetricsEvent a step, in order.
         self._held: list[tuple[int, dict[str, float]]] = []
         self._deferred: list[TrainState] = []  # checkpoints waiting for the KIDs up to their step
+        self._answered = False  # an evaluation came back (the evaluator's start-up is over)
+        self._last_backlog = 0  # evaluations pending after the previous request
+        self._behind_said = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -202,6 +207,7 @@ class Job:
                 if submitted := self.evaluator.due(self.step):
                     with isolated_rng():  # inline: evaluated now; background: a copy of the weights goes
                         self.evaluator.submit(self.step, self.trainer.weights)
+                    self._say_behind()
                 evaluated = self._arrive(self.evaluator.collect())
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
             if due or evaluated or submitted:  # evaluation steps are always logged
@@ -222,6 +228,7 @@ class Job:
         KID for early stopping, earlier steps' values into their held rows (which go out once
         complete). Returns the current step's values (inline: evaluated just now)."""
         now: dict[str, float] = {}
+        self._answered = self._answered or bool(arrived)
         for a in arrived:
             if self.early is not None and "kid_val" in a.values:
                 self.early.record_kid(a.step, a.values, a.state)
@@ -233,6 +240,24 @@ class Job:
                     row.update(a.values)
         self._release()
         return now
+
+    def _say_behind(self) -> None:
+        """Say once that the background evaluator cannot keep up: it has answered (its start-up is
+        over), yet BEHIND_WARN or more are pending and none came back since the last request."""
+        pending = self._pending()
+        growing, self._last_backlog = len(pending) > self._last_backlog, len(pending)
+        if self._behind_said or not self._answered or not growing or len(pending) < BEHIND_WARN:
+            return
+        self._behind_said = True
+        self.emit(
+            LogEvent(
+                level="warning",
+                message=f"the background evaluation is {len(pending)} evaluations behind training "
+                f"(pending: steps {pending}); metrics rows and checkpoints from step {pending[0]} on, "
+                "and the stop, wait for it; a larger eval.every or fewer eval images (eval.num_images, "
+                "eval.kid_std_target, eval.max_images) let it keep up",
+            )
+        )
 
     def _pending(self) -> list[int]:
         return self.evaluator.pending() if self.evaluator is not None else []
