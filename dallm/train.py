@@ -32,6 +32,7 @@ from dallm.checkpoint import (
 from dallm.config import ConfigError, JobConfig, save_config
 from dallm.data import load_training_data
 from dallm.early_stop import EarlyStop
+from dallm.eval_interface import steps_text
 from dallm.metrics_log import MetricsLog
 from dallm.models import load_parts, read_resolution, resolve_base
 from dallm.protocol import (
@@ -249,15 +250,13 @@ class Job:
         if self._behind_said or not self._answered or not growing or len(pending) < BEHIND_WARN:
             return
         self._behind_said = True
-        self.emit(
-            LogEvent(
-                level="warning",
-                message=f"the background evaluation is {len(pending)} evaluations behind training "
-                f"(pending: steps {pending}); metrics rows and checkpoints from step {pending[0]} on, "
-                "and the stop, wait for it; a larger eval.every or fewer eval images (eval.num_images, "
-                "eval.kid_std_target, eval.max_images) let it keep up",
-            )
+        msg = (
+            f"the background evaluation is {len(pending)} evaluations behind training (pending: steps "
+            f"{steps_text(pending)}); metrics rows and checkpoints from step {pending[0]} on, and the stop, "
+            "wait for it; a larger eval.every or fewer eval images (eval.num_images, eval.kid_std_target, "
+            "eval.max_images) let it keep up"
         )
+        self.emit(LogEvent(level="warning", message=msg))
 
     def _pending(self) -> list[int]:
         return self.evaluator.pending() if self.evaluator is not None else []
