@@ -40,3 +40,12 @@ class InLoopResults:
 
     def close(self) -> None:
         """Nothing to release in the loop's own process."""
+
+
+def steps_text(steps: list[int], most: int = 6) -> str:
+    """`steps` for a log line: all of them, or the first and last few and how many (a backlog can
+    hold dozens, and a wait says it once per evaluation)."""
+    if len(steps) <= most:
+        return str(steps)
+    head, tail = ", ".join(map(str, steps[: most // 2])), ", ".join(map(str, steps[-2:]))
+    return f"[{head}, ..., {tail}] ({len(steps)} steps)"

@@ -33,7 +33,7 @@ import torch
 
 from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
-from dallm.eval_interface import Arrived, Weights
+from dallm.eval_interface import Arrived, Weights, steps_text
 from dallm.evaluation import LiveEvaluator
 from dallm.kid import SampleCount
 from dallm.models import ModelParts
@@ -282,7 +282,9 @@ class BackgroundEvaluator(LiveEvaluator):
         step = self._pending[0][0] if self._pending else 0
         self._phase("kid", step)
         self.emit(
-            LogEvent(message=f"waiting for the background evaluation ({what}; pending: {self.pending()})")
+            LogEvent(
+                message=f"waiting for the background evaluation ({what}; pending: {steps_text(self.pending())})"
+            )
         )
         while not done():
             self._receive(_POLL_S)

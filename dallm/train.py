@@ -32,6 +32,7 @@ from dallm.checkpoint import (
 from dallm.config import ConfigError, JobConfig, save_config
 from dallm.data import load_training_data
 from dallm.early_stop import EarlyStop
+from dallm.eval_interface import steps_text
 from dallm.metrics_log import MetricsLog
 from dallm.models import load_parts, read_resolution, resolve_base
 from dallm.protocol import (
@@ -56,6 +57,8 @@ from dallm.protocol.files import RESULT_FILE, ResultFile, write_json
 from dallm.trainer import Trainer, isolated_rng, pick_device
 
 __all__ = ["JobResult", "train"]
+
+BEHIND_WARN = 3  # a background evaluator this many evaluations behind, and falling back, is said once
 
 
 def _noop(_: JobEvent) -> None:
@@ -158,6 +161,9 @@ class Job:
         # written and sent once its KID is in them: one row and one MetricsEvent a step, in order.
         self._held: list[tuple[int, dict[str, float]]] = []
         self._deferred: list[TrainState] = []  # checkpoints waiting for the KIDs up to their step
+        self._answered = False  # an evaluation came back (the evaluator's start-up is over)
+        self._last_backlog = 0  # evaluations pending after the previous request
+        self._behind_said = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -202,6 +208,7 @@ class Job:
                 if submitted := self.evaluator.due(self.step):
                     with isolated_rng():  # inline: evaluated now; background: a copy of the weights goes
                         self.evaluator.submit(self.step, self.trainer.weights)
+                    self._say_behind()
                 evaluated = self._arrive(self.evaluator.collect())
             due = self.step % cfg.monitor.log_every == 0 or self.step == cfg.train.steps
             if due or evaluated or submitted:  # evaluation steps are always logged
@@ -222,6 +229,7 @@ class Job:
         KID for early stopping, earlier steps' values into their held rows (which go out once
         complete). Returns the current step's values (inline: evaluated just now)."""
         now: dict[str, float] = {}
+        self._answered = self._answered or bool(arrived)
         for a in arrived:
             if self.early is not None and "kid_val" in a.values:
                 self.early.record_kid(a.step, a.values, a.state)
@@ -233,6 +241,22 @@ class Job:
                     row.update(a.values)
         self._release()
         return now
+
+    def _say_behind(self) -> None:
+        """Say once that the background evaluator cannot keep up: it has answered (its start-up is
+        over), yet BEHIND_WARN or more are pending and none came back since the last request."""
+        pending = self._pending()
+        growing, self._last_backlog = len(pending) > self._last_backlog, len(pending)
+        if self._behind_said or not self._answered or not growing or len(pending) < BEHIND_WARN:
+            return
+        self._behind_said = True
+        msg = (
+            f"the background evaluation is {len(pending)} evaluations behind training (pending: steps "
+            f"{steps_text(pending)}); metrics rows and checkpoints from step {pending[0]} on, and the stop, "
+            "wait for it; a larger eval.every or fewer eval images (eval.num_images, eval.kid_std_target, "
+            "eval.max_images) let it keep up"
+        )
+        self.emit(LogEvent(level="warning", message=msg))
 
     def _pending(self) -> list[int]:
         return self.evaluator.pending() if self.evaluator is not None else []
@@ -257,8 +281,17 @@ class Job:
     def _wait_evaluations(self) -> None:
         """Wait for every evaluation asked for up to now (a stop, a rollback, a command)."""
         if self.evaluator is not None:
-            self._arrive(self.evaluator.collect(wait_upto=self.step))
+            self._wait_upto(self.step)
+
+    def _wait_upto(self, step: int) -> None:
+        """Wait for the evaluations up to `step` one at a time (oldest first), so that the held rows
+        and deferred checkpoints before each go out as it comes back: a slow evaluator with a
+        backlog shows its progress in metrics.jsonl instead of nothing until the last is back."""
+        while ahead := [s for s in self._pending() if s <= step]:
+            self._arrive(self.evaluator.collect(wait_upto=min(ahead)))
             self._write_deferred()
+        self._arrive(self.evaluator.collect())
+        self._write_deferred()
 
     def _watch(self, values: dict[str, float]) -> int | None:
         """CS and CS-Fluctuation into `values`; a snapshot at window boundaries; the new turning point."""
@@ -338,7 +371,7 @@ class Job:
             if not wait:
                 self._deferred.append(state)
                 return None
-            self._arrive(self.evaluator.collect(wait_upto=state.step))
+            self._wait_upto(state.step)
         return self._write_checkpoint(state)
 
     def _write_deferred(self) -> None:
