@@ -19,10 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from dallm.protocol import GpuUsage, HostUsage, JobUsage, ResourcesReply, UsageEvent  # noqa: E402
 from dallm.testing.fake_daemon import FakeConnection  # noqa: E402
 from dallm.tui.app import DallmApp  # noqa: E402
-from dallm.tui.demo import demo_connection  # noqa: E402
+from dallm.tui.demo import demo_connection, script_gpu_machine  # noqa: E402
 from dallm.tui.gallery import GalleryScreen  # noqa: E402
 from dallm.tui.thumbnail import SampleCell  # noqa: E402
 from dallm.tui.widgets import ConnectionBar, JobTable  # noqa: E402
@@ -44,21 +43,7 @@ VIEWS = [
 
 
 def gpu_machine(conn: FakeConnection) -> None:
-    """The resources view's sample: the demo's fake daemon has no machine of its own to sample, so
-    this is scripted as a GPU machine reports it (host, one GPU, job 1's worker; job 2's peak)."""
-    conn.usage = ResourcesReply(
-        t=time.time(),
-        host=HostUsage(cpu_percent=37.5, cpu_count=16, mem_used_mb=50000.0, mem_total_mb=131072.0),
-        gpus=[
-            GpuUsage(
-                index=0, name="NVIDIA H200", util_percent=93.0, mem_used_mb=61440.0, mem_total_mb=143771.0
-            )
-        ],  # fmt: skip
-        jobs=[
-            JobUsage(job=1, pid=4242, device="cuda:0", cpu_percent=99.0, rss_mb=3200.0, gpu_mem_mb=60000.0)
-        ],
-    )
-    conn.emit(2, UsageEvent(peak_rss_mb=2900.0, peak_gpu_mb=52000.0), live=False)
+    script_gpu_machine(conn, t=time.time(), live=False)
 
 
 SETUP = {"resources": gpu_machine}

@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from dallm.protocol import GpuUsage, HostUsage, JobUsage, ResourcesReply, UsageEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
 from dallm.tui.chart import Chart
-from dallm.tui.demo import demo_connection
+from dallm.tui.demo import demo_connection, script_gpu_machine
 from dallm.tui.views.compare import CompareScreen
 from dallm.tui.views.logs import LogTailScreen
 from dallm.tui.views.resources import ResourcesScreen
@@ -130,19 +129,7 @@ def test_log_tail_of_a_failed_job(snap_compare) -> None:
 
 def test_resources_view(snap_compare) -> None:
     conn = demo_connection(points=400)
-    conn.usage = ResourcesReply(
-        t=0.0,
-        host=HostUsage(cpu_percent=37.5, cpu_count=16, mem_used_mb=50000.0, mem_total_mb=131072.0),
-        gpus=[
-            GpuUsage(
-                index=0, name="NVIDIA H200", util_percent=93.0, mem_used_mb=61440.0, mem_total_mb=143771.0
-            )
-        ],  # fmt: skip
-        jobs=[
-            JobUsage(job=1, pid=4242, device="cuda:0", cpu_percent=99.0, rss_mb=3200.0, gpu_mem_mb=60000.0)
-        ],
-    )
-    conn.emit(2, UsageEvent(peak_rss_mb=2900.0, peak_gpu_mb=52000.0))
+    script_gpu_machine(conn, t=0.0)
 
     async def resources(pilot) -> None:
         await ready()(pilot)

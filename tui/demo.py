@@ -13,14 +13,19 @@ from dallm.protocol import (
     TERMINAL_STATES,
     CheckpointEvent,
     FinishedEvent,
+    GpuUsage,
+    HostUsage,
     JobEvent,
     JobSummary,
+    JobUsage,
     LogEvent,
     MetricsEvent,
+    ResourcesReply,
     RolledBackEvent,
     SampleEvent,
     StartedEvent,
     TurningPointEvent,
+    UsageEvent,
 )
 from dallm.testing.fake_daemon import FakeConnection
 
@@ -232,3 +237,22 @@ class DemoRunner:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def script_gpu_machine(conn: FakeConnection, t: float, live: bool = True) -> None:
+    """A resources sample for the screenshots and the snapshot test: the demo's fake daemon has no
+    machine of its own to sample, so this is scripted as a GPU machine reports it (host, one GPU,
+    job 1's worker at time `t`; job 2's peak memory)."""
+    conn.usage = ResourcesReply(
+        t=t,
+        host=HostUsage(cpu_percent=37.5, cpu_count=16, mem_used_mb=50000.0, mem_total_mb=131072.0),
+        gpus=[
+            GpuUsage(
+                index=0, name="NVIDIA H200", util_percent=93.0, mem_used_mb=61440.0, mem_total_mb=143771.0
+            )
+        ],  # fmt: skip
+        jobs=[
+            JobUsage(job=1, pid=4242, device="cuda:0", cpu_percent=99.0, rss_mb=3200.0, gpu_mem_mb=60000.0)
+        ],
+    )
+    conn.emit(2, UsageEvent(peak_rss_mb=2900.0, peak_gpu_mb=52000.0), live=live)
