@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 from test_tui import anyio_backend, conn, make_app, notifications, until  # noqa: F401 - fixtures
 
-from dallm.protocol import GpuUsage, HostUsage, JobUsage, ResourcesReply, UsageEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
 from dallm.tui.chart import Chart
-from dallm.tui.demo import demo_connection
+from dallm.tui.demo import demo_connection, script_gpu_machine
 from dallm.tui.views.clone import CloneScreen, parse_overrides
 from dallm.tui.views.compare import CompareScreen
 from dallm.tui.views.details import DetailsScreen
@@ -236,19 +235,7 @@ def test_parse_overrides() -> None:
 
 
 async def test_resources_per_device_and_per_job(conn: FakeConnection) -> None:
-    conn.usage = ResourcesReply(
-        t=0.0,
-        host=HostUsage(cpu_percent=50.0, cpu_count=16, mem_used_mb=65536.0, mem_total_mb=131072.0),
-        gpus=[
-            GpuUsage(
-                index=0, name="NVIDIA H200", util_percent=97.0, mem_used_mb=40960.0, mem_total_mb=143360.0
-            )
-        ],  # fmt: skip
-        jobs=[
-            JobUsage(job=1, pid=4242, device="cuda:0", cpu_percent=101.0, rss_mb=3100.0, gpu_mem_mb=40000.0)
-        ],
-    )
-    conn.emit(2, UsageEvent(peak_rss_mb=2048.0, peak_gpu_mb=30720.0))
+    script_gpu_machine(conn, t=0.0)  # 37.5% of 16 cores, one H200 at 93%, job 1 on it, job 2 peaks
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
@@ -258,12 +245,12 @@ async def test_resources_per_device_and_per_job(conn: FakeConnection) -> None:
         table = screen.query_one("#resources-jobs")
         await until(pilot, lambda: table.row_count == 2)
         host = str(screen.query_one("#resources-host").render())
-        assert "50.0% of 16 cores" in host and "64.0 GiB / 128.0 GiB" in host
-        assert "GPU0" in host and "97%" in host and "NVIDIA H200" in host
+        assert "37.5% of 16 cores" in host and "48.8 GiB / 128.0 GiB" in host
+        assert "GPU0" in host and "93%" in host and "NVIDIA H200" in host
         assert [str(c) for c in table.get_row("1")] == [
-            "1", "quickstart-r4", "running", "cuda:0", "101", "3.0 GiB", "39.1 GiB", "-", "-",
+            "1", "quickstart-r4", "running", "cuda:0", "99", "3.1 GiB", "58.6 GiB", "-", "-",
         ]  # fmt: skip
-        assert [str(c) for c in table.get_row("2")][-2:] == ["2.0 GiB", "30.0 GiB"]  # peaks reported
+        assert [str(c) for c in table.get_row("2")][-2:] == ["2.8 GiB", "50.8 GiB"]  # peaks reported
 
 
 async def test_resources_without_a_gpu_say_so(conn: FakeConnection) -> None:
