@@ -96,7 +96,7 @@ def _requests(victim_dir: Path, planted: Path) -> list[bytes]:
 
 def attacker(args: argparse.Namespace) -> dict[str, object]:
     """One attack as nobody; a dict of what it managed (all zero / False when it did no harm)."""
-    from dallm.home import DaemonPaths
+    from dallm.client.home import DaemonPaths
 
     paths = DaemonPaths(Path(args.home))
     sock_dir = Path(args.sock_dir)  # root's: /tmp/dallm-0-<hash of the home>, predictable
@@ -176,8 +176,8 @@ def victim(keep: bool) -> int:
         return SKIP
     import zmq.auth
 
-    from dallm.client import DaemonClient, DaemonError
-    from dallm.home import DaemonPaths
+    from dallm.client.client import DaemonClient, DaemonError
+    from dallm.client.home import DaemonPaths
 
     base = Path(tempfile.mkdtemp(prefix="dallm-attack-"))
     os.chmod(base, 0o755)  # the attacker may walk up to the home, as in a shared /home
@@ -262,7 +262,7 @@ def victim(keep: bool) -> int:
                 if e.code != "invalid_config" or "output_dir" not in str(e):
                     harm.append(f"refused for another reason ({e.code}: {e})")
                 refusals.append(str(e))
-        from dallm.checkpoint import load_checkpoint
+        from dallm.engine.checkpoint import load_checkpoint
 
         try:
             with warnings.catch_warnings():  # torch notes the pickle protocol it is refusing

@@ -4,10 +4,10 @@ The UNet is built offline from SD 1.5's config (written below) with random weigh
 LoRA on to_q / to_k / to_v / to_out.0 like a dallm job (128 layers). Three ways of computing CS,
 timed side by side in one run, on the same weights:
 
-    identity  dallm.cs.CosineSimilarity: <BA,W> = sum(B * (W A^T)), ||BA||^2 = sum((B^T B)*(A A^T))
+    identity  dallm.monitor.cs.CosineSimilarity: <BA,W> = sum(B * (W A^T)), ||BA||^2 = sum((B^T B)*(A A^T))
               (on CUDA replayed from a CUDA graph; "eager" is the same without the graph)
     formed    the same in float32 but forming B A (d x k) per layer, one sync at the end
-    peft-f64  dallm.cs.cs_naive: peft's get_delta_weight, float64, a sync per layer (test reference)
+    peft-f64  dallm.monitor.cs.cs_naive: peft's get_delta_weight, float64, a sync per layer (test reference)
 
     python bench/bench_cs.py                                # CPU, rank 4, float32 base weights
     python bench/bench_cs.py --device cuda --dtype bf16 --rank 4 16 64
@@ -64,7 +64,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from dallm.cs import CosineSimilarity, cs_naive, lora_pairs
+    from dallm.monitor.cs import CosineSimilarity, cs_naive, lora_pairs
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -10,7 +10,7 @@
    compete for the same cores here).
 2. Thumbnail latency: a fake job sends a ~28 KB PNG every step; latency = subscriber receive time
    minus the worker's emit time (same clock). Median and p95.
-3. Step time: the same tiny-model config trained by `dallm.train.train` in a plain process (what
+3. Step time: the same tiny-model config trained by `dallm.engine.job.train` in a plain process (what
    `dallm train` runs) and by a daemon worker; per-step wall time from the emit times of the
    MetricsEvents (median over steps after the first 5), runs alternated (`--repeats`), best of each
    compared. Target: within 2%.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import zmq
 
-from dallm.client import DaemonClient, DaemonError
+from dallm.client.client import DaemonClient, DaemonError
 from dallm.protocol import MetricsEvent, SampleEvent, StartedEvent, decode_envelope, job_topic
 
 
@@ -161,7 +161,7 @@ import json, sys, time
 from pathlib import Path
 from dallm.config import config_from_dict
 from dallm.protocol import MetricsEvent
-from dallm.train import train
+from dallm.engine.job import train
 cfg = config_from_dict(json.loads(sys.argv[1]))
 times = []
 train(cfg, out_dir=Path(sys.argv[2]), emit=lambda e: times.append(time.time()) if isinstance(e, MetricsEvent) else None)
@@ -178,7 +178,7 @@ def bench_step_time(root: Path, steps: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from dallm.tiny import build_tiny_sd
+    from dallm.image.tiny import build_tiny_sd
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import write_images

@@ -76,8 +76,8 @@ def sd15_parts(device: torch.device, dtype: torch.dtype) -> Any:
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dallm.models import ModelParts
-    from dallm.tiny import write_clip_tokenizer
+    from dallm.image.models import ModelParts
+    from dallm.image.tiny import write_clip_tokenizer
 
     folder = Path(tempfile.mkdtemp()) / "tokenizer"
     write_clip_tokenizer(folder, max_length=77)
@@ -103,12 +103,12 @@ def sd15_parts(device: torch.device, dtype: torch.dtype) -> Any:
 
 def load(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
     from dallm.config import ModelConfig
-    from dallm.models import load_parts
+    from dallm.image.models import load_parts
 
     if shape == "sd15":
         return sd15_parts(device, dtype)
     if shape == "tiny":
-        from dallm.tiny import build_tiny_sd
+        from dallm.image.tiny import build_tiny_sd
 
         folder = build_tiny_sd(Path(tempfile.mkdtemp()) / "tiny")
         return load_parts(ModelConfig(base=str(folder)), device=device, weight_dtype=dtype)
@@ -148,7 +148,7 @@ class BareLoop:
         self.ac_dtype = torch.bfloat16 if v.precision == "bf16" else torch.float16
         self.unet = parts.unet
         if v.compile:
-            from dallm.trainer import COMPILE_BACKEND  # the backend dallm's step uses
+            from dallm.image.trainer import COMPILE_BACKEND  # the backend dallm's step uses
 
             self.unet = torch.compile(parts.unet, backend=COMPILE_BACKEND, dynamic=False)
 
@@ -181,10 +181,10 @@ class Engine:
 
     def __init__(self, v: Variant, args: argparse.Namespace, device: torch.device, images: Any) -> None:
         from dallm.config import config_from_dict
-        from dallm.cs import CosineSimilarity
-        from dallm.early_stop import EarlyStop
-        from dallm.metrics_log import MetricsLog
-        from dallm.trainer import Trainer
+        from dallm.engine.metrics_log import MetricsLog
+        from dallm.image.trainer import Trainer
+        from dallm.monitor.cs import CosineSimilarity
+        from dallm.monitor.early_stop import EarlyStop
 
         self.v, self.device, self.images = v, device, images
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(v.precision, torch.float32)
@@ -360,12 +360,12 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    import dallm.trainer
+    import dallm.image.trainer
 
-    dallm.trainer.COMPILE_BACKEND = args.compile_backend
+    dallm.image.trainer.COMPILE_BACKEND = args.compile_backend
     if hasattr(torch._dynamo.config, "recompile_limit"):  # one graph per (model copy, batch size)
         torch._dynamo.config.recompile_limit = 64
-    from dallm.data import ImageSet
+    from dallm.image.data import ImageSet
 
     device = torch.device(args.device)
     main_v, off, notes = variants(args, device)

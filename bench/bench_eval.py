@@ -48,8 +48,8 @@ def references_seconds(cache: Path, device: str) -> tuple[float, float, int]:
     import torch
 
     from dallm.config import load_config
-    from dallm.evaluation import LiveEvaluator
-    from dallm.models import load_parts
+    from dallm.eval.live import LiveEvaluator
+    from dallm.image.models import load_parts
 
     cfg = load_config(QUICKSTART, [f"train.device={device}"])
     parts = load_parts(cfg.model, device=device)

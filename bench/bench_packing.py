@@ -1,6 +1,6 @@
 """Two jobs on one GPU (`dallm-daemon start --devices 0x2`) vs one job at a time: total training
 throughput, as a ratio. Each job is a separate process (as the daemon's workers are) training the
-same LoRA step as the engine (dallm.trainer.Trainer, bench/bench_engine.py's model shapes, random
+same LoRA step as the engine (dallm.image.trainer.Trainer, bench/bench_engine.py's model shapes, random
 weights: nothing downloaded). After their warm-up, packed jobs start timing together (a file
 barrier), so the figure is steady-state throughput while both share the device.
 
@@ -33,8 +33,8 @@ def child(args: argparse.Namespace) -> None:
     from bench_engine import load
 
     from dallm.config import config_from_dict
-    from dallm.data import ImageSet
-    from dallm.trainer import Trainer
+    from dallm.image.data import ImageSet
+    from dallm.image.trainer import Trainer
 
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))

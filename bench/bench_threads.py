@@ -1,5 +1,5 @@
 """Worker threads on a busy CPU: the quickstart's training steps beside a CPU hog, with torch using
-every core (what a process did before it sized its threads) vs the size dallm.threads chooses.
+every core (what a process did before it sized its threads) vs the size dallm.engine.threads chooses.
 
     .venv/bin/python bench/bench_threads.py [--steps 40] [--hogs 1] [--repeats 2]
 
@@ -72,7 +72,7 @@ def main() -> None:
     best = {k: max(v) for k, v in results.items()}
     print(f"{cores} cores, {args.hogs} CPU hog(s), {args.steps} steps, best of {args.repeats}:")
     print(f"  every core ({cores} threads): {best['every core']:.2f} steps/s")
-    print(f"  sized by dallm.threads:       {best['sized']:.2f} steps/s")
+    print(f"  sized by dallm.engine.threads:       {best['sized']:.2f} steps/s")
     print(f"  ratio sized / every core: {best['sized'] / best['every core']:.2f}x")
 
 

@@ -33,10 +33,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from dallm.config import load_config
-    from dallm.eval_worker import BackgroundEvaluator
+    from dallm.engine.job import train
+    from dallm.eval.background import BackgroundEvaluator
+    from dallm.image.trainer import Trainer
     from dallm.protocol import CheckpointEvent, JobEvent, LogEvent, MetricsEvent, PhaseEvent
-    from dallm.train import train
-    from dallm.trainer import Trainer
 
     overrides = [
         f"train.steps={args.steps}",

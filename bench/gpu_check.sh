@@ -28,7 +28,7 @@ fi
 "$PY" - >"$OUT/env.txt" 2>&1 <<'PYEOF' || { cat "$OUT/env.txt"; exit 2; }
 import sys; sys.path.insert(0, ".")
 import torch, diffusers, transformers, peft, pydantic
-from dallm.trainer import Trainer  # noqa: F401  (imports everything the step needs)
+from dallm.image.trainer import Trainer  # noqa: F401  (imports everything the step needs)
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}, pydantic {pydantic.__version__}; {gpu}")

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from dallm.checkpoint import load_checkpoint
 from dallm.config import load_config
-from dallm.data import load_training_data
-from dallm.eval_inputs import target_images
-from dallm.eval_worker import _load_weights
-from dallm.evaluation import LiveEvaluator
-from dallm.kid import kid
-from dallm.lora import add_lora
-from dallm.models import load_parts, read_resolution, resolve_base
-from dallm.tokens import add_tokens
+from dallm.engine.checkpoint import load_checkpoint
+from dallm.engine.lora import add_lora
+from dallm.eval.background import _load_weights
+from dallm.eval.inputs import target_images
+from dallm.eval.kid import kid
+from dallm.eval.live import LiveEvaluator
+from dallm.image.data import load_training_data
+from dallm.image.models import load_parts, read_resolution, resolve_base
+from dallm.image.tokens import add_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 

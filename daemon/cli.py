@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from dallm.home import DaemonPaths, LockHeld, lock_is_held, resolve_home
+from dallm.client.home import DaemonPaths, LockHeld, lock_is_held, resolve_home
 
 START_TIMEOUT_S = 60.0
 
@@ -29,7 +29,7 @@ class Fail(Exception):
 
 
 def _client(paths: DaemonPaths, timeout: float = 10.0):  # noqa: ANN202 - DaemonClient, imported lazily
-    from dallm.client import DaemonClient, DaemonUnavailable
+    from dallm.client.client import DaemonClient, DaemonUnavailable
 
     try:
         return DaemonClient(home=paths.home, timeout=timeout)
@@ -61,7 +61,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     with open(paths.log, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip
-    from dallm.client import DaemonClient, DaemonError
+    from dallm.client.client import DaemonClient, DaemonError
 
     end = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < end:
@@ -82,7 +82,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _prepare(paths: DaemonPaths) -> None:
-    from dallm.private import UnsafeFolder
+    from dallm.client.private import UnsafeFolder
 
     try:
         paths.prepare()
@@ -154,7 +154,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if not lock_is_held(paths):
         raise Fail(f"no daemon running on {paths.home}", 3)
     pid = (paths.read_info() or {}).get("pid")
-    from dallm.client import DaemonError
+    from dallm.client.client import DaemonError
 
     try:
         print(f"dallm-daemon: {_client(paths).shutdown()}")
@@ -177,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"running": False, "home": str(paths.home)}))
         raise Fail(f"not running on {paths.home}", 3)
-    from dallm.client import DaemonError
+    from dallm.client.client import DaemonError
 
     try:
         pong = _client(paths, timeout=5.0).ping()
@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from dallm.transport import authorized_dir, create_client_keys, server_keys
+    from dallm.client.transport import authorized_dir, create_client_keys, server_keys
 
     paths = DaemonPaths(resolve_home(args.home))
     _prepare(paths)

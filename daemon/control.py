@@ -8,13 +8,13 @@ import logging
 
 import zmq
 
+from dallm.client.transport import KeyWatch
 from dallm.config import ConfigError
 from dallm.daemon import handlers, revoke
 from dallm.daemon.limits import StalledPeers
 from dallm.daemon.spill import STORE_ERRORS
 from dallm.daemon.worker_messages import WorkerMessages
 from dallm.protocol import ErrorReply, ProtocolError, decode_request, encode_reply
-from dallm.transport import KeyWatch
 
 log = logging.getLogger("dallm.daemon")
 

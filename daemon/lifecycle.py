@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dallm.client.home import DaemonPaths
 from dallm.daemon import identity
 from dallm.daemon.jobstate import decode_pending
 from dallm.daemon.scheduler import outcome
 from dallm.daemon.worker_messages import WorkerMessages
-from dallm.home import DaemonPaths
 from dallm.protocol import InterruptCommand, JobState, RollbackCommand, StopCommand
 
 log = logging.getLogger("dallm.daemon")

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dallm.daemon")
 SAMPLES = "samples"
-SAMPLE_INDEX = "index.jsonl"  # dallm.evolution.INDEX (not imported: that module pulls in torch)
+SAMPLE_INDEX = "index.jsonl"  # dallm.eval.sample_grids.INDEX (not imported: that module pulls in torch)
 THUMBNAIL = 128  # pixels, the longer side of a restored sample's thumbnail
 _GRID = re.compile(r"step-(\d+)")
 

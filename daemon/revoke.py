@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from dallm.transport import KeyWatch, make_curve_server, server_keys
+from dallm.client.transport import KeyWatch, make_curve_server, server_keys
 
 if TYPE_CHECKING:
     from dallm.daemon.server import Daemon

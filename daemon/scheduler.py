@@ -95,7 +95,7 @@ class Scheduler:
         peaks: PeakBook | None = None,
         memory: MemoryOf = device_memory,
     ) -> None:
-        from dallm.threads import usable_cores
+        from dallm.engine.threads import usable_cores
 
         self.slot_cores = max(1, usable_cores() // len(slots))  # each worker's share of the CPU
         self.slots: list[WorkerProc | None] = [None] * len(slots)

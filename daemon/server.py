@@ -19,6 +19,8 @@ from typing import Any
 
 import zmq
 
+from dallm.client.home import DaemonLock, DaemonPaths, write_info
+from dallm.client.transport import KeyWatch
 from dallm.daemon import reconcile
 from dallm.daemon.confine import Roots
 from dallm.daemon.control import ControlServer
@@ -31,8 +33,6 @@ from dallm.daemon.scheduler import Scheduler
 from dallm.daemon.sockets import Sockets
 from dallm.daemon.spill import Spill
 from dallm.daemon.store import EventRow, Store
-from dallm.home import DaemonLock, DaemonPaths, write_info
-from dallm.transport import KeyWatch
 
 log = logging.getLogger("dallm.daemon")
 

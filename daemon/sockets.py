@@ -8,10 +8,8 @@ import os
 
 import zmq
 
-from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
-from dallm.home import DaemonPaths
-from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
-from dallm.transport import (
+from dallm.client.home import DaemonPaths
+from dallm.client.transport import (
     KeyWatch,
     check_key_folders,
     ensure_local_client_key,
@@ -23,6 +21,8 @@ from dallm.transport import (
     server_keys,
     start_authenticator,
 )
+from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
+from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
 
 PUB_HWM = 10_000  # per subscriber; beyond it PUB drops (training never waits on a subscriber)
 

@@ -182,7 +182,7 @@ class MonitorConfig(_Section):
     # `window_steps(cfg)` resolves it.
     window: int | float = 0.05
     early_stop: Literal["auto", "notify", "off"] = "notify"
-    # The turning-point rule (dallm.csf): "paper" (Algorithm 1 as written: the derivative's second
+    # The turning-point rule (dallm.monitor.csf): "paper" (Algorithm 1 as written: the derivative's second
     # turn from - to +; with a window of 5% it was as close to the best KID as the guard and
     # confirmed sooner, docs/results.md) or "guarded" (hysteresis on log10 CS-Fluctuation: a valley
     # counts when the curve fell and then rose by more than `min_rise` decades around it; valleys
@@ -357,7 +357,7 @@ def _llm_consistent(cfg: JobConfig) -> None:
         "tokens.new": bool(cfg.tokens.new),
         "lora.text_encoder": cfg.lora.text_encoder,
         "eval.val_dir": cfg.eval.val_dir is not None,
-        "train.compile": cfg.train.compile,  # UNet options (dallm.trainer)
+        "train.compile": cfg.train.compile,  # UNet options (dallm.image.trainer)
         "train.channels_last": cfg.train.channels_last,
     }
     for key, used in image_only.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dallm.config import ConfigError, JobConfig, key_error, load_config
-from dallm.imagefiles import IMAGE_EXTS, ImageFileError, image_files, open_rgb, unsupported_files
+from dallm.image.files import IMAGE_EXTS, ImageFileError, image_files, open_rgb, unsupported_files
 
 __all__ = ["ModelShape", "PreflightError", "checked_config", "model_shape", "preflight", "resolve_base"]
 

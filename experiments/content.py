@@ -22,8 +22,8 @@ from dallm.micro import load_feature_net
 from dallm.micro.build import eval_prompts, prompt_following, to_tensor
 from dallm.micro.compare import generate, load_finetuned
 from dallm.micro.teacher import render_teacher
+from dallm.report.sweep import load_runs
 from dallm.sweep import read_manifest
-from dallm.sweep_report import load_runs
 
 
 def measure(job_dir: Path, n: int, net) -> dict[str, float]:

@@ -7,8 +7,8 @@ bootstrap std over texts take the validation KID's place (lower is better for bo
 
 Each run trained to its end with `monitor.early_stop = "notify"`, CS logged every step and the
 validation KID (with its std over subsets) every `eval.every` steps. Every policy is replayed from
-those logs with the engine's own classes (`dallm.csf.TurningPointDetector` fed exactly as
-`dallm.early_stop.EarlyStop` feeds it, after `monitor.start_step`):
+those logs with the engine's own classes (`dallm.monitor.csf.TurningPointDetector` fed exactly as
+`dallm.monitor.early_stop.EarlyStop` feeds it, after `monitor.start_step`):
 
 - window M: 5% or 10% of the run; rule: "paper" (Algorithm 1 as written) or "guarded";
 - select: "turning" (stop when the turning point is confirmed, return its weights), "best_val_kid"
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dallm.csf import TurningPointDetector
+from dallm.monitor.csf import TurningPointDetector
 
 RULES = {"paper": {"rule": "paper"}, "guarded": {"rule": "guarded", "min_rise": 0.1}}
 WINDOWS = (0.05, 0.1)

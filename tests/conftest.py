@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(autouse=True)
 def private_eval_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets its own shared-feature cache (`dallm.eval_cache`), never the user's."""
+    """Each test gets its own shared-feature cache (`dallm.eval.cache`), never the user's."""
     folder = tmp_path / "eval-cache"
     monkeypatch.setenv("DALLM_CACHE", str(folder))
     return folder
@@ -28,14 +28,14 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from dallm.tiny import build_tiny_sd
+    from dallm.image.tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_vpred(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dallm.tiny import build_tiny_sd
+    from dallm.image.tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v") / "model", prediction_type="v_prediction")
 

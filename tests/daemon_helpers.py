@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from dallm.client import DaemonClient, DaemonError
+from dallm.client.client import DaemonClient, DaemonError
 from dallm.protocol import TERMINAL_STATES, JobSummary
 
 FAKE = "dallm.testing.fake_engine:train"

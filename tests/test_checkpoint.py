@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dallm.checkpoint import STATE_FILE, TrainState, capture_rng, load_checkpoint, save_checkpoint
+from dallm.engine.checkpoint import STATE_FILE, TrainState, capture_rng, load_checkpoint, save_checkpoint
 
 
 class _Payload:

@@ -58,7 +58,7 @@ def test_train_errors_are_one_line(
 def test_ctrl_c_checkpoints_and_resumes(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dallm.trainer import Trainer
+    from dallm.image.trainer import Trainer
 
     real_step = Trainer.step
 
@@ -86,8 +86,8 @@ def test_failing_text_encoder_job_is_one_line_and_a_log(
 ) -> None:
     """The engine failing inside (here: peft refusing the text encoder, as issue 10 saw with an
     incompatible peft) is one line on stderr naming the error and the file with the traceback."""
-    import dallm.trainer
-    from dallm.lora import add_lora
+    import dallm.image.trainer
+    from dallm.engine.lora import add_lora
 
     def refuse(unet: object, text_encoder: object, cfg: object) -> None:
         if getattr(cfg, "text_encoder", False):
@@ -96,7 +96,7 @@ def test_failing_text_encoder_job_is_one_line_and_a_log(
             )
         add_lora(unet, text_encoder, cfg)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(dallm.trainer, "add_lora", refuse)
+    monkeypatch.setattr(dallm.image.trainer, "add_lora", refuse)
     out = tmp_path / "te"
     assert (
         main(["train", str(config), "--set", "lora.text_encoder=true", "--out", str(out), "--no-progress"])

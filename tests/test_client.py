@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from daemon_helpers import config, daemons, home, wait_step  # noqa: F401
 
-from dallm.client import DaemonClient, DaemonUnavailable, Subscription
+from dallm.client.client import DaemonClient, DaemonUnavailable, Subscription
 from dallm.protocol import QUEUE_TOPIC, TERMINAL_STATES, EventEnvelope, JobStateEvent, job_topic
 
 

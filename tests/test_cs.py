@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dallm.cs import CosineSimilarity, cs_naive, lora_pairs, scan_lora
+from dallm.monitor.cs import CosineSimilarity, cs_naive, lora_pairs, scan_lora
 
 # ----------------------------------------------------------------------------------------------
 # models

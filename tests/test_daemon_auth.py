@@ -17,10 +17,10 @@ import zmq.auth
 from daemon_helpers import config, daemons, home  # noqa: F401
 from test_daemon_security import free_port
 
-from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
-from dallm.home import DaemonPaths
+from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable
+from dallm.client.home import DaemonPaths
+from dallm.client.transport import create_client_keys
 from dallm.protocol import PingRequest, ShutdownRequest, SubmitRequest, encode_request
-from dallm.transport import create_client_keys
 
 
 def raw_requests_answered(endpoint: str, frames: list[bytes], curve: tuple[Path, Path] | None = None) -> int:
@@ -29,7 +29,7 @@ def raw_requests_answered(endpoint: str, frames: list[bytes], curve: tuple[Path,
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if curve is not None:
-        from dallm.transport import make_curve_client
+        from dallm.client.transport import make_curve_client
 
         make_curve_client(s, *curve)
     s.connect(endpoint)
@@ -110,7 +110,7 @@ def test_revoked_key_stops_working_without_a_restart(daemons, home: Path) -> Non
 
 
 def _subscriber(endpoint: str, server: Path, client: Path) -> zmq.Socket:
-    from dallm.transport import event_endpoint, make_curve_client
+    from dallm.client.transport import event_endpoint, make_curve_client
 
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)

@@ -127,7 +127,7 @@ def test_real_full_disk_during_checkpoint(daemons, tiny_sd: Path, image_dir, sma
         kept = [k for k in c.show(job.id).checkpoints if (out / k.path).is_dir()]
         assert kept, "no checkpoint survived"
         filler.unlink()
-        from dallm.checkpoint import load_checkpoint
+        from dallm.engine.checkpoint import load_checkpoint
 
         assert load_checkpoint(out / kept[-1].path).step == kept[-1].step  # intact and loadable
         assert c.ping().pid  # the daemon serves on

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
 
+from dallm.client.home import DaemonPaths
 from dallm.daemon import identity
 from dallm.daemon.store import Store
-from dallm.home import DaemonPaths
 
 
 def lookalike(env: dict[str, str] | None = None) -> subprocess.Popen:

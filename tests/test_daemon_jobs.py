@@ -18,7 +18,7 @@ from conftest import write_images
 from daemon_helpers import config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
 from dallm.cli import main as dallm_main
-from dallm.client import DaemonError
+from dallm.client.client import DaemonError
 from dallm.protocol import MetricsEvent, job_topic
 
 
@@ -217,7 +217,7 @@ def test_cli(daemons, home: Path, tmp_path: Path, capsys) -> None:
 
 
 def c_config(home: Path, job: int) -> dict:
-    from dallm.client import DaemonClient
+    from dallm.client.client import DaemonClient
 
     with DaemonClient(home=home) as c:
         return c.show(job).config
@@ -235,7 +235,7 @@ def test_metrics_events_are_typed(daemons) -> None:
 
 
 def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
-    from dallm.home import DaemonPaths
+    from dallm.client.home import DaemonPaths
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dallm.daemon.cli", *args, "--home", str(home)],
@@ -258,7 +258,7 @@ def test_daemon_cli_start_status_stop_in_the_background(home: Path) -> None:
 
 
 def test_dallm_run_starts_a_daemon_submits_and_waits(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from dallm.home import DaemonPaths
+    from dallm.client.home import DaemonPaths
 
     monkeypatch.setenv("DALLM_JOB_RUNNER", "dallm.testing.fake_engine:train")
     monkeypatch.setenv("DALLM_FAKE_STEP_S", "0.001")

@@ -12,9 +12,9 @@ import psutil
 import zmq
 from daemon_helpers import daemons, home  # noqa: F401
 
+from dallm.client.home import DaemonPaths
 from dallm.daemon.limits import CONTROL_SNDHWM, MAX_HISTORY_PAGE, MAX_REPLY_BYTES
 from dallm.daemon.store import Store
-from dallm.home import DaemonPaths
 from dallm.protocol import HistoryRequest, LogEvent, encode_request
 
 MESSAGE = "x" * 1000

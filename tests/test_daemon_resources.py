@@ -10,7 +10,7 @@ import pytest
 from daemon_helpers import config, daemons, home, wait_state, wait_step  # noqa: F401
 
 from dallm.cli import main as dallm_main
-from dallm.client import DaemonError
+from dallm.client.client import DaemonError
 from dallm.protocol import MAX_WORKER_LOG_BYTES, WorkerLogRequest
 
 

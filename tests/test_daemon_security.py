@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
 
-from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
-from dallm.home import DaemonPaths
-from dallm.transport import create_client_keys, is_loopback
+from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable
+from dallm.client.home import DaemonPaths
+from dallm.client.transport import create_client_keys, is_loopback
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from daemon_helpers import FAKE, config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
 
-from dallm.client import DaemonClient, DaemonError
+from dallm.client.client import DaemonClient, DaemonError
 from dallm.daemon import spill as spill_module
 from dallm.daemon.server import Daemon
 from dallm.daemon.spill import SPILL_FILE, Spill, append_line, encode_line

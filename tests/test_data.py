@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dallm.config import DataConfig
-from dallm.data import DataError, batch_indices, load_images, load_training_data
+from dallm.image.data import DataError, batch_indices, load_images, load_training_data
 
 
 def _cfg(folder: Path, **kw: object) -> DataConfig:

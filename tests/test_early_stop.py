@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from dallm.checkpoint import TrainState
 from dallm.config import ConfigError, JobConfig, config_from_dict, load_config, margin_steps, window_steps
-from dallm.csf import TurningPointDetector, cs_fluctuation, csf_lag
-from dallm.early_stop import Choice, EarlyStop
+from dallm.engine.checkpoint import TrainState
+from dallm.monitor.csf import TurningPointDetector, cs_fluctuation, csf_lag
+from dallm.monitor.early_stop import Choice, EarlyStop
 
 # ----------------------------------------------------------------------------------------------
 # CS-Fluctuation
@@ -114,7 +114,7 @@ def cfg_for(steps: int, **monitor) -> JobConfig:
 
 
 def run_like_a_trainer(m: int, cs: np.ndarray, lr: float, first_step: int = 1, **monitor):
-    """Feed an EarlyStop as dallm.train.Job does, the "weights after step" naming their step."""
+    """Feed an EarlyStop as dallm.engine.job.Job does, the "weights after step" naming their step."""
     value = {"cs": 0.0}
     es = EarlyStop(
         None,

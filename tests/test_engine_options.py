@@ -12,10 +12,10 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, weights
 
-import dallm.trainer
+import dallm.image.trainer
 from dallm.config import ConfigError
-from dallm.cs import CosineSimilarity, cs_naive
-from dallm.train import train
+from dallm.engine.job import train
+from dallm.monitor.cs import CosineSimilarity, cs_naive
 
 
 def close_runs(a: Path, b: Path, rtol: float = 1e-4) -> None:
@@ -29,12 +29,12 @@ def close_runs(a: Path, b: Path, rtol: float = 1e-4) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=1e-6)
 
 
-def trainer_for(cfg: Any) -> dallm.trainer.Trainer:
-    from dallm.data import load_training_data
-    from dallm.models import load_parts
+def trainer_for(cfg: Any) -> dallm.image.trainer.Trainer:
+    from dallm.image.data import load_training_data
+    from dallm.image.models import load_parts
 
     images, _ = load_training_data(cfg.data, 16)
-    return dallm.trainer.Trainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
+    return dallm.image.trainer.Trainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
 
 
 def test_channels_last_weights_and_inputs_and_same_losses(
@@ -68,7 +68,7 @@ def test_compile_runs_the_compiled_unet_and_same_losses(
         return gm.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(dallm.trainer, "COMPILE_BACKEND", recording)
+    monkeypatch.setattr(dallm.image.trainer, "COMPILE_BACKEND", recording)
     images = image_dir(n=2)
     for c in (False, True):
         train(job(tiny_sd, images, train={"steps": 3, "compile": c}), out_dir=tmp_path / str(c))
@@ -83,7 +83,7 @@ def test_compile_that_cannot_run_is_a_one_line_config_error(
         raise RuntimeError("no C++ compiler found\nmore detail")
 
     torch._dynamo.reset()
-    monkeypatch.setattr(dallm.trainer, "COMPILE_BACKEND", broken)
+    monkeypatch.setattr(dallm.image.trainer, "COMPILE_BACKEND", broken)
     with pytest.raises(ConfigError) as e:
         train(job(tiny_sd, image_dir(n=2), train={"steps": 2, "compile": True}), out_dir=tmp_path)
     msg = str(e.value)
@@ -99,7 +99,7 @@ def test_compile_with_aot_autograd_on_cpu(
     on the tiny model: losses close. Inductor's own C++ code generation on this 2-core box took over
     15 minutes (docs/engine.md), too long for the suite."""
     torch._dynamo.reset()
-    monkeypatch.setattr(dallm.trainer, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(dallm.image.trainer, "COMPILE_BACKEND", "aot_eager")
     images = image_dir(n=2)
     for c in (False, True):
         train(job(tiny_sd, images, train={"steps": 2, "compile": c}), out_dir=tmp_path / str(c))

@@ -1,5 +1,5 @@
 """A background evaluator slower than training: the job's waits release rows and checkpoints as each
-evaluation comes back, not only after the last one (`dallm.train.Job._wait_upto`)."""
+evaluation comes back, not only after the last one (`dallm.engine.job.Job._wait_upto`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from engine_helpers import job as engine_job
 from engine_helpers import metrics
 from test_evaluation import FakeExtractor
 
-from dallm.eval_interface import Arrived, Weights
-from dallm.evaluation import LiveEvaluator
+from dallm.eval.interface import Arrived, Weights
+from dallm.eval.live import LiveEvaluator
 from dallm.protocol import JobEvent, LogEvent
 from dallm.protocol.files import checkpoint_folders
 
@@ -58,10 +58,10 @@ def _job(
     tiny_sd: Path, image_dir: Callable[..., Path], out: Path, steps: int, free: int = 0
 ) -> tuple[Any, list]:
     """A job on the tiny model with KID every 2 steps by a `BehindEvaluator`, run to its end."""
-    from dallm.data import load_training_data
-    from dallm.models import load_parts
-    from dallm.train import Job
-    from dallm.trainer import Trainer
+    from dallm.engine.job import Job
+    from dallm.image.data import load_training_data
+    from dallm.image.models import load_parts
+    from dallm.image.trainer import Trainer
 
     data = image_dir(n=4, captions=True, name="train")
     cfg = engine_job(

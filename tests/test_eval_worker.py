@@ -1,4 +1,4 @@
-"""Evaluation off the training path (`dallm.eval_worker`) and the shared feature cache (`dallm.eval_cache`)."""
+"""Evaluation off the training path (`dallm.eval.background`) and the shared feature cache (`dallm.eval.cache`)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from engine_helpers import job as engine_job
 from test_evaluation import FakeExtractor, make_cfg
 
 from dallm.config import ConfigError, JobConfig, config_from_dict
-from dallm.eval_worker import BackgroundEvaluator, EvaluationError
-from dallm.evaluation import LiveEvaluator
+from dallm.eval.background import BackgroundEvaluator, EvaluationError
+from dallm.eval.live import LiveEvaluator
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, PhaseEvent, SampleEvent
 
 
 def _setup(tiny_sd: Path, image_dir: Callable[..., Path], **eval_cfg: Any) -> tuple[JobConfig, Any]:
-    from dallm.data import load_training_data
-    from dallm.models import load_parts
-    from dallm.trainer import Trainer
+    from dallm.image.data import load_training_data
+    from dallm.image.models import load_parts
+    from dallm.image.trainer import Trainer
 
     data = image_dir(n=6, captions=True, name="train")
     val = image_dir(n=5, name="val", seed=1)
@@ -120,8 +120,8 @@ def test_a_failing_evaluator_process_says_why(
 def test_job_in_background_mode_logs_kid_in_its_rows_in_step_order(
     tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
+    from dallm.engine.job import train
     from dallm.protocol.files import checkpoint_folders, read_metrics
-    from dallm.train import train
 
     data = image_dir(n=6, captions=True, name="train")
     val = image_dir(n=5, name="val", seed=1)
@@ -224,10 +224,10 @@ def test_the_evaluator_process_ends_when_the_trainer_is_killed(
 import sys, time, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from engine_helpers import job
-from dallm.data import load_training_data
-from dallm.eval_worker import BackgroundEvaluator
-from dallm.models import load_parts
-from dallm.trainer import Trainer
+from dallm.image.data import load_training_data
+from dallm.eval.background import BackgroundEvaluator
+from dallm.image.models import load_parts
+from dallm.image.trainer import Trainer
 cfg = job({str(tiny_sd)!r}, {str(data)!r}, eval={{"every": 2, "num_images": 4, "steps": 2}})
 parts = load_parts(cfg.model)
 images, _ = load_training_data(cfg.data, 16)

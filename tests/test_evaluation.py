@@ -15,7 +15,7 @@ from PIL import Image
 from test_sampling import lora_parts
 
 from dallm.config import ConfigError, JobConfig, config_from_dict
-from dallm.evaluation import LiveEvaluator
+from dallm.eval.live import LiveEvaluator
 from dallm.protocol import FinishedEvent, JobEvent, LogEvent, MetricsEvent, PhaseEvent, SampleEvent
 
 KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
@@ -252,16 +252,16 @@ def test_unusable_folders_fail_early(job: dict[str, Any], image_dir: Callable[..
 def test_engine_job_with_evaluation_then_report(
     tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through `dallm.train.train`: the KID series for all three references lands in metrics.jsonl,
+    """Through `dallm.engine.job.train`: the KID series for all three references lands in metrics.jsonl,
     the final summary in result.json, and `dallm report` draws every plot from the folder."""
     import json
 
     from engine_helpers import job as engine_job
 
-    from dallm.report import write_report
-    from dallm.train import train
+    from dallm.engine.job import train
+    from dallm.report.job import write_report
 
-    monkeypatch.setattr("dallm.evaluation.configured_extractor", lambda cfg, device: FakeExtractor())
+    monkeypatch.setattr("dallm.eval.live.configured_extractor", lambda cfg, device: FakeExtractor())
     data = image_dir(n=6, captions=True, name="train")
     val = image_dir(n=5, name="val", seed=1)
     cfg = engine_job(
@@ -307,7 +307,7 @@ def test_unusable_feature_extractor_fails_before_training(job: dict[str, Any], t
 
 def test_micro_feature_net_through_load_extractor(job: dict[str, Any]) -> None:
     """The real (shipped) "micro" extractor on the tiny model's 16 px images."""
-    from dallm.eval_inputs import configured_extractor
+    from dallm.eval.inputs import configured_extractor
 
     cfg = make_cfg(job["data"], job["out"], job["val"], samples={"every": 0}, eval={"features": "micro"})
     ev = LiveEvaluator(

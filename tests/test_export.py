@@ -12,10 +12,10 @@ import torch
 from engine_helpers import job
 from safetensors.torch import load_file
 
-from dallm.checkpoint import load_checkpoint
 from dallm.cli import main
-from dallm.export import export_lora
-from dallm.train import train
+from dallm.engine.checkpoint import load_checkpoint
+from dallm.engine.job import train
+from dallm.image.export import export_lora
 
 TOKENS = ["<s1>", "<s2>"]
 
@@ -138,7 +138,7 @@ def test_cli_export(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_kohya_without_tokens_and_with_two_token_files(tmp_path: Path) -> None:
-    from dallm.export import kohya_usage, save_embeddings, save_lora
+    from dallm.image.export import kohya_usage, save_embeddings, save_lora
 
     src = tmp_path / "src"
     save_lora(

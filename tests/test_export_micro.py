@@ -17,14 +17,14 @@ import torch
 from conftest import write_images
 from engine_helpers import job
 
-from dallm.checkpoint import find_checkpoint, load_checkpoint
 from dallm.config import JobConfig
-from dallm.data import load_training_data
-from dallm.export import export_lora, kohya_usage
+from dallm.engine.checkpoint import find_checkpoint, load_checkpoint
+from dallm.engine.job import train
+from dallm.image.data import load_training_data
+from dallm.image.export import export_lora, kohya_usage
+from dallm.image.models import load_parts
+from dallm.image.trainer import Trainer
 from dallm.micro import MODEL_DIR
-from dallm.models import load_parts
-from dallm.train import train
-from dallm.trainer import Trainer
 
 TOKENS = ["<s1>", "<s2>"]
 PROMPT = "a red circle on blue background in <s1><s2> style"

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from dallm.cli import main
-from dallm.features import FeatureError, features_of_folder, list_images, load_extractor, to_rgb
-from dallm.inception import INCEPTION_WEIGHTS_NAME, InceptionV3, resize_bilinear_tf1
+from dallm.eval.features import FeatureError, features_of_folder, list_images, load_extractor, to_rgb
+from dallm.eval.inception import INCEPTION_WEIGHTS_NAME, InceptionV3, resize_bilinear_tf1
 
 # ----------------------------------------------------------------------------------------------
 # fixtures

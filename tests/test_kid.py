@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import dallm.kid as kid_module
-from dallm.kid import kid, subset_for, subset_indices
+import dallm.eval.kid as kid_module
+from dallm.eval.kid import kid, subset_for, subset_indices
 
 
 def kid_by_loops(a: np.ndarray, b: np.ndarray, m: int, subsets) -> tuple[float, float]:

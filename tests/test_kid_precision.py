@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dallm.config import ConfigError, config_from_dict
-from dallm.kid import STD_EXPONENT, SampleCount, choose_sample_count, kid
+from dallm.eval.kid import STD_EXPONENT, SampleCount, choose_sample_count, kid
 from dallm.protocol import JobEvent, LogEvent
 
 DIM = 16  # a small feature width keeps the test fast; the estimator's scaling does not depend on it
@@ -121,7 +121,7 @@ def test_added_images_keep_the_first_ones_noise_and_prompts(
     from test_evaluation import FakeExtractor, make_cfg
     from test_sampling import lora_parts
 
-    from dallm.evaluation import LiveEvaluator
+    from dallm.eval.live import LiveEvaluator
 
     data, val = image_dir(n=6, captions=True, name="train"), image_dir(n=12, name="val", seed=1)
     parts = lora_parts(tiny_sd, nonzero=False)
@@ -149,12 +149,12 @@ def test_added_images_keep_the_first_ones_noise_and_prompts(
 def test_job_uses_the_chosen_count_through_the_background_evaluator(
     tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """End to end (`dallm.train.train`, eval.mode = "background"): the first evaluation measures the
+    """End to end (`dallm.engine.job.train`, eval.mode = "background"): the first evaluation measures the
     std with 4 samples and chooses 8 (capped by max_images); every KID row uses 8, the log says why,
     and eval/summary.json records the count and the reason."""
     from engine_helpers import job as engine_job
 
-    from dallm.train import train
+    from dallm.engine.job import train
 
     data, val = image_dir(n=6, captions=True, name="train"), image_dir(n=12, name="val", seed=1)
     # 4 samples to start from, a target no count reaches: 8 (max_images), subsets of 4 (< 6 of val)

@@ -113,7 +113,7 @@ def test_base_samples_follow_prompts_and_an_untrained_model_does_not(pipe, net) 
 
 
 def test_kid_base_to_teacher_is_many_times_teacher_to_teacher(pipe, net) -> None:
-    from dallm.kid import kid
+    from dallm.eval.kid import kid
 
     scenes = eval_prompts(N, 77)
     base = sample(pipe, [s.caption("baroque") for s in scenes], STEPS, 5.0, 8)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dallm.config import ConfigError, ModelConfig
-from dallm.models import load_parts, read_resolution, resolve_base
+from dallm.image.models import load_parts, read_resolution, resolve_base
 
 
 def test_load_tiny(tiny_sd: Path, tiny_sd_vpred: Path) -> None:

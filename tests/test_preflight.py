@@ -15,7 +15,7 @@ from conftest import write_images
 from daemon_helpers import config, daemons, home  # noqa: F401
 
 from dallm.cli import main
-from dallm.client import DaemonError
+from dallm.client.client import DaemonError
 from dallm.config import config_from_dict
 from dallm.preflight import PreflightError, model_shape, preflight
 

@@ -53,7 +53,7 @@ def test_daemon_answers_bad_request_not_internal(daemons, home: Path) -> None:
     with d.client() as c:
         job = c.submit(config("one", steps=1000))
         assert job.id == 1
-    from dallm.home import DaemonPaths
+    from dallm.client.home import DaemonPaths
 
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dallm.config import load_config
+from dallm.engine.job import train
 from dallm.protocol import JobEvent, MetricsEvent
-from dallm.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from dallm.cli import main
-from dallm.evolution import labelled_grid, read_index, write_evolution, write_grid
-from dallm.report import ReportError, cs_fluct_series, read_metrics, read_turning_point, write_report
-from dallm.sampling import to_pil
+from dallm.eval.sample_grids import labelled_grid, read_index, write_evolution, write_grid
+from dallm.image.sampling import to_pil
+from dallm.report.job import ReportError, cs_fluct_series, read_metrics, read_turning_point, write_report
 
 
 def synthetic_job(folder: Path, steps: int = 200, turning: int | None = 120, samples: bool = True) -> Path:
@@ -174,7 +174,7 @@ def test_evolution_strips_and_gif(tmp_path: Path) -> None:
 
 
 def test_final_and_turning_kid_from_result_json(tmp_path: Path) -> None:
-    from dallm.report import merge_final_eval, read_result, turning_kid
+    from dallm.report.job import merge_final_eval, read_result, turning_kid
 
     job = synthetic_job(tmp_path / "job", steps=110, samples=False, turning=60)
     ev = {"kid_val": 0.02, "kid_val_std": 0.001, "turning_kid_val": 0.03, "eval_seconds_total": 5.0}

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dallm.config import LoraConfig, ModelConfig
-from dallm.sampling import (
+from dallm.image.sampling import (
     SamplerSettings,
     adapters_disabled,
     generate,
@@ -29,8 +29,8 @@ CPU = torch.device("cpu")
 
 def lora_parts(model_dir: Path, nonzero: bool = True) -> Any:
     """The tiny model with LoRA on UNet and text encoder, in training mode (as the engine holds it)."""
-    from dallm.lora import add_lora
-    from dallm.models import load_parts
+    from dallm.engine.lora import add_lora
+    from dallm.image.models import load_parts
 
     parts = load_parts(ModelConfig(base=str(model_dir)))
     add_lora(parts.unet, parts.text_encoder, LoraConfig(rank=4, text_encoder=True))
@@ -81,7 +81,7 @@ def test_batching_does_not_change_images(parts: Any) -> None:
 
 
 def test_adapters_disabled_gives_base_and_restores_everything(tiny_sd: Path, parts: Any) -> None:
-    from dallm.models import load_parts
+    from dallm.image.models import load_parts
 
     # Freeze the UNet LoRA (as during textual-inversion-only steps): the flag must survive.
     unet_lora = [p for n, p in parts.unet.named_parameters() if "lora_" in n]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dallm.threads import choose_threads, explicit_threads
+from dallm.engine.threads import choose_threads, explicit_threads
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_explicit_threads_from_env() -> None:
 def test_worker_sets_threads_from_its_slot() -> None:
     code = (
         "import os; os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('DALLM_THREADS', None);"
-        "from dallm.threads import set_torch_threads; line = set_torch_threads(1);"
+        "from dallm.engine.threads import set_torch_threads; line = set_torch_threads(1);"
         "import torch; print(torch.get_num_threads(), line)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -11,10 +11,10 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
-from dallm.checkpoint import list_checkpoints, load_checkpoint
-from dallm.data import DataError
+from dallm.engine.checkpoint import list_checkpoints, load_checkpoint
+from dallm.engine.job import train
+from dallm.image.data import DataError
 from dallm.protocol import FinishedEvent, InterruptCommand, JobEvent, MetricsEvent, PhaseEvent, StartedEvent
-from dallm.train import train
 
 
 def test_same_seed_same_losses(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
@@ -101,9 +101,9 @@ def test_new_tokens_only_their_rows_change(
 
 
 def test_token_rows_other_rows_fixed(tiny_sd: Path, image_dir: Callable[..., Path]) -> None:
-    from dallm.data import load_training_data
-    from dallm.models import load_parts
-    from dallm.trainer import Trainer
+    from dallm.image.data import load_training_data
+    from dallm.image.models import load_parts
+    from dallm.image.trainer import Trainer
 
     cfg = job(
         tiny_sd,
@@ -146,7 +146,7 @@ def test_bad_image_fails_before_model_loads(
     def no_load(*a: object, **k: object) -> None:
         raise AssertionError("the model was loaded before the images were checked")
 
-    monkeypatch.setattr("dallm.train.load_parts", no_load)
+    monkeypatch.setattr("dallm.engine.job.load_parts", no_load)
     with pytest.raises(DataError, match="broken.png"):
         train(job(tiny_sd, images), out_dir=tmp_path)
 
@@ -168,9 +168,9 @@ def test_gradient_checkpointing_same_losses(
 def test_mixed_precision_step(tiny_sd: Path, image_dir: Callable[..., Path], dtype: torch.dtype) -> None:
     """The CUDA mixed-precision path (frozen weights in fp16/bf16, autocast, GradScaler for fp16, a
     float32 text encoder when it trains) emulated on the CPU: every trainable group moves."""
-    from dallm.data import load_training_data
-    from dallm.models import load_parts
-    from dallm.trainer import Trainer
+    from dallm.image.data import load_training_data
+    from dallm.image.models import load_parts
+    from dallm.image.trainer import Trainer
 
     cfg = job(
         tiny_sd,

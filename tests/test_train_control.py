@@ -9,6 +9,7 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
+from dallm.engine.job import train
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
@@ -20,7 +21,6 @@ from dallm.protocol import (
     StopCommand,
     TurningPointEvent,
 )
-from dallm.train import train
 
 # On the tiny model with these settings the detector confirms a turning point within ~30 steps.
 WATCH = {"window": 4, "min_rise": 0.05}
@@ -81,8 +81,8 @@ def test_result_kid_is_measured_on_the_complete_result_state(
     UNet LoRA *and* the token embeddings of that step (not the last step's embeddings)."""
     from safetensors.torch import load_file
 
-    from dallm.evaluation import LiveEvaluator
-    from dallm.lora import lora_state
+    from dallm.engine.lora import lora_state
+    from dallm.eval.live import LiveEvaluator
 
     seen: dict[str, object] = {}
     original = LiveEvaluator.result
@@ -94,7 +94,7 @@ def test_result_kid_is_measured_on_the_complete_result_state(
         return original(self, result_step, turning, final)
 
     monkeypatch.setattr(LiveEvaluator, "result", spy)
-    monkeypatch.setattr("dallm.evaluation.configured_extractor", lambda cfg, device: _Colours())
+    monkeypatch.setattr("dallm.eval.live.configured_extractor", lambda cfg, device: _Colours())
     cfg = job(
         tiny_sd,
         images,

@@ -1,4 +1,4 @@
-"""`Connection` over the daemon's client library (`dallm.client`).
+"""`Connection` over the daemon's client library (`dallm.client.client`).
 
 Two clients, as the client library asks (each is for one thread): one for the link thread (queue,
 histories, heartbeat) with the live subscription, one for actions sent from thread workers.
@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from dallm.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
+from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
+from dallm.client.home import resolve_home
 from dallm.config import ConfigError
-from dallm.home import resolve_home
 from dallm.protocol import EventEnvelope, JobDetail, JobSummary, ResourcesReply, WorkerLogReply, job_topic
 from dallm.tui.connection import Action, ConnectionLost, Outcome, clone_config
 

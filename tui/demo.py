@@ -127,7 +127,7 @@ step 100: loss 0.1432
 Traceback (most recent call last):
   File "dallm/daemon/worker.py", line 182, in run
     result = runner(
-  File "dallm/train.py", line 611, in train
+  File "dallm/engine/job.py", line 611, in train
     loss = step_fn(batch)
 torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (demo)
 """

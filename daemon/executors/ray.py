@@ -185,7 +185,7 @@ class RayExecutor:
             num_gpus=self.gpus, num_cpus=1, name=f"dallm-job-{spec.job}.{spec.attempt}"
         )
         # No --slot-cores: the daemon's cores say nothing of the node's. Ray sets OMP_NUM_THREADS to
-        # the task's num_cpus, which the worker follows (dallm/threads.py).
+        # the task's num_cpus, which the worker follows (dallm/engine/threads.py).
         argv = replace(spec, slot_cores=None).argv(None)
         ref = task.remote(argv, env, str(spec.log), str(spec.config), digest)
         return RayHandle(self.ray, ref)

@@ -51,8 +51,8 @@ def _add_kid(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_kid(args: argparse.Namespace) -> int:
-    from dallm.features import FeatureError, features_of_folder, list_images, load_extractor
-    from dallm.kid import kid, subset_for
+    from dallm.eval.features import FeatureError, features_of_folder, list_images, load_extractor
+    from dallm.eval.kid import kid, subset_for
 
     if args.subset_size is not None and args.subset_size < 2:
         raise CommandError(f"--subset-size: must be >= 2, got {args.subset_size}")

@@ -22,7 +22,7 @@ def looks_like_folder(ref: str) -> bool:
 
 def job_folder(ref: str, home: str | None, connect: str | None) -> Path:
     """The output folder of the daemon's job `ref` (an id, or a name: its newest finished job)."""
-    from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+    from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable
 
     try:
         with DaemonClient(connect, home=home) as c:

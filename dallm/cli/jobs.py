@@ -30,7 +30,7 @@ EXIT_UNAVAILABLE = 3
 
 @contextmanager
 def _client(args: argparse.Namespace) -> Any:
-    from dallm.client import DaemonClient, DaemonError, DaemonUnavailable
+    from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable
 
     try:
         with DaemonClient(args.connect, home=args.home, timeout=args.timeout) as c:
@@ -146,7 +146,7 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
     """Start a background daemon on `home` unless one runs there."""
     import subprocess
 
-    from dallm.home import DaemonPaths, lock_is_held, resolve_home
+    from dallm.client.home import DaemonPaths, lock_is_held, resolve_home
 
     paths = DaemonPaths(resolve_home(home))
     if lock_is_held(paths):
@@ -173,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args, cfg)
     finally:  # `make demo` ends here: a background daemon must not be a surprise
-        from dallm.home import resolve_home
+        from dallm.client.home import resolve_home
 
         home = resolve_home(args.home)
         print(f"the daemon keeps running on {home}; stop it with: dallm-daemon stop --home {home}",

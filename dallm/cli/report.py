@@ -1,7 +1,7 @@
 """`dallm report OUTPUT_DIR [--out DIR] [--json]`: the study's plots from a job folder.
 
 `dallm report --sweep SWEEP_DIR_OR_ID [--out DIR]`: the comparison across a sweep's runs
-(`dallm.sweep_report`)."""
+(`dallm.report.sweep`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dallm.cli import CommandError
-    from dallm.report import ReportError, read_result, write_report
+    from dallm.report.job import ReportError, read_result, write_report
 
     if args.sweep is not None:
         return _sweep(args)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from dallm.sweep_report import find_sweep, write_sweep_report
+    from dallm.report.sweep import find_sweep, write_sweep_report
 
     folder = find_sweep(args.sweep, args.home)
     results = write_sweep_report(folder, args.out)

@@ -100,9 +100,9 @@ def _failed(e: Exception, folder: Path) -> CommandError:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dallm.config import ConfigError
+    from dallm.engine.job import train
+    from dallm.engine.threads import set_torch_threads
     from dallm.preflight import checked_config
-    from dallm.threads import set_torch_threads
-    from dallm.train import train
 
     cfg = checked_config(args.config, args.overrides)
     try:
@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctrl_c = _CtrlC()
     emit = None
     if not args.no_progress:
-        from dallm.progress import ProgressEmit
+        from dallm.cli.progress import ProgressEmit
 
         emit = ProgressEmit(cfg.train.steps)
     try:
@@ -149,9 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dallm.checkpoint import find_checkpoint
     from dallm.cli.jobref import resolve
-    from dallm.export import export_lora, kohya_usage
+    from dallm.engine.checkpoint import find_checkpoint
+    from dallm.image.export import export_lora, kohya_usage
 
     src = resolve(args.output_dir, args.home, args.connect)
     if args.step is not None:

@@ -1,7 +1,7 @@
 """What plays KID's part for an LLM job: perplexities with a spread, and fixed-prompt generations.
 
 `LlmEvaluator` has the image `LiveEvaluator`'s interface (`due`, `run`, `finish`, `result`,
-`kid_on`, `samples_on`), so `dallm.train.Job` runs it unchanged:
+`kid_on`, `samples_on`), so `dallm.engine.job.Job` runs it unchanged:
 - perplexity (`dallm.micro_llm.metrics`: corpus perplexity, bootstrap std over texts) of the held-out
   target texts (`ppl_val`), the training texts (`ppl_train`) and base-distribution text
   (`ppl_base`: forgetting); the base model's own figures once, as `base_ppl_*`;
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
-from dallm.early_stop import EarlyStop
-from dallm.eval_interface import Arrived, InLoopResults
+from dallm.engine.checkpoint import TrainState
+from dallm.eval.interface import Arrived, InLoopResults
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
 from dallm.micro_llm.metrics import model_perplexity
+from dallm.monitor.early_stop import EarlyStop
 from dallm.protocol import Emit, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
 
 SETS = ("val", "train", "base")
@@ -67,7 +67,7 @@ class LlmEvaluator(InLoopResults):
     def due(self, step: int) -> bool:
         return self.samples_due(step) or self.ppl_due(step)
 
-    # -- the loop's interface (dallm.train.Job): evaluated here, in the training process ----------
+    # -- the loop's interface (dallm.engine.job.Job): evaluated here, in the training process ----------
 
     def submit(self, step: int, weights: Callable[[int], TrainState]) -> None:
         """Evaluate what is due at `step` now (`collect` hands the values out). The perplexities

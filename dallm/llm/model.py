@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from dallm.config import ConfigError, JobConfig
+from dallm.engine.lora import ADAPTER, peft_config
 from dallm.llm.data import resolve_llm_base
-from dallm.lora import ADAPTER, peft_config
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""An LLM LoRA job: `train_llm(cfg)`, what `dallm.train.train` runs for `[model] kind = "llm"`.
+"""An LLM LoRA job: `train_llm(cfg)`, what `dallm.engine.job.train` runs for `[model] kind = "llm"`.
 
 Reading order: read the texts (a bad file fails before the model loads), load the model with its
-LoRA, then hand `dallm.train.Job` the LLM's trainer and evaluator. The loop, commands, CS /
+LoRA, then hand `dallm.engine.job.Job` the LLM's trainer and evaluator. The loop, commands, CS /
 CS-Fluctuation, turning point, snapshots, checkpoints, rollback, resume and the result are the
 image job's code, unchanged: only what a step trains and what an evaluation measures differ.
 """
@@ -11,19 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from dallm.config import JobConfig
-from dallm.early_stop import EarlyStop
+from dallm.engine.job import Job, PhaseEmit, seed_everything
+from dallm.image.trainer import pick_device
 from dallm.llm.data import load_texts
 from dallm.llm.evaluation import LlmEvaluator
 from dallm.llm.model import load_llm
 from dallm.llm.trainer import LlmTrainer
+from dallm.monitor.early_stop import EarlyStop
 from dallm.protocol import JobResult, LogEvent, Poll
-from dallm.train import Job, PhaseEmit, seed_everything
-from dallm.trainer import pick_device
 
 
 def train_llm(cfg: JobConfig, out: Path, ckpt: Path | None, emit: PhaseEmit, poll: Poll | None) -> JobResult:
     """Run the LLM job `cfg` into `out`, from scratch or from the checkpoint folder `ckpt`
-    (`dallm.train.train` resolves both, and calls this for `model.kind = "llm"`)."""
+    (`dallm.engine.job.train` resolves both, and calls this for `model.kind = "llm"`)."""
     texts = load_texts(cfg.data, cfg.seed)  # fails fast on a bad file
     if not texts.validation:
         emit(

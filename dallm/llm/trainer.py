@@ -1,6 +1,6 @@
 """One LLM training step and the state around it: `LlmTrainer`, the image `Trainer`'s twin.
 
-`dallm.train.Job` drives it exactly as it drives the image trainer (step, state, weights, load,
+`dallm.engine.job.Job` drives it exactly as it drives the image trainer (step, state, weights, load,
 write_weights), so checkpoints, snapshots, rollback and resume are the same code. The state kept is
 the LoRA factors only (peft keys); W0 stays in the peft base layers, where CS reads it.
 """
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from dallm.checkpoint import TrainState, capture_rng, deep_copy_state, restore_rng
 from dallm.config import JobConfig
-from dallm.data import batch_indices
+from dallm.engine.checkpoint import TrainState, capture_rng, deep_copy_state, restore_rng
+from dallm.engine.lora import ADAPTER, load_lora_state, lora_parameters, lora_state
+from dallm.image.data import batch_indices
+from dallm.image.trainer import optimizer_and_schedule
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
-from dallm.lora import ADAPTER, load_lora_state, lora_parameters, lora_state
 from dallm.micro_llm.metrics import IGNORE, encode
-from dallm.trainer import optimizer_and_schedule
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's names: PeftModel.from_pretrained reads them
 ADAPTER_CONFIG = "adapter_config.json"

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dallm.build_manifest import device_name, versions, write_manifest
+from dallm.image.tiny import save_sd_pipeline
 from dallm.micro import featnet as featnet_mod
 from dallm.micro.stages import (
     LATENT,
@@ -51,7 +52,6 @@ from dallm.micro.stages import (
 )
 from dallm.micro.teacher import render_teacher
 from dallm.micro.world import Scene, render, sample_scene
-from dallm.tiny import save_sd_pipeline
 
 
 @dataclass
@@ -128,7 +128,7 @@ def kid(
 ):
     """KID (unbiased MMD^2, cubic kernel (x.y/d + 1)^3): mean and std over random subsets."""
     try:
-        from dallm.kid import kid as project_kid  # the project's implementation, once it exists
+        from dallm.eval.kid import kid as project_kid  # the project's implementation, once it exists
     except ImportError:
         project_kid = None
     if project_kid is not None:

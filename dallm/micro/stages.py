@@ -30,7 +30,7 @@ def write_tokenizer(folder: Path) -> None:
     """
     from transformers import CLIPTokenizer
 
-    from dallm.tiny import write_clip_tokenizer
+    from dallm.image.tiny import write_clip_tokenizer
 
     write_clip_tokenizer(folder, sorted(WORDS, key=len, reverse=True), max_length=MAX_TOKENS)
     tok = CLIPTokenizer.from_pretrained(folder)

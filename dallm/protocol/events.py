@@ -132,7 +132,7 @@ class FinishedEvent(Outcome):
 
 
 class JobResult(Outcome):
-    """What the engine returns (`dallm.train.train`), and what a worker reports when it returns."""
+    """What the engine returns (`dallm.engine.job.train`), and what a worker reports when it returns."""
 
     out_dir: Path
     turning_point: int | None = None
@@ -218,7 +218,7 @@ class PhaseEmit:
 
 
 class Engine(Protocol):
-    """What runs a job: `dallm.train.train`, or a test double. It emits events, obeys the commands
+    """What runs a job: `dallm.engine.job.train`, or a test double. It emits events, obeys the commands
     `poll` hands it between steps, writes into `out_dir` and returns the result; drawing progress
     is the caller's business (wrap `emit`)."""
 

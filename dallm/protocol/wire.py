@@ -28,7 +28,7 @@ def encode_request(req_id: int, req: _Message) -> bytes:
 
 
 def _open_frame(frame: bytes, key: str) -> tuple[int, dict]:
-    from dallm.wire_limits import FrameShapeError, loads_bounded
+    from dallm.protocol.limits import FrameShapeError, loads_bounded
 
     try:
         data = loads_bounded(frame)

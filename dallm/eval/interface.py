@@ -1,4 +1,4 @@
-"""What the training loop (`dallm.train.Job`) asks of an evaluator: `submit` the weights of a step,
+"""What the training loop (`dallm.engine.job.Job`) asks of an evaluator: `submit` the weights of a step,
 `collect` the evaluations that came back (`Arrived`, in step order), `pending` steps, `close`.
 `InLoopResults` is that interface for evaluators that evaluate in the loop's own process."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dallm.checkpoint import TrainState
+from dallm.engine.checkpoint import TrainState
 
 Weights = Callable[[int], TrainState]  # the trainable weights of a step, copied (Trainer.weights)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dallm.sampling import grid_cells, make_grid
+from dallm.image.sampling import grid_cells, make_grid
 
 INDEX = "index.jsonl"
 PAD = 2

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from dallm.checkpoint import TrainState
 from dallm.config import JobConfig
-from dallm.eval_interface import Arrived, Weights, steps_text
-from dallm.evaluation import LiveEvaluator
-from dallm.kid import SampleCount
-from dallm.models import ModelParts
+from dallm.engine.checkpoint import TrainState
+from dallm.eval.interface import Arrived, Weights, steps_text
+from dallm.eval.kid import SampleCount
+from dallm.eval.live import LiveEvaluator
+from dallm.image.models import ModelParts
 from dallm.protocol import JobEvent, LogEvent, SampleEvent
 
 _POLL_S = 0.2  # how often a waiting trainer checks that the evaluator process is alive
@@ -52,7 +52,7 @@ def evaluator_threads(cfg: JobConfig, device: torch.device) -> int:
         return cfg.eval.threads
     if device.type != "cpu":
         return 1  # the work is on the accelerator
-    from dallm.threads import usable_cores
+    from dallm.engine.threads import usable_cores
 
     return max(1, usable_cores() - torch.get_num_threads())
 
@@ -61,7 +61,7 @@ def evaluator_threads(cfg: JobConfig, device: torch.device) -> int:
 
 
 def _load_weights(parts: ModelParts, tokens: Any, state: TrainState) -> None:
-    from dallm.lora import load_lora_state
+    from dallm.engine.lora import load_lora_state
 
     load_lora_state(parts.unet, state.unet_lora)
     if state.text_encoder_lora is not None:
@@ -110,9 +110,9 @@ def worker_main(
     _watch_parent(parent)
     try:
         torch.set_num_threads(threads)
-        from dallm.lora import add_lora
-        from dallm.models import load_parts
-        from dallm.tokens import add_tokens
+        from dallm.engine.lora import add_lora
+        from dallm.image.models import load_parts
+        from dallm.image.tokens import add_tokens
 
         parts = load_parts(cfg.model, device=device, weight_dtype=weight_dtype)
         if cfg.tokens.new or cfg.lora.text_encoder:  # as the trainer holds it (train.train)

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dallm.private import check_private_dir, make_private_dir
+from dallm.client.private import check_private_dir, make_private_dir
 
 IPC_PATH_MAX = 100
 

@@ -5,7 +5,7 @@ mode) or on a float tensor [N, 3, H, W] in [0, 1]; it returns float32 features [
 
 - `micro`: the micro world's feature net (`dallm.micro.load_feature_net`), 128-d.
 - `inception`: Inception-v3 as torch-fidelity defines it for FID/KID, 2048-d, from a local weights
-  file, never downloaded (`dallm/inception.py`).
+  file, never downloaded (`dallm/eval/inception.py`).
 - `clip:FOLDER`: a local CLIP vision model (transformers `CLIPVisionModelWithProjection`), its
   projected image embedding; preprocessing from the folder's preprocessor config when present.
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from dallm.imagefiles import IMAGE_EXTS, image_files
+from dallm.image.files import IMAGE_EXTS, image_files
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -169,7 +169,7 @@ def load_extractor(
     if spec == "micro":
         return _micro(device, batch_size)
     if spec == "inception":
-        from dallm.inception import inception_extractor  # imports this module: loaded when asked
+        from dallm.eval.inception import inception_extractor  # imports this module: loaded when asked
 
         return inception_extractor(device, inception_weights, batch_size)
     if spec.startswith("clip:") and len(spec) > 5:

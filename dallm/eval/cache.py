@@ -35,7 +35,7 @@ def cache_root(cache_dir: Path | None) -> Path:
     env = os.environ.get(CACHE_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    from dallm.home import default_home
+    from dallm.client.home import default_home
 
     return default_home() / "cache" / "eval"
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dallm.config import ConfigError, JobConfig
-from dallm.imagefiles import image_files
+from dallm.image.files import image_files
 
 Extractor = Callable[[Any], torch.Tensor]  # list of PIL images or [N,3,H,W] in [0,1] -> [N,D]
 
@@ -41,7 +41,7 @@ def features_of_files(extractor: Extractor, paths: Sequence[Path], batch_size: i
 
 def configured_extractor(cfg: JobConfig, device: torch.device) -> Extractor:
     """The feature extractor `eval.features` names (micro, inception, clip:FOLDER)."""
-    from dallm.features import FeatureError, load_extractor
+    from dallm.eval.features import FeatureError, load_extractor
 
     try:
         return load_extractor(

@@ -111,7 +111,7 @@ def ensure_local_client_key(keys_dir: Path) -> Path:
 
 def check_key_folders(keys_dir: Path) -> None:
     """UnsafeFolder (one line) when someone else could add a key: then the bind would be open."""
-    from dallm.private import make_private_dir
+    from dallm.client.private import make_private_dir
 
     make_private_dir(keys_dir, "keys folder")
     make_private_dir(authorized_dir(keys_dir), "authorized keys folder")

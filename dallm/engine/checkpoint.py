@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step-000250/` holding
 - `pytorch_lora_weights.safetensors` (and `<name>_emb.safetensors`): the weights in the exported
   format, so `dallm export OUT --step 250` and `load_lora_weights` work on it directly;
 - `metrics.jsonl`: the job's metric rows up to this step, so a resume from here after a rollback to
-  an earlier step restores this history (see `dallm.metrics_log`);
+  an earlier step restores this history (see `dallm.engine.metrics_log`);
 - `state.pt`: the raw peft LoRA tensors, token rows, optimizer, LR scheduler, grad scaler, the RNG
   states (python, numpy, torch, cuda, the training noise generator), the step, the CS history and
   the in-memory weight snapshots the turning-point detector may still need.

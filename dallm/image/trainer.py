@@ -1,7 +1,7 @@
 """One training step and the state around it: the model with LoRA (and new tokens), the optimizer,
 the LR schedule, the loss, and capturing / restoring everything an exact resume needs.
 
-`dallm.train.train` drives a `Trainer`: it decides when to step, checkpoint, evaluate and stop.
+`dallm.engine.job.train` drives a `Trainer`: it decides when to step, checkpoint, evaluate and stop.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dallm.checkpoint import (
+from dallm.config import ConfigError, JobConfig, TrainConfig
+from dallm.engine.checkpoint import (
     TrainState,
     capture_rng,
     deep_copy_state,
     restore_rng,
 )
-from dallm.config import ConfigError, JobConfig, TrainConfig
-from dallm.data import ImageSet, batch_indices
-from dallm.export import diffusers_lora_dict, emb_file_name, save_embeddings, save_lora
-from dallm.lora import add_lora, has_lora, load_lora_state, lora_parameters, lora_scalings, lora_state
-from dallm.models import ModelParts
-from dallm.tokens import NewTokens, add_tokens
+from dallm.engine.lora import add_lora, has_lora, load_lora_state, lora_parameters, lora_scalings, lora_state
+from dallm.image.data import ImageSet, batch_indices
+from dallm.image.export import diffusers_lora_dict, emb_file_name, save_embeddings, save_lora
+from dallm.image.models import ModelParts
+from dallm.image.tokens import NewTokens, add_tokens
 
 CLASS_SEED_OFFSET = 7919
 UNET_FILE = "diffusion_pytorch_model.safetensors"  # class images are drawn from their own shuffled sequence

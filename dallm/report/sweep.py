@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dallm.config import ConfigError
-from dallm.report import ReportError, merge_final_eval, read_metrics, read_result, series, turning_kid
+from dallm.report.job import ReportError, merge_final_eval, read_metrics, read_result, series, turning_kid
 from dallm.sweep import MANIFEST, Run, Sweep, read_manifest
 
 WEIGHT_FILES = ("*.safetensors", "unet/*.safetensors")  # the result (not checkpoints/)
@@ -45,7 +45,7 @@ def find_sweep(ref: str | Path, home: str | None = None) -> Path:
         return p
     candidates = [Path("runs") / str(ref)]
     try:
-        from dallm.home import resolve_home
+        from dallm.client.home import resolve_home
 
         candidates.append(Path(resolve_home(home)) / "jobs" / str(ref))
     except Exception:  # noqa: BLE001 - no daemon home: only the local folders
@@ -73,7 +73,7 @@ def _weights(folder: Path) -> tuple[int, int]:
 
 
 def _sample_cells(folder: Path) -> int:
-    from dallm.evolution import read_index
+    from dallm.eval.sample_grids import read_index
 
     return sum(r.rows * r.cols for r in read_index(folder) if r.step is not None)
 
@@ -231,7 +231,7 @@ def plot_final_kid(runs: list[RunData], key: str, path: Path) -> Path | str:
 
 def samples_side_by_side(runs: list[RunData], key: str, path: Path, max_frames: int = 10) -> Path | str:
     """Rows: values (first seed's run); columns: sample steps; cell: the first prompt x first seed."""
-    from dallm.evolution import _cells, labelled_grid, pick_frames, read_index
+    from dallm.eval.sample_grids import _cells, labelled_grid, pick_frames, read_index
 
     rows, labels, cols = [], [], None
     for value, group in _ordered(_groups(runs, key)):

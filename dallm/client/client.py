@@ -1,6 +1,6 @@
 """The daemon's client library: what `dallm submit`/`ls`/... and the TUI use to talk to `dallm-daemon`.
 
-    from dallm.client import DaemonClient
+    from dallm.client.client import DaemonClient
 
     with DaemonClient(home=None) as c:            # $DALLM_HOME, else the platform's data dir
         job = c.submit(cfg, priority=0)           # JobSummary (cfg: JobConfig or a config dict)
@@ -45,7 +45,8 @@ from typing import Any
 
 import zmq
 
-from dallm.home import DaemonPaths, lock_is_held, resolve_home
+from dallm.client.home import DaemonPaths, lock_is_held, resolve_home
+from dallm.client.transport import event_endpoint, make_curve_client
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
@@ -80,7 +81,6 @@ from dallm.protocol import (
     decode_reply,
     encode_request,
 )
-from dallm.transport import event_endpoint, make_curve_client
 
 
 class DaemonError(Exception):
@@ -122,7 +122,7 @@ def resolve_endpoints(endpoint: str | None, home: str | Path | None) -> tuple[st
 def _check_socket_folder(folder: Path) -> None:
     """Refuse to talk through a folder someone else owns or could write in: a socket there may be
     theirs (a forged daemon that reads our configs and answers with made-up jobs)."""
-    from dallm.private import folder_problem
+    from dallm.client.private import folder_problem
 
     problem = folder_problem(folder, strict=False)  # no one else may write in it: no forged socket
     if problem:
@@ -132,8 +132,8 @@ def _check_socket_folder(folder: Path) -> None:
 def home_curve_keys(home: str | Path | None) -> tuple[Path, Path] | None:
     """(server public key, local client secret key) of the daemon on `home`, when this user can read
     them: how the same user's CLI and TUI reach a TCP bind of their own daemon without options."""
-    from dallm.home import DaemonPaths, resolve_home
-    from dallm.transport import local_client_key_paths
+    from dallm.client.home import DaemonPaths, resolve_home
+    from dallm.client.transport import local_client_key_paths
 
     keys = DaemonPaths(resolve_home(home)).keys
     server, (_, secret) = keys / "server.key", local_client_key_paths(keys)

@@ -3,7 +3,7 @@
 Reading order: `train` sets up (data first, so a bad image fails before the model loads), then
 `Job.run` loops: obey `poll()`, train one step, watch CS / CS-Fluctuation, log, evaluate,
 checkpoint, and stop at the last step, when early stopping says so (`monitor.early_stop = "auto"`)
-or on a command. `Job.finish` writes the result: the weights `dallm.early_stop.EarlyStop` chooses
+or on a command. `Job.finish` writes the result: the weights `dallm.monitor.early_stop.EarlyStop` chooses
 (the turning point's or the best validation KID's exact weights, from an in-memory snapshot).
 
 Steps count from 1; "step N" means the weights after N optimizer steps (step 0: before training).
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dallm.checkpoint import (
+from dallm.config import ConfigError, JobConfig, save_config
+from dallm.engine.checkpoint import (
     TrainState,
     find_checkpoint,
     list_checkpoints,
@@ -29,12 +30,12 @@ from dallm.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dallm.config import ConfigError, JobConfig, save_config
-from dallm.data import load_training_data
-from dallm.early_stop import EarlyStop
-from dallm.eval_interface import steps_text
-from dallm.metrics_log import MetricsLog
-from dallm.models import load_parts, read_resolution, resolve_base
+from dallm.engine.metrics_log import MetricsLog
+from dallm.eval.interface import steps_text
+from dallm.image.data import load_training_data
+from dallm.image.models import load_parts, read_resolution, resolve_base
+from dallm.image.trainer import Trainer, isolated_rng, pick_device
+from dallm.monitor.early_stop import EarlyStop
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
@@ -54,7 +55,6 @@ from dallm.protocol import (
     TurningPointEvent,
 )
 from dallm.protocol.files import RESULT_FILE, ResultFile, write_json
-from dallm.trainer import Trainer, isolated_rng, pick_device
 
 __all__ = ["JobResult", "train"]
 
@@ -120,10 +120,10 @@ def train(
     early = EarlyStop(parts.unet, cfg, has_val_kid=has_val_kid) if cfg.monitor.cs and not full else None
     evaluator = None
     if cfg.samples.every or cfg.eval.every or cfg.eval.val_dir or cfg.eval.prompts:
-        from dallm.evaluation import LiveEvaluator
+        from dallm.eval.live import LiveEvaluator
 
         if cfg.eval.mode == "background" and not full:  # "full" changes the base weights themselves
-            from dallm.eval_worker import BackgroundEvaluator
+            from dallm.eval.background import BackgroundEvaluator
 
             evaluator = BackgroundEvaluator(
                 cfg, parts, out, emit, device, weight_dtype, images.captions, trainer.weights
@@ -225,7 +225,7 @@ class Job:
     # -- evaluations that come back ---------------------------------------------------------------
 
     def _arrive(self, arrived: list) -> dict[str, float]:
-        """Record finished evaluations (`dallm.eval_interface.Arrived`, in step order): the validation
+        """Record finished evaluations (`dallm.eval.interface.Arrived`, in step order): the validation
         KID for early stopping, earlier steps' values into their held rows (which go out once
         complete). Returns the current step's values (inline: evaluated just now)."""
         now: dict[str, float] = {}

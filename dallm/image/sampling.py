@@ -24,7 +24,7 @@ from PIL import Image
 
 
 class ModelLike(Protocol):
-    """What sampling needs of `dallm.models.ModelParts` (duck-typed, so tests can pass a namespace)."""
+    """What sampling needs of `dallm.image.models.ModelParts` (duck-typed, so tests can pass a namespace)."""
 
     unet: Any
     vae: Any

@@ -19,9 +19,9 @@ KID (the study's Section 2.3) compares `eval.num_images` images generated from t
       `eval/base_features.pt` (reused on resume when model, prompts and settings match) and the
       images are kept in `eval/base/` to look at.
 Target features are computed once per job. The subset size is capped at the smaller sample count.
-Base and target features are also shared between jobs (`dallm.eval_cache`, keyed by exactly what
+Base and target features are also shared between jobs (`dallm.eval.cache`, keyed by exactly what
 makes them). `submit` / `collect` are how the job asks: here evaluation happens in the loop;
-`dallm.eval_worker.BackgroundEvaluator` (eval.mode = "background") does it in a process of its own.
+`dallm.eval.background.BackgroundEvaluator` (eval.mode = "background") does it in a process of its own.
 """
 
 from __future__ import annotations
@@ -36,14 +36,12 @@ import torch
 from PIL import Image
 
 from dallm.config import JobConfig
-from dallm.eval_cache import FeatureCache, cache_root, files_fingerprint, model_fingerprint
-from dallm.eval_inputs import Extractor, configured_extractor, features_of_files, target_images
-from dallm.eval_interface import Arrived, InLoopResults, Weights
-from dallm.evolution import write_evolution, write_grid
-from dallm.kid import SampleCount, subset_for
-from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
-from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
-from dallm.sampling import (
+from dallm.eval.cache import FeatureCache, cache_root, files_fingerprint, model_fingerprint
+from dallm.eval.inputs import Extractor, configured_extractor, features_of_files, target_images
+from dallm.eval.interface import Arrived, InLoopResults, Weights
+from dallm.eval.kid import SampleCount, subset_for
+from dallm.eval.sample_grids import write_evolution, write_grid
+from dallm.image.sampling import (
     ModelLike,
     SamplerSettings,
     adapters_disabled,
@@ -54,6 +52,8 @@ from dallm.sampling import (
     strip_tokens,
     to_pil,
 )
+from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
+from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class LiveEvaluator(InLoopResults):
 
     def submit(self, step: int, weights: Weights) -> None:
         """Evaluate what is due at `step`; here in the loop (`collect` hands the values out).
-        `dallm.eval_worker.BackgroundEvaluator` sends a copy of the weights to its process instead."""
+        `dallm.eval.background.BackgroundEvaluator` sends a copy of the weights to its process instead."""
         values = self.run(step)
         self._arrived.append(Arrived(step, values, weights(step) if "kid_val" in values else None))
 
@@ -380,7 +380,7 @@ class LiveEvaluator(InLoopResults):
     def _choose_count(self, refs: dict[str, torch.Tensor]) -> SampleCount:
         """The sample count for eval.kid_std_target, from the KID std of the base model's images
         (already made with eval.num_images) to the validation targets (else the training targets)."""
-        from dallm.kid import choose_sample_count, kid
+        from dallm.eval.kid import choose_sample_count, kid
 
         ev = self.cfg.eval
         name, key = ("val", "eval.val_dir") if "val" in refs else ("train", "data.dir")
@@ -456,7 +456,7 @@ class LiveEvaluator(InLoopResults):
 
     def evaluate(self, step: int) -> dict[str, float]:
         """KID of the current weights' eval images to each reference; recorded under `step`."""
-        from dallm.kid import kid
+        from dallm.eval.kid import kid
 
         t0 = self.clock()
         ev = self.cfg.eval

@@ -1,7 +1,7 @@
 """CS-Fluctuation (Eqs. 3-4) and the turning point (Algorithm 1, the second valley).
 
 Source: "early-stopping-lora-cs-fluctuation" (../shared/papers), Section 3.2. Pure functions and one
-small class over the CS series (`dallm.cs` computes CS); no weights, no IO. `dallm.early_stop` owns
+small class over the CS series (`dallm.monitor.cs` computes CS); no weights, no IO. `dallm.monitor.early_stop` owns
 an instance and decides what it means for a run (snapshots, what to return, when to stop).
 
 CS-Fluctuation (Eqs. 3-4), index alignment

@@ -1,9 +1,9 @@
 """Early stopping of one run: the only place that holds its early-stop state.
 
-`EarlyStop` owns CS every step (`dallm.cs`), the turning-point detector (`dallm.csf`), the turning
+`EarlyStop` owns CS every step (`dallm.monitor.cs`), the turning-point detector (`dallm.monitor.csf`), the turning
 point and the step it was confirmed at (`seen_at`), the validation KIDs of the evaluated steps, the
 in-memory weight snapshots, and the policy `[monitor]` describes: when to stop and which weights to
-return. `dallm.train.Job` asks it; it does no IO.
+return. `dallm.engine.job.Job` asks it; it does no IO.
 
 Snapshots (real copies, `TrainState`s)
 - at window boundaries while no turning point is known, with the optimizer part (a rollback there
@@ -31,8 +31,8 @@ from typing import Any
 
 from torch import Tensor
 
-from dallm.checkpoint import TrainState
 from dallm.config import JobConfig, margin_steps, monitor_start, window_steps
+from dallm.engine.checkpoint import TrainState
 
 
 @dataclass
@@ -66,8 +66,8 @@ class EarlyStop:
     def __init__(
         self, unet: Any, cfg: JobConfig, *, has_val_kid: bool, cs_fn: Callable[[], float] | None = None
     ) -> None:
-        """`cs_fn`: CS of the live weights (default: `dallm.cs.CosineSimilarity` of `unet`)."""
-        from dallm.cs import CosineSimilarity
+        """`cs_fn`: CS of the live weights (default: `dallm.monitor.cs.CosineSimilarity` of `unet`)."""
+        from dallm.monitor.cs import CosineSimilarity
 
         mc = cfg.monitor
         self.cfg = mc
@@ -83,7 +83,7 @@ class EarlyStop:
         self._reset_detector()
 
     def _reset_detector(self) -> None:
-        from dallm.csf import TurningPointDetector
+        from dallm.monitor.csf import TurningPointDetector
 
         mc = self.cfg
         self.detector = TurningPointDetector(

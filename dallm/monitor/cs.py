@@ -23,7 +23,7 @@ CS (Eq. 2)
       reason: grouped convolutions, quantized / non-floating base weights, layers whose adapter is
       merged into W, and peft layer types other than the above.
 
-CS-Fluctuation and the turning point built on it live in `dallm.csf`; `dallm.early_stop` uses both.
+CS-Fluctuation and the turning point built on it live in `dallm.monitor.csf`; `dallm.monitor.early_stop` uses both.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def rows_by_step(rows: Rows) -> dict[float, dict[str, float]]:
 
 
 def plot_samples(out_dir: Path, path: Path) -> Path | str:
-    from dallm.evolution import evolution_figure
+    from dallm.eval.sample_grids import evolution_figure
 
     figure = evolution_figure(out_dir)
     if figure is None:

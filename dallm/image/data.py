@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dallm.config import ConfigError, DataConfig
-from dallm.imagefiles import IGNORED_EXTS, IMAGE_EXTS, ImageFileError, open_rgb
+from dallm.image.files import IGNORED_EXTS, IMAGE_EXTS, ImageFileError, open_rgb
 
 
 class DataError(ConfigError):
