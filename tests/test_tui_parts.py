@@ -184,7 +184,7 @@ def test_detected_protocols_map_to_modes() -> None:
     from textual_image.widget import SixelImage as SixelWidget
     from textual_image.widget import TGPImage as TGPWidget
 
-    # Sixel: textual-image's widget, with the fixes of tui/sixel.py (tests/test_tui_frames.py)
+    # Sixel: textual-image's widget, with the fixes of tui/compat.py (tests/test_tui_frames.py)
     assert images.mode_of(SixelImage) == "sixel" and issubclass(images.widget_class("sixel"), SixelWidget)
     assert images.mode_of(TGPImage) == "kitty" and images.widget_class("kitty") is TGPWidget
     assert images.mode_of(HalfcellImage) == images.mode_of(UnicodeImage) == "halfblock"
