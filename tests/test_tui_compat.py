@@ -9,7 +9,7 @@ import inspect
 import pytest
 from PIL import Image
 from textual.app import App, ComposeResult
-from textual.widgets import DataTable
+from textual.widgets import DataTable, OptionList
 from textual.widgets.data_table import ColumnKey, RowKey
 
 from dallm.tui.compat import CellSixelImage, set_cell_in_place
@@ -40,7 +40,7 @@ def cache_keys(table: DataTable, row: RowKey) -> tuple[set, set]:
     return {k for k in keys if k[0] == row}, {k for k in keys if k[0] != row}
 
 
-def test_datatable_internals_have_the_shape_set_cell_in_place_uses() -> None:
+def test_datatable_and_option_list_internals_have_the_shape_we_use() -> None:
     table = DataTable()
     assert isinstance(table._data, dict) and isinstance(table._update_count, int)
     for name in ("_cell_render_cache", "_row_render_cache", "_row_renderable_cache", "_line_cache"):
@@ -48,6 +48,8 @@ def test_datatable_internals_have_the_shape_set_cell_in_place_uses() -> None:
         assert callable(cache.keys) and callable(cache.discard), name
     assert list(inspect.signature(table._get_offsets).parameters) == ["y"]
     assert "update_width" in inspect.signature(table.update_cell).parameters
+    # CheckpointList (tui/widgets.py) extends OptionList's watcher to tell the user's moves from its own
+    assert list(inspect.signature(OptionList.watch_highlighted).parameters) == ["self", "highlighted"]
 
 
 async def test_set_cell_in_place_redraws_its_row_and_keeps_the_other_rows_cached() -> None:

@@ -9,6 +9,9 @@ moves one fails that test, not a frame in front of a user.
   leaves no stale pixels in a full-screen app (textual-image: `_ImageSixelImpl`, `_NoopRenderable`,
   `PixelData`, `CellSize`, `Image._image` / `_sixel_options`).
 
+(One more reliance stays with its widget, as it is an override, not a workaround: CheckpointList
+extends OptionList's `watch_highlighted`; the same test checks it.)
+
 The Sixel widget, made to leave no stale pixels in a full-screen Textual app (seen in xterm:
 `docs/tui.md`, "Tried as a user"):
 
