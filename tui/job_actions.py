@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
-from textual.app import App
 from textual.message import Message
 
 from dallm.protocol import TERMINAL_STATES, JobSummary, kid_text
@@ -21,6 +20,8 @@ from dallm.tui.screens import ConfirmScreen, RollbackScreen
 from dallm.tui.widgets import ActivityLog, CheckpointList
 
 if TYPE_CHECKING:
+    from textual.app import App
+
     from dallm.tui.feed import DaemonFeed
     from dallm.tui.model import Model
 
@@ -30,6 +31,8 @@ else:
 
 
 class JobActions(_Base):
+    """Stop, cancel, checkpoint, rollback, priority; `send` for every request to the daemon."""
+
     if TYPE_CHECKING:  # provided by DallmApp
         connection: Connection
         model: Model

@@ -26,6 +26,9 @@ from dallm.tui.widgets import JobTable
 
 
 class ViewActions(JobActions):
+    """Open the views (compare, logs, details, resources, clone) and shape the queue (search,
+    filter, sort, marks)."""
+
     if TYPE_CHECKING:  # provided by DallmApp
         marked: list[int]
         listed: bool
