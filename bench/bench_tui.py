@@ -4,9 +4,9 @@
                                         [--slowest 5] [--profile FILE] [--chart braille|plotext]
 
 Prints:
-- load: time to load every job's history into the TUI (through the link thread, as from a daemon);
+- load: time to load every job's history into the TUI (through the feed thread, as from a daemon);
 - redraw: for one live metrics event on the selected job, the time from the daemon publishing it
-  to the end of the frame that shows it (link thread -> message -> model -> widgets -> compositor),
+  to the end of the frame that shows it (feed thread -> message -> model -> widgets -> compositor),
   median, p90 and worst over `--updates` events; and the cost of redrawing both charts from scratch
   alone;
 - the time split of those frames (`FrameSplit`): the median per step, the lines each widget
@@ -55,7 +55,7 @@ class FrameSplit:
     terminal write) with timers that count *exclusive* time (a nested step's time is its own, not
     its caller's), and counts garbage collections through `gc.callbacks` (a collection on the UI
     thread interrupts whatever step runs: it is taken out of that step). What is left of the
-    window ("wait") is the link thread, the message queue and Textual's frame timer (a frame is
+    window ("wait") is the feed thread, the message queue and Textual's frame timer (a frame is
     drawn at most every 1/60 s after the first change)."""
 
     def __init__(self) -> None:
@@ -65,7 +65,7 @@ class FrameSplit:
         self.calls: dict[str, int] = defaultdict(int)
         self.rendered: dict[str, int] = defaultdict(int)  # widgets rendered, by class
         self.collections: list[tuple[int, float]] = []  # (generation, ms) on the UI thread, all run
-        self.gc_other = 0.0  # collections on the link thread (they hold the GIL: the UI waits too)
+        self.gc_other = 0.0  # collections on the feed thread (they hold the GIL: the UI waits too)
         self._gc_start = 0.0
         gc.callbacks.append(self._gc)
 
@@ -122,19 +122,19 @@ class FrameSplit:
         from textual.screen import Screen
         from textual.widgets import DataTable
 
-        from dallm.tui import app, thumbnail, widgets
+        from dallm.tui import app, chart_panel, thumbnail, widgets
         from dallm.tui.model import Model
 
         self.wrap(Model, "apply_live", "model")
-        self.wrap(app.DallmApp, "_show_queue", "queue: rows")
+        self.wrap(app.DallmApp, "show_queue", "queue: rows")
         self.wrap(DataTable, "render_line", "queue: draw")
-        self.wrap(widgets.Charts, "show", "charts: traces")
+        self.wrap(chart_panel.Charts, "redraw", "charts: traces")
         self.wrap(Chart, "_draw", "charts: draw")
         for cls, name in (
-            (widgets.JobHeader, "show"),
-            (widgets.CheckpointList, "show"),
-            (widgets.EventLog, "show"),
-            (thumbnail.Thumbnail, "show"),
+            (widgets.JobHeader, "redraw"),
+            (widgets.CheckpointList, "redraw"),
+            (widgets.ActivityLog, "redraw"),
+            (thumbnail.Thumbnail, "_redraw"),
         ):
             self.wrap(cls, name, "other widgets")
         self.count_renders()
@@ -165,7 +165,7 @@ class FrameSplit:
         """The current window's split in ms, with what no step accounts for as "wait"."""
         out = {k: v * 1000 for k, v in self.totals.items()}
         if self.gc_other:
-            out["gc (link thread)"] = self.gc_other * 1000
+            out["gc (feed thread)"] = self.gc_other * 1000
         out["wait"] = max(window_ms - sum(out.values()), 0.0)
         return out
 
@@ -355,7 +355,7 @@ async def run(args: argparse.Namespace) -> tuple[list[float], float]:
         await pilot.pause(0.3)
         total_points = sum(len(s) for d in app.model.data.values() for s in d.series.values())
         print(
-            f"load: every history through the link in {load_s:.1f} s "
+            f"load: every history through the feed in {load_s:.1f} s "
             f"({total_points:,} points in {sum(len(d.series) for d in app.model.data.values())} series)"
         )
 

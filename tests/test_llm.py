@@ -182,9 +182,9 @@ async def test_tui_labels_perplexity_and_shows_text_samples() -> None:
     from textual.app import App, ComposeResult
     from textual.widgets import Static
 
-    from dallm.tui.model import JobData
+    from dallm.tui.chart_panel import Charts
+    from dallm.tui.model import HistoryView, JobData
     from dallm.tui.thumbnail import SampleGrid, Thumbnail
-    from dallm.tui.widgets import Charts
 
     data = JobData(1)
     events = [
@@ -204,9 +204,10 @@ async def test_tui_labels_perplexity_and_shows_text_samples() -> None:
 
     app = Host()
     async with app.run_test(size=(80, 30)) as pilot:
-        app.query_one(Charts).show(data)
+        history = HistoryView(data, 1, data.version, kind="llm")  # the kind comes with the job's row
+        app.query_one(Charts).history = history
         thumb = app.query_one(Thumbnail)
-        thumb.show(1, data.samples)
+        thumb.history = history
         await pilot.pause()
         bottom = app.query_one("#chart-bottom")
         assert bottom.title == "perplexity"

@@ -13,12 +13,13 @@ from dallm.protocol import MetricsEvent
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import EMPTY_QUEUE, DallmApp
 from dallm.tui.chart import Chart, format_number
-from dallm.tui.connection import Action, Outcome
+from dallm.tui.chart_panel import Charts
+from dallm.tui.connection import Action, ActionResult
 from dallm.tui.demo import demo_connection, job_events
 from dallm.tui.gallery import GalleryScreen
 from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
 from dallm.tui.thumbnail import SampleGrid, Thumbnail
-from dallm.tui.widgets import Charts, CheckpointList, ConnectionBar, EventLog, JobHeader, JobTable
+from dallm.tui.widgets import ActivityLog, CheckpointList, ConnectionBar, JobHeader, JobTable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
 
@@ -49,7 +50,7 @@ def loaded(app: DallmApp, job: int = 1) -> Callable[[], bool]:
 
 
 def log_text(app: DallmApp) -> str:
-    return "\n".join(strip.text for strip in app.query_one(EventLog).lines)
+    return "\n".join(strip.text for strip in app.query_one(ActivityLog).lines)
 
 
 def header_text(app: DallmApp) -> str:
@@ -116,7 +117,7 @@ async def test_stop_declined_sends_nothing(conn: FakeConnection) -> None:
 
 
 async def test_stop_refused_by_the_daemon_shows_the_error(conn: FakeConnection) -> None:
-    conn.replies["stop"] = Outcome(False, "job 1 is not running")
+    conn.replies["stop"] = ActionResult(False, "job 1 is not running")
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))

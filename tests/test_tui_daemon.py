@@ -11,7 +11,7 @@ import pytest
 from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
 
 from dallm.tui.app import DallmApp
-from dallm.tui.daemon_connection import open_connection
+from dallm.tui.connection import open_connection
 from dallm.tui.screens import ConfirmScreen
 from dallm.tui.widgets import ConnectionBar, JobHeader
 

@@ -18,9 +18,9 @@ from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui import images
 from dallm.tui.app import DallmApp
 from dallm.tui.chart import Chart
+from dallm.tui.compat import CellSixelImage
 from dallm.tui.demo import job_events, metrics_at
 from dallm.tui.gallery import GalleryScreen
-from dallm.tui.sixel import CellSixelImage
 from dallm.tui.widgets import ConnectionBar, JobTable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("tui")]
@@ -98,7 +98,7 @@ async def test_a_value_wider_than_its_column_widens_it() -> None:
         assert "50/100" in row_text(table, 1)
 
 
-# -- Sixel images (tui/sixel.py): what is written to the terminal ---------------------------------
+# -- Sixel images (tui/compat.py): what is written to the terminal ---------------------------------
 
 
 class SixelApp(App[None]):

@@ -184,7 +184,7 @@ def test_detected_protocols_map_to_modes() -> None:
     from textual_image.widget import SixelImage as SixelWidget
     from textual_image.widget import TGPImage as TGPWidget
 
-    # Sixel: textual-image's widget, with the fixes of tui/sixel.py (tests/test_tui_frames.py)
+    # Sixel: textual-image's widget, with the fixes of tui/compat.py (tests/test_tui_frames.py)
     assert images.mode_of(SixelImage) == "sixel" and issubclass(images.widget_class("sixel"), SixelWidget)
     assert images.mode_of(TGPImage) == "kitty" and images.widget_class("kitty") is TGPWidget
     assert images.mode_of(HalfcellImage) == images.mode_of(UnicodeImage) == "halfblock"
@@ -232,6 +232,23 @@ def test_model_merges_history_and_live_without_duplicates() -> None:
     m.apply_live([env(5, MetricsEvent(step=4, values={"loss": 0.4}))])
     assert list(d.series["loss"].steps) == [1, 2, 3, 4]
     assert m.jobs[1].step == 4
+
+
+def test_the_measure_drawn_is_the_one_the_jobs_kind_names() -> None:
+    m = Model()
+    m.set_jobs([JobSummary(id=1, name="a", state="running")])
+    assert m.history(1) is None  # not loaded yet: nothing to draw
+    values = {"kid_val": 0.25, "kid_val_std": 0.01, "ppl_val": 40.0, "ppl_val_std": 2.0}
+    m.apply_history(1, [env(1, MetricsEvent(step=10, values=values))])
+    image = m.history(1)
+    # an image job's row (kind defaults to "image"): KID, whatever other series the job logs
+    assert image is not None and image.measure.title == "KID" and image.validation_at(10) == (0.25, 0.01)
+    m.set_jobs([JobSummary(id=1, name="a", state="running", kind="llm", validation_measure="ppl val")])
+    llm = m.history(1)
+    assert llm is not None and llm.measure.title == "perplexity" and llm.measure.log_y
+    assert llm.validation_at(10) == (40.0, 2.0) and llm.validation_at(11) == (None, None)
+    assert llm != image  # another kind: the widgets bound to it redraw ...
+    assert m.history(1) == llm  # ... the same history at the same version: they do not
 
 
 def test_model_rollback_turning_point_and_failure() -> None:

@@ -6,44 +6,38 @@ import argparse
 import gc
 import sys
 import time
-from functools import partial
 
-from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.reactive import reactive
+from textual.reactive import reactive, var
 from textual.timer import Timer
 from textual.widgets import Footer
 
-from dallm.protocol import TERMINAL_STATES, JobStateEvent, JobSummary, kid_text, phase_text
+from dallm.protocol import JobStateEvent, JobSummary, phase_text
 from dallm.tui import images
-from dallm.tui.connection import Action, Connection, ConnectionLost, Outcome
-from dallm.tui.link import DaemonLink
-from dallm.tui.model import Model
-from dallm.tui.screens import ConfirmScreen, HelpScreen, RollbackScreen
+from dallm.tui.chart_panel import Charts
+from dallm.tui.connection import Connection, open_connection
+from dallm.tui.feed import DaemonFeed
+from dallm.tui.model import HistoryView, Model
+from dallm.tui.screens import HelpScreen
 from dallm.tui.thumbnail import Thumbnail
 from dallm.tui.views.actions import ViewActions
 from dallm.tui.views.queue import QueueBar, QueueView
-from dallm.tui.widgets import (
-    Charts,
-    CheckpointList,
-    ConnectionBar,
-    EventLog,
-    JobHeader,
-    JobTable,
-)
+from dallm.tui.widgets import ActivityLog, CheckpointList, ConnectionBar, JobHeader, JobTable
 
 ACTIVE_STATES = frozenset({"running", "stopping"})
 QUEUE_REFRESH_S = 0.5  # the queue table is redrawn at most this often for metrics alone
 PHASE_TICK_S = 1.0  # the time in a phase counts on while the engine emits nothing (an evaluation)
 EMPTY_QUEUE = "The queue is empty. Submit a job with: dallm submit CONFIG.toml"
+WAITING = ("waiting for the daemon…", "dim italic")
 
 
 class DallmApp(ViewActions, App[None]):
-    """The dashboard. All daemon traffic goes through `DaemonLink` (a thread) and `Connection.send`
-    (thread workers); the handlers here only update the model and the widgets."""
+    """The dashboard. All daemon traffic goes through `DaemonFeed` (a thread) and `Connection.send`
+    (thread workers); the handlers here update the model, then the reactive attributes the
+    selected job's widgets are bound to (`shown_row`, `shown_history`, `header_note`).
+    Acting on jobs: job_actions.py; the views and the queue's filter: views/actions.py."""
 
     CSS_PATH = "app.tcss"
     TITLE = "dallm"
@@ -90,13 +84,11 @@ class DallmApp(ViewActions, App[None]):
 
     selected: reactive[int | None] = reactive(None)
     queue_view: reactive[QueueView] = reactive(QueueView)
-
-    class ActionAnswered(Message):
-        """The daemon answered (or could not be asked) a request made from the keyboard."""
-
-        def __init__(self, action: Action, outcome: Outcome) -> None:
-            super().__init__()
-            self.action, self.outcome = action, outcome
+    # What the selected job's widgets draw (bound in `compose`). Set by `_show_selected` only while
+    # the dashboard shows: an equal value redraws nothing.
+    shown_row: var[JobSummary | None] = var(None)
+    shown_history: var[HistoryView | None] = var(None)
+    header_note: var[tuple[str, str]] = var(WAITING)  # (text, style) in the header without a job
 
     def __init__(
         self,
@@ -112,7 +104,7 @@ class DallmApp(ViewActions, App[None]):
         self.connection = connection
         self.images_mode = images_mode
         self.model = Model()
-        self.link = DaemonLink(connection, self.post_message, poll_timeout=poll_timeout, backoff=backoff)
+        self.feed = DaemonFeed(connection, self.post_message, poll_timeout=poll_timeout, backoff=backoff)
         self.was_connected = False
         self.listed = False
         # The user chose the selected job (keys, mouse): it stays chosen. Otherwise the selection
@@ -121,55 +113,54 @@ class DallmApp(ViewActions, App[None]):
         self._moving = False
         self._queue_timer: Timer | None = None
         self.marked: list[int] = []  # jobs marked (space) for the compare view, in marking order
-        self._stale = False  # the dashboard missed redraws while covered (`_covered`)
 
     def compose(self) -> ComposeResult:
         yield ConnectionBar(id="connection")
         yield JobTable(id="jobs")
         yield QueueBar(id="queue-bar")
-        yield JobHeader(id="job-header")
+        yield JobHeader(id="job-header").data_bind(row=DallmApp.shown_row, note=DallmApp.header_note)
+        history = DallmApp.shown_history
         with Horizontal(id="main"):
-            yield Charts(id="charts")
+            yield Charts(id="charts").data_bind(history=history)
             with Vertical(id="side"):
-                yield Thumbnail(self.images_mode, id="thumbnail")
-                yield CheckpointList(id="checkpoints")
-        yield EventLog(id="log")
+                yield Thumbnail(self.images_mode, id="thumbnail").data_bind(history=history)
+                yield CheckpointList(id="checkpoints").data_bind(history=history)
+        yield ActivityLog(id="log").data_bind(history=history)
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.query_one(ConnectionBar).endpoint = self.connection.endpoint
-        self.query_one(JobHeader).update(Text("waiting for the daemon…", style="dim italic"))
         self.query_one(JobTable).focus()
-        self.run_worker(self.link.run, thread=True, name="daemon-link", exit_on_error=False)
+        self.run_worker(self.feed.run, thread=True, name="daemon-feed", exit_on_error=False)
         self.set_interval(PHASE_TICK_S, self._tick_phases)
         self.screen_change_signal.subscribe(self, self._on_screen_change)
 
     def on_unmount(self) -> None:
-        self.link.stop()
+        self.feed.stop()
 
-    # -- the daemon link ------------------------------------------------------------------------
+    # -- the daemon feed ------------------------------------------------------------------------
 
-    def on_daemon_link_connected(self, message: DaemonLink.Connected) -> None:
+    def on_daemon_feed_connected(self, message: DaemonFeed.Connected) -> None:
         bar = self.query_one(ConnectionBar)
         bar.connected = True
         if self.was_connected:
             self.notify("reconnected; history backfilled", title="daemon")
         self.was_connected = True
-        self.query_one(EventLog).note(f"connected to {message.endpoint}")
+        self.query_one(ActivityLog).note(f"connected to {message.endpoint}")
 
-    def on_daemon_link_disconnected(self, message: DaemonLink.Disconnected) -> None:
+    def on_daemon_feed_disconnected(self, message: DaemonFeed.Disconnected) -> None:
         bar = self.query_one(ConnectionBar)
         if bar.connected:
             self.notify(message.error, title="daemon disconnected", severity="error")
-            self.query_one(EventLog).note(f"disconnected: {message.error}", style="bold red")
+            self.query_one(ActivityLog).note(f"disconnected: {message.error}", style="bold red")
         bar.connected = False
         bar.detail = f"retrying in {message.retry_in:g}s · {message.error}"
 
-    def on_daemon_link_jobs_listed(self, message: DaemonLink.JobsListed) -> None:
+    def on_daemon_feed_jobs_listed(self, message: DaemonFeed.JobsListed) -> None:
         first = not self.listed
         self.model.set_jobs(message.jobs)
         self.listed = True
-        self._show_queue()
+        self.show_queue()
         if first:
             ids = [j.id for j in message.jobs]
             running = [j.id for j in message.jobs if j.state == "running"]
@@ -185,26 +176,26 @@ class DallmApp(ViewActions, App[None]):
             self._moving = True
             table.move_cursor(row=row)
 
-    def on_daemon_link_history_loaded(self, message: DaemonLink.HistoryLoaded) -> None:
+    def on_daemon_feed_history_loaded(self, message: DaemonFeed.HistoryLoaded) -> None:
         self.model.apply_history(message.job, message.envelopes)
         # What is alive now (widgets, the model, caches) lives as long as the app: out of the
         # cyclic collector's full scans, which otherwise walk it all during a live frame (bench_tui
         # saw 1.2 s full collections at load 9). Refcounting still frees these objects.
         gc.freeze()
         if message.job == self.selected:
-            self._show_detail()
+            self._show_selected()
 
-    def on_daemon_link_events_received(self, message: DaemonLink.EventsReceived) -> None:
+    def on_daemon_feed_events_received(self, message: DaemonFeed.EventsReceived) -> None:
         touched = self.model.apply_live(message.envelopes)
         states = [e.event for e in message.envelopes if isinstance(e.event, JobStateEvent)]
         if states:
-            self._show_queue()
+            self.show_queue()
             self._follow(states)
         elif self._queue_timer is None:
             # Step counters need no 60 fps: redrawing the table costs more than both charts.
-            self._queue_timer = self.set_timer(QUEUE_REFRESH_S, self._show_queue)
+            self._queue_timer = self.set_timer(QUEUE_REFRESH_S, self.show_queue)
         if self.selected in touched:
-            self._show_detail()
+            self._show_selected()
 
     def _follow(self, states: list[JobStateEvent]) -> None:
         selected = self.model.jobs.get(self.selected) if self.selected is not None else None
@@ -223,7 +214,9 @@ class DallmApp(ViewActions, App[None]):
     def _tick_phases(self) -> None:
         now = time.time()
         if self._queue_timer is None and any(phase_text(r, now) for r in self.model.jobs.values()):
-            self._show_queue()
+            self.show_queue()
+            for header in self.query(JobHeader) if not self._covered() else ():
+                header.redraw()  # the time in the selected job's phase counts on
 
     def _covered(self) -> bool:
         """An opaque screen (the gallery, a view) is over the dashboard: nothing of it shows, so it
@@ -239,20 +232,17 @@ class DallmApp(ViewActions, App[None]):
             # was covered, and Sixel pixels of the screen that was on top (the gallery's images)
             # stay wherever no text is written over them (seen in xterm).
             self.screen.refresh()
-        if self._stale and not self._covered():
-            self._stale = False
-            self._show_queue()
-            self._show_detail()
+        # What changed while the dashboard was covered: the widgets get it now (unchanged: no redraw).
+        self.show_queue()
 
-    def _show_queue(self) -> None:
+    def show_queue(self) -> None:
         if self._queue_timer is not None:
             self._queue_timer.stop()
             self._queue_timer = None
         if not self.query(JobTable):  # a timer that fired while the app closes: the widgets are gone
             return
         if self._covered():
-            self._stale = True
-            return
+            return  # drawn when the dashboard is back (`_on_screen_change`)
         table = self.query_one(JobTable)
         rows = self.queue_view.rows(self.model.jobs.values())
         table.show_jobs(rows, set(self.marked))
@@ -262,37 +252,29 @@ class DallmApp(ViewActions, App[None]):
             self._select(self.selected)  # the rows were reordered: keep the selected job under the cursor
         if self.selected not in shown:
             self.selected = table.current_job
-        elif self.selected is not None:
-            self.query_one(JobHeader).show(self.model.jobs[self.selected])
-        if not self.model.jobs and self.listed:
-            self.query_one(JobHeader).update(Text(EMPTY_QUEUE, style="italic"))
+        self._show_selected()  # the selected row may have changed (or the queue emptied)
 
     def watch_selected(self, job: int | None) -> None:
         if job is not None:
             data = self.model.data_for(job)
             if not data.loaded:
-                self.link.want_history(job)
-        self._show_detail()
+                self.feed.want_history(job)
+        self._show_selected()
 
-    def _show_detail(self) -> None:
+    def _show_selected(self) -> None:
+        """Hand the selected job to the widgets bound to it, unless an opaque screen covers them:
+        they get it when the dashboard is back (`_on_screen_change`)."""
         if self._covered():
-            self._stale = True
-            return
-        if not self.query(JobHeader):  # the app closes, or the dashboard is not back yet
-            self._stale = True
             return
         job = self.selected
-        row = self.model.jobs.get(job) if job else None
-        data = self.model.data.get(job) if job else None
-        if data is not None and not data.loaded:
-            data = None
-        self.query_one(JobHeader).show(row)
-        if row is None and self.listed and not self.model.jobs:
-            self.query_one(JobHeader).update(Text(EMPTY_QUEUE, style="italic"))
-        self.query_one(Charts).show(data)
-        self.query_one(Thumbnail).show(job, data.samples if data else [])
-        self.query_one(CheckpointList).show(data)
-        self.query_one(EventLog).show(data)
+        self.shown_row = self.model.jobs.get(job) if job is not None else None
+        self.shown_history = self.model.history(job)
+        if not self.listed:
+            self.header_note = WAITING
+        elif not self.model.jobs:
+            self.header_note = (EMPTY_QUEUE, "italic")
+        else:
+            self.header_note = ("no job selected", "dim")
 
     def on_job_table_job_highlighted(self, message: JobTable.JobHighlighted) -> None:
         if self._moving:
@@ -301,109 +283,9 @@ class DallmApp(ViewActions, App[None]):
             self.user_picked = True
         self.selected = message.job
 
-    # -- actions --------------------------------------------------------------------------------
-
-    def _selected_row(self, verb: str) -> JobSummary | None:
-        row = self.model.jobs.get(self.selected) if self.selected is not None else None
-        if row is None:
-            self.notify(f"no job to {verb}", severity="warning")
-        return row
-
-    def action_stop(self) -> None:
-        row = self._selected_row("stop")
-        if row is None:
-            return
-        if row.state in TERMINAL_STATES:
-            self.notify(f"{row.id} is already {row.state}", severity="warning")
-            return
-        data = self.model.data.get(row.id)
-        tp = data.turning_point if data else row.turning_point
-        weights = f"the turning-point weights (step {tp})" if tp is not None else "the current weights"
-        question = f"Stop job {row.id} ({row.name}) now?\nIt finishes with {weights}."
-        self.push_screen(ConfirmScreen(question, "Stop"), partial(self._confirmed, Action("stop", row.id)))
-
-    def action_cancel_job(self) -> None:
-        row = self._selected_row("cancel")
-        if row is None:
-            return
-        if row.state in TERMINAL_STATES:
-            self.notify(f"{row.id} is already {row.state}", severity="warning")
-            return
-        where = row.out_dir or "its output folder"
-        question = (
-            f"Cancel job {row.id} ({row.name})?\nIts worker is killed now and no result weights are "
-            f"written; what it saved so far (checkpoints, samples, metrics) stays in {where}."
-        )
-        self.push_screen(
-            ConfirmScreen(question, "Cancel job"), partial(self._confirmed, Action("cancel", row.id))
-        )
-
-    def action_checkpoint(self) -> None:
-        row = self._selected_row("checkpoint")
-        if row is None:
-            return
-        if row.state != "running":
-            self.notify(
-                f"{row.id} is {row.state}: only a running job writes a checkpoint", severity="warning"
-            )
-            return
-        self.send(Action("checkpoint", row.id))  # harmless: no confirmation
-
-    def action_rollback(self) -> None:
-        row = self._selected_row("roll back")
-        if row is None:
-            return
-        step = self.query_one(CheckpointList).chosen_step
-        if step is None:
-            self.notify("no checkpoint chosen: pick one in the checkpoint list", severity="warning")
-            return
-        data = self.model.data.get(row.id)
-        kid = data.kid_at(step) if data else None
-        std = data.kid_at(step, "kid_val_std") if data else None
-        kid_note = f" (val KID {kid_text(kid, std)})" if kid is not None else ""
-        question = f"Roll job {row.id} ({row.name}) back to step {step}{kid_note}?\nFinish there, or resume training from it?"
-
-        def answered(choice: str | None) -> None:
-            if choice is not None:
-                self.send(Action("rollback", row.id, step=step, resume=choice == "resume"))
-
-        self.push_screen(RollbackScreen(question), answered)
-
-    def action_priority(self, delta: int) -> None:
-        row = self._selected_row("reprioritise")
-        if row is not None:
-            self.send(Action("priority", row.id, priority=row.priority + delta))
-
-    def _confirmed(self, action: Action, yes: bool | None) -> None:
-        if yes:
-            self.send(action)
-
-    def send(self, action: Action) -> None:
-        """Send `action` from a thread worker; the answer comes back as `ActionAnswered`."""
-        self.query_one(EventLog).note(f"→ {action.describe()}")
-        self.run_worker(
-            partial(self._send_blocking, action), thread=True, group="actions", exit_on_error=False
-        )
-
-    def _send_blocking(self, action: Action) -> None:
-        try:
-            outcome = self.connection.send(action)
-        except ConnectionLost as e:
-            outcome = Outcome(False, f"not sent: {e}")
-        except Exception as e:
-            outcome = Outcome(False, f"{type(e).__name__}: {e}")
-        self.post_message(self.ActionAnswered(action, outcome))
-
-    def on_dallm_app_action_answered(self, message: ActionAnswered) -> None:
-        ok, text = message.outcome.ok, message.outcome.message
-        self.notify(text, title=message.action.describe(), severity="information" if ok else "error")
-        self.query_one(EventLog).note(("✓ " if ok else "✗ ") + text, style="green" if ok else "bold red")
-        self.link.refresh_jobs()
-
     def action_toggle_charts(self) -> None:
         charts = self.query_one(Charts)
         charts.view = "loss" if charts.view == "fluct" else "fluct"
-        self._show_detail()
 
     def action_older_sample(self) -> None:
         self.query_one(Thumbnail).older()
@@ -431,7 +313,7 @@ class DallmApp(ViewActions, App[None]):
         self.query_one(Charts).reset()
 
     def action_gallery(self) -> None:
-        row = self._selected_row("show samples of")
+        row = self.selected_row("show samples of")
         if row is None:
             return
         from dallm.tui.gallery import GalleryScreen
@@ -473,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = images.resolve_mode(args.images)
     if args.demo:
-        from dallm.tui.demo import DemoRunner, demo_connection
+        from dallm.tui.demo import DemoRunner, demo_connection  # the demo's jobs only when asked
 
         conn = demo_connection()
         runner = DemoRunner(conn)
@@ -482,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
         runner.stop()
         return 0
     try:
-        from dallm.tui.daemon_connection import open_connection
-
         conn = open_connection(connect=args.connect, home=args.home)
     except Exception as e:
         print(f"dallm-tui: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ tmux: the queries reach tmux itself. A tmux built with sixel support answers DA1
 Sixel in its panes, so Sixel works there. textual-image 0.12 (the newest for Python 3.11; 0.13+ needs
 3.12) does not wrap Kitty graphics in tmux's passthrough, so Kitty-under-tmux gets half-blocks.
 
-Sixel is drawn by `tui/sixel.py`'s subclass of textual-image's widget, which leaves no stale pixels
+Sixel is drawn by `tui/compat.py`'s subclass of textual-image's widget, which leaves no stale pixels
 behind and cannot be drawn in the wrong place (what xterm showed with the library's own).
 """
 
@@ -66,7 +66,7 @@ def widget_class(mode: ImageMode) -> type[Widget] | None:
     if mode == "auto":
         mode = detect_mode()
     if mode == "sixel":
-        from dallm.tui.sixel import CellSixelImage
+        from dallm.tui.compat import CellSixelImage
 
         return CellSixelImage
     return {"kitty": TGPImage}.get(mode, HalfcellImage)

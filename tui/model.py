@@ -134,7 +134,8 @@ class JobData:
             s = self.series[name] = Series()
         return s
 
-    def kid_at(self, step: int, name: str = "kid_val") -> float | None:
+    def value_at(self, name: str, step: int) -> float | None:
+        """The value of series `name` at `step`, if one was logged there."""
         s = self.series.get(name)
         return s.at(step) if s is not None else None
 
@@ -212,6 +213,52 @@ def metric_points(ev: MetricsEvent) -> list[tuple[str, float, float]]:
     return out
 
 
+@dataclass(frozen=True)
+class Measure:
+    """What a job kind measures on held-out data, as the TUI draws it."""
+
+    series: str  # the prefix of its series: `<series>_val`, `_train`, `_base`, each with `_std`
+    title: str  # its chart's title
+    short: str  # its name in the checkpoint list
+    log_y: bool  # its chart starts on a log scale
+
+
+# The kind comes with the job (JobSummary.kind): the TUI does not guess it from the series it sees.
+MEASURES = {
+    "image": Measure("kid", "KID", "KID", log_y=False),
+    # perplexity falls by decades (35,000 to 2 on the micro LLM)
+    "llm": Measure("ppl", "perplexity", "PPL", log_y=True),
+}
+
+
+@dataclass(frozen=True)
+class HistoryView:
+    """A loaded job history as the widgets draw it: the data at one version, with what the job's
+    kind measures. A value: a new version (or another job) compares unequal, so a widget bound to
+    it (Textual's data_bind) redraws when, and only when, there is something new to draw."""
+
+    data: JobData = field(compare=False)  # mutable, grows: `version` says which state this is
+    job: int
+    version: int
+    kind: str = "image"
+    validation_measure: str = "KID val"
+
+    @classmethod
+    def of(cls, data: JobData, row: JobSummary | None) -> HistoryView:
+        if row is None:
+            return cls(data, data.job, data.version)
+        return cls(data, data.job, data.version, row.kind, row.validation_measure)
+
+    @property
+    def measure(self) -> Measure:
+        return MEASURES.get(self.kind, MEASURES["image"])
+
+    def validation_at(self, step: int) -> tuple[float | None, float | None]:
+        """The validation measure (KID, perplexity) at `step` and its spread, where evaluated."""
+        name = f"{self.measure.series}_val"
+        return self.data.value_at(name, step), self.data.value_at(f"{name}_std", step)
+
+
 class Model:
     """The queue plus the loaded job histories."""
 
@@ -238,6 +285,13 @@ class Model:
         for env in sorted(pending, key=lambda e: e.seq):
             d.apply(env)
         d.version += 1
+
+    def history(self, job: int | None) -> HistoryView | None:
+        """`job`'s history as the widgets draw it, once loaded."""
+        data = self.data.get(job) if job is not None else None
+        if data is None or not data.loaded:
+            return None
+        return HistoryView.of(data, self.jobs.get(job))
 
     def apply_live(self, envelopes: list[EventEnvelope]) -> set[int]:
         """Live events: update the rows; keep the detail of loaded jobs. Returns the jobs touched."""

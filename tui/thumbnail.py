@@ -13,11 +13,11 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Container, Vertical
 from textual.events import Click
-from textual.reactive import reactive
+from textual.reactive import reactive, var
 from textual.widgets import Static
 
 from dallm.tui import images
-from dallm.tui.model import Sample
+from dallm.tui.model import HistoryView, Sample
 
 
 def cell_label(prompt: str | None, seed: int | None) -> str:
@@ -120,7 +120,8 @@ class SampleGrid(Container):
 
 
 class Thumbnail(Vertical):
-    """The selected job's sample grid: the latest, unless the user stepped back (`older`/`newer`)."""
+    """The selected job's sample grid (from `history`, bound to the app's selected job): the latest,
+    unless the user stepped back (`older`/`newer`)."""
 
     DEFAULT_CSS = """
     Thumbnail { height: 1fr; min-height: 3; }
@@ -128,6 +129,7 @@ class Thumbnail(Vertical):
     """
 
     index: reactive[int] = reactive(-1)  # -1: follow the latest sample
+    history: var[HistoryView | None] = var(None)
 
     def __init__(self, mode: images.ImageMode = "halfblock", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -145,7 +147,9 @@ class Thumbnail(Vertical):
 
     # -- data -----------------------------------------------------------------------------------
 
-    def show(self, job: int | None, samples: list[Sample]) -> None:
+    def watch_history(self, history: HistoryView | None) -> None:
+        job = history.job if history else None
+        samples = history.data.samples if history else []
         if job != self._job:
             self._job = job
             self.index = -1

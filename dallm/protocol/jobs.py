@@ -64,6 +64,8 @@ class JobSummary(Message):
     eval_stop_seconds: float | None = None  # measured mean wall time of one such stop
     peak_rss_mb: float | None = None  # the worker's peak resident memory (UsageEvent)
     peak_gpu_mb: float | None = None  # torch's peak GPU allocation in the worker
+    kind: Literal["image", "llm"] = "image"  # what the job trains (clients draw its measures by it)
+    validation_measure: str = "KID val"  # what the job measures on validation data, as clients name it
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes

@@ -28,7 +28,7 @@ from dallm.protocol import (
     WorkerLogReply,
     job_topic,
 )
-from dallm.tui.connection import Action, ConnectionLost, Outcome, clone_config
+from dallm.tui.connection import Action, ActionResult, ConnectionLost, clone_config
 
 
 @dataclass
@@ -46,7 +46,7 @@ FAKE_HOST = HostUsage(cpu_percent=12.5, cpu_count=2, mem_used_mb=3072.0, mem_tot
 
 class FakeConnection:
     """Tests script it (`add_job`, `emit`, `set_state`, `go_down`/`come_back`) and read back the
-    actions it was sent (`sent`). Replies to actions come from `replies` (kind -> Outcome)."""
+    actions it was sent (`sent`). Replies to actions come from `replies` (kind -> ActionResult)."""
 
     def __init__(self, jobs: Iterable[JobSummary] = (), endpoint: str = "fake://daemon") -> None:
         self.endpoint = endpoint
@@ -57,7 +57,7 @@ class FakeConnection:
         self._up = True
         self._connected = False
         self.sent: list[Action] = []
-        self.replies: dict[str, Outcome] = {}
+        self.replies: dict[str, ActionResult] = {}
         self.usage = ResourcesReply(t=0.0, host=FAKE_HOST, gpu_note="no GPU: NVML not available (fake)")
         for job in jobs:
             self.add_job(job)
@@ -157,7 +157,7 @@ class FakeConnection:
             out, self._live = self._live, []
             return out
 
-    def send(self, action: Action) -> Outcome:
+    def send(self, action: Action) -> ActionResult:
         with self._lock:
             self._check()
             self.sent.append(action)
@@ -165,31 +165,31 @@ class FakeConnection:
                 return self.replies[action.kind]
             fake = self._jobs.get(action.job)
             if fake is None:
-                return Outcome(False, f"no such job: {action.job}")
+                return ActionResult(False, f"no such job: {action.job}")
             if action.kind == "clone":
                 return self._clone(fake, action)
             if action.kind == "priority":
                 fake.summary = fake.summary.model_copy(update={"priority": action.priority or 0})
-                return Outcome(True, f"{action.job}: priority {action.priority}")
+                return ActionResult(True, f"{action.job}: priority {action.priority}")
             verb = {
                 "stop": "stopping",
                 "cancel": "cancelling",
                 "rollback": "rolling back",
                 "checkpoint": "checkpoint requested",
             }[action.kind]
-            return Outcome(True, f"{action.job}: {verb}")
+            return ActionResult(True, f"{action.job}: {verb}")
 
-    def _clone(self, fake: _FakeJob, action: Action) -> Outcome:
+    def _clone(self, fake: _FakeJob, action: Action) -> ActionResult:
         try:
             data = clone_config(fake.config, list(action.overrides), action.job)
         except ConfigError as e:
-            return Outcome(False, str(e))
+            return ActionResult(False, str(e))
         new = max(self._jobs) + 1
         row = JobSummary(id=new, name=data["name"], state="queued", priority=fake.summary.priority,
                          total_steps=data["train"]["steps"], created=time.time(), updated=time.time())  # fmt: skip
         self._jobs[new] = _FakeJob(row, config=data)
         self.emit(new, JobStateEvent(job=row, prev_state=None, reason="submitted"))  # an RLock: re-entered
-        return Outcome(True, f"{action.job}: cloned as job {new} ({row.name}); now queued")
+        return ActionResult(True, f"{action.job}: cloned as job {new} ({row.name}); now queued")
 
     def show(self, job: int) -> JobDetail:
         with self._lock:

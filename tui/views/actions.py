@@ -1,5 +1,7 @@
-"""The app's actions for the views (tui/views/) and queue management, as a mixin of `DallmApp`
-so that tui/app.py keeps the queue, the selected job and the daemon link."""
+"""The app's actions for the views (tui/views/) and queue management. `ViewActions` is a base
+class of the app (tui/app.py's `DallmApp`), on top of `JobActions` (tui/job_actions.py: the
+selected row, sending), with what else it uses of the app declared under TYPE_CHECKING: this module
+does not import the app (tui/app.py keeps the queue, the selected job and the feed)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from dallm.tui.connection import Action
+from dallm.tui.job_actions import JobActions
 from dallm.tui.views.clone import CloneScreen
 from dallm.tui.views.compare import CompareScreen
 from dallm.tui.views.details import DetailsScreen
@@ -21,25 +24,28 @@ from dallm.tui.views.queue import QueueBar, QueueView
 from dallm.tui.views.resources import ResourcesScreen
 from dallm.tui.widgets import JobTable
 
-if TYPE_CHECKING:
-    from dallm.tui.app import DallmApp
 
-    _Base = DallmApp
-else:
-    _Base = object
+class ViewActions(JobActions):
+    """Open the views (compare, logs, details, resources, clone) and shape the queue (search,
+    filter, sort, marks)."""
 
+    if TYPE_CHECKING:  # provided by DallmApp
+        marked: list[int]
+        listed: bool
+        queue_view: QueueView
 
-class ViewActions(_Base):
+        def show_queue(self) -> None: ...
+
     def action_mark(self) -> None:
-        row = self._selected_row("mark")
+        row = self.selected_row("mark")
         if row is None:
             return
         if row.id in self.marked:
             self.marked.remove(row.id)
         else:
             self.marked.append(row.id)
-            self.link.want_history(row.id)  # the compare view draws its curves
-        self._show_queue()
+            self.feed.want_history(row.id)  # the compare view draws its curves
+        self.show_queue()
 
     def action_compare(self) -> None:
         jobs = [j for j in self.marked if j in self.model.jobs]
@@ -47,16 +53,16 @@ class ViewActions(_Base):
             self.notify("mark two or more jobs with space first, then v", severity="warning")
             return
         for job in jobs:
-            self.link.want_history(job)
+            self.feed.want_history(job)
         self.push_screen(CompareScreen(self.model, jobs))
 
     def action_logs(self) -> None:
-        row = self._selected_row("show the log of")
+        row = self.selected_row("show the log of")
         if row is not None:
             self.push_screen(LogTailScreen(self.connection, row.id, row.name))
 
     def action_details(self) -> None:
-        row = self._selected_row("describe")
+        row = self.selected_row("describe")
         if row is not None:
             self.push_screen(DetailsScreen(self.connection, row.id))
 
@@ -64,7 +70,7 @@ class ViewActions(_Base):
         self.push_screen(ResourcesScreen(self.connection, self.model))
 
     def action_clone(self) -> None:
-        row = self._selected_row("clone")
+        row = self.selected_row("clone")
         if row is None:
             return
 
@@ -95,7 +101,7 @@ class ViewActions(_Base):
     def watch_queue_view(self, view: QueueView) -> None:
         self.query_one(QueueBar).view = view
         if self.listed:
-            self._show_queue()
+            self.show_queue()
 
     def action_toggle_theme(self) -> None:
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"

@@ -33,7 +33,7 @@ def compare_traces(model: Model, jobs: list[int], series: str) -> list[Trace]:
 
 
 class CompareScreen(Screen[None]):
-    """The marked jobs side by side. Histories load through the app's daemon link; this screen
+    """The marked jobs side by side. Histories load through the app's daemon feed; this screen
     redraws when their data moves."""
 
     BINDINGS = [Binding("escape,v,q", "app.pop_screen", "Back")]

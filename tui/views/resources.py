@@ -69,7 +69,7 @@ class ResourcesScreen(Screen[None]):
     def __init__(self, connection: Connection, model: Model) -> None:
         super().__init__()
         self.connection = connection
-        self.model = model  # the app's (kept current by its daemon link): names, states, peaks
+        self.model = model  # the app's (kept current by its daemon feed): names, states, peaks
 
     def compose(self) -> ComposeResult:
         yield Static(Text("asking the daemon…", style="dim italic"), id="resources-host")

@@ -1,9 +1,23 @@
-"""textual-image's Sixel widget, made to leave no stale pixels in a full-screen Textual app (seen in
-xterm: `docs/tui.md`, "Tried as a user").
+"""Where the TUI relies on the internals of Textual and textual-image, all of it in this module:
+tests/test_tui_compat.py checks each name and behaviour used here, and pyproject.toml pins both
+libraries to the versions that test ran on (constraints.txt has the exact ones). A new version that
+moves one fails that test, not a frame in front of a user.
+
+- `set_cell_in_place`: DataTable's `update_cell` without re-rendering the whole table (Textual:
+  `DataTable._data`, its four render caches, `_update_count`, `_get_offsets`).
+- `CellSixelImage`: textual-image's Sixel widget with its inner `_ImageSixelImpl` replaced, so that it
+  leaves no stale pixels in a full-screen app (textual-image: `_ImageSixelImpl`, `_NoopRenderable`,
+  `PixelData`, `CellSize`, `Image._image` / `_sixel_options`).
+
+(One more reliance stays with its widget, as it is an override, not a workaround: CheckpointList
+extends OptionList's `watch_highlighted`; the same test checks it.)
+
+The Sixel widget, made to leave no stale pixels in a full-screen Textual app (seen in xterm:
+`docs/tui.md`, "Tried as a user"):
 
 A Sixel image is pixels over the text grid: only text written over them erases them, and textual-image
-writes no text in the image's cells (it gives Textual empty lines there). Three things then left old
-pixels on screen or drew in the wrong place:
+writes no text in the image's cells (it gives Textual empty lines there). What then left old
+pixels on screen or drew in the wrong place (four fixes):
 
 - the image was scaled to the cells its aspect ratio fills, which can be a column or row fewer than the
   widget has: the cells left over were never written, so whatever was there before stayed (a previous
@@ -26,18 +40,54 @@ from __future__ import annotations
 from typing import IO
 
 from PIL import Image as PILImage
+from rich.cells import cell_len
 from rich.control import Control
 from rich.segment import ControlType, Segment
 from rich.style import Style
 from textual.app import ComposeResult
 from textual.geometry import Region
 from textual.strip import Strip
+from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey, RowKey
 from textual_image._pixeldata import PixelData
 from textual_image._terminal import CellSize
 from textual_image.widget.sixel import Image as SixelImage
 from textual_image.widget.sixel import _ImageSixelImpl, _NoopRenderable
 
 _NULL = Style()
+
+
+def set_cell_in_place(table: DataTable, row: str, column: str, value: object) -> None:
+    """`table.update_cell(row, column, value)`, redrawing only the row it changes.
+
+    DataTable keys every render cache by one update counter, so its `update_cell` re-renders
+    every cell of the table (through Rich) in the next frame; a step counter ticking in one row
+    re-rendered all of them twice a second: 10 rows cost 25-120 ms, the slowest frames of
+    bench_tui. Here the changed row's cached lines are dropped and only its region is
+    refreshed. A value wider than its column takes DataTable's own path (the column widens,
+    every line moves)."""
+    row_key, column_key = RowKey(row), ColumnKey(column)
+    if cell_len(str(value)) > table.columns[column_key].content_width:
+        table.update_cell(row_key, column_key, value, update_width=True)
+        return
+    table._data[row_key][column_key] = value
+    _forget_row(table, row_key)
+    table.refresh_row(table.get_row_index(row_key))
+
+
+def _forget_row(table: DataTable, row_key: RowKey) -> None:
+    """Drop `row_key`'s entries from DataTable's render caches (the rest stay valid)."""
+    for cache in (table._cell_render_cache, table._row_render_cache):
+        keys = cache.keys()  # LRUCache has no iterator of its own
+        for k in [k for k in keys if k[0] == row_key]:
+            cache.discard(k)
+    table._row_renderable_cache.discard((table._update_count, table.get_row_index(row_key)))
+    for k in list(table._line_cache.keys()):
+        try:
+            if table._get_offsets(k[0])[0] == row_key:
+                table._line_cache.discard(k)
+        except LookupError:  # a line of no row (past the end): nothing of ours
+            continue
 
 
 class _CellSixels(_ImageSixelImpl):

@@ -1,4 +1,5 @@
-"""The thread that keeps the TUI in step with the daemon.
+"""The feed: the thread that keeps the TUI in step with the daemon, over a `Connection`
+(connection.py), reporting to the app as Textual messages.
 
 It runs in a Textual thread worker (the UI thread never touches the network): connect and subscribe,
 list the queue, load the history of the jobs the user looks at, then pass live events on in batches.
@@ -19,7 +20,7 @@ from dallm.protocol import EventEnvelope, JobSummary
 from dallm.tui.connection import Connection, ConnectionLost
 
 
-class DaemonLink:
+class DaemonFeed:
     """Drives a `Connection` from one thread and reports what happened as Textual messages."""
 
     class Connected(Message):
