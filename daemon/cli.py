@@ -91,7 +91,7 @@ def _prepare(paths: DaemonPaths) -> None:
 
 
 def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
-    from dallm.daemon.scheduler import detect_devices
+    from dallm.daemon.executors.local import detect_devices
     from dallm.daemon.server import Daemon
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
