@@ -20,7 +20,7 @@ class EventLog:
     `publish` sends committed frames on every event socket (Sockets.publish)."""
 
     def __init__(self, store: Store, publish: Publish) -> None:
-        self.store = store
+        self._store = store
         self._publish = publish
         self._seq = store.head()
         self._topic_prev: dict[str, int] = store.topic_heads()
@@ -62,7 +62,7 @@ class EventLog:
             self._batch, self._updates, self._frames = [], {}, []
         if not self.spill:
             return
-        self.spill.drain(self.store.add_events, self.store.mark_gap, self._publish)
+        self.spill.drain(self._store.add_events, self._store.mark_gap, self._publish)
 
     def discard(self) -> None:
         """Drop what is not yet flushed (the loop does, after a bug in one path)."""
@@ -71,7 +71,7 @@ class EventLog:
     def adopt(self, files: dict[int, Path]) -> int:
         """Spill files a dead daemon left (job -> file): held for replay, numbering after them;
         returns the number of events held."""
-        top, topics = self.spill.adopt(files, self.store.head())
+        top, topics = self.spill.adopt(files, self._store.head())
         self._seq = max(self._seq, top)
         for topic, seq in topics.items():
             self._topic_prev[topic] = max(self._topic_prev.get(topic, 0), seq)
@@ -90,6 +90,6 @@ class EventLog:
         folder = self._folders.get(job)
         if folder is None:
             with contextlib.suppress(*STORE_ERRORS):
-                out = (self.store.job(job) or {}).get("out_dir")
+                out = (self._store.job(job) or {}).get("out_dir")
                 folder = Path(out) if out else None
         return folder if folder is not None and folder.is_dir() else None

@@ -1,4 +1,6 @@
-"""Control requests: one function per request type, each returning the reply frames.
+"""Control requests: one function per request type, each returning its reply, and `handle`, the one
+dispatch over the request types (a `match`, as pueue's message handler), which encodes it. Handlers
+see the daemon through `Context` only.
 
 Errors a client can act on are `ProtocolError(code, message)`, sent back as ErrorReply: one line each.
 """
@@ -65,7 +67,8 @@ from dallm.protocol import (
 @dataclass(frozen=True)
 class Context:
     """What the handlers use, and nothing else: the store to read, the job service for every change
-    of a job's row, the event log's head and a job's log lines, the running workers."""
+    of a job's row, the event log (its head, a job's log lines), the running workers and the
+    daemon's own facts for a ping."""
 
     store: Store
     jobs: JobService
@@ -103,11 +106,12 @@ def submit(ctx: Context, req: SubmitRequest, local: bool = False) -> JobReply:
         raise ProtocolError("preflight_failed", f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
     out_spec = data.get("output_dir")
-    output_folder(
-        ctx.paths.jobs, 0, cfg.name, out_spec, roots, req.source
-    )  # refuse before anything is queued
-    job = ctx.jobs.submit(cfg.name, data, req.priority, cfg.train.steps, req.retries,
-                          lambda job: output_folder(ctx.paths.jobs, job, cfg.name, out_spec, roots, req.source))  # fmt: skip
+
+    def folder(job: int) -> Path:
+        return output_folder(ctx.paths.jobs, job, cfg.name, out_spec, roots, req.source)
+
+    folder(0)  # refuse before anything is queued
+    job = ctx.jobs.submit(cfg.name, data, req.priority, cfg.train.steps, req.retries, folder)
     ctx.schedule()
     return JobReply(job=ctx.store.summary(job), message=f"job {job} queued")
 

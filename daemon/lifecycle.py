@@ -27,12 +27,12 @@ class JobLifecycle:
     """Starts, reaps and shuts down jobs; every state it gives a job goes through the job service."""
 
     def __init__(self, store: Store, sched: Scheduler, events: EventLog, jobs: JobService,
-                 workers: WorkerMessages, state_dir: Path, shutdown_timeout: float) -> None:  # fmt: skip
+                 worker_messages: WorkerMessages, state_dir: Path, shutdown_timeout: float) -> None:  # fmt: skip
         self.store = store
         self.sched = sched
         self.events = events
         self.jobs = jobs
-        self.workers = workers
+        self.worker_messages = worker_messages
         self.state_dir = state_dir  # the workers' identity files (daemon/identity.py)
         self.shutting_down = False
         self.shutdown_deadline = 0.0
@@ -90,7 +90,7 @@ class JobLifecycle:
             )
         now = time.time()  # until the engine names its phase, the worker loads the model and data
         self.jobs.set_state(job, state, reason, attempts=attempt, pid=w.proc.pid, device=w.device,
-                       started=now, phase="loading", phase_since=now)  # fmt: skip
+                            started=now, phase="loading", phase_since=now)  # fmt: skip
 
     def end_of_shutdown(self, now: float) -> bool:
         """Past the deadline, workers still running are killed; True once none is left."""
@@ -101,8 +101,8 @@ class JobLifecycle:
 
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
-            self.workers.drain()
-            if self.events.spill or self.workers.waiting is not None:
+            self.worker_messages.drain()
+            if self.events.spill or self.worker_messages.waiting is not None:
                 return  # the store cannot take its events (or its end) yet: reaped once it can
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
@@ -133,7 +133,7 @@ class JobLifecycle:
         self.shutdown_deadline = time.time() + self.shutdown_timeout
         log.info("shutting down: %d running job(s) checkpoint first", len(self.sched.by_job))
         for w in self.sched.by_job.values():
-            self.workers.command(w, InterruptCommand())
+            self.worker_messages.command(w, InterruptCommand())
 
 
 def for_slot(config: dict, device: str) -> dict:

@@ -96,7 +96,7 @@ class Reconciler:
                 )
                 continue
             self.jobs.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
-                        resume_path=row.get("out_dir"), pid=None)  # fmt: skip
+                                resume_path=row.get("out_dir"), pid=None)  # fmt: skip
 
     def _adopt_spills(self) -> None:
         files = {}
@@ -132,9 +132,8 @@ class Reconciler:
             return False  # the rollback asked is still to do: requeued, it is asked again
         self.backfill(job, result.final_step)
         done = _job_result(out, result)
-        if done.turning_point is not None and done.turning_point not in self.store.event_steps(
-            job, "turning_point"
-        ):
+        have = self.store.event_steps(job, "turning_point")
+        if done.turning_point is not None and done.turning_point not in have:
             seen = done.seen_at if done.seen_at is not None else result.final_step
             self._add(job, TurningPointEvent(step=done.turning_point, seen_at=seen), done.turning_point)
         if self.store.last_event_seq(job, "finished") <= self.store.last_event_seq(job, "started"):
@@ -145,7 +144,7 @@ class Reconciler:
             reason += f"; history incomplete: {row['history_gap']}"
         self.events.job_log(job, "warning", f"the worker finished while the daemon was down: {reason}")
         self.jobs.set_state(job, state, reason, pid=None, pending=None, ended=min(written, time.time()),  # type: ignore[arg-type]
-                    step=result.final_step, result_step=done.result_step, turning_point=done.turning_point)  # fmt: skip
+                            step=result.final_step, result_step=done.result_step, turning_point=done.turning_point)  # fmt: skip
         return True
 
     def backfill(self, job: int, upto: int) -> None:
@@ -171,8 +170,8 @@ class Reconciler:
         for row in missing:
             values = {k: float(v) for k, v in row.items() if k != "step" and math.isfinite(v)}
             step = int(row["step"])
-            self.events.add_event(job, job_topic(job), "metrics", step, MetricsEvent(step=step, values=values).model_dump_json(),
-                        None)  # fmt: skip
+            data = MetricsEvent(step=step, values=values).model_dump_json()
+            self.events.add_event(job, job_topic(job), "metrics", step, data, None)
         return len(missing)
 
     def _checkpoints(self, job: int, out: Path, upto: int) -> int:
