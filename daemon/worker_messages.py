@@ -104,7 +104,7 @@ class WorkerMessages:
                 # The summary's KID must be one the kept history has, not an erased evaluation's.
                 kid, std = self.store.kid_val_at(job, after)
             except STORE_ERRORS:
-                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain_workers
+                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain
                 return
             w.last_step = after
             step = None if isinstance(ev, StartedEvent) else ev.step
