@@ -91,7 +91,7 @@ def _prepare(paths: DaemonPaths) -> None:
 
 
 def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
-    from dallm.daemon.scheduler import detect_devices
+    from dallm.daemon.executors.local import detect_devices
     from dallm.daemon.server import Daemon
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -115,9 +115,7 @@ def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
     def on_signal(signum: int, frame: object) -> None:
         nonlocal interrupts
         interrupts += 1
-        if interrupts > 1:
-            daemon.shutdown_deadline = 0.0  # a second signal: stop waiting for checkpoints
-        daemon.begin_shutdown()
+        daemon.begin_shutdown(hurry=interrupts > 1)  # a second signal: stop waiting for checkpoints
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -127,7 +125,7 @@ def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
         os.getpid(),
         paths.home,
         daemon.slots,
-        daemon.control_endpoints,
+        daemon.sockets.control_endpoints,
     )
     return daemon.run()
 

@@ -8,24 +8,25 @@ import logging
 
 import zmq
 
-from dallm.client.transport import KeyWatch
 from dallm.config import ConfigError
-from dallm.daemon import handlers, revoke
+from dallm.daemon import handlers
+from dallm.daemon.events import EventLog
 from dallm.daemon.limits import StalledPeers
+from dallm.daemon.sockets import Sockets
 from dallm.daemon.spill import STORE_ERRORS
-from dallm.daemon.worker_messages import WorkerMessages
 from dallm.protocol import ErrorReply, ProtocolError, decode_request, encode_reply
 
 log = logging.getLogger("dallm.daemon")
 
 
-class ControlServer(WorkerMessages):
-    """Serves control requests; a part of Daemon (the attributes below are set by its __init__)."""
+class ControlServer:
+    """Serves control requests through handlers.handle with the handlers' narrow context."""
 
-    control: list[zmq.Socket]
-    curve_control: set[zmq.Socket]
-    keywatch: KeyWatch | None
-    stalled: StalledPeers
+    def __init__(self, sockets: Sockets, events: EventLog, context: handlers.Context) -> None:
+        self.sockets = sockets
+        self.events = events
+        self.context = context
+        self.stalled = StalledPeers()
 
     def serve(self, sock: zmq.Socket, budget: int = 500) -> None:
         for _ in range(budget):
@@ -46,11 +47,11 @@ class ControlServer(WorkerMessages):
                 if len(rest) != 1:
                     raise ProtocolError("bad_request", f"expected one frame, got {len(rest)}")
                 req_id, req = decode_request(rest[0])
-                if self.spill:  # an answer now would be stale or fail to commit: say why instead
-                    raise ProtocolError("unavailable", self.spill.message())
-                if sock in self.curve_control and not self._key_still_authorized(raw[-1]):
+                if self.events.spill:  # an answer now would be stale or fail to commit: say why instead
+                    raise ProtocolError("unavailable", self.events.spill.message())
+                if not self.sockets.authorized(sock, raw[-1]):
                     raise ProtocolError("unauthorized", "this client key is no longer authorized")
-                reply = handlers.handle(self, req_id, req, local=sock is self.control[0])
+                reply = handlers.handle(self.context, req_id, req, local=self.sockets.is_local(sock))
             except ProtocolError as e:
                 reply = encode_reply(req_id, ErrorReply(code=e.code, message=str(e)))
             except ConfigError as e:
@@ -73,24 +74,4 @@ class ControlServer(WorkerMessages):
                 self.stalled.mark(ident)
             except zmq.ZMQError:
                 pass  # the client has gone
-            self.flush()
-
-    def _key_still_authorized(self, frame: zmq.Frame) -> bool:
-        """A CURVE connection outlives its key's removal from authorized/: check each request."""
-        if self.keywatch is None:
-            return False
-        try:
-            user = frame.get("User-Id")
-        except zmq.ZMQError:
-            return False
-        return self.keywatch.allowed(user)
-
-    def _check_keys(self, now: float) -> None:
-        """Re-read authorized/ (every second, at once after SIGHUP); cut a removed key's subscriptions."""
-        if self.keywatch is not None:
-            revoke.check(self, self.keywatch, now)
-
-    def reload_keys(self) -> None:
-        """SIGHUP: re-read authorized/ at the next loop turn."""
-        if self.keywatch is not None:
-            self.keywatch.request()
+            self.events.flush()

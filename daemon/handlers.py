@@ -1,4 +1,6 @@
-"""Control requests: one function per request type, each returning the reply frames.
+"""Control requests: one function per request type, each returning its reply, and `handle`, the one
+dispatch over the request types (a `match`, as pueue's message handler), which encodes it. Handlers
+see the daemon through `Context` only.
 
 Errors a client can act on are `ProtocolError(code, message)`, sent back as ErrorReply: one line each.
 """
@@ -7,14 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import assert_never
 
+from dallm.client.home import DaemonPaths
 from dallm.config import ConfigError, config_from_dict
-from dallm.daemon.confine import check_reads, output_folder
+from dallm.daemon.confine import Roots, check_reads, output_folder
+from dallm.daemon.events import EventLog
+from dallm.daemon.jobs import JobService
 from dallm.daemon.jobstate import CancelPending, encode_pending
 from dallm.daemon.limits import MAX_HISTORY_PAGE, page_rows
-from dallm.daemon.resources import RunningWorker
+from dallm.daemon.resources import ResourceSampler, RunningWorker
+from dallm.daemon.scheduler import Scheduler, WorkerProc
+from dallm.daemon.store import Store
 from dallm.preflight import PreflightError, preflight
 from dallm.protocol import (
     TERMINAL_STATES,
@@ -23,6 +32,7 @@ from dallm.protocol import (
     CheckpointRequest,
     ErrorReply,
     HistoryRequest,
+    JobCommand,
     JobDetail,
     JobDetailReply,
     JobListReply,
@@ -36,6 +46,7 @@ from dallm.protocol import (
     PongReply,
     PriorityRequest,
     ProtocolError,
+    Reply,
     Request,
     ResourcesReply,
     ResourcesRequest,
@@ -52,23 +63,42 @@ from dallm.protocol import (
     history_frames,
 )
 
-if TYPE_CHECKING:
-    from dallm.daemon.server import Daemon
+
+@dataclass(frozen=True)
+class Context:
+    """What the handlers use, and nothing else: the store to read, the job service for every change
+    of a job's row, the event log (its head, a job's log lines), the running workers and the
+    daemon's own facts for a ping."""
+
+    store: Store
+    jobs: JobService
+    events: EventLog
+    sched: Scheduler  # the running workers (by_job), a free slot, kill
+    command: Callable[[WorkerProc, JobCommand], None]  # to a worker (held until its hello)
+    schedule: Callable[[], None]  # start what the queue and free slots allow now
+    shutting_down: Callable[[], bool]
+    begin_shutdown: Callable[[], None]
+    resources: ResourceSampler
+    roots: Roots
+    paths: DaemonPaths
+    started: float
+    slots: list[str]
+    event_endpoints: list[str]
 
 
-def _job(d: Daemon, ref: str) -> dict:
-    row = d.store.find_job(ref)
+def _job(ctx: Context, ref: str) -> dict:
+    row = ctx.store.find_job(ref)
     if row is None:
         raise ProtocolError("not_found", f"no job {ref!r}")
     return row
 
 
-def submit(d: Daemon, req: SubmitRequest, local: bool = False) -> JobReply:
+def submit(ctx: Context, req: SubmitRequest, local: bool = False) -> JobReply:
     """Queue a job whose outputs and inputs lie under the daemon's roots (daemon/confine.py)."""
-    if d.shutting_down:
+    if ctx.shutting_down():
         raise ProtocolError("conflict", "the daemon is shutting down")
     cfg = config_from_dict(json.loads(json.dumps(req.config)), req.source)
-    roots = d.roots.for_request(local, req.config_dir)
+    roots = ctx.roots.for_request(local, req.config_dir)
     check_reads(cfg, req.source, roots)  # before the preflight looks at anything: no existence leak
     try:  # the same preflight as `dallm submit`, as the daemon's machine sees the files
         preflight(cfg)
@@ -76,78 +106,79 @@ def submit(d: Daemon, req: SubmitRequest, local: bool = False) -> JobReply:
         raise ProtocolError("preflight_failed", f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
     out_spec = data.get("output_dir")
-    output_folder(d.paths.jobs, 0, cfg.name, out_spec, roots, req.source)  # refuse before anything is queued
-    job = d.store.add_job(cfg.name, data, req.priority, cfg.train.steps, req.retries)
-    out = output_folder(d.paths.jobs, job, cfg.name, out_spec, roots, req.source)
-    d.store.update_job(job, out_dir=str(out))
-    d.publish_state(job, None, "submitted")
-    d.schedule()
-    return JobReply(job=d.store.summary(job), message=f"job {job} queued")
+
+    def folder(job: int) -> Path:
+        return output_folder(ctx.paths.jobs, job, cfg.name, out_spec, roots, req.source)
+
+    folder(0)  # refuse before anything is queued
+    job = ctx.jobs.submit(cfg.name, data, req.priority, cfg.train.steps, req.retries, folder)
+    ctx.schedule()
+    return JobReply(job=ctx.store.summary(job), message=f"job {job} queued")
 
 
-def show(d: Daemon, req: ShowRequest) -> JobDetailReply:
-    row = _job(d, req.job)
+def show(ctx: Context, req: ShowRequest) -> JobDetailReply:
+    row = _job(ctx, req.job)
     job = row["id"]
     out = Path(row["out_dir"] or ".")
-    checkpoints = [c for c in d.store.checkpoints(job) if c.superseded or (out / c.path).exists()]
+    checkpoints = [c for c in ctx.store.checkpoints(job) if c.superseded or (out / c.path).exists()]
     detail = JobDetail(
-        summary=d.store.summary(job),
+        summary=ctx.store.summary(job),
         config=json.loads(row["config"]),
-        transitions=d.store.transitions(job),
+        transitions=ctx.store.transitions(job),
         checkpoints=checkpoints,
-        last_metrics=d.store.last_metrics(job),
+        last_metrics=ctx.store.last_metrics(job),
     )
     return JobDetailReply(detail=detail)
 
 
-def stop(d: Daemon, req: StopRequest) -> JobReply:
-    row = _job(d, req.job)
+def stop(ctx: Context, req: StopRequest) -> JobReply:
+    row = _job(ctx, req.job)
     job, state = row["id"], row["state"]
-    w = d.sched.by_job.get(job)
+    w = ctx.sched.by_job.get(job)
     if state == "queued":
         raise ProtocolError("conflict", f"job {job} is queued, not running; `dallm cancel {job}` discards it")
     if w is None or state != "running":
         raise ProtocolError("conflict", f"job {job} is {state}")
-    d.command(w, StopCommand())
-    # `pending` survives a daemon crash: the resumed job is told again (see Daemon._recover).
-    d.set_state(job, "stopping", "stop requested: finish now (turning point weights when found)",
+    ctx.command(w, StopCommand())
+    # `pending` survives a daemon crash: the resumed job is told again (see Reconciler.recover).
+    ctx.jobs.set_state(job, "stopping", "stop requested: finish now (turning point weights when found)",
                 pending=encode_pending(StopCommand()))  # fmt: skip
-    return JobReply(job=d.store.summary(job), message=f"job {job} stopping")
+    return JobReply(job=ctx.store.summary(job), message=f"job {job} stopping")
 
 
-def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
-    row = _job(d, req.job)
+def rollback(ctx: Context, req: RollbackRequest) -> JobReply:
+    row = _job(ctx, req.job)
     job, state = row["id"], row["state"]
     how = "and resume" if req.resume else "and finish there"
-    w = d.sched.by_job.get(job)
+    w = ctx.sched.by_job.get(job)
     if state in ("running", "stopping") and w is not None:
         if req.step > max(w.last_step, row["step"]):
             raise ProtocolError(
                 "conflict",
                 f"job {job} is at step {max(w.last_step, row['step'])}; cannot roll back to {req.step}",
             )
-        d.command(w, RollbackCommand(step=req.step, resume=req.resume))
+        ctx.command(w, RollbackCommand(step=req.step, resume=req.resume))
         if req.resume:
-            d.job_log(job, "info", f"rollback to step {req.step} requested (resume)")
-            d.flush()
+            ctx.events.job_log(job, "info", f"rollback to step {req.step} requested (resume)")
+            ctx.events.flush()
         else:
             cmd = encode_pending(RollbackCommand(step=req.step, resume=False))
-            d.set_state(job, "stopping", f"rollback to step {req.step} {how} requested", pending=cmd)
-        return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
+            ctx.jobs.set_state(job, "stopping", f"rollback to step {req.step} {how} requested", pending=cmd)
+        return JobReply(job=ctx.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
     if state == "queued":
         raise ProtocolError("conflict", f"job {job} is queued; nothing to roll back")
     out = Path(row["out_dir"])
-    kept = {c.step: out / c.path for c in d.store.checkpoints(job) if (out / c.path).is_dir()}
+    kept = {c.step: out / c.path for c in ctx.store.checkpoints(job) if (out / c.path).is_dir()}
     ckpt = kept.get(req.step)
     if ckpt is None:
         have = ", ".join(map(str, sorted(kept))) or "none"
         raise ProtocolError("not_found", f"job {job} has no checkpoint at step {req.step} (have: {have})")
     pending = None if req.resume else encode_pending(RollbackCommand(step=req.step, resume=False))
     why = f"rollback to step {req.step} {how}"
-    if d.sched.free_slot() is None:  # writing the result loads the model: it takes a slot too
-        busy = ", ".join(map(str, sorted(d.sched.by_job))) or "none"
+    if ctx.sched.free_slot() is None:  # writing the result loads the model: it takes a slot too
+        busy = ", ".join(map(str, sorted(ctx.sched.by_job))) or "none"
         why += f"; waits for a free slot (running: job {busy})"
-    d.set_state(
+    ctx.jobs.set_state(
         job,
         "queued",
         why,
@@ -155,48 +186,47 @@ def rollback(d: Daemon, req: RollbackRequest) -> JobReply:
         pending=pending,
         ended=None,
     )
-    d.schedule()
-    return JobReply(job=d.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
+    ctx.schedule()
+    return JobReply(job=ctx.store.summary(job), message=f"job {job}: rolling back to step {req.step}")
 
 
-def cancel(d: Daemon, req: CancelRequest) -> JobReply:
-    row = _job(d, req.job)
+def cancel(ctx: Context, req: CancelRequest) -> JobReply:
+    row = _job(ctx, req.job)
     job, state = row["id"], row["state"]
     if state in TERMINAL_STATES:
         raise ProtocolError("conflict", f"job {job} is already {state}")
-    w = d.sched.by_job.get(job)
+    w = ctx.sched.by_job.get(job)
     if w is not None:
         w.cancel = True
-        d.sched.kill(w)
-        d.set_state(job, "stopping", "cancel requested", pending=encode_pending(CancelPending()))
+        ctx.sched.kill(w)
+        ctx.jobs.set_state(job, "stopping", "cancel requested", pending=encode_pending(CancelPending()))
     else:
-        d.set_state(
+        ctx.jobs.set_state(
             job, "cancelled", "cancelled by user (never ran)" if not row["attempts"] else "cancelled by user"
         )
-    return JobReply(job=d.store.summary(job), message=f"job {job} cancelled")
+    return JobReply(job=ctx.store.summary(job), message=f"job {job} cancelled")
 
 
-def checkpoint(d: Daemon, req: CheckpointRequest) -> JobReply:
-    row = _job(d, req.job)
-    w = d.sched.by_job.get(row["id"])
+def checkpoint(ctx: Context, req: CheckpointRequest) -> JobReply:
+    row = _job(ctx, req.job)
+    w = ctx.sched.by_job.get(row["id"])
     if w is None or row["state"] != "running":
         raise ProtocolError("conflict", f"job {row['id']} is {row['state']}, not running")
-    d.command(w, CheckpointNowCommand())
-    return JobReply(job=d.store.summary(row["id"]), message=f"job {row['id']}: checkpoint requested")
+    ctx.command(w, CheckpointNowCommand())
+    return JobReply(job=ctx.store.summary(row["id"]), message=f"job {row['id']}: checkpoint requested")
 
 
-def priority(d: Daemon, req: PriorityRequest) -> JobReply:
-    row = _job(d, req.job)
+def priority(ctx: Context, req: PriorityRequest) -> JobReply:
+    row = _job(ctx, req.job)
     job = row["id"]
-    d.store.update_job(job, priority=req.priority)
-    d.publish_state(job, row["state"], f"priority set to {req.priority}")
-    return JobReply(job=d.store.summary(job), message=f"job {job}: priority {req.priority}")
+    ctx.jobs.set_priority(job, req.priority)
+    return JobReply(job=ctx.store.summary(job), message=f"job {job}: priority {req.priority}")
 
 
-def logs(d: Daemon, req: LogsRequest) -> LogsReply:
-    job = _job(d, req.job)["id"]
+def logs(ctx: Context, req: LogsRequest) -> LogsReply:
+    job = _job(ctx, req.job)["id"]
     lines = []
-    for seq, t, kind, data in d.store.log_events(job, req.since):
+    for seq, t, kind, data in ctx.store.log_events(job, req.since):
         ev = json.loads(data)
         if kind == "log":
             lines.append(LogLine(seq=seq, t=t, level=ev["level"], message=ev["message"]))
@@ -204,16 +234,16 @@ def logs(d: Daemon, req: LogsRequest) -> LogsReply:
             lines.append(
                 LogLine(seq=seq, t=t, level="state", message=f"{ev['job']['state']}: {ev['reason']}")
             )
-    return LogsReply(lines=lines, head=d.seq)
+    return LogsReply(lines=lines, head=ctx.events.head)
 
 
-WORKER_LOG = "worker.log"  # in the job's output folder (Daemon.start_job: stdout and stderr)
+WORKER_LOG = "worker.log"  # in the job's output folder (JobLifecycle.start_job: stdout and stderr)
 
 
-def worker_log(d: Daemon, req: WorkerLogRequest) -> WorkerLogReply:
+def worker_log(ctx: Context, req: WorkerLogRequest) -> WorkerLogReply:
     """A tail of the worker's log, or what was added since `offset`: whole lines only, so that a
     follower never splits one (a single line longer than `max_bytes` comes cut)."""
-    row = _job(d, req.job)
+    row = _job(ctx, req.job)
     path = Path(row["out_dir"] or ".") / WORKER_LOG
     try:
         with open(path, "rb") as f:
@@ -239,56 +269,72 @@ def worker_log(d: Daemon, req: WorkerLogRequest) -> WorkerLogReply:
     return WorkerLogReply(path=str(path), text=text, start=start, end=start + len(data), size=size)
 
 
-def resources(d: Daemon) -> ResourcesReply:
+def resources(ctx: Context) -> ResourcesReply:
     # A worker on another machine (an executor's node: pid None) is not sampled here.
     workers = [
         RunningWorker(job, w.proc.pid, w.device)
-        for job, w in sorted(d.sched.by_job.items())
+        for job, w in sorted(ctx.sched.by_job.items())
         if w.proc.pid is not None
     ]
-    return d.resources.sample(workers)
+    return ctx.resources.sample(workers)
 
 
-def handle(d: Daemon, req_id: int, req: Request, local: bool = False) -> list[bytes]:
-    """local: the request came over the IPC socket (the daemon's own user)."""
+def history(ctx: Context, req_id: int, req: HistoryRequest) -> list[bytes]:
+    """Frames of its own: the events travel as blobs beside the reply."""
+    limit = min(req.limit, MAX_HISTORY_PAGE)
+    rows = ctx.store.history(req.since, req.topics, limit, req.kinds)
+    if not req.include_png:
+        rows = [(*r[:7], None) for r in rows]
+    rows, more = page_rows(rows, limit)
+    return history_frames(req_id, rows, ctx.events.head, more)
+
+
+def ping(ctx: Context) -> PongReply:
+    return PongReply(pid=os.getpid(), home=str(ctx.paths.home), started=ctx.started, head=ctx.events.head,
+                     slots=ctx.slots, events=ctx.event_endpoints, counts=ctx.store.counts())  # fmt: skip
+
+
+def shutdown(ctx: Context) -> OkReply:
+    ctx.begin_shutdown()
+    return OkReply(message=f"shutting down; {len(ctx.sched.by_job)} running job(s) checkpoint first")
+
+
+def handle(ctx: Context, req_id: int, req: Request, local: bool = False) -> list[bytes]:
+    """The one dispatch: a case per request type of dallm.protocol (tests/test_daemon_dispatch.py
+    checks none is missing). local: the request came over the IPC socket (the daemon's own user)."""
+    rep: Reply
     try:
-        if isinstance(req, HistoryRequest):
-            limit = min(req.limit, MAX_HISTORY_PAGE)
-            rows = d.store.history(req.since, req.topics, limit, req.kinds)
-            if not req.include_png:
-                rows = [(*r[:7], None) for r in rows]
-            rows, more = page_rows(rows, limit)
-            return history_frames(req_id, rows, d.seq, more)
-        if isinstance(req, PingRequest):
-            rep = PongReply(pid=os.getpid(), home=str(d.paths.home), started=d.started, head=d.seq,
-                            slots=d.slots, events=d.event_endpoints, counts=d.store.counts())  # fmt: skip
-        elif isinstance(req, SubmitRequest):
-            rep = submit(d, req, local)
-        elif isinstance(req, ListRequest):
-            rep = JobListReply(jobs=d.store.list_jobs(req.states, req.limit))
-        elif isinstance(req, ShowRequest):
-            rep = show(d, req)
-        elif isinstance(req, LogsRequest):
-            rep = logs(d, req)
-        elif isinstance(req, WorkerLogRequest):
-            rep = worker_log(d, req)
-        elif isinstance(req, ResourcesRequest):
-            rep = resources(d)
-        elif isinstance(req, StopRequest):
-            rep = stop(d, req)
-        elif isinstance(req, RollbackRequest):
-            rep = rollback(d, req)
-        elif isinstance(req, CancelRequest):
-            rep = cancel(d, req)
-        elif isinstance(req, CheckpointRequest):
-            rep = checkpoint(d, req)
-        elif isinstance(req, PriorityRequest):
-            rep = priority(d, req)
-        elif isinstance(req, ShutdownRequest):
-            d.begin_shutdown()
-            rep = OkReply(message=f"shutting down; {len(d.sched.by_job)} running job(s) checkpoint first")
-        else:  # pragma: no cover - the adapter admits nothing else
-            rep = ErrorReply(code="bad_request", message="unknown request")
+        match req:
+            case HistoryRequest():
+                return history(ctx, req_id, req)
+            case PingRequest():
+                rep = ping(ctx)
+            case SubmitRequest():
+                rep = submit(ctx, req, local)
+            case ListRequest():
+                rep = JobListReply(jobs=ctx.store.list_jobs(req.states, req.limit))
+            case ShowRequest():
+                rep = show(ctx, req)
+            case LogsRequest():
+                rep = logs(ctx, req)
+            case WorkerLogRequest():
+                rep = worker_log(ctx, req)
+            case ResourcesRequest():
+                rep = resources(ctx)
+            case StopRequest():
+                rep = stop(ctx, req)
+            case RollbackRequest():
+                rep = rollback(ctx, req)
+            case CancelRequest():
+                rep = cancel(ctx, req)
+            case CheckpointRequest():
+                rep = checkpoint(ctx, req)
+            case PriorityRequest():
+                rep = priority(ctx, req)
+            case ShutdownRequest():
+                rep = shutdown(ctx)
+            case _:
+                assert_never(req)
     except ProtocolError as e:
         rep = ErrorReply(code=e.code, message=str(e))
     except ConfigError as e:

@@ -6,28 +6,37 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from dallm.client.home import DaemonPaths
 from dallm.daemon import identity
+from dallm.daemon.events import EventLog
+from dallm.daemon.jobs import JobService
 from dallm.daemon.jobstate import decode_pending
-from dallm.daemon.scheduler import outcome
+from dallm.daemon.scheduler import Scheduler, outcome
+from dallm.daemon.store import Store
 from dallm.daemon.worker_messages import WorkerMessages
 from dallm.protocol import InterruptCommand, JobState, RollbackCommand, StopCommand
 
 log = logging.getLogger("dallm.daemon")
 
 
-class JobLifecycle(WorkerMessages):
-    """Starts, reaps and shuts down jobs; a part of Daemon (the attributes below are set by its
-    __init__)."""
+class JobLifecycle:
+    """Starts, reaps and shuts down jobs; every state it gives a job goes through the job service."""
 
-    paths: DaemonPaths
-    shutting_down: bool
-    shutdown_deadline: float
-    shutdown_timeout: float
+    def __init__(self, store: Store, sched: Scheduler, events: EventLog, jobs: JobService,
+                 worker_messages: WorkerMessages, state_dir: Path, shutdown_timeout: float) -> None:  # fmt: skip
+        self.store = store
+        self.sched = sched
+        self.events = events
+        self.jobs = jobs
+        self.worker_messages = worker_messages
+        self.state_dir = state_dir  # the workers' identity files (daemon/identity.py)
+        self.shutting_down = False
+        self.shutdown_deadline = 0.0
+        self.shutdown_timeout = shutdown_timeout
 
     def schedule(self) -> None:
         while not self.shutting_down and self.sched.free_slot() is not None:
@@ -51,16 +60,18 @@ class JobLifecycle(WorkerMessages):
             resume = None  # nothing saved yet: start over
         try:
             out.mkdir(parents=True, exist_ok=True)
-            self.folders[job] = out
+            self.events.remember_folder(job, out)
             cfg_path = out / "job-config.json"
             config = json.loads(row["config"])
             cfg_path.write_text(json.dumps(for_slot(config, self.sched.devices[slot])))
             w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log", slot, config)
         except Exception as e:  # a job that cannot start fails alone; the daemon serves on
             log.exception("job %s: cannot start", job)
-            self.set_state(job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt)
+            self.jobs.set_state(
+                job, "failed", f"cannot start a worker: {type(e).__name__}: {e}", attempts=attempt
+            )
             return
-        identity.remember(self.paths.state_dir, job, w.proc.pid, w.token)
+        identity.remember(self.state_dir, job, w.proc.pid, w.token)
         pending = decode_pending(row["pending"])
         if isinstance(pending, StopCommand | RollbackCommand):  # asked before a restart: ask again
             w.pending.append(pending)
@@ -78,18 +89,25 @@ class JobLifecycle(WorkerMessages):
                 f"writing the result of step {pending.step} on {w.device} (attempt {attempt})",
             )
         now = time.time()  # until the engine names its phase, the worker loads the model and data
-        self.set_state(job, state, reason, attempts=attempt, pid=w.proc.pid, device=w.device,
-                       started=now, phase="loading", phase_since=now)  # fmt: skip
+        self.jobs.set_state(job, state, reason, attempts=attempt, pid=w.proc.pid, device=w.device,
+                            started=now, phase="loading", phase_since=now)  # fmt: skip
+
+    def end_of_shutdown(self, now: float) -> bool:
+        """Past the deadline, workers still running are killed; True once none is left."""
+        if now > self.shutdown_deadline:
+            for w in list(self.sched.by_job.values()):
+                self.sched.kill(w, signal.SIGKILL)
+        return not self.sched.by_job
 
     def reap(self) -> None:
         for w in self.sched.ended(time.time()):
-            self.drain_workers()
-            if self.spill or self.waiting is not None:
+            self.worker_messages.drain()
+            if self.events.spill or self.worker_messages.waiting is not None:
                 return  # the store cannot take its events (or its end) yet: reaped once it can
             row = self.store.job(w.job) or {}
             state, reason, resume = outcome(w, self.shutting_down, int(row.get("retries") or 0))
             if w.proc.returncode not in (0, None) and w.done is None and w.error is None:
-                self.job_log(
+                self.events.job_log(
                     w.job, "error", f"worker {reason}; see {Path(row.get('out_dir', '')) / 'worker.log'}"
                 )
             fields: dict[str, Any] = {"pid": None, "resume_path": row.get("out_dir") if resume else None}
@@ -101,18 +119,21 @@ class JobLifecycle(WorkerMessages):
                 fields |= {"result_step": w.done.result_step, "turning_point": w.done.turning_point}
             if row.get("history_gap") and not resume:  # never shown as if whole
                 reason += f"; history incomplete: {row['history_gap']}"
-            self.set_state(w.job, state, reason, **fields)
+            self.jobs.set_state(w.job, state, reason, **fields)
             self.sched.release(w)
-            identity.forget(self.paths.state_dir, w.job)
+            identity.forget(self.state_dir, w.job)
 
-    def begin_shutdown(self) -> None:
+    def begin_shutdown(self, hurry: bool = False) -> None:
+        """Every running job checkpoints first, for up to shutdown_timeout; `hurry`: kill them now."""
+        if hurry:
+            self.shutdown_deadline = 0.0
         if self.shutting_down:
             return
         self.shutting_down = True
         self.shutdown_deadline = time.time() + self.shutdown_timeout
         log.info("shutting down: %d running job(s) checkpoint first", len(self.sched.by_job))
         for w in self.sched.by_job.values():
-            self.command(w, InterruptCommand())
+            self.worker_messages.command(w, InterruptCommand())
 
 
 def for_slot(config: dict, device: str) -> dict:

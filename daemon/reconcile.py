@@ -24,12 +24,15 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dallm.daemon import identity
+from dallm.daemon.events import EventLog
+from dallm.daemon.jobs import JobService
 from dallm.daemon.jobstate import CancelPending, decode_pending
 from dallm.daemon.scheduler import result_outcome
 from dallm.daemon.spill import SPILL_FILE
+from dallm.daemon.store import Store
 from dallm.protocol import (
     CheckpointEvent,
     FinishedEvent,
@@ -50,9 +53,6 @@ from dallm.protocol.files import (
     read_result,
 )
 
-if TYPE_CHECKING:
-    from dallm.daemon.server import Daemon
-
 log = logging.getLogger("dallm.daemon")
 SAMPLES = "samples"
 SAMPLE_INDEX = "index.jsonl"  # dallm.eval.sample_grids.INDEX (not imported: that module pulls in torch)
@@ -63,49 +63,139 @@ _GRID = re.compile(r"step-(\d+)")
 Restored = CheckpointEvent | SampleEvent | TurningPointEvent | FinishedEvent
 
 
-def _add(d: Daemon, job: int, ev: Restored, step: int | None) -> None:
-    """As a worker sends it: a sample's thumbnail travels as a blob beside the JSON."""
-    blob = ev.png if isinstance(ev, SampleEvent) and ev.png else None
-    data = ev.model_dump_json(exclude={"png"}) if blob else ev.model_dump_json()
-    d.add_event(job, job_topic(job), ev.kind, step, data, blob)
-    d.job_updates.setdefault(job, {}).update(summary_changes(ev))
+class Reconciler:
+    """Puts back what the store lacks from the job folders, at start (`recover`) and on a resume
+    (`backfill`); through the event log and the job service, as a worker's events would go."""
 
+    def __init__(self, store: Store, events: EventLog, jobs: JobService, state_dir: Path) -> None:
+        self.store = store
+        self.events = events
+        self.jobs = jobs
+        self.state_dir = state_dir  # the workers' identity files (daemon/identity.py)
 
-def backfill(d: Daemon, job: int, upto: int) -> None:
-    """Metric steps, checkpoints and sample grids up to `upto` that the store lacks."""
-    d.flush()
-    out = Path((d.store.job(job) or {}).get("out_dir") or ".")
-    restored = {
-        f"metric step(s) up to {upto} restored from {METRICS_FILE}": _metrics(d, job, out, upto),
-        f"checkpoint event(s) up to {upto} restored from {out / 'checkpoints'}": _checkpoints(
-            d, job, out, upto
-        ),
-        f"sample grid event(s) up to {upto} restored from {out / SAMPLES}": _samples(d, job, out, upto),
-    }
-    for what, n in restored.items():
-        if n:
-            d.job_log(job, "warning", f"{n} {what}")
+    def recover(self) -> None:
+        """At start: jobs a dead daemon left running are queued again and resume from their last
+        checkpoint; a stop or rollback asked before it died is asked again, a cancel is carried out; one
+        whose worker wrote its result meanwhile ends with it. A stored pid is killed only when it is
+        still our worker (daemon/identity.py). First, spill files it could not replay go in."""
+        self._adopt_spills()
+        for job in self.store.ids_in("running", "stopping"):
+            row = self.store.job(job) or {}
+            pid = row.get("pid")
+            if pid and identity.is_our_worker(self.state_dir, job, pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+            elif pid:
+                log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
+            identity.forget(self.state_dir, job)
+            if self.finished_while_down(job, row):
+                continue
+            if isinstance(decode_pending(row.get("pending")), CancelPending):
+                self.jobs.set_state(
+                    job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time()
+                )
+                continue
+            self.jobs.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
+                                resume_path=row.get("out_dir"), pid=None)  # fmt: skip
 
+    def _adopt_spills(self) -> None:
+        files = {}
+        for s in self.store.list_jobs():
+            path = Path(s.out_dir) / SPILL_FILE
+            if s.out_dir and path.is_file():
+                files[s.id] = path
+        if not files:
+            return
+        held = self.events.adopt(files)
+        log.warning(
+            "replaying %d spilled event(s) a daemon left in %s", held, ", ".join(map(str, files.values()))
+        )
+        self.events.flush()
 
-def _metrics(d: Daemon, job: int, out: Path, upto: int) -> int:
-    have = set(d.store.metric_steps(job))
-    missing = [
-        r for r in read_metrics(out / METRICS_FILE) if r["step"] <= upto and int(r["step"]) not in have
-    ]
-    for row in missing:
-        values = {k: float(v) for k, v in row.items() if k != "step" and math.isfinite(v)}
-        step = int(row["step"])
-        d.add_event(job, job_topic(job), "metrics", step, MetricsEvent(step=step, values=values).model_dump_json(),
-                    None)  # fmt: skip
-    return len(missing)
+    def finished_while_down(self, job: int, row: dict[str, Any]) -> bool:
+        """End a job whose worker wrote result.json in this attempt while the daemon was down, with that
+        result and its folder's events; False (nothing done) when it has no such result."""
+        if not row.get("out_dir"):
+            return False
+        out = Path(row["out_dir"])
+        result = read_result(out)
+        try:
+            written = (out / RESULT_FILE).stat().st_mtime
+        except OSError:
+            return False
+        if result is None or result.reason == "interrupted" or written < (row.get("started") or 0):
+            return (
+                False  # none, one that asks to resume, or an earlier run's (a job rolled back after it ended)
+            )
+        pending = decode_pending(row.get("pending"))
+        if isinstance(pending, RollbackCommand) and result.reason != "rolled_back":
+            return False  # the rollback asked is still to do: requeued, it is asked again
+        self.backfill(job, result.final_step)
+        done = _job_result(out, result)
+        have = self.store.event_steps(job, "turning_point")
+        if done.turning_point is not None and done.turning_point not in have:
+            seen = done.seen_at if done.seen_at is not None else result.final_step
+            self._add(job, TurningPointEvent(step=done.turning_point, seen_at=seen), done.turning_point)
+        if self.store.last_event_seq(job, "finished") <= self.store.last_event_seq(job, "started"):
+            self._add(job, done.finished_event(), None)
+        state, reason, _ = result_outcome(done, shutting_down=False)
+        reason += f" (while the daemon was down; from {out / RESULT_FILE})"
+        if row.get("history_gap"):
+            reason += f"; history incomplete: {row['history_gap']}"
+        self.events.job_log(job, "warning", f"the worker finished while the daemon was down: {reason}")
+        self.jobs.set_state(job, state, reason, pid=None, pending=None, ended=min(written, time.time()),  # type: ignore[arg-type]
+                            step=result.final_step, result_step=done.result_step, turning_point=done.turning_point)  # fmt: skip
+        return True
 
+    def backfill(self, job: int, upto: int) -> None:
+        """Metric steps, checkpoints and sample grids up to `upto` that the store lacks."""
+        self.events.flush()
+        out = Path((self.store.job(job) or {}).get("out_dir") or ".")
+        restored = {
+            f"metric step(s) up to {upto} restored from {METRICS_FILE}": self._metrics(job, out, upto),
+            f"checkpoint event(s) up to {upto} restored from {out / 'checkpoints'}": self._checkpoints(
+                job, out, upto
+            ),
+            f"sample grid event(s) up to {upto} restored from {out / SAMPLES}": self._samples(job, out, upto),
+        }
+        for what, n in restored.items():
+            if n:
+                self.events.job_log(job, "warning", f"{n} {what}")
 
-def _checkpoints(d: Daemon, job: int, out: Path, upto: int) -> int:
-    have = d.store.event_steps(job, "checkpoint")
-    missing = [(s, p) for s, p in checkpoint_folders(out / "checkpoints") if s <= upto and s not in have]
-    for step, folder in missing:
-        _add(d, job, CheckpointEvent(step=step, path=str(folder.relative_to(out))), step)
-    return len(missing)
+    def _metrics(self, job: int, out: Path, upto: int) -> int:
+        have = set(self.store.metric_steps(job))
+        missing = [
+            r for r in read_metrics(out / METRICS_FILE) if r["step"] <= upto and int(r["step"]) not in have
+        ]
+        for row in missing:
+            values = {k: float(v) for k, v in row.items() if k != "step" and math.isfinite(v)}
+            step = int(row["step"])
+            data = MetricsEvent(step=step, values=values).model_dump_json()
+            self.events.add_event(job, job_topic(job), "metrics", step, data, None)
+        return len(missing)
+
+    def _checkpoints(self, job: int, out: Path, upto: int) -> int:
+        have = self.store.event_steps(job, "checkpoint")
+        missing = [(s, p) for s, p in checkpoint_folders(out / "checkpoints") if s <= upto and s not in have]
+        for step, folder in missing:
+            self._add(job, CheckpointEvent(step=step, path=str(folder.relative_to(out))), step)
+        return len(missing)
+
+    def _samples(self, job: int, out: Path, upto: int) -> int:
+        have = self.store.event_steps(job, "sample")
+        missing = sorted((s, g) for s, g in sample_grids(out).items() if s <= upto and s not in have)
+        for step, (path, prompts) in missing:
+            self._add(
+                job, SampleEvent(step=step, path=path, png=thumbnail(out / path), prompts=prompts), step
+            )
+        return len(missing)
+
+    def _add(self, job: int, ev: Restored, step: int | None) -> None:
+        """As a worker sends it: a sample's thumbnail travels as a blob beside the JSON."""
+        blob = ev.png if isinstance(ev, SampleEvent) and ev.png else None
+        data = ev.model_dump_json(exclude={"png"}) if blob else ev.model_dump_json()
+        self.events.add_event(job, job_topic(job), ev.kind, step, data, blob)
+        self.events.update_row(job, summary_changes(ev))
 
 
 def sample_grids(out: Path) -> dict[int, tuple[str, list[str]]]:
@@ -154,91 +244,8 @@ def thumbnail(path: Path) -> bytes:
         return b""
 
 
-def _samples(d: Daemon, job: int, out: Path, upto: int) -> int:
-    have = d.store.event_steps(job, "sample")
-    missing = sorted((s, g) for s, g in sample_grids(out).items() if s <= upto and s not in have)
-    for step, (path, prompts) in missing:
-        _add(d, job, SampleEvent(step=step, path=path, png=thumbnail(out / path), prompts=prompts), step)
-    return len(missing)
-
-
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
-def recover(d: Daemon) -> None:
-    """At start: jobs a dead daemon left running are queued again and resume from their last
-    checkpoint; a stop or rollback asked before it died is asked again, a cancel is carried out; one
-    whose worker wrote its result meanwhile ends with it. A stored pid is killed only when it is
-    still our worker (daemon/identity.py). First, spill files it could not replay go in."""
-    _adopt_spills(d)
-    for job in d.store.ids_in("running", "stopping"):
-        row = d.store.job(job) or {}
-        pid = row.get("pid")
-        if pid and identity.is_our_worker(d.paths.state_dir, job, pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        elif pid:
-            log.info("job %s: pid %s is not its worker any more; left alone", job, pid)
-        identity.forget(d.paths.state_dir, job)
-        if finished_while_down(d, job, row):
-            continue
-        if isinstance(decode_pending(row.get("pending")), CancelPending):
-            d.set_state(job, "cancelled", "cancelled by user", pid=None, pending=None, ended=time.time())
-            continue
-        d.set_state(job, "queued", "daemon restarted after an unclean stop; resumes from its last checkpoint",
-                    resume_path=row.get("out_dir"), pid=None)  # fmt: skip
-
-
-def _adopt_spills(d: Daemon) -> None:
-    files = {}
-    for s in d.store.list_jobs():
-        path = Path(s.out_dir) / SPILL_FILE
-        if s.out_dir and path.is_file():
-            files[s.id] = path
-    if not files:
-        return
-    top, topics = d.spill.adopt(files, d.store.head())
-    d.seq = max(d.seq, top)
-    for topic, seq in topics.items():
-        d.topic_prev[topic] = max(d.topic_prev.get(topic, 0), seq)
-    log.warning(
-        "replaying %d spilled event(s) a daemon left in %s", len(d.spill), ", ".join(map(str, files.values()))
-    )
-    d.flush()
-
-
-def finished_while_down(d: Daemon, job: int, row: dict[str, Any]) -> bool:
-    """End a job whose worker wrote result.json in this attempt while the daemon was down, with that
-    result and its folder's events; False (nothing done) when it has no such result."""
-    if not row.get("out_dir"):
-        return False
-    out = Path(row["out_dir"])
-    result = read_result(out)
-    try:
-        written = (out / RESULT_FILE).stat().st_mtime
-    except OSError:
-        return False
-    if result is None or result.reason == "interrupted" or written < (row.get("started") or 0):
-        return False  # none, one that asks to resume, or an earlier run's (a job rolled back after it ended)
-    pending = decode_pending(row.get("pending"))
-    if isinstance(pending, RollbackCommand) and result.reason != "rolled_back":
-        return False  # the rollback asked is still to do: requeued, it is asked again
-    backfill(d, job, result.final_step)
-    done = _job_result(out, result)
-    if done.turning_point is not None and done.turning_point not in d.store.event_steps(job, "turning_point"):
-        seen = done.seen_at if done.seen_at is not None else result.final_step
-        _add(d, job, TurningPointEvent(step=done.turning_point, seen_at=seen), done.turning_point)
-    if d.store.last_event_seq(job, "finished") <= d.store.last_event_seq(job, "started"):
-        _add(d, job, done.finished_event(), None)
-    state, reason, _ = result_outcome(done, shutting_down=False)
-    reason += f" (while the daemon was down; from {out / RESULT_FILE})"
-    if row.get("history_gap"):
-        reason += f"; history incomplete: {row['history_gap']}"
-    d.job_log(job, "warning", f"the worker finished while the daemon was down: {reason}")
-    d.set_state(job, state, reason, pid=None, pending=None, ended=min(written, time.time()),  # type: ignore[arg-type]
-                step=result.final_step, result_step=done.result_step, turning_point=done.turning_point)  # fmt: skip
-    return True
 
 
 def _job_result(out: Path, result: ResultFile) -> JobResult:

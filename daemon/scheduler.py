@@ -8,55 +8,19 @@ CUDA device index (the worker sees only that device, CUDA_VISIBLE_DEVICES) or "c
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dallm.daemon.executors import Executor, Handle, WorkerSpec
 from dallm.daemon.executors.local import LocalExecutor
+from dallm.daemon.executors.spec import Executor, Handle, WorkerSpec
 from dallm.daemon.identity import TOKEN_ENV, new_token
 from dallm.daemon.packing import MemoryOf, PeakBook, device_memory, fits, read_peak, shape_key
 from dallm.protocol import FinishedEvent, JobCommand, JobResult, WorkerError
 
 log = logging.getLogger("dallm.daemon")
 EXIT_GRACE_S = 0.3  # after a worker exits, wait this long for its last messages before judging it
-
-
-def detect_devices(spec: str | None) -> list[str]:
-    """`--devices`: "0,1" -> ["0", "1"], "0x2,1" -> ["0", "0", "1"] (two slots on GPU 0: packing,
-    daemon/packing.py), "cpu" -> ["cpu"], None/"auto" -> the GPUs nvidia-smi lists, else cpu."""
-    if spec and spec != "auto":
-        items: list[str] = []
-        for part in (s.strip() for s in spec.split(",")):
-            gpu, x, count = part.partition("x")
-            if part == "cpu":
-                items.append(part)
-            elif gpu.isdigit() and (not x or (count.isdigit() and 1 <= int(count) <= 16)):
-                items += [gpu] * (int(count) if x else 1)
-            else:
-                raise ValueError(
-                    f"--devices {spec!r}: {part!r} is not cpu, a GPU index (0) or GPU x slots (0x2)"
-                )
-        return items
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-            gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
-            if gpus:
-                return [str(i) for i in range(len(gpus))]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return ["cpu"]
-
-
-def make_slots(devices: list[str], max_jobs: int | None) -> list[str]:
-    """One slot per GPU; with only a CPU, `max_jobs` CPU slots (default 1). `max_jobs` caps GPUs too."""
-    if devices == ["cpu"]:
-        return ["cpu"] * max(1, max_jobs or 1)
-    return devices[:max_jobs] if max_jobs else devices
 
 
 @dataclass

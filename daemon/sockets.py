@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from dallm.client.home import DaemonPaths
 from dallm.client.transport import (
@@ -25,21 +27,27 @@ from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
 from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
 
 PUB_HWM = 10_000  # per subscriber; beyond it PUB drops (training never waits on a subscriber)
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
 
 
 class Sockets:
-    """Binds the daemon's sockets; a part of Daemon (the attributes below are set by its __init__)."""
+    """Owns the ZMQ context and every socket: binds them, publishes on the event sockets, checks a
+    CURVE request's key, replaces an event socket (daemon/revoke.py) and closes them all."""
 
-    paths: DaemonPaths
-    ctx: zmq.Context
-    auth: object | None
-    keywatch: KeyWatch | None
-    curve_control: set[zmq.Socket]
-    control: list[zmq.Socket]
-    control_endpoints: list[str]
-    pubs: list[zmq.Socket]
-    event_endpoints: list[str]
-    workers: zmq.Socket
+    def __init__(self, paths: DaemonPaths, bind: list[str]) -> None:
+        self.paths = paths
+        self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
+        self.keywatch: KeyWatch | None = None
+        self.curve_control: set[zmq.Socket] = set()  # TCP control sockets: requests carry a User-Id
+        self.control: list[zmq.Socket] = []  # [0]: the IPC socket (the daemon's own user)
+        self.control_endpoints: list[str] = []
+        self.pubs: list[zmq.Socket] = []
+        self.event_endpoints: list[str] = []
+        self._bind_ipc()
+        for endpoint in bind:
+            self._bind_tcp(endpoint)
 
     def _control_socket(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -62,7 +70,7 @@ class Sockets:
         pub.bind(self.paths.endpoint("events"))
         self.control.append(ctl)
         self.pubs.append(pub)
-        self.control_endpoints = [self.paths.endpoint("control")]
+        self.control_endpoints.append(self.paths.endpoint("control"))
         self.event_endpoints.append(self.paths.endpoint("events"))
         self.workers = self.ctx.socket(zmq.ROUTER)
         self.workers.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_BYTES)
@@ -100,3 +108,50 @@ class Sockets:
         self.pubs.append(pub)
         self.control_endpoints.append(endpoint)
         self.event_endpoints.append(event_endpoint(endpoint))
+
+    def publish(self, batch: list[list[bytes]]) -> None:
+        more, last = _MORE, _LAST
+        for pub in self.pubs:
+            send = pub.send
+            for frames in batch:  # a PUB never blocks: it drops at a subscriber's HWM
+                for frame in frames[:-1]:
+                    send(frame, more)
+                send(frames[-1], last)
+
+    def is_local(self, sock: zmq.Socket) -> bool:
+        """The IPC control socket: the daemon's own user."""
+        return sock is self.control[0]
+
+    def authorized(self, sock: zmq.Socket, frame: zmq.Frame) -> bool:
+        """A CURVE connection outlives its key's removal from authorized/: check each request."""
+        if sock not in self.curve_control:
+            return True
+        if self.keywatch is None:
+            return False
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return False
+        return self.keywatch.allowed(user)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read authorized/ at the next loop turn."""
+        if self.keywatch is not None:
+            self.keywatch.request()
+
+    def replace_publisher(self, endpoint: str, bind: Callable[[zmq.Socket, str], None]) -> None:
+        """Close the CURVE event socket on `endpoint` and put a new one there, bound by `bind`: a
+        PUB cannot drop one subscriber, so every one of them reconnects (with its key)."""
+        i = self.event_endpoints.index(endpoint)
+        self.pubs[i].close(0)
+        pub = self.pub_socket()
+        make_curve_server(pub, *server_keys(self.paths.keys))
+        bind(pub, endpoint)
+        self.pubs[i] = pub
+
+    def close(self) -> None:
+        for s in [*self.control, *self.pubs, self.workers]:
+            s.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()

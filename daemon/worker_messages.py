@@ -10,10 +10,12 @@ import time
 import zmq
 from pydantic import ValidationError
 
-from dallm.daemon import reconcile
 from dallm.daemon.events import EventLog
+from dallm.daemon.jobs import JobService
+from dallm.daemon.reconcile import Reconciler
 from dallm.daemon.scheduler import Scheduler, WorkerProc
 from dallm.daemon.spill import STORE_ERRORS
+from dallm.daemon.store import Store
 from dallm.protocol import (
     WORKER_EVENT,
     WORKER_MESSAGE,
@@ -33,13 +35,19 @@ from dallm.protocol import (
 log = logging.getLogger("dallm.daemon")
 
 
-class WorkerMessages(EventLog):
-    """Reads the worker socket; a part of Daemon (the attributes below are set by its __init__)."""
+class WorkerMessages:
+    """Reads the worker socket into the event log and sends commands down it."""
 
-    workers: zmq.Socket
-    sched: Scheduler
-    waiting: list[bytes] | None
-    retry_at: float
+    def __init__(self, workers: zmq.Socket, sched: Scheduler, store: Store, events: EventLog,
+                 jobs: JobService, reconciler: Reconciler) -> None:  # fmt: skip
+        self.workers = workers
+        self.sched = sched
+        self.store = store
+        self.events = events
+        self.jobs = jobs
+        self.reconciler = reconciler
+        self.waiting: list[bytes] | None = None  # a worker message held until the store works
+        self.retry_at = 0.0
 
     def command(self, w: WorkerProc, cmd: JobCommand) -> None:
         if w.hello:
@@ -65,9 +73,9 @@ class WorkerMessages(EventLog):
                 w.done = msg.result
             else:
                 w.error = msg
-                self.job_log(w.job, "error", msg.message)
+                self.events.job_log(w.job, "error", msg.message)
                 if msg.traceback:
-                    self.job_log(w.job, "debug", msg.traceback)
+                    self.events.job_log(w.job, "debug", msg.traceback)
 
     def _on_event(self, w: WorkerProc, frames: list[bytes]) -> None:
         raw = frames[3]
@@ -78,46 +86,43 @@ class WorkerMessages(EventLog):
             log.warning("job %s: dropped an invalid event %r", w.job, raw[:200])
             return
         job = w.job
-        upd = self.job_updates.get(job)
-        if upd is None:
-            upd = self.job_updates[job] = {}
-        upd.update(summary_changes(ev))  # the same fold as JobSummary.apply, into the store's row
+        self.events.update_row(job, summary_changes(ev))  # the fold of JobSummary.apply, into the store's row
         if type(ev) is MetricsEvent:  # the bulk: keep this path short
             w.last_step = ev.step
-            self.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
+            self.events.add_event(job, job_topic(job), "metrics", ev.step, raw.decode(), None, t)
             return
         step = getattr(ev, "step", None)
         blob = frames[4] if len(frames) > 4 else None
         if isinstance(ev, StartedEvent | RolledBackEvent):
             # A resume (or a rollback) replaces the history after its step.
             after = ev.start_step if isinstance(ev, StartedEvent) else ev.step
-            self.flush()
+            self.events.flush()
             try:
-                if self.spill:
-                    raise sqlite3.OperationalError(self.spill.reason)
-                self.store.supersede(job, after, self.seq + 1)
+                if self.events.spill:
+                    raise sqlite3.OperationalError(self.events.spill.reason)
+                self.store.supersede(job, after, self.events.head + 1)
                 # The summary's KID must be one the kept history has, not an erased evaluation's.
                 kid, std = self.store.kid_val_at(job, after)
             except STORE_ERRORS:
-                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain_workers
+                self.waiting, self.retry_at = frames, time.monotonic() + 0.1  # see drain
                 return
             w.last_step = after
             step = None if isinstance(ev, StartedEvent) else ev.step
             if after > 0 or isinstance(ev, RolledBackEvent):
-                self.job_updates.setdefault(job, {}).update(kid_val=kid, kid_val_std=std)
+                self.events.update_row(job, {"kid_val": kid, "kid_val_std": std})
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
-        self.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
+        self.events.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)
         if isinstance(ev, StartedEvent) and ev.start_step > 0:
-            reconcile.backfill(self, job, ev.start_step)
+            self.reconciler.backfill(job, ev.start_step)
         if isinstance(ev, RolledBackEvent):
             # Subscribers fold events into their rows (JobSummary.apply) but cannot know the KID the
             # kept history ends with: the whole row follows, as for any change of a job's row.
-            self.flush()
+            self.events.flush()
             state = self.store.summary(job).state
-            self.publish_state(job, state, f"rolled back to step {ev.step}")
+            self.jobs.publish_state(job, state, f"rolled back to step {ev.step}")
 
-    def drain_workers(self, budget: int = 50_000) -> None:
+    def drain(self, budget: int = 50_000) -> None:
         """Worker messages, in order. One whose handling writes the store itself (a resume's
         `started`, a `rolled_back`: they supersede history) waits while the store fails, and every
         later one with it, unread in ZMQ's queues (bounded by their high-water marks): none is lost."""
@@ -137,4 +142,4 @@ class WorkerMessages(EventLog):
                 log.warning("bad worker message: %s", e)
             if self.waiting is not None:
                 break
-        self.flush()
+        self.events.flush()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dallm.daemon.executors.local import detect_devices
 from dallm.daemon.packing import CONTEXT_BYTES, GIB, PeakBook, fits, read_peak, shape_key
-from dallm.daemon.scheduler import Scheduler, WorkerProc, detect_devices
+from dallm.daemon.scheduler import Scheduler, WorkerProc
 
 
 def test_devices_slots_per_gpu() -> None:

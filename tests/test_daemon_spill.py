@@ -54,9 +54,9 @@ def _outage(c: DaemonClient, d: Daemon, fault: dict[str, bool], job: int, until:
     wait_step(c, job, 10)
     fault["on"] = True
     end = time.monotonic() + 20
-    while not until(d.spill) and time.monotonic() < end:
+    while not until(d.events.spill) and time.monotonic() < end:
         time.sleep(0.02)
-    assert until(d.spill), "the outage did not reach its mark"
+    assert until(d.events.spill), "the outage did not reach its mark"
     with pytest.raises(DaemonError) as refused:
         c.summary(job)
     fault["on"] = False
@@ -91,7 +91,7 @@ def test_failed_store_writes_are_held_and_written_in_order(inproc, home: Path) -
 
 def test_spill_overflow_goes_to_the_job_folder_and_back_in_order(inproc, home: Path) -> None:
     d, fault = inproc
-    d.spill.max_bytes = 2000  # a few metric events: the outage overflows memory
+    d.events.spill.max_bytes = 2000  # a few metric events: the outage overflows memory
     seen: list[Path] = []
     with DaemonClient(home=home, timeout=10) as c:
         job = c.submit(config("disk", steps=80, every=10)).id
@@ -117,7 +117,7 @@ def test_spill_overflow_goes_to_the_job_folder_and_back_in_order(inproc, home: P
 def test_spill_overflow_marks_the_history_incomplete(inproc, home: Path, capsys, monkeypatch) -> None:
     """Only what neither memory nor the job folder can take is lost, and then said."""
     d, fault = inproc
-    d.spill.max_bytes = 2000
+    d.events.spill.max_bytes = 2000
 
     def full(path: Path, line: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -197,7 +197,7 @@ def test_a_start_during_an_outage_waits_for_the_store(inproc, home: Path, monkey
     """`started` supersedes history (a store write of its own): while the store fails it waits, and
     every later worker message with it, unread; then all of them go in, in order."""
     d, fault = inproc
-    real_supersede, real_on_worker = d.store.supersede, d._on_worker
+    real_supersede, real_on_worker = d.store.supersede, d.worker_messages._on_worker
 
     def supersede(*args: Any) -> int:
         if fault["on"]:
@@ -210,7 +210,7 @@ def test_a_start_during_an_outage_waits_for_the_store(inproc, home: Path, monkey
         real_on_worker(frames)
 
     monkeypatch.setattr(d.store, "supersede", supersede)
-    monkeypatch.setattr(d, "_on_worker", on_worker)
+    monkeypatch.setattr(d.worker_messages, "_on_worker", on_worker)
     with DaemonClient(home=home, timeout=10) as c:
         job = c.submit(config("late", steps=30, every=10)).id
         end = time.monotonic() + 20

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dallm.client.home import DaemonLock, DaemonPaths, LockHeld, lock_is_held
-from dallm.daemon.executors.local import LocalHandle
-from dallm.daemon.scheduler import WorkerProc, detect_devices, make_slots, outcome
+from dallm.daemon.executors.local import LocalHandle, detect_devices, make_slots
+from dallm.daemon.scheduler import WorkerProc, outcome
 from dallm.daemon.store import ADDED_COLUMNS, SCHEMA, Store
 from dallm.protocol import JobResult, WorkerError
 

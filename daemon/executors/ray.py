@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dallm.daemon.executors import WorkerSpec
 from dallm.daemon.executors.relay import Relay
+from dallm.daemon.executors.spec import WorkerSpec
 
 log = logging.getLogger("dallm.daemon")
 MARKER = ".dallm-shared-check"

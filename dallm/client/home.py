@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dallm.client.private import check_private_dir, make_private_dir
+from dallm.client.private import make_private_dir
 
 IPC_PATH_MAX = 100
 
@@ -90,11 +90,6 @@ class DaemonPaths:
         make_private_dir(self.state_dir, "run folder")
         make_private_dir(self.socket_dir, "socket folder", repair=self.socket_dir == self.state_dir)
         make_private_dir(self.jobs, "jobs folder")
-
-    def check_sockets(self) -> None:
-        """What a client checks before it connects: the run and socket folders are ours and private."""
-        check_private_dir(self.state_dir, "run folder")
-        check_private_dir(self.socket_dir, "socket folder")
 
     def read_info(self) -> dict | None:
         try:

@@ -1,9 +1,10 @@
 """Private folders: owned by us, not a symlink, no access for group or others.
 
 The daemon keeps its sockets, pidfile and keys in such folders; whoever can write in one could swap
-a socket or a key. `make_private_dir` is used by the daemon at every start (create, or repair a
-folder of ours that only we could have written in), `check_private_dir` by clients before they
-connect and by the daemon for folders it must not repair (a squatted /tmp socket folder).
+a socket or a key. `make_private_dir` is used by the daemon at every start: it creates one, repairs a
+folder of ours that only we could have written in, and refuses (repair=False) a folder it must not
+repair (a squatted /tmp socket folder); a client checks the socket folder with `folder_problem` before
+it connects (dallm/client/client.py).
 """
 
 from __future__ import annotations
@@ -37,13 +38,6 @@ def folder_problem(path: Path, strict: bool = True) -> str | None:
     if loose:
         return f"has mode {stat.S_IMODE(st.st_mode):04o} (others may use it; expected 0700)"
     return None
-
-
-def check_private_dir(path: Path, what: str = "folder") -> None:
-    """UnsafeFolder unless `path` is a folder of ours, not a symlink, mode 0700 (no group/other bits)."""
-    problem = folder_problem(path)
-    if problem:
-        raise UnsafeFolder(f"{what} {path} {problem}; refusing to use it")
 
 
 def make_private_dir(path: Path, what: str = "folder", repair: bool = True) -> Path:
