@@ -11,7 +11,7 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
-from dallm.engine.checkpoint import list_checkpoints, load_checkpoint
+from dallm.engine.checkpoint import checkpoint_folders, load_checkpoint
 from dallm.engine.job import train
 from dallm.image.data import DataError
 from dallm.protocol import FinishedEvent, InterruptCommand, JobEvent, MetricsEvent, PhaseEvent, StartedEvent
@@ -35,7 +35,7 @@ def test_same_seed_same_losses(tiny_sd: Path, image_dir: Callable[..., Path], tm
     for name in ("pytorch_lora_weights.safetensors", "metrics.jsonl", "config.toml", "result.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "result.json").read_text())["reason"] == "completed"
-    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 6]
+    assert [s for s, _ in checkpoint_folders(out / "checkpoints")] == [3, 6]
     assert same_weights(weights(out), weights(out / "checkpoints" / "step-000006"))
 
 
@@ -56,7 +56,7 @@ def test_resume_is_exact(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path
     polls = iter([None] * 4 + [InterruptCommand()])
     r = train(cfg, out_dir=tmp_path / "split", poll=lambda: next(polls, None))
     assert (r.reason, r.final_step) == ("interrupted", 4)
-    assert [s for s, _ in list_checkpoints(tmp_path / "split" / "checkpoints")] == [3, 4]
+    assert [s for s, _ in checkpoint_folders(tmp_path / "split" / "checkpoints")] == [3, 4]
     r = train(cfg, resume=tmp_path / "split")
     assert (r.out_dir, r.reason, r.final_step) == (tmp_path / "split", "completed", 7)
     assert [m["step"] for m in metrics(tmp_path / "split")] == list(range(1, 8))  # no duplicates
@@ -133,7 +133,7 @@ def test_v_prediction(tiny_sd_vpred: Path, image_dir: Callable[..., Path], tmp_p
 def test_checkpoint_keep_bounds_disk(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
     cfg = job(tiny_sd, image_dir(n=2), checkpoint={"every": 1, "keep": 2}, monitor={"cs": False})
     train(cfg, out_dir=tmp_path)
-    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [5, 6]
+    assert [s for s, _ in checkpoint_folders(tmp_path / "checkpoints")] == [5, 6]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 

@@ -24,7 +24,6 @@ import copy
 import os
 import pickle
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dallm.protocol.files import checkpoint_folders
+
 STATE_FILE = "state.pt"
-_NAME = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -131,18 +131,6 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of the complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def save_checkpoint(root: Path, state: TrainState, files: dict[str, Any] | None = None) -> Path:
     """Write `state` (and `files`: name -> callable(folder) writing it) as root/step-N atomically."""
     root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +172,7 @@ def prune_checkpoints(root: Path, keep: int | None, protect: set[int] = frozense
     """Delete the oldest checkpoints beyond `keep` (never those in `protect`); returns the deleted steps."""
     if keep is None:
         return []
-    ckpts = list_checkpoints(root)
+    ckpts = checkpoint_folders(root)
     deleted = []
     for step, path in ckpts[: max(0, len(ckpts) - keep)]:
         if step in protect:
@@ -200,7 +188,7 @@ def find_checkpoint(path: Path, step: int | None = None) -> Path:
     if (path / STATE_FILE).is_file() and step is None:
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    ckpts = dict(list_checkpoints(root))
+    ckpts = dict(checkpoint_folders(root))
     if not ckpts:
         raise FileNotFoundError(f"{path}: no checkpoints found")
     if step is None:

@@ -24,8 +24,8 @@ import torch
 from dallm.config import ConfigError, JobConfig, save_config
 from dallm.engine.checkpoint import (
     TrainState,
+    checkpoint_folders,
     find_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -348,7 +348,7 @@ class Job:
         snap = self.early.snapshot(step) if self.early is not None else None
         if snap is not None and (snap.resumable or not need_optimizer):
             return snap
-        folder = dict(list_checkpoints(self.ckpt_root)).get(step)
+        folder = dict(checkpoint_folders(self.ckpt_root)).get(step)
         return load_checkpoint(folder) if folder is not None else None
 
     def _restore(self, state: TrainState) -> None:
@@ -397,7 +397,7 @@ class Job:
         self._wait_evaluations()  # what is still running belongs to the history being cut
         state = self._state_at(step, need_optimizer=resume) if 0 <= step <= self.step else None
         if state is None:
-            have = sorted({s for s, _ in list_checkpoints(self.ckpt_root)} | set(self._snapshot_steps()))
+            have = sorted({s for s, _ in checkpoint_folders(self.ckpt_root)} | set(self._snapshot_steps()))
             self.emit(
                 LogEvent(level="error", message=f"rollback: no state kept for step {step} (have {have})")
             )
@@ -411,7 +411,7 @@ class Job:
         self.emit(RolledBackEvent(step=step, resume=resume))
         if not resume:
             return self.finish("rolled_back", step, final_step=reached)
-        for s, folder in list_checkpoints(self.ckpt_root):  # superseded history
+        for s, folder in checkpoint_folders(self.ckpt_root):  # superseded history
             if s > step:
                 shutil.rmtree(folder, ignore_errors=True)
         return None

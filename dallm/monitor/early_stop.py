@@ -133,7 +133,7 @@ class EarlyStop:
 
     def wants_snapshot(self, step: int) -> bool:
         """Keep the full state of `step` (a boundary that may still become the turning point)."""
-        return self.detect and self.turning_point is None and step % self.window == 0
+        return self.detect and self.turning_point is None and self.detector.is_boundary(step)
 
     def keep(self, state: TrainState) -> None:
         """Keep `state` (the caller's copy: `Trainer.state` deep-copies), then drop what no one needs."""
