@@ -55,7 +55,7 @@ def test_round_trip_keeps_rng_and_snapshots(tmp_path: Path) -> None:
         extra={"history": [0.1, 0.2], "snapshots": [snap]},
     )
     back = load_checkpoint(save_checkpoint(tmp_path, state))
-    assert back.step == 4 and torch.equal(back.unet_lora["a"], state.unet_lora["a"])
+    assert back.step == 4 and torch.equal(back.lora["a"], state.lora["a"])
     assert back.optimizer["param_groups"] == [{"betas": (0.9, 0.99)}]
     assert torch.equal(back.optimizer["state"][0]["step"], torch.tensor(4.0))
     (kind, keys, pos, has_gauss, cached), want = back.rng["numpy"], np.random.get_state()

@@ -140,7 +140,7 @@ def test_4bit_without_bitsandbytes_is_one_line(texts) -> None:
 def test_llm_job_in_the_foreground_resumes_exactly(tmp_path: Path, texts) -> None:
     """Perplexities improve on the base, samples are text, and an interrupted run resumed from its
     checkpoint ends with the same adapter bytes as an uninterrupted one."""
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
     from dallm.report.job import write_report
 
     cfg = config_from_dict(llm_dict(texts))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
