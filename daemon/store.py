@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     samples_every INTEGER,
     eval_stop_seconds REAL,
     peak_rss_mb REAL,
-    peak_gpu_mb REAL
+    peak_gpu_mb REAL,
+    kind TEXT,
+    validation_measure TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
 CREATE TABLE IF NOT EXISTS transitions (
