@@ -328,7 +328,7 @@ def test_best_val_kid_returns_the_best_evaluated_weights_and_says_what_is_within
     assert float(es.snapshot(60).lora["w"][0]) == 60
     assert es.choose(45) == Choice(30, "best_val_kid")  # only what was run by the stop step
     es.rewind(50)
-    assert set(es.kids) == {30} and es.snapshot(60) is None
+    assert set(es.validation) == {30} and es.snapshot(60) is None
 
 
 def test_without_validation_kid_the_choice_is_the_turning_point():

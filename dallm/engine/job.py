@@ -203,7 +203,8 @@ class Job:
             action = "training on"
             if self.cfg.monitor.early_stop == "auto":
                 action = (
-                    f"stopping at step {self.step + self.early.margin} with the best validation KID seen"
+                    f"stopping at step {self.step + self.early.margin} with the best "
+                    f"{self.evaluator.validation_measure or 'validation measure'} seen"
                     if self.early.select == "turning_then_best"
                     else "stopping"
                 )

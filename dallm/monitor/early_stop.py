@@ -80,7 +80,7 @@ class EarlyStop:
         self.detect = mc.cs and mc.early_stop != "off"
         self.select = mc.select if has_validation else "turning"
         self.history: list[tuple[int, float, float]] = []  # (step, cs, lr): replayed on resume
-        self.kids: dict[int, tuple[float, float]] = {}  # step -> (validation measure, its std)
+        self.validation: dict[int, tuple[float, float]] = {}  # step -> (validation measure, its std)
         self._snaps: dict[int, Snapshot] = {}
         self._reset_detector()
 
@@ -144,14 +144,18 @@ class EarlyStop:
 
     def record_validation(self, step: int, value: float, std: float, state: Snapshot | None) -> None:
         """The validation measure of an evaluated step; its weights (copied) when the policy compares them."""
-        self.kids[step] = (value, std)
+        self.validation[step] = (value, std)
         if self.select != "turning" and state is not None and step not in self._snaps:
             self._snaps[step] = state.weights_only().copied()
 
     def _prune(self, current: int) -> None:
         oldest = self.detector.oldest_needed_step(current)
         for s in list(self._snaps):
-            if s < oldest and s != self.turning_point and not (self.select != "turning" and s in self.kids):
+            if (
+                s < oldest
+                and s != self.turning_point
+                and not (self.select != "turning" and s in self.validation)
+            ):
                 del self._snaps[s]
 
     def snapshot(self, step: int) -> Snapshot | None:
@@ -167,7 +171,7 @@ class EarlyStop:
     def choose(self, last: int) -> Choice:
         """The weights to return when training ends at step `last` (the stop step)."""
         if self.select != "turning":
-            held = {s: k for s, k in self.kids.items() if s <= last and (s in self._snaps or s == last)}
+            held = {s: k for s, k in self.validation.items() if s <= last and (s in self._snaps or s == last)}
             if held:
                 best = min(held, key=lambda s: held[s][0])
                 kid, std = held[best]
@@ -188,7 +192,7 @@ class EarlyStop:
             if s > step:
                 break
             self._feed(s, cs, lr)
-        self.kids = {s: k for s, k in self.kids.items() if s <= step}
+        self.validation = {s: k for s, k in self.validation.items() if s <= step}
         self._snaps = {s: v for s, v in self._snaps.items() if s <= step}
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -198,7 +202,7 @@ class EarlyStop:
         snapshots' weights (the keys of `TrainState.extra` since the first checkpoints)."""
         return {
             "history": list(self.history),
-            "kids": dict(self.kids),
+            "kids": dict(self.validation),  # the key of the first checkpoints, when it held KIDs only
             "snapshots": [s.weights_only() for s in self.snapshots()],
         }
 
@@ -206,7 +210,7 @@ class EarlyStop:
         """Back to a checkpoint of `step` (`state`: its `state_dict`; empty when written without
         the monitor): the detector replayed, what came after `step` left out."""
         self.rewind(step, state.get("history", []))
-        self.kids = {s: k for s, k in state.get("kids", {}).items() if s <= step}
+        self.validation = {s: k for s, k in state.get("kids", {}).items() if s <= step}
         for snap in state.get("snapshots", []):
             if snap.step <= step:
                 self.keep(snap)
