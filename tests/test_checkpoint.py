@@ -70,3 +70,19 @@ def test_unsupported_object_named_on_save(tmp_path: Path) -> None:
     state = TrainState(1, {}, extra={"history": [object()]})
     with pytest.raises(TypeError, match=r"state\.extra\.history\[0\] is a object"):
         save_checkpoint(tmp_path, state)
+
+
+def test_a_checkpoint_written_with_unet_lora_still_loads(tmp_path: Path) -> None:
+    """TrainState's model LoRA was `unet_lora` (also for LLM jobs) before it became `lora`."""
+    from dallm.engine.checkpoint import _to_plain
+
+    snap = TrainState(2, {"w": torch.ones(1)})
+    old = _to_plain({"step": 4, "lora": {"w": torch.zeros(1)}, "extra": {"snapshots": [snap]}})
+    old["unet_lora"] = old.pop("lora")
+    old["extra"]["snapshots"][0]["__dallm_train_state__"]["unet_lora"] = old["extra"]["snapshots"][0][
+        "__dallm_train_state__"
+    ].pop("lora")
+    torch.save(old, tmp_path / STATE_FILE)
+    back = load_checkpoint(tmp_path)
+    assert back.step == 4 and torch.equal(back.lora["w"], torch.zeros(1))
+    assert torch.equal(back.extra["snapshots"][0].lora["w"], torch.ones(1))

@@ -14,7 +14,7 @@ from torch import nn
 from dallm.config import ConfigError, JobConfig, config_from_dict, load_config, margin_steps, window_steps
 from dallm.engine.checkpoint import TrainState
 from dallm.monitor.csf import TurningPointDetector, cs_fluctuation, csf_lag
-from dallm.monitor.early_stop import Choice, EarlyStop
+from dallm.monitor.early_stop import Choice, EarlyStop, NoEarlyStop, Reading
 
 # ----------------------------------------------------------------------------------------------
 # CS-Fluctuation
@@ -367,3 +367,24 @@ def test_early_stop_ignores_the_warm_up_and_rewinds_the_same_way() -> None:
     before = es.detector.series
     es.rewind(12)
     assert es.detector.series == before
+
+
+def test_a_checkpoint_carries_the_state_and_a_resume_puts_back_what_came_before_it():
+    es = fed("best_val_kid", {30: (0.30, 0.05), 60: (0.12, 0.04), 90: (0.05, 0.04)})
+    es.history = [(s, 0.1 * s, 1e-3) for s in range(1, 91)]
+    saved = es.state_dict()
+    assert set(saved) == {"history", "kids", "snapshots"}  # the keys of the first checkpoints
+    back = EarlyStop(None, cfg_for(600, select="best_val_kid", window=10, start_step=0), has_validation=True,
+                     cs_fn=lambda: 0.0)  # fmt: skip
+    back.load_state_dict(saved, 60)
+    assert set(back.validation) == {30, 60} and [s for s, _, _ in back.history] == list(range(1, 61))
+    assert back.choose(60) == Choice(60, "best_val_kid") and float(back.snapshot(60).lora["w"][0]) == 60
+    assert back.snapshot(90) is None
+
+
+def test_without_the_monitor_nothing_is_kept_and_the_last_step_is_returned():
+    none = NoEarlyStop()
+    none.record_validation(5, 0.1, 0.0, TrainState(5, {}))
+    none.keep(TrainState(5, {}))
+    assert none.choose(10) is None and none.snapshots() == [] and none.state_dict() == {}
+    assert none.observe(3, 1e-3) == Reading(None, None, None, None) and not none.should_stop(10)

@@ -16,7 +16,15 @@ from test_sampling import lora_parts
 
 from dallm.config import ConfigError, JobConfig, config_from_dict
 from dallm.eval.live import LiveEvaluator
-from dallm.protocol import FinishedEvent, JobEvent, LogEvent, MetricsEvent, PhaseEvent, SampleEvent
+from dallm.protocol import (
+    FinishedEvent,
+    JobEvent,
+    LogEvent,
+    MetricsEvent,
+    PhaseEvent,
+    SampleEvent,
+    StartedEvent,
+)
 
 KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
 
@@ -290,6 +298,8 @@ def test_engine_job_with_evaluation_then_report(
     out = tmp_path / "job"
     events: list[JobEvent] = []
     train(cfg, out_dir=out, emit=events.append)
+    (started,) = [e for e in events if isinstance(e, StartedEvent)]
+    assert (started.job_kind, started.validation_measure, started.eval_every) == ("image", "kid_val", 2)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kid_steps = [r["step"] for r in rows if "kid_val" in r]
     assert kid_steps == [2, 4, 6]
