@@ -75,7 +75,7 @@ class Work(Protocol):
 class InLoopResults:
     """The loop's `collect` / `pending` / `close` for an evaluator that evaluates in the training
     process (`submit` appends to `_arrived` when its evaluation is done, so nothing is pending);
-    shared by the image and the LLM evaluator. `BackgroundEvaluator` overrides all three."""
+    shared by the image and the LLM evaluator. `BackgroundEvaluator` has its own three."""
 
     _arrived: list[Arrived]
 
