@@ -10,7 +10,7 @@
    compete for the same cores here).
 2. Thumbnail latency: a fake job sends a ~28 KB PNG every step; latency = subscriber receive time
    minus the worker's emit time (same clock). Median and p95.
-3. Step time: the same tiny-model config trained by `dallm.engine.job.train` in a plain process (what
+3. Step time: the same tiny-model config trained by `dallm.engine.dispatch.train` in a plain process (what
    `dallm train` runs) and by a daemon worker; per-step wall time from the emit times of the
    MetricsEvents (median over steps after the first 5), runs alternated (`--repeats`), best of each
    compared. Target: within 2%.
@@ -161,7 +161,7 @@ import json, sys, time
 from pathlib import Path
 from dallm.config import config_from_dict
 from dallm.protocol import MetricsEvent
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 cfg = config_from_dict(json.loads(sys.argv[1]))
 times = []
 train(cfg, out_dir=Path(sys.argv[2]), emit=lambda e: times.append(time.time()) if isinstance(e, MetricsEvent) else None)

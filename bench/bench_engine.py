@@ -177,12 +177,12 @@ class BareLoop:
 
 
 class Engine:
-    """One variant: its own model copy with LoRA, dallm's Trainer, CS watchers and a bare loop."""
+    """One variant: its own model copy with LoRA, dallm's ImageTrainer, CS watchers and a bare loop."""
 
     def __init__(self, v: Variant, args: argparse.Namespace, device: torch.device, images: Any) -> None:
         from dallm.config import config_from_dict
         from dallm.engine.metrics_log import MetricsLog
-        from dallm.image.trainer import Trainer
+        from dallm.image.trainer import ImageTrainer
         from dallm.monitor.cs import CosineSimilarity
         from dallm.monitor.early_stop import EarlyStop
 
@@ -205,13 +205,13 @@ class Engine:
                 "monitor": {"window": 10, "early_stop": "notify"},
             }
         )
-        self.trainer = Trainer(self.cfg, self.parts, images, None, device)
+        self.trainer = ImageTrainer(self.cfg, self.parts, images, None, device)
         self.watch = {
-            "eager": EarlyStop(self.parts.unet, self.cfg, has_val_kid=False),
+            "eager": EarlyStop(self.parts.unet, self.cfg, has_validation=False),
             "graph": EarlyStop(
                 self.parts.unet,
                 self.cfg,
-                has_val_kid=False,
+                has_validation=False,
                 cs_fn=CosineSimilarity(self.parts.unet, cuda_graph=True),
             ),
         }

@@ -1,6 +1,6 @@
 """Two jobs on one GPU (`dallm-daemon start --devices 0x2`) vs one job at a time: total training
 throughput, as a ratio. Each job is a separate process (as the daemon's workers are) training the
-same LoRA step as the engine (dallm.image.trainer.Trainer, bench/bench_engine.py's model shapes, random
+same LoRA step as the engine (dallm.image.trainer.ImageTrainer, bench/bench_engine.py's model shapes, random
 weights: nothing downloaded). After their warm-up, packed jobs start timing together (a file
 barrier), so the figure is steady-state throughput while both share the device.
 
@@ -34,7 +34,7 @@ def child(args: argparse.Namespace) -> None:
 
     from dallm.config import config_from_dict
     from dallm.image.data import ImageSet
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
 
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))
@@ -50,7 +50,7 @@ def child(args: argparse.Namespace) -> None:
                             "train": {"steps": 10**6, "batch_size": args.batch_size, "device": args.device,
                                       "mixed_precision": args.mixed_precision if mixed else "no"},
                             "monitor": {"window": 10, "early_stop": "notify"}})  # fmt: skip
-    trainer = Trainer(cfg, parts, images, None, device)
+    trainer = ImageTrainer(cfg, parts, images, None, device)
     for i in range(args.warmup):
         trainer.step(i)
     barrier = Path(args.barrier)

@@ -33,9 +33,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from dallm.config import load_config
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
     from dallm.eval.background import BackgroundEvaluator
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
     from dallm.protocol import CheckpointEvent, JobEvent, LogEvent, MetricsEvent, PhaseEvent
 
     overrides = [
@@ -71,13 +71,13 @@ def main() -> None:
         )
 
     BackgroundEvaluator.submit = counted  # type: ignore[method-assign]
-    trainer_step = Trainer.step
+    trainer_step = ImageTrainer.step
 
-    def stepped(self: Trainer, step: int) -> dict[str, float]:
+    def stepped(self: ImageTrainer, step: int) -> dict[str, float]:
         trainer[1] = step + 1  # the job's step after this optimizer step
         return trainer_step(self, step)
 
-    Trainer.step = stepped  # type: ignore[method-assign]
+    ImageTrainer.step = stepped  # type: ignore[method-assign]
 
     def emit(e: JobEvent) -> None:
         at = f"{time.perf_counter() - t0:7.1f}s"

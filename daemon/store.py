@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     samples_every INTEGER,
     eval_stop_seconds REAL,
     peak_rss_mb REAL,
-    peak_gpu_mb REAL
+    peak_gpu_mb REAL,
+    kind TEXT,
+    validation_measure TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -83,7 +85,8 @@ CREATE INDEX IF NOT EXISTS events_job_misc ON events (job_id, kind) WHERE kind !
 SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
     "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap, "
-    "phase, phase_since, eval_every, samples_every, eval_stop_seconds, peak_rss_mb, peak_gpu_mb"
+    "phase, phase_since, eval_every, samples_every, eval_stop_seconds, peak_rss_mb, peak_gpu_mb, "
+    "kind, validation_measure"
 )
 # Columns added since the first schema: a store written by an older daemon gets them on open.
 ADDED_COLUMNS = {
@@ -96,6 +99,8 @@ ADDED_COLUMNS = {
     "eval_stop_seconds": "REAL",
     "peak_rss_mb": "REAL",
     "peak_gpu_mb": "REAL",
+    "kind": "TEXT",
+    "validation_measure": "TEXT",
 }
 
 # seq, prev, job, topic, kind, step, t, data, blob

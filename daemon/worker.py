@@ -3,10 +3,10 @@ socket (events up, commands down). It is independent of how it was started: all 
 daemon's worker endpoint, the job id/attempt, the config (JSON file) and the output folder.
 
     python -m dallm.daemon.worker --endpoint ipc://... --job 3 --attempt 1 --config cfg.json --out DIR
-                                  [--resume PATH] [--runner dallm.engine.job:train] [--parent PID]
+                                  [--resume PATH] [--runner dallm.engine.dispatch:train] [--parent PID]
 
-The engine is `--runner` (default $DALLM_JOB_RUNNER, else dallm.engine.job:train), an `Engine`
-(`dallm.protocol.Engine`: the signature of `dallm.engine.job.train`). The worker dies with the daemon (PR_SET_PDEATHSIG), so a
+The engine is `--runner` (default $DALLM_JOB_RUNNER, else dallm.engine.dispatch:train), an `Engine`
+(`dallm.protocol.Engine`: the signature of `dallm.engine.dispatch.train`). The worker dies with the daemon (PR_SET_PDEATHSIG), so a
 killed daemon never leaves an orphan training that a restarted daemon would collide with.
 """
 
@@ -51,7 +51,7 @@ from dallm.protocol import (
     job_command_adapter,
 )
 
-DEFAULT_RUNNER = "dallm.engine.job:train"
+DEFAULT_RUNNER = "dallm.engine.dispatch:train"
 USAGE_EVERY_S = 5.0  # how often the worker reports its peak memory (with the engine's events)
 # Set by an executor that starts the worker on another machine (daemon/executors/ray.py): the CURVE
 # keys of its link (Z85: the daemon's public key, this job's public and secret key), and where it

@@ -17,18 +17,14 @@ every image the job would use, which for this project's 5-50 images takes millis
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dallm.config import ConfigError, JobConfig, key_error, load_config
+from dallm.config import HUB_ID, ConfigError, JobConfig, key_error, load_config
 from dallm.image.files import IMAGE_EXTS, ImageFileError, image_files, open_rgb, unsupported_files
 
 __all__ = ["ModelShape", "PreflightError", "checked_config", "model_shape", "preflight", "resolve_base"]
-
-# A hub id: `name` or `org/name` (what huggingface_hub accepts as a repo id).
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 class PreflightError(ConfigError):

@@ -208,7 +208,7 @@ def _train_one(cfg_data: dict[str, Any], out: str, threads: int) -> tuple[str, f
     import torch
 
     from dallm.config import config_from_dict
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
 
     if threads:
         torch.set_num_threads(threads)

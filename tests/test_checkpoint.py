@@ -55,7 +55,7 @@ def test_round_trip_keeps_rng_and_snapshots(tmp_path: Path) -> None:
         extra={"history": [0.1, 0.2], "snapshots": [snap]},
     )
     back = load_checkpoint(save_checkpoint(tmp_path, state))
-    assert back.step == 4 and torch.equal(back.unet_lora["a"], state.unet_lora["a"])
+    assert back.step == 4 and torch.equal(back.lora["a"], state.lora["a"])
     assert back.optimizer["param_groups"] == [{"betas": (0.9, 0.99)}]
     assert torch.equal(back.optimizer["state"][0]["step"], torch.tensor(4.0))
     (kind, keys, pos, has_gauss, cached), want = back.rng["numpy"], np.random.get_state()
@@ -70,3 +70,19 @@ def test_unsupported_object_named_on_save(tmp_path: Path) -> None:
     state = TrainState(1, {}, extra={"history": [object()]})
     with pytest.raises(TypeError, match=r"state\.extra\.history\[0\] is a object"):
         save_checkpoint(tmp_path, state)
+
+
+def test_a_checkpoint_written_with_unet_lora_still_loads(tmp_path: Path) -> None:
+    """TrainState's model LoRA was `unet_lora` (also for LLM jobs) before it became `lora`."""
+    from dallm.engine.checkpoint import _to_plain
+
+    snap = TrainState(2, {"w": torch.ones(1)})
+    old = _to_plain({"step": 4, "lora": {"w": torch.zeros(1)}, "extra": {"snapshots": [snap]}})
+    old["unet_lora"] = old.pop("lora")
+    old["extra"]["snapshots"][0]["__dallm_train_state__"]["unet_lora"] = old["extra"]["snapshots"][0][
+        "__dallm_train_state__"
+    ].pop("lora")
+    torch.save(old, tmp_path / STATE_FILE)
+    back = load_checkpoint(tmp_path)
+    assert back.step == 4 and torch.equal(back.lora["w"], torch.zeros(1))
+    assert torch.equal(back.extra["snapshots"][0].lora["w"], torch.ones(1))

@@ -58,16 +58,16 @@ def test_train_errors_are_one_line(
 def test_ctrl_c_checkpoints_and_resumes(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
 
-    real_step = Trainer.step
+    real_step = ImageTrainer.step
 
-    def step(self: Trainer, n: int) -> dict[str, float]:
+    def step(self: ImageTrainer, n: int) -> dict[str, float]:
         if n == 2:  # Ctrl-C while step 3 runs
             signal.raise_signal(signal.SIGINT)
         return real_step(self, n)
 
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(ImageTrainer, "step", step)
     out = tmp_path / "out"
     assert main(["train", str(config), "--set", "train.steps=6", "--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -76,7 +76,7 @@ def test_ctrl_c_checkpoints_and_resumes(
     )
     assert (out / "checkpoints" / "step-000003" / "state.pt").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    monkeypatch.setattr(Trainer, "step", real_step)
+    monkeypatch.setattr(ImageTrainer, "step", real_step)
     assert main(["train", str(config), "--set", "train.steps=6", "--resume", str(out)]) == 0
     assert len(losses(out)) == 6
 

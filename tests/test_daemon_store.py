@@ -31,9 +31,10 @@ def test_queue_order_priorities_then_fifo(tmp_path: Path) -> None:
 def test_store_of_an_older_daemon_gets_the_new_columns(tmp_path: Path) -> None:
     """A store written before the phase/ETA columns existed opens, lists and takes the new fields."""
     path = tmp_path / "old.db"
-    old = SCHEMA
+    jobs, rest = SCHEMA.split("CREATE INDEX IF NOT EXISTS jobs_queue")  # the events table has a "kind" too
     for column, kind in ADDED_COLUMNS.items():
-        old = old.replace(f",\n    {column} {kind}", "")
+        jobs = jobs.replace(f",\n    {column} {kind}", "")
+    old = jobs + "CREATE INDEX IF NOT EXISTS jobs_queue" + rest
     assert "phase" not in old.split("CREATE TABLE IF NOT EXISTS transitions")[0]
     db = sqlite3.connect(path)
     db.executescript(old)

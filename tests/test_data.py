@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from dallm.config import DataConfig
-from dallm.image.data import DataError, batch_indices, load_images, load_training_data
+from dallm.engine.training import batch_indices
+from dallm.image.data import DataError, load_images, load_training_data
 
 
 def _cfg(folder: Path, **kw: object) -> DataConfig:

@@ -14,7 +14,7 @@ from torch import nn
 from dallm.config import ConfigError, JobConfig, config_from_dict, load_config, margin_steps, window_steps
 from dallm.engine.checkpoint import TrainState
 from dallm.monitor.csf import TurningPointDetector, cs_fluctuation, csf_lag
-from dallm.monitor.early_stop import Choice, EarlyStop
+from dallm.monitor.early_stop import Choice, EarlyStop, NoEarlyStop, Reading
 
 # ----------------------------------------------------------------------------------------------
 # CS-Fluctuation
@@ -119,7 +119,7 @@ def run_like_a_trainer(m: int, cs: np.ndarray, lr: float, first_step: int = 1, *
     es = EarlyStop(
         None,
         cfg_for(first_step + len(cs), window=m, start_step=0, select="turning", rule="guarded", **monitor),
-        has_val_kid=False,
+        has_validation=False,
         cs_fn=lambda: value["cs"],
     )
     found = None
@@ -153,7 +153,7 @@ def test_detector_finds_the_second_valley(m, seed):
     assert 0 < at - tp <= det.max_lag
     assert det.confirmed_at == at and es.seen_at == at
     snap = es.snapshot(tp)
-    assert snap is not None and float(snap.unet_lora["w"][0]) == tp  # the exact weights of that step
+    assert snap is not None and float(snap.lora["w"][0]) == tp  # the exact weights of that step
     assert es.choose(at) == Choice(tp, "turning")
 
 
@@ -313,13 +313,11 @@ def fed(select: str, kids: dict[int, tuple[float, float]], **monitor) -> EarlySt
     es = EarlyStop(
         None,
         cfg_for(600, select=select, window=10, start_step=0, **monitor),
-        has_val_kid=True,
+        has_validation=True,
         cs_fn=lambda: 0.0,
     )
     for step, (k, std) in kids.items():
-        es.record_kid(
-            step, {"kid_val": k, "kid_val_std": std}, TrainState(step, {"w": torch.full((1,), step)})
-        )
+        es.record_validation(step, k, std, TrainState(step, {"w": torch.full((1,), step)}))
     return es
 
 
@@ -327,16 +325,16 @@ def test_best_val_kid_returns_the_best_evaluated_weights_and_says_what_is_within
     es = fed("best_val_kid", {30: (0.30, 0.05), 60: (0.12, 0.04), 90: (0.15, 0.04), 120: (0.40, 0.05)})
     choice = es.choose(120)
     assert choice == Choice(60, "best_val_kid", (90,))
-    assert float(es.snapshot(60).unet_lora["w"][0]) == 60
+    assert float(es.snapshot(60).lora["w"][0]) == 60
     assert es.choose(45) == Choice(30, "best_val_kid")  # only what was run by the stop step
     es.rewind(50)
-    assert set(es.kids) == {30} and es.snapshot(60) is None
+    assert set(es.validation) == {30} and es.snapshot(60) is None
 
 
 def test_without_validation_kid_the_choice_is_the_turning_point():
-    es = EarlyStop(None, cfg_for(600, select="best_val_kid"), has_val_kid=False, cs_fn=lambda: 0.0)
+    es = EarlyStop(None, cfg_for(600, select="best_val_kid"), has_validation=False, cs_fn=lambda: 0.0)
     assert es.select == "turning"
-    es.record_kid(30, {"kid_val": 0.1}, TrainState(30, {}))
+    es.record_validation(30, 0.1, 0.0, TrainState(30, {}))
     assert es.choose(100) == Choice(100, "last")
 
 
@@ -359,7 +357,7 @@ def test_early_stop_ignores_the_warm_up_and_rewinds_the_same_way() -> None:
     model = inject_adapter_in_model(
         LoraConfig(r=2, target_modules=["lin"]), nn.Sequential(collections.OrderedDict(lin=nn.Linear(8, 8)))
     )
-    es = EarlyStop(model, cfg_for(12, window=2, early_stop="notify", start_step=5), has_val_kid=False)
+    es = EarlyStop(model, cfg_for(12, window=2, early_stop="notify", start_step=5), has_validation=False)
     for step in range(1, 13):
         with torch.no_grad():
             model.lin.lora_B["default"].weight.add_(0.01 * step)
@@ -369,3 +367,24 @@ def test_early_stop_ignores_the_warm_up_and_rewinds_the_same_way() -> None:
     before = es.detector.series
     es.rewind(12)
     assert es.detector.series == before
+
+
+def test_a_checkpoint_carries_the_state_and_a_resume_puts_back_what_came_before_it():
+    es = fed("best_val_kid", {30: (0.30, 0.05), 60: (0.12, 0.04), 90: (0.05, 0.04)})
+    es.history = [(s, 0.1 * s, 1e-3) for s in range(1, 91)]
+    saved = es.state_dict()
+    assert set(saved) == {"history", "kids", "snapshots"}  # the keys of the first checkpoints
+    back = EarlyStop(None, cfg_for(600, select="best_val_kid", window=10, start_step=0), has_validation=True,
+                     cs_fn=lambda: 0.0)  # fmt: skip
+    back.load_state_dict(saved, 60)
+    assert set(back.validation) == {30, 60} and [s for s, _, _ in back.history] == list(range(1, 61))
+    assert back.choose(60) == Choice(60, "best_val_kid") and float(back.snapshot(60).lora["w"][0]) == 60
+    assert back.snapshot(90) is None
+
+
+def test_without_the_monitor_nothing_is_kept_and_the_last_step_is_returned():
+    none = NoEarlyStop()
+    none.record_validation(5, 0.1, 0.0, TrainState(5, {}))
+    none.keep(TrainState(5, {}))
+    assert none.choose(10) is None and none.snapshots() == [] and none.state_dict() == {}
+    assert none.observe(3, 1e-3) == Reading(None, None, None, None) and not none.should_stop(10)

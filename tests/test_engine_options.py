@@ -14,7 +14,7 @@ from engine_helpers import job, losses, metrics, weights
 
 import dallm.image.trainer
 from dallm.config import ConfigError
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 from dallm.monitor.cs import CosineSimilarity, cs_naive
 
 
@@ -29,12 +29,12 @@ def close_runs(a: Path, b: Path, rtol: float = 1e-4) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=1e-6)
 
 
-def trainer_for(cfg: Any) -> dallm.image.trainer.Trainer:
+def trainer_for(cfg: Any) -> dallm.image.trainer.ImageTrainer:
     from dallm.image.data import load_training_data
     from dallm.image.models import load_parts
 
     images, _ = load_training_data(cfg.data, 16)
-    return dallm.image.trainer.Trainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
+    return dallm.image.trainer.ImageTrainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
 
 
 def test_channels_last_weights_and_inputs_and_same_losses(

@@ -1,5 +1,5 @@
 """A background evaluator slower than training: the job's waits release rows and checkpoints as each
-evaluation comes back, not only after the last one (`dallm.engine.job.Job._wait_upto`)."""
+evaluation comes back, not only after the last one (`dallm.engine.job.Job._wait_upto`, `dallm.engine.late_results`)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def _job(
     from dallm.engine.job import Job
     from dallm.image.data import load_training_data
     from dallm.image.models import load_parts
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
+    from dallm.monitor.early_stop import NoEarlyStop
 
     data = image_dir(n=4, captions=True, name="train")
     cfg = engine_job(
@@ -73,11 +74,11 @@ def _job(
     )
     parts = load_parts(cfg.model)
     images, _ = load_training_data(cfg.data, 16)
-    trainer = Trainer(cfg, parts, images, None, torch.device("cpu"))
+    trainer = ImageTrainer(cfg, parts, images, None, torch.device("cpu"))
     events: list[JobEvent] = []
     ev = BehindEvaluator(cfg, parts, out, events.append, torch.device("cpu"), torch.float32,
                          images.captions, extractor=FakeExtractor(), free=free)  # fmt: skip
-    job = Job(cfg, trainer, None, ev, out, events.append, None)
+    job = Job(cfg, trainer, NoEarlyStop(), ev, out, events.append, None)
     try:
         job.run(None)
     finally:

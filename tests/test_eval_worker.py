@@ -23,7 +23,7 @@ from dallm.protocol import JobEvent, LogEvent, MetricsEvent, PhaseEvent, SampleE
 def _setup(tiny_sd: Path, image_dir: Callable[..., Path], **eval_cfg: Any) -> tuple[JobConfig, Any]:
     from dallm.image.data import load_training_data
     from dallm.image.models import load_parts
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
 
     data = image_dir(n=6, captions=True, name="train")
     val = image_dir(n=5, name="val", seed=1)
@@ -35,7 +35,7 @@ def _setup(tiny_sd: Path, image_dir: Callable[..., Path], **eval_cfg: Any) -> tu
     )
     parts = load_parts(cfg.model)
     images, _ = load_training_data(cfg.data, 16)
-    return cfg, Trainer(cfg, parts, images, None, torch.device("cpu"))
+    return cfg, ImageTrainer(cfg, parts, images, None, torch.device("cpu"))
 
 
 def _background(
@@ -120,7 +120,7 @@ def test_a_failing_evaluator_process_says_why(
 def test_job_in_background_mode_logs_kid_in_its_rows_in_step_order(
     tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
     from dallm.protocol.files import checkpoint_folders, read_metrics
 
     data = image_dir(n=6, captions=True, name="train")
@@ -227,11 +227,11 @@ from engine_helpers import job
 from dallm.image.data import load_training_data
 from dallm.eval.background import BackgroundEvaluator
 from dallm.image.models import load_parts
-from dallm.image.trainer import Trainer
+from dallm.image.trainer import ImageTrainer
 cfg = job({str(tiny_sd)!r}, {str(data)!r}, eval={{"every": 2, "num_images": 4, "steps": 2}})
 parts = load_parts(cfg.model)
 images, _ = load_training_data(cfg.data, 16)
-trainer = Trainer(cfg, parts, images, None, torch.device("cpu"))
+trainer = ImageTrainer(cfg, parts, images, None, torch.device("cpu"))
 bg = BackgroundEvaluator(cfg, parts, {str(tmp_path / "out")!r}, lambda e: None, torch.device("cpu"),
                          torch.float32, ["a cat"], trainer.weights)
 print(bg._proc.pid, flush=True)

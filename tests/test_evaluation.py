@@ -16,7 +16,15 @@ from test_sampling import lora_parts
 
 from dallm.config import ConfigError, JobConfig, config_from_dict
 from dallm.eval.live import LiveEvaluator
-from dallm.protocol import FinishedEvent, JobEvent, LogEvent, MetricsEvent, PhaseEvent, SampleEvent
+from dallm.protocol import (
+    FinishedEvent,
+    JobEvent,
+    LogEvent,
+    MetricsEvent,
+    PhaseEvent,
+    SampleEvent,
+    StartedEvent,
+)
 
 KID_KEYS = {f"kid_{r}{s}" for r in ("train", "val", "base") for s in ("", "_std")}
 
@@ -130,7 +138,9 @@ def test_live_job_kid_series_samples_and_cost(job: dict[str, Any]) -> None:
     done = ev.finish(5)
     assert set(done) >= KID_KEYS
     assert done["eval_count"] == 3 and done["eval_seconds_total"] > 0 and 0 < done["eval_share"] < 1
-    res = ev.result(4, 4, 5)  # an evaluated step: reused, not measured again
+    held = HeldWeights()
+    res = ev.result(4, 4, 5, held)  # an evaluated step: reused, not measured again
+    assert held.entered == 0  # nor its weights loaded
     assert res["result_kid_val"] == res["turning_kid_val"] == series[4]["kid_val"]
     assert ev.summary()["eval_count"] == 3
     summary = json.loads((job["out"] / "eval" / "summary.json").read_text())
@@ -164,7 +174,7 @@ def test_same_weights_give_identical_grids(job: dict[str, Any]) -> None:
     grid = {s: (job["out"] / "samples" / f"step-{s:06d}.png").read_bytes() for s in (2, 4, 6)}
     assert grid[2] == grid[4]
     assert grid[4] != grid[6]
-    assert not ev.kid_on
+    assert not ev.schedule.measures
 
 
 def test_base_cache_is_reused_on_resume_and_invalidated_by_settings(job: dict[str, Any]) -> None:
@@ -206,11 +216,26 @@ def test_twenty_images_against_five_targets(job: dict[str, Any], image_dir: Call
     assert warned == [f"kid_train: {tail}", f"base_kid_train: {tail}"]  # once each, not per evaluation
 
 
+class HeldWeights:
+    """The job's `_loaded(state)`: counts how often the evaluator put the result's weights in."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+
+    def __enter__(self) -> None:
+        self.entered += 1
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def test_result_not_evaluated_is_measured_from_the_weights_held(job: dict[str, Any]) -> None:
     cfg = make_cfg(job["data"], job["out"], samples={"every": 0}, eval={"every": 4})
     ev = evaluator(job, cfg)
     train_a_little(job["parts"], 1)
-    out = ev.result(1, None, 3)
+    held = HeldWeights()
+    out = ev.result(1, None, 3, held)
+    assert held.entered == 1  # measured with the result's weights in the model
     assert {"result_kid_train", "result_kid_base"} <= set(out) and 1 in ev.kid_history
     assert out.keys().isdisjoint({"turning_kid_train"})  # the turning point was not evaluated
 
@@ -252,13 +277,13 @@ def test_unusable_folders_fail_early(job: dict[str, Any], image_dir: Callable[..
 def test_engine_job_with_evaluation_then_report(
     tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through `dallm.engine.job.train`: the KID series for all three references lands in metrics.jsonl,
+    """Through `dallm.engine.dispatch.train`: the KID series for all three references lands in metrics.jsonl,
     the final summary in result.json, and `dallm report` draws every plot from the folder."""
     import json
 
     from engine_helpers import job as engine_job
 
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
     from dallm.report.job import write_report
 
     monkeypatch.setattr("dallm.eval.live.configured_extractor", lambda cfg, device: FakeExtractor())
@@ -273,6 +298,8 @@ def test_engine_job_with_evaluation_then_report(
     out = tmp_path / "job"
     events: list[JobEvent] = []
     train(cfg, out_dir=out, emit=events.append)
+    (started,) = [e for e in events if isinstance(e, StartedEvent)]
+    assert (started.job_kind, started.validation_measure, started.eval_every) == ("image", "kid_val", 2)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kid_steps = [r["step"] for r in rows if "kid_val" in r]
     assert kid_steps == [2, 4, 6]

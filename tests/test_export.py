@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dallm.cli import main
 from dallm.engine.checkpoint import load_checkpoint
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 from dallm.image.export import export_lora
 
 TOKENS = ["<s1>", "<s2>"]
@@ -69,9 +69,7 @@ def test_result_loads_and_changes_output(tiny_sd: Path, trained: Path) -> None:
     base = _image(pipe, "a red circle")
     pipe.load_lora_weights(trained)
     assert len(_deltas(pipe.unet)) == 32 and len(_deltas(pipe.text_encoder)) > 0
-    raw = load_checkpoint(
-        trained / "checkpoints" / "step-000004"
-    ).unet_lora  # peft tensors, scale alpha/r = 0.5
+    raw = load_checkpoint(trained / "checkpoints" / "step-000004").lora  # peft tensors, scale alpha/r = 0.5
     for name, delta in _deltas(pipe.unet).items():
         expected = raw[f"{name}.lora_B.weight"] @ raw[f"{name}.lora_A.weight"] * 0.5
         torch.testing.assert_close(delta, expected, rtol=0, atol=1e-6)

@@ -19,11 +19,11 @@ from engine_helpers import job
 
 from dallm.config import JobConfig
 from dallm.engine.checkpoint import find_checkpoint, load_checkpoint
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 from dallm.image.data import load_training_data
 from dallm.image.export import export_lora, kohya_usage
 from dallm.image.models import load_parts
-from dallm.image.trainer import Trainer
+from dallm.image.trainer import ImageTrainer
 from dallm.micro import MODEL_DIR
 
 TOKENS = ["<s1>", "<s2>"]
@@ -64,7 +64,7 @@ def _trained(cfg: JobConfig, out: Path):  # noqa: ANN202
     """The engine's own model with the weights of the result step (no export on the way)."""
     parts = load_parts(cfg.model)
     images, _ = load_training_data(cfg.data, 32)
-    trainer = Trainer(cfg, parts, images, None, torch.device("cpu"))
+    trainer = ImageTrainer(cfg, parts, images, None, torch.device("cpu"))
     trainer.load(load_checkpoint(find_checkpoint(out, 4)))
     parts.unet.eval()
     parts.text_encoder.eval()

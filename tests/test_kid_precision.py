@@ -149,12 +149,12 @@ def test_added_images_keep_the_first_ones_noise_and_prompts(
 def test_job_uses_the_chosen_count_through_the_background_evaluator(
     tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """End to end (`dallm.engine.job.train`, eval.mode = "background"): the first evaluation measures the
+    """End to end (`dallm.engine.dispatch.train`, eval.mode = "background"): the first evaluation measures the
     std with 4 samples and chooses 8 (capped by max_images); every KID row uses 8, the log says why,
     and eval/summary.json records the count and the reason."""
     from engine_helpers import job as engine_job
 
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
 
     data, val = image_dir(n=6, captions=True, name="train"), image_dir(n=12, name="val", seed=1)
     # 4 samples to start from, a target no count reaches: 8 (max_images), subsets of 4 (< 6 of val)

@@ -13,7 +13,7 @@ import pytest
 from dallm.config import ConfigError, config_from_dict, load_config
 from dallm.llm.data import load_texts, read_texts
 from dallm.micro_llm.data import text_sets, write_text_sets
-from dallm.protocol import EventEnvelope, InterruptCommand, MetricsEvent, SampleEvent, job_topic
+from dallm.protocol import EventEnvelope, InterruptCommand, MetricsEvent, SampleEvent, StartedEvent, job_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,13 +140,15 @@ def test_4bit_without_bitsandbytes_is_one_line(texts) -> None:
 def test_llm_job_in_the_foreground_resumes_exactly(tmp_path: Path, texts) -> None:
     """Perplexities improve on the base, samples are text, and an interrupted run resumed from its
     checkpoint ends with the same adapter bytes as an uninterrupted one."""
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
     from dallm.report.job import write_report
 
     cfg = config_from_dict(llm_dict(texts))
     events: list = []
     whole = train(cfg, out_dir=tmp_path / "whole", emit=events.append)
     assert whole.reason == "completed" and whole.result_step == 12
+    (started,) = [e for e in events if isinstance(e, StartedEvent)]
+    assert (started.job_kind, started.validation_measure) == ("llm", "ppl_val")
     ppl = [e.values for e in events if isinstance(e, MetricsEvent) and "ppl_val" in e.values]
     assert len(ppl) == 2 and ppl[0]["ppl_val"] < ppl[0]["base_ppl_val"]
     assert ppl[1]["ppl_val"] < ppl[0]["ppl_val"] and ppl[1]["ppl_val"] < ppl[1]["base_ppl_val"] / 10

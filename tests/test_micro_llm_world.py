@@ -63,7 +63,7 @@ def test_unknown_dialect_and_impossible_scenes_are_refused() -> None:
     with pytest.raises(ValueError, match="dialect 'poetic'"):
         world.parse("a", "poetic")
     with pytest.raises(ValueError, match="colours must differ"):
-        world.Scene("circle", "red", "red", "small", "left")
+        world.TextScene("circle", "red", "red", "small", "left")
     with pytest.raises(ValueError, match="only 900 distinct scenes"):
         world.split_scenes(900, 1, 0)
 

@@ -135,3 +135,15 @@ def test_bad_event_frames() -> None:
     for frames in ([b"job/1/"], [b"job/1/", b"{"], [b"job/1/", b'{"seq": 1}']):
         with pytest.raises(ProtocolError):
             decode_envelope(frames)
+
+
+def test_the_job_kind_and_its_validation_measure_reach_the_summary_row() -> None:
+    from dallm.protocol import StartedEvent
+
+    row = JobSummary(id=1, name="j", state="running")
+    assert row.kind is None and row.validation_measure is None  # until the engine says
+    started = StartedEvent(start_step=0, total_steps=9, device="cpu", trainable_params=1,
+                           job_kind="llm", validation_measure="ppl_val")  # fmt: skip
+    row = row.apply(started)
+    assert (row.kind, row.validation_measure) == ("llm", "ppl_val")
+    assert JobSummary.model_validate_json(row.model_dump_json()) == row

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dallm.config import load_config
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 from dallm.protocol import JobEvent, MetricsEvent
 
 REPO = Path(__file__).resolve().parent.parent

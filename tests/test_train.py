@@ -11,8 +11,8 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
-from dallm.engine.checkpoint import list_checkpoints, load_checkpoint
-from dallm.engine.job import train
+from dallm.engine.checkpoint import checkpoint_folders, load_checkpoint
+from dallm.engine.dispatch import train
 from dallm.image.data import DataError
 from dallm.protocol import FinishedEvent, InterruptCommand, JobEvent, MetricsEvent, PhaseEvent, StartedEvent
 
@@ -35,7 +35,7 @@ def test_same_seed_same_losses(tiny_sd: Path, image_dir: Callable[..., Path], tm
     for name in ("pytorch_lora_weights.safetensors", "metrics.jsonl", "config.toml", "result.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "result.json").read_text())["reason"] == "completed"
-    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 6]
+    assert [s for s, _ in checkpoint_folders(out / "checkpoints")] == [3, 6]
     assert same_weights(weights(out), weights(out / "checkpoints" / "step-000006"))
 
 
@@ -56,7 +56,7 @@ def test_resume_is_exact(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path
     polls = iter([None] * 4 + [InterruptCommand()])
     r = train(cfg, out_dir=tmp_path / "split", poll=lambda: next(polls, None))
     assert (r.reason, r.final_step) == ("interrupted", 4)
-    assert [s for s, _ in list_checkpoints(tmp_path / "split" / "checkpoints")] == [3, 4]
+    assert [s for s, _ in checkpoint_folders(tmp_path / "split" / "checkpoints")] == [3, 4]
     r = train(cfg, resume=tmp_path / "split")
     assert (r.out_dir, r.reason, r.final_step) == (tmp_path / "split", "completed", 7)
     assert [m["step"] for m in metrics(tmp_path / "split")] == list(range(1, 8))  # no duplicates
@@ -86,10 +86,10 @@ def test_new_tokens_only_their_rows_change(
     )
     train(cfg, out_dir=tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "step-000003")
-    assert all(not v.any() for k, v in state.unet_lora.items() if "lora_B" in k)  # LoRA waited
+    assert all(not v.any() for k, v in state.lora.items() if "lora_B" in k)  # LoRA waited
     assert any(
         v.any()
-        for k, v in load_checkpoint(tmp_path / "checkpoints" / "step-000006").unet_lora.items()
+        for k, v in load_checkpoint(tmp_path / "checkpoints" / "step-000006").lora.items()
         if "lora_B" in k
     )
     tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
@@ -103,7 +103,7 @@ def test_new_tokens_only_their_rows_change(
 def test_token_rows_other_rows_fixed(tiny_sd: Path, image_dir: Callable[..., Path]) -> None:
     from dallm.image.data import load_training_data
     from dallm.image.models import load_parts
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
 
     cfg = job(
         tiny_sd,
@@ -113,7 +113,7 @@ def test_token_rows_other_rows_fixed(tiny_sd: Path, image_dir: Callable[..., Pat
         lora={"text_encoder": True},  # peft freezes the text encoder's other weights: rows must still train
     )
     images, _ = load_training_data(cfg.data, 16)
-    trainer = Trainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
+    trainer = ImageTrainer(cfg, load_parts(cfg.model), images, None, torch.device("cpu"))
     assert trainer.tokens is not None
     before = trainer.tokens.embedding.detach().clone()
     for step in range(2):
@@ -133,7 +133,7 @@ def test_v_prediction(tiny_sd_vpred: Path, image_dir: Callable[..., Path], tmp_p
 def test_checkpoint_keep_bounds_disk(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
     cfg = job(tiny_sd, image_dir(n=2), checkpoint={"every": 1, "keep": 2}, monitor={"cs": False})
     train(cfg, out_dir=tmp_path)
-    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [5, 6]
+    assert [s for s, _ in checkpoint_folders(tmp_path / "checkpoints")] == [5, 6]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
@@ -146,7 +146,7 @@ def test_bad_image_fails_before_model_loads(
     def no_load(*a: object, **k: object) -> None:
         raise AssertionError("the model was loaded before the images were checked")
 
-    monkeypatch.setattr("dallm.engine.job.load_parts", no_load)
+    monkeypatch.setattr("dallm.image.train.load_parts", no_load)
     with pytest.raises(DataError, match="broken.png"):
         train(job(tiny_sd, images), out_dir=tmp_path)
 
@@ -170,7 +170,7 @@ def test_mixed_precision_step(tiny_sd: Path, image_dir: Callable[..., Path], dty
     float32 text encoder when it trains) emulated on the CPU: every trainable group moves."""
     from dallm.image.data import load_training_data
     from dallm.image.models import load_parts
-    from dallm.image.trainer import Trainer
+    from dallm.image.trainer import ImageTrainer
 
     cfg = job(
         tiny_sd,
@@ -183,7 +183,7 @@ def test_mixed_precision_step(tiny_sd: Path, image_dir: Callable[..., Path], dty
     parts = load_parts(cfg.model, weight_dtype=dtype)
     assert next(parts.unet.parameters()).dtype == dtype
     parts.text_encoder.to(torch.float32)  # as train() does when the text encoder trains
-    trainer = Trainer(cfg, parts, images, None, torch.device("cpu"))
+    trainer = ImageTrainer(cfg, parts, images, None, torch.device("cpu"))
     trainer.use_autocast, trainer.autocast_dtype = True, dtype
     trainer.scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
     assert trainer.tokens is not None

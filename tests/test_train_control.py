@@ -9,7 +9,7 @@ import pytest
 import torch
 from engine_helpers import job, losses, metrics, same_weights, weights
 
-from dallm.engine.job import train
+from dallm.engine.dispatch import train
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
@@ -85,15 +85,15 @@ def test_result_kid_is_measured_on_the_complete_result_state(
     from dallm.eval.live import LiveEvaluator
 
     seen: dict[str, object] = {}
-    original = LiveEvaluator.result
+    original = LiveEvaluator.evaluate
 
-    def spy(self: LiveEvaluator, result_step: int, turning: int | None, final: int) -> dict[str, float]:
-        seen["step"], seen["unet"] = result_step, lora_state(self.parts.unet)
+    def spy(self: LiveEvaluator, step: int) -> dict[str, float]:  # the last call measures the result
+        seen["step"], seen["unet"] = step, lora_state(self.parts.unet)
         emb = self.parts.text_encoder.get_input_embeddings().weight
         seen["rows"] = emb[self.parts.tokenizer.convert_tokens_to_ids(["<s1>"])].detach().clone()
-        return original(self, result_step, turning, final)
+        return original(self, step)
 
-    monkeypatch.setattr(LiveEvaluator, "result", spy)
+    monkeypatch.setattr(LiveEvaluator, "evaluate", spy)
     monkeypatch.setattr("dallm.eval.live.configured_extractor", lambda cfg, device: _Colours())
     cfg = job(
         tiny_sd,

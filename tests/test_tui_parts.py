@@ -243,7 +243,7 @@ def test_the_measure_drawn_is_the_one_the_jobs_kind_names() -> None:
     image = m.history(1)
     # an image job's row (kind defaults to "image"): KID, whatever other series the job logs
     assert image is not None and image.measure.title == "KID" and image.validation_at(10) == (0.25, 0.01)
-    m.set_jobs([JobSummary(id=1, name="a", state="running", kind="llm", validation_measure="ppl val")])
+    m.set_jobs([JobSummary(id=1, name="a", state="running", kind="llm", validation_measure="ppl_val")])
     llm = m.history(1)
     assert llm is not None and llm.measure.title == "perplexity" and llm.measure.log_y
     assert llm.validation_at(10) == (40.0, 2.0) and llm.validation_at(11) == (None, None)

@@ -105,7 +105,7 @@ class JobActions(_Base):
             return
         history = self.model.history(row.id)
         value, std = history.validation_at(step) if history else (None, None)
-        note = f" ({row.validation_measure} {kid_text(value, std)})" if value is not None else ""
+        note = f" ({history.measure.label} {kid_text(value, std)})" if history and value is not None else ""
         question = f"Roll job {row.id} ({row.name}) back to step {step}{note}?\nFinish there, or resume training from it?"
 
         def answered(choice: str | None) -> None:

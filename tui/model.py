@@ -220,14 +220,15 @@ class Measure:
     series: str  # the prefix of its series: `<series>_val`, `_train`, `_base`, each with `_std`
     title: str  # its chart's title
     short: str  # its name in the checkpoint list
+    label: str  # its validation value's name in questions and notes
     log_y: bool  # its chart starts on a log scale
 
 
 # The kind comes with the job (JobSummary.kind): the TUI does not guess it from the series it sees.
 MEASURES = {
-    "image": Measure("kid", "KID", "KID", log_y=False),
+    "image": Measure("kid", "KID", "KID", "KID val", log_y=False),
     # perplexity falls by decades (35,000 to 2 on the micro LLM)
-    "llm": Measure("ppl", "perplexity", "PPL", log_y=True),
+    "llm": Measure("ppl", "perplexity", "PPL", "ppl val", log_y=True),
 }
 
 
@@ -240,14 +241,13 @@ class HistoryView:
     data: JobData = field(compare=False)  # mutable, grows: `version` says which state this is
     job: int
     version: int
-    kind: str = "image"
-    validation_measure: str = "KID val"
+    kind: str = "image"  # JobSummary.kind; "image" until the job's engine has said (StartedEvent)
 
     @classmethod
     def of(cls, data: JobData, row: JobSummary | None) -> HistoryView:
-        if row is None:
+        if row is None or row.kind is None:
             return cls(data, data.job, data.version)
-        return cls(data, data.job, data.version, row.kind, row.validation_measure)
+        return cls(data, data.job, data.version, row.kind)
 
     @property
     def measure(self) -> Measure:

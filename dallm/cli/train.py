@@ -100,7 +100,7 @@ def _failed(e: Exception, folder: Path) -> CommandError:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dallm.config import ConfigError
-    from dallm.engine.job import train
+    from dallm.engine.dispatch import train
     from dallm.engine.threads import set_torch_threads
     from dallm.preflight import checked_config
 

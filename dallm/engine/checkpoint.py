@@ -24,7 +24,6 @@ import copy
 import os
 import pickle
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dallm.protocol.files import checkpoint_folders
+
 STATE_FILE = "state.pt"
-_NAME = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -42,7 +42,9 @@ class TrainState:
     """The trainable state at one step. Snapshots kept for the result may omit the optimizer part."""
 
     step: int
-    unet_lora: dict[str, torch.Tensor]
+    # The model's LoRA tensors (peft keys): the UNet's for an image job, the LLM's for an LLM job;
+    # with train.method = "full", the whole UNet's state dict.
+    lora: dict[str, torch.Tensor]
     text_encoder_lora: dict[str, torch.Tensor] | None = None
     token_rows: torch.Tensor | None = None
     optimizer: dict[str, Any] | None = None
@@ -52,7 +54,24 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)  # history, snapshots (checkpoints only)
 
     def weights_only(self) -> TrainState:
-        return TrainState(self.step, self.unet_lora, self.text_encoder_lora, self.token_rows)
+        return TrainState(self.step, self.lora, self.text_encoder_lora, self.token_rows)
+
+    def copied(self) -> TrainState:
+        """Real copies of the weights, on the CPU; the optimizer part (when kept) is shared, not copied:
+        a snapshot hands out fresh weights to load, and nothing writes into its optimizer state."""
+
+        def cp(d: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if d is None else {k: v.detach().to("cpu", copy=True) for k, v in d.items()}
+
+        rows = self.token_rows.detach().to("cpu", copy=True) if self.token_rows is not None else None
+        out = TrainState(self.step, cp(self.lora) or {}, cp(self.text_encoder_lora), rows)
+        out.optimizer, out.lr_scheduler, out.grad_scaler, out.rng = (
+            self.optimizer,
+            self.lr_scheduler,
+            self.grad_scaler,
+            self.rng,
+        )
+        return out
 
     @property
     def resumable(self) -> bool:
@@ -118,7 +137,7 @@ def _to_plain(obj: Any, where: str = "state") -> Any:
 def _from_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         if _TRAIN_STATE in obj:
-            return TrainState(**_from_plain(obj[_TRAIN_STATE]))
+            return _train_state(_from_plain(obj[_TRAIN_STATE]))
         if _NDARRAY in obj:
             return obj[_NDARRAY].numpy().astype(obj["dtype"])
         return {k: _from_plain(v) for k, v in obj.items()}
@@ -127,20 +146,14 @@ def _from_plain(obj: Any) -> Any:
     return obj
 
 
+def _train_state(fields: dict[str, Any]) -> TrainState:
+    if "unet_lora" in fields:  # written before TrainState.lora had its kind-neutral name
+        fields["lora"] = fields.pop("unet_lora")
+    return TrainState(**fields)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of the complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def save_checkpoint(root: Path, state: TrainState, files: dict[str, Any] | None = None) -> Path:
@@ -175,16 +188,16 @@ def load_checkpoint(folder: Path) -> TrainState:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a dallm checkpoint state (refused to unpickle: {first})") from None
-    if not isinstance(data, dict) or "step" not in data or "unet_lora" not in data:
+    if not isinstance(data, dict) or "step" not in data or not ({"lora", "unet_lora"} & data.keys()):
         raise ValueError(f"{path}: not a dallm checkpoint state")
-    return TrainState(**_from_plain(data))
+    return _train_state(_from_plain(data))
 
 
 def prune_checkpoints(root: Path, keep: int | None, protect: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
     """Delete the oldest checkpoints beyond `keep` (never those in `protect`); returns the deleted steps."""
     if keep is None:
         return []
-    ckpts = list_checkpoints(root)
+    ckpts = checkpoint_folders(root)
     deleted = []
     for step, path in ckpts[: max(0, len(ckpts) - keep)]:
         if step in protect:
@@ -200,7 +213,7 @@ def find_checkpoint(path: Path, step: int | None = None) -> Path:
     if (path / STATE_FILE).is_file() and step is None:
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    ckpts = dict(list_checkpoints(root))
+    ckpts = dict(checkpoint_folders(root))
     if not ckpts:
         raise FileNotFoundError(f"{path}: no checkpoints found")
     if step is None:

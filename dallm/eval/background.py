@@ -1,10 +1,12 @@
 """Evaluation off the training path (`eval.mode = "background"`, the default for LoRA jobs).
 
-`BackgroundEvaluator` is the training process's `LiveEvaluator`: at an evaluation step it copies the
-trainable weights (UNet and text-encoder LoRA, the learned token rows: a few MB on SD 1.5) and sends
+`BackgroundEvaluator` wraps the training process's `LiveEvaluator` (the schedule, the history of
+KIDs and samples, the final and result evaluations, the cost summary) and does its `Work` in a
+process of its own: at an evaluation step it copies the trainable weights (UNet and text-encoder LoRA, the learned token rows: a few MB on SD 1.5) and sends
 them to a process of its own (spawned; on the CPU it gets its own torch threads, on a GPU it uses
 the same device), which loads the same base model with the same LoRA layers and tokens and runs the
-ordinary `LiveEvaluator` on them. Training goes on meanwhile. The process answers in the order it
+ordinary `LiveEvaluator` on them. Training goes on meanwhile. The two talk in the typed messages
+of `dallm.eval.messages`. The process answers in the order it
 was asked, so results come back in step order; `collect()` hands them to the job, which puts them
 into the metrics row of the step they belong to.
 
@@ -26,6 +28,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,17 @@ from dallm.engine.checkpoint import TrainState
 from dallm.eval.interface import Arrived, Weights, steps_text
 from dallm.eval.kid import SampleCount
 from dallm.eval.live import LiveEvaluator
+from dallm.eval.messages import (
+    EvalDone,
+    EvalFailed,
+    EvalForwarded,
+    EvalReady,
+    EvalReply,
+    EvalRequest,
+    RequestKind,
+)
 from dallm.image.models import ModelParts
-from dallm.protocol import JobEvent, LogEvent, SampleEvent
+from dallm.protocol import JobEvent, LogEvent, Phase, PhaseEvent, SampleEvent
 
 _POLL_S = 0.2  # how often a waiting trainer checks that the evaluator process is alive
 
@@ -63,14 +75,14 @@ def evaluator_threads(cfg: JobConfig, device: torch.device) -> int:
 def _load_weights(parts: ModelParts, tokens: Any, state: TrainState) -> None:
     from dallm.engine.lora import load_lora_state
 
-    load_lora_state(parts.unet, state.unet_lora)
+    load_lora_state(parts.unet, state.lora)
     if state.text_encoder_lora is not None:
         load_lora_state(parts.text_encoder, state.text_encoder_lora)
     if state.token_rows is not None and tokens is not None:
         tokens.set_rows(state.token_rows)
 
 
-def _next_request(requests: Any, parent: int) -> Any:
+def _next_request(requests: Any, parent: int) -> EvalRequest | None:
     """The next request; None (end) when asked to end or when the trainer `parent` is gone (a killed
     trainer cannot say so, and this process must not outlive it)."""
     while True:
@@ -105,7 +117,7 @@ def worker_main(
     parent: int,
 ) -> None:
     """The evaluator process: the base model with the job's LoRA layers and tokens, then one
-    request at a time: ("run" | "kid" | "samples", step, weights) -> ("done", ...)."""
+    `EvalRequest` at a time, each answered by an `EvalDone` (`dallm.eval.messages`)."""
     step = None
     _watch_parent(parent)
     try:
@@ -123,36 +135,37 @@ def worker_main(
 
         def emit(event: JobEvent) -> None:
             if isinstance(event, SampleEvent | LogEvent):  # phases are the trainer's, not ours
-                replies.put(("event", event))
+                replies.put(EvalForwarded(event))
 
         t0 = time.perf_counter()
         ev = LiveEvaluator(cfg, parts, out_dir, emit, torch.device(device), weight_dtype, train_prompts)
-        replies.put(("ready", time.perf_counter() - t0))
-        while (msg := _next_request(requests, parent)) is not None:
-            kind, step, state = msg
+        replies.put(EvalReady(time.perf_counter() - t0))
+        while (req := _next_request(requests, parent)) is not None:
+            step = req.step
             t0 = time.perf_counter()
-            _load_weights(parts, tokens, state)
+            _load_weights(parts, tokens, req.state)
             values: dict[str, float] = {}
-            if kind == "run":
+            if req.kind == "run":
                 values = ev.run(step)
-            elif kind == "kid":
+            elif req.kind == "kid":
                 values = ev.evaluate(step)
             else:
                 ev.samples(step)
             seconds = time.perf_counter() - t0
             count = ev.count.values() if ev.count is not None else {}  # eval.kid_std_target's choice
-            replies.put(("done", step, kind, values, seconds, ev.cache.hits, ev.cache.misses, count))
+            replies.put(EvalDone(req.kind, step, values, seconds, ev.cache.hits, ev.cache.misses, count))
             step = None
     except BaseException as e:  # noqa: BLE001 - said to the trainer in one line, then this process ends
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        replies.put(("error", step, f"{type(e).__name__}: {first}"))
+        replies.put(EvalFailed(step, f"{type(e).__name__}: {first}"))
 
 
 # -- the trainer's side ------------------------------------------------------------------------
 
 
-class BackgroundEvaluator(LiveEvaluator):
-    """`LiveEvaluator` whose samples and KIDs are made by a process of its own (see the module)."""
+class BackgroundEvaluator:
+    """A `LiveEvaluator` whose samples and KIDs are made by a process of its own (see the module):
+    the live one keeps the schedule and the records, this one is its `Work` and answers the loop."""
 
     def __init__(
         self,
@@ -167,12 +180,16 @@ class BackgroundEvaluator(LiveEvaluator):
         *,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        super().__init__(
-            cfg, parts, out_dir, emit, device, weight_dtype, train_prompts, clock=clock, load_extractor=False
-        )
-        self.weights = weights
-        self._pending: deque[tuple[int, str, TrainState]] = deque()
+        self.live = LiveEvaluator(
+            cfg, parts, out_dir, emit, device, weight_dtype, train_prompts,
+            clock=clock, load_extractor=False, work=self,
+        )  # fmt: skip
+        self.cfg, self.emit, self.clock, self.weights = cfg, emit, clock, weights
+        self.schedule = self.live.schedule
+        self.validation_measure = self.live.validation_measure
+        self._pending: deque[EvalRequest] = deque()
         self._answers: dict[tuple[str, int], dict[str, float]] = {}
+        self._arrived: list[Arrived] = []
         self._trainer_seconds = 0.0  # copying weights and waiting: what eval_share counts
         self.wait_seconds = 0.0
         self.worker_seconds = 0.0  # the evaluator process's busy time (samples and KID)
@@ -185,7 +202,7 @@ class BackgroundEvaluator(LiveEvaluator):
             target=worker_main,
             args=(
                 cfg,
-                self.out_dir,
+                self.live.out_dir,
                 str(device),
                 weight_dtype,
                 list(train_prompts),
@@ -199,22 +216,26 @@ class BackgroundEvaluator(LiveEvaluator):
         )
         self._proc.start()
 
-    # -- asking ----------------------------------------------------------------------------------
+    # -- the loop's requests ---------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
 
     def submit(self, step: int, weights: Weights) -> None:
         """Send a copy of the weights of `step` to be evaluated (samples and/or KID as due)."""
         t0 = self.clock()
-        self._forget_from(step)
+        self.live.forget_from(step)
         self._send("run", step, weights(step))
         self._trainer_seconds += self.clock() - t0
         self.submits += 1
 
-    def _send(self, kind: str, step: int, state: TrainState) -> None:
-        self._pending.append((step, kind, state))
-        self._requests.put((kind, step, state))
+    def _send(self, kind: RequestKind, step: int, state: TrainState) -> None:
+        request = EvalRequest(kind, step, state)
+        self._pending.append(request)
+        self._requests.put(request)
 
     def pending(self) -> list[int]:
-        return [s for s, _, _ in self._pending]
+        return [r.step for r in self._pending]
 
     def collect(self, wait_upto: int | None = None) -> list[Arrived]:
         """Finished evaluations in step order; with `wait_upto`, first wait for those up to that step."""
@@ -225,38 +246,23 @@ class BackgroundEvaluator(LiveEvaluator):
         out, self._arrived = self._arrived, []
         return out
 
-    # -- LiveEvaluator's blocking parts, done by the process ---------------------------------------
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """KID of the weights held now (final step, result), recorded under `step`; waits for it."""
-        values = self._ask("kid", step)
-        self.kid_history[step] = values
-        return values
-
-    def samples(self, step: int) -> None:
-        self._ask("samples", step)
-        self.sample_steps.append(step)
-
-    def _ask(self, kind: str, step: int) -> dict[str, float]:
-        self._send(kind, step, self.weights(step))
-        self._wait(lambda: (kind, step) in self._answers, f"the final {kind} of step {step}")
-        return self._answers.pop((kind, step))
-
     def finish(self, final_step: int) -> dict[str, float]:
-        """As `LiveEvaluator.finish`, after every evaluation asked for has come back (the job
-        collects them first, so that they reach their metric rows and the early-stop policy)."""
+        """`LiveEvaluator.finish`, after every evaluation asked for has come back (the job collects
+        them first, so that they reach their metric rows and the early-stop policy)."""
         self._wait(lambda: not self._pending, "everything asked for")
-        return super().finish(final_step)
+        return self.live.finish(final_step)
 
-    def trainer_seconds(self) -> float:
-        return self._trainer_seconds
+    def result(
+        self,
+        result_step: int,
+        turning_step: int | None,
+        final_step: int,
+        result_weights: AbstractContextManager[None],
+    ) -> dict[str, float]:
+        return self.live.result(result_step, turning_step, final_step, result_weights)
 
     def summary(self) -> dict[str, float]:
-        return super().summary() | {
-            "eval_worker_seconds": self.worker_seconds,
-            "eval_worker_setup_seconds": self.worker_setup_seconds,
-            "eval_wait_seconds": self.wait_seconds,
-        }
+        return self.live.summary()
 
     def close(self) -> None:
         """Ask the process to end; one that does not within a few seconds is terminated."""
@@ -270,7 +276,37 @@ class BackgroundEvaluator(LiveEvaluator):
         self._requests.close()
         self._replies.close()
 
+    # -- the live evaluator's `Work`, done by the process ----------------------------------------
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """KID of the weights held now (final step, result), recorded under `step`; waits for it."""
+        values = self._ask("kid", step)
+        self.live.kid_history[step] = values
+        return values
+
+    def samples(self, step: int) -> None:
+        self._ask("samples", step)
+        self.live.sample_steps.append(step)
+
+    def _ask(self, kind: RequestKind, step: int) -> dict[str, float]:
+        self._send(kind, step, self.weights(step))
+        self._wait(lambda: (kind, step) in self._answers, f"the final {kind} of step {step}")
+        return self._answers.pop((kind, step))
+
+    def trainer_seconds(self) -> float:
+        return self._trainer_seconds
+
+    def work_summary(self) -> dict[str, float]:
+        return {
+            "eval_worker_seconds": self.worker_seconds,
+            "eval_worker_setup_seconds": self.worker_setup_seconds,
+            "eval_wait_seconds": self.wait_seconds,
+        }
+
     # -- answers ---------------------------------------------------------------------------------
+
+    def _phase(self, phase: Phase, step: int) -> None:
+        self.emit(PhaseEvent(phase=phase, step=step, at=time.time()))
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         """Wait (phase "kid") until `done()`; the time counts as the trainer's evaluation time."""
@@ -279,7 +315,7 @@ class BackgroundEvaluator(LiveEvaluator):
         if done():
             return
         t0 = self.clock()
-        step = self._pending[0][0] if self._pending else 0
+        step = self._pending[0].step if self._pending else 0
         self._phase("kid", step)
         self.emit(
             LogEvent(
@@ -295,7 +331,7 @@ class BackgroundEvaluator(LiveEvaluator):
     def _receive(self, timeout: float | None) -> bool:
         """Handle one message (`timeout` None: only one already there); False when none came."""
         try:
-            msg = self._replies.get(timeout=timeout) if timeout else self._replies.get_nowait()
+            msg: EvalReply = self._replies.get(timeout=timeout) if timeout else self._replies.get_nowait()
         except queue.Empty:
             if not self._proc.is_alive() and self._pending:
                 raise EvaluationError(
@@ -303,53 +339,46 @@ class BackgroundEvaluator(LiveEvaluator):
                     f'{self.pending()} pending; eval.mode = "inline" evaluates in the training process'
                 ) from None
             return False
-        tag = msg[0]
-        if tag == "event":
-            self.emit(msg[1])
-        elif tag == "ready":
-            self.worker_setup_seconds = msg[1]
-        elif tag == "error":
-            at = f" at step {msg[1]}" if msg[1] is not None else " while starting"
-            raise EvaluationError(f"background evaluation failed{at}: {msg[2]}")
-        else:
-            self._done(*msg[1:])
+        match msg:
+            case EvalForwarded(event):
+                self.emit(event)
+            case EvalReady(seconds):
+                self.worker_setup_seconds = seconds
+            case EvalFailed(step, error):
+                at = f" at step {step}" if step is not None else " while starting"
+                raise EvaluationError(f"background evaluation failed{at}: {error}")
+            case EvalDone():
+                self._done(msg)
         return True
 
-    def _done(
-        self,
-        step: int,
-        kind: str,
-        values: dict[str, float],
-        seconds: float,
-        hits: int,
-        misses: int,
-        count: dict[str, float],
-    ) -> None:
-        _, _, state = self._pending.popleft()  # answered in the order asked
+    def _done(self, msg: EvalDone) -> None:
+        request = self._pending.popleft()  # answered in the order asked
+        live, step, values, seconds = self.live, msg.step, msg.values, msg.seconds
         self.worker_seconds += seconds
-        self.cache.hits, self.cache.misses = hits, misses
-        if count and self.count is None:  # for eval/summary.json (the process logged it already)
-            self.count = SampleCount.from_values(
-                count, "eval.val_dir" if self.cfg.eval.val_dir else "data.dir"
+        live.cache.hits, live.cache.misses = msg.cache_hits, msg.cache_misses
+        if msg.count and live.count is None:  # for eval/summary.json (the process logged it already)
+            live.count = SampleCount.from_values(
+                msg.count, "eval.val_dir" if self.cfg.eval.val_dir else "data.dir"
             )
         if "kid_val" in values or "kid_train" in values:
-            self.eval_seconds.append(seconds)
-        if kind != "run":
-            if kind == "samples":
-                self.sample_seconds += seconds
-            self._answers[(kind, step)] = values
+            live.eval_seconds.append(seconds)
+        if msg.kind != "run":
+            if msg.kind == "samples":
+                live.sample_seconds += seconds
+            self._answers[(msg.kind, step)] = values
             return
-        if self.samples_due(step):
-            self.sample_steps.append(step)
-        if self.kid_due(step):
+        if self.schedule.samples_due(step):
+            live.sample_steps.append(step)
+        if self.schedule.measure_due(step):
             kid = {k: v for k, v in values.items() if k.startswith(("kid_", "base_kid_"))}
-            self.kid_history[step] = kid
+            live.kid_history[step] = kid
         values = dict(values)
         values["eval_worker_seconds"] = values.pop("eval_seconds", seconds)
         # What the trainer stops for per evaluation (the ETA counts it): copying the weights, waits.
         values["eval_stop_seconds"] = self._trainer_seconds / max(1, self.submits)
-        values["eval_share"] = self.share()
-        self._arrived.append(Arrived(step, values, state if self.kid_due(step) else None))
+        values["eval_share"] = live.share()
+        kept = request.state if self.schedule.measure_due(step) else None
+        self._arrived.append(Arrived(step, values, kept))
 
 
 __all__ = ["BackgroundEvaluator", "EvaluationError", "evaluator_threads", "worker_main"]

@@ -1,13 +1,19 @@
-"""What the training loop (`dallm.engine.job.Job`) asks of an evaluator: `submit` the weights of a step,
-`collect` the evaluations that came back (`Arrived`, in step order), `pending` steps, `close`.
-`InLoopResults` is that interface for evaluators that evaluate in the loop's own process."""
+"""What the training loop (`dallm.engine.job.Job`) asks of an evaluator (`Evaluator`), whatever the
+job kind: whether a step is `due`, `submit` the weights of a step, `collect` the evaluations that came
+back (`Arrived`, in step order), the `pending` steps, the stop step's evaluation (`finish`), the
+result's (`result`), `close`; and the name of its `validation_measure`, the metric early stopping
+compares. `InLoopResults` is the part of that interface for evaluators that evaluate in the loop's
+own process; `NoEvaluator` stands in for a job that evaluates nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 from dallm.engine.checkpoint import TrainState
+from dallm.eval.schedule import EvalSchedule
 
 Weights = Callable[[int], TrainState]  # the trainable weights of a step, copied (Trainer.weights)
 
@@ -21,10 +27,55 @@ class Arrived:
     state: TrainState | None = None
 
 
+class Evaluator(Protocol):
+    schedule: EvalSchedule
+    # The metric of the held-out set ("kid_val", "ppl_val"; lower is better), with "<name>_std";
+    # None: this evaluator has none.
+    validation_measure: str | None
+
+    def due(self, step: int) -> bool: ...
+
+    def submit(self, step: int, weights: Weights) -> None: ...
+
+    def collect(self, wait_upto: int | None = None) -> list[Arrived]: ...
+
+    def pending(self) -> list[int]: ...
+
+    def finish(self, final_step: int) -> dict[str, float]:
+        """The stop step's evaluation (unless made already) and the cost summary."""
+        ...
+
+    def result(
+        self,
+        result_step: int,
+        turning_step: int | None,
+        final_step: int,
+        result_weights: AbstractContextManager[None],
+    ) -> dict[str, float]:
+        """The measures of the result (result_*, turning_*); `result_weights` holds the result's
+        complete weights in the model while it is entered."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Work(Protocol):
+    """Who makes the samples and KIDs that `finish` and `result` ask for, and what it cost the
+    trainer: the `LiveEvaluator` itself, or the background evaluator's process."""
+
+    def samples(self, step: int) -> None: ...
+
+    def evaluate(self, step: int) -> dict[str, float]: ...
+
+    def trainer_seconds(self) -> float: ...
+
+    def work_summary(self) -> dict[str, float]: ...
+
+
 class InLoopResults:
     """The loop's `collect` / `pending` / `close` for an evaluator that evaluates in the training
     process (`submit` appends to `_arrived` when its evaluation is done, so nothing is pending);
-    shared by the image and the LLM evaluator. `BackgroundEvaluator` overrides all three."""
+    shared by the image and the LLM evaluator. `BackgroundEvaluator` has its own three."""
 
     _arrived: list[Arrived]
 
@@ -40,6 +91,34 @@ class InLoopResults:
 
     def close(self) -> None:
         """Nothing to release in the loop's own process."""
+
+
+class NoEvaluator(InLoopResults):
+    """The evaluator of a job without samples or measures: nothing is ever due."""
+
+    validation_measure: str | None = None
+
+    def __init__(self, schedule: EvalSchedule) -> None:
+        self.schedule = schedule
+        self._arrived: list[Arrived] = []
+
+    def due(self, step: int) -> bool:
+        return False
+
+    def submit(self, step: int, weights: Weights) -> None:
+        raise RuntimeError(f"NoEvaluator: nothing is due at step {step}")
+
+    def finish(self, final_step: int) -> dict[str, float]:
+        return {}
+
+    def result(
+        self,
+        result_step: int,
+        turning_step: int | None,
+        final_step: int,
+        result_weights: AbstractContextManager[None],
+    ) -> dict[str, float]:
+        return {}
 
 
 def steps_text(steps: list[int], most: int = 6) -> str:

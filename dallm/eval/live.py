@@ -1,13 +1,13 @@
 """Live evaluation of a training job: fixed-seed sample grids and KID to three references.
 
-The training loop constructs one `LiveEvaluator` per job and asks `due(step)` after each step;
+The training loop constructs one `LiveEvaluator` per job (its `dallm.eval.interface.Evaluator`) and
+asks `due(step)` after each step (`dallm.eval.schedule.EvalSchedule` says what is due);
 `run(step)` makes what is due, emits the `SampleEvent`s itself and returns the scalars (kid_train,
 kid_train_std, kid_val, kid_val_std, kid_base, kid_base_std, base_kid_train, base_kid_val (+ _std:
 the base model's own KID to the targets, the level to beat), eval_seconds, eval_share) for the
-engine to fold into its own metrics row and `MetricsEvent` of that step. `finish(final_step,
-turning_step, turning_weights)` evaluates the final weights (emitting a `MetricsEvent` when that
-evaluation is new), KID at the turning point, writes the evolution strips and returns the results
-with a summary of the evaluation cost (the engine puts it in result.json under "eval").
+engine to fold into its metrics row of that step. `finish(final_step)` evaluates the stop step,
+writes the evolution strips and returns a summary of the cost (result.json's "eval"); `result`
+measures the weights the job returns.
 
 KID (the study's Section 2.3) compares `eval.num_images` images generated from the eval prompts
 (default: the training captions) with fixed initial noise to
@@ -21,7 +21,8 @@ KID (the study's Section 2.3) compares `eval.num_images` images generated from t
 Target features are computed once per job. The subset size is capped at the smaller sample count.
 Base and target features are also shared between jobs (`dallm.eval.cache`, keyed by exactly what
 makes them). `submit` / `collect` are how the job asks: here evaluation happens in the loop;
-`dallm.eval.background.BackgroundEvaluator` (eval.mode = "background") does it in a process of its own.
+`dallm.eval.background.BackgroundEvaluator` (eval.mode = "background") wraps a `LiveEvaluator` whose
+`Work` (the samples and KIDs themselves) is done by a process of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +40,10 @@ from PIL import Image
 from dallm.config import JobConfig
 from dallm.eval.cache import FeatureCache, cache_root, files_fingerprint, model_fingerprint
 from dallm.eval.inputs import Extractor, configured_extractor, features_of_files, target_images
-from dallm.eval.interface import Arrived, InLoopResults, Weights
+from dallm.eval.interface import Arrived, InLoopResults, Weights, Work
 from dallm.eval.kid import SampleCount, subset_for
 from dallm.eval.sample_grids import write_evolution, write_grid
+from dallm.eval.schedule import eval_schedule
 from dallm.image.sampling import (
     ModelLike,
     SamplerSettings,
@@ -63,6 +66,8 @@ EVAL_SEED_OFFSET = 0x5EED  # eval noise differs from the sample grids' seeds
 class LiveEvaluator(InLoopResults):
     """Sample grids every `samples.every` steps, KID every `eval.every` steps and at the end."""
 
+    validation_measure = "kid_val"
+
     def __init__(
         self,
         cfg: JobConfig,
@@ -76,13 +81,14 @@ class LiveEvaluator(InLoopResults):
         extractor: Extractor | None = None,
         clock: Callable[[], float] = time.perf_counter,
         load_extractor: bool = True,
+        work: Work | None = None,
     ) -> None:
         self.cfg, self.parts, self.out_dir, self.emit = cfg, parts, Path(out_dir), emit
         self.device, self.weight_dtype, self.clock = torch.device(device), weight_dtype, clock
+        self.work: Work = work or self
         self.started = clock()
-        self.samples_on = cfg.samples.every > 0 and bool(cfg.samples.prompts)
+        self.schedule = eval_schedule(cfg)
         ev = cfg.eval
-        self.kid_on = ev.every > 0 or ev.val_dir is not None or bool(ev.prompts)
         self._prompt_cycle = list(ev.prompts) or [p for p in train_prompts if p] or [cfg.data.instance_prompt]
         shape = latent_shape(parts, cfg.model.resolution)
         self._sample_latents = initial_latents(cfg.samples.seeds, shape)
@@ -103,7 +109,7 @@ class LiveEvaluator(InLoopResults):
         self.setup_seconds = 0.0  # loading the feature extractor
         self.cache = FeatureCache(cache_root(ev.cache_dir), ev.cache)
         self._arrived: list[Arrived] = []
-        if self.kid_on:  # fail before training on folders or an extractor that cannot be used
+        if self.schedule.measures:  # fail before training on folders or an extractor that cannot be used
             self._train_files = target_images(Path(cfg.data.dir or "."), "data.dir", cfg.data.limit)
             self._val_files = target_images(ev.val_dir, "eval.val_dir") if ev.val_dir else []
             if load_extractor:
@@ -140,36 +146,31 @@ class LiveEvaluator(InLoopResults):
         """`prompt` for the base model: learned tokens replaced by `tokens.init_word`, or removed."""
         return strip_tokens(prompt, self.cfg.tokens.new, self.cfg.tokens.init_word or "")
 
-    # -- schedule -------------------------------------------------------------------------------
-
-    def samples_due(self, step: int) -> bool:
-        return self.samples_on and step > 0 and step % self.cfg.samples.every == 0
-
-    def kid_due(self, step: int) -> bool:
-        return self.kid_on and self.cfg.eval.every > 0 and step > 0 and step % self.cfg.eval.every == 0
+    # -- the loop's requests ---------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        return self.samples_due(step) or self.kid_due(step)
+        return self.schedule.due(step)
 
     def submit(self, step: int, weights: Weights) -> None:
         """Evaluate what is due at `step`; here in the loop (`collect` hands the values out).
         `dallm.eval.background.BackgroundEvaluator` sends a copy of the weights to its process instead."""
         values = self.run(step)
-        self._arrived.append(Arrived(step, values, weights(step) if "kid_val" in values else None))
+        keep = self.validation_measure in values  # early stopping may return these weights
+        self._arrived.append(Arrived(step, values, weights(step) if keep else None))
 
     def run(self, step: int) -> dict[str, float]:
         """Samples and/or KID at `step` with the current weights; returns the scalars for metrics."""
         t0 = self.clock()
-        self._forget_from(step)
+        self.forget_from(step)
         values: dict[str, float] = {}
-        if self.samples_due(step):
+        if self.schedule.samples_due(step):
             self._phase("sampling", step)
             self.samples(step)
-        if self.kid_due(step):
+        if self.schedule.measure_due(step):
             self._phase("kid", step)
             values.update(self.evaluate(step))
             values["eval_num_images"] = float(len(self.eval_prompts))  # chosen by eval.kid_std_target
-        if values or self.samples_due(step):
+        if values or self.schedule.samples_due(step):
             values["eval_seconds"] = self.clock() - t0
             values["eval_share"] = self.share()
             self.stop_seconds.append(values["eval_seconds"])
@@ -179,7 +180,7 @@ class LiveEvaluator(InLoopResults):
     def _phase(self, phase: Phase, step: int) -> None:
         self.emit(PhaseEvent(phase=phase, step=step, at=time.time()))
 
-    def _forget_from(self, step: int) -> None:
+    def forget_from(self, step: int) -> None:
         """A step at or before one already seen: the job was rolled back and resumed; what was
         recorded from there on belongs to the superseded history."""
         self.kid_history = {s: v for s, v in self.kid_history.items() if s < step}
@@ -194,17 +195,17 @@ class LiveEvaluator(InLoopResults):
         over the wall time since the evaluator was made), wall_seconds).
         """
         out: dict[str, float] = {}
-        if self.samples_on and final_step not in self.sample_steps:
+        if self.schedule.samples_on and final_step not in self.sample_steps:
             self._phase("sampling", final_step)
-            self.samples(final_step)
-        if self.kid_on:
+            self.work.samples(final_step)
+        if self.schedule.measures:
             if final_step in self.kid_history:
                 out.update(self.kid_history[final_step])
             else:
                 self._phase("kid", final_step)
-                out.update(self.evaluate(final_step))
+                out.update(self.work.evaluate(final_step))
                 self.emit(MetricsEvent(step=final_step, values=dict(out)))
-        if self.samples_on:
+        if self.schedule.samples_on:
             write_evolution(self.out_dir)
         summary = self.summary()
         out.update(summary)
@@ -218,18 +219,25 @@ class LiveEvaluator(InLoopResults):
             )
         return out
 
-    def result(self, result_step: int, turning_step: int | None, final_step: int) -> dict[str, float]:
+    def result(
+        self,
+        result_step: int,
+        turning_step: int | None,
+        final_step: int,
+        result_weights: AbstractContextManager[None],
+    ) -> dict[str, float]:
         """KID of the result: reused when `result_step` was evaluated, else measured now from the
-        weights the model holds (the caller loads the complete result state first: UNet and
+        weights `result_weights` puts into the model (the complete result state: UNet and
         text-encoder LoRA and token rows). Returns result_kid_* and, when the turning point was
         evaluated or is the result, turning_kid_*; writes them with the summary to eval/summary.json.
         """
         out: dict[str, float] = {}
-        if self.kid_on:
+        if self.schedule.measures:
             res = self.kid_history.get(result_step)
             if res is None:
                 self._phase("kid", result_step)
-                res = self.evaluate(result_step)
+                with result_weights:
+                    res = self.work.evaluate(result_step)
             out.update({f"result_{k}": v for k, v in res.items()})
             at_tp = self.kid_history.get(turning_step) if turning_step is not None else None
             if at_tp is not None:
@@ -243,7 +251,8 @@ class LiveEvaluator(InLoopResults):
 
     def summary(self) -> dict[str, float]:
         total = sum(self.eval_seconds)
-        return (self.count.values() if self.count is not None else {}) | {
+        counts = self.count.values() if self.count is not None else {}
+        own = {
             "eval_cache_hits": float(self.cache.hits),
             "eval_cache_misses": float(self.cache.misses),
             "eval_count": float(len(self.eval_seconds)),
@@ -254,15 +263,20 @@ class LiveEvaluator(InLoopResults):
             "eval_share": self.share(),
             "wall_seconds": self.clock() - self.started,
         }
+        return counts | own | self.work.work_summary()
 
     def trainer_seconds(self) -> float:
         """Seconds the training loop spent on evaluation: here all of it (extractor, samples, KID)."""
         return self.setup_seconds + sum(self.eval_seconds) + self.sample_seconds
 
+    def work_summary(self) -> dict[str, float]:
+        """Nothing beyond `summary`: the work is this evaluator's own."""
+        return {}
+
     def share(self) -> float:
-        """`trainer_seconds` as a fraction of the wall time since the evaluator was made."""
+        """The trainer's evaluation seconds as a fraction of the wall time since the evaluator was made."""
         wall = max(self.clock() - self.started, 1e-9)
-        return self.trainer_seconds() / wall
+        return self.work.trainer_seconds() / wall
 
     # -- samples --------------------------------------------------------------------------------
 
@@ -319,9 +333,9 @@ class LiveEvaluator(InLoopResults):
     def prime_base(self) -> None:
         """Make the base model's sample grid and KID features now (before training), for a job that
         changes the base weights themselves (train.method = "full": no adapters to turn off)."""
-        if self.samples_on and not (self.out_dir / "samples" / "base.png").exists():
+        if self.schedule.samples_on and not (self.out_dir / "samples" / "base.png").exists():
             self._base_grid()
-        if self.kid_on:
+        if self.schedule.measures:
             self.references()
 
     # -- KID ------------------------------------------------------------------------------------

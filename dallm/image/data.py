@@ -133,17 +133,3 @@ def load_training_data(cfg: DataConfig, resolution: int) -> tuple[ImageSet, Imag
             Path(cfg.class_dir), key="data.class_dir", resolution=resolution, prompt=cfg.class_prompt, cfg=cfg
         )
     return images, classes
-
-
-def batch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Sample indices `start .. start+count-1` of an endless sequence of shuffled epochs over n items.
-
-    Epoch e is a permutation drawn from a generator seeded with (seed, e), so any position of the
-    sequence can be computed directly: no sampler state needs saving for an exact resume.
-    """
-    out = []
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return out

@@ -1,23 +1,19 @@
 """One training step and the state around it: the model with LoRA (and new tokens), the optimizer,
 the LR schedule, the loss, and capturing / restoring everything an exact resume needs.
 
-`dallm.engine.job.train` drives a `Trainer`: it decides when to step, checkpoint, evaluate and stop.
+`dallm.engine.job.Job` drives an `ImageTrainer`: it decides when to step, checkpoint, evaluate and stop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dallm.config import ConfigError, JobConfig, TrainConfig
+from dallm.config import ConfigError, JobConfig
 from dallm.engine.checkpoint import (
     TrainState,
     capture_rng,
@@ -25,7 +21,8 @@ from dallm.engine.checkpoint import (
     restore_rng,
 )
 from dallm.engine.lora import add_lora, has_lora, load_lora_state, lora_parameters, lora_scalings, lora_state
-from dallm.image.data import ImageSet, batch_indices
+from dallm.engine.training import batch_indices, optimizer_and_schedule
+from dallm.image.data import ImageSet
 from dallm.image.export import diffusers_lora_dict, emb_file_name, save_embeddings, save_lora
 from dallm.image.models import ModelParts
 from dallm.image.tokens import NewTokens, add_tokens
@@ -35,56 +32,12 @@ UNET_FILE = "diffusion_pytorch_model.safetensors"  # class images are drawn from
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests swap in a cheaper one
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name} requested but CUDA is not available")
-    return torch.device(name)
-
-
 def _scale(model: Any) -> float:
     values = set(lora_scalings(model).values())
     return values.pop() if len(values) == 1 else 1.0
 
 
-@contextlib.contextmanager
-def isolated_rng() -> Iterator[None]:
-    """Run evaluation without touching the training RNG streams (resume stays exact)."""
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda = (
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    )
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def optimizer_and_schedule(
-    groups: list[dict[str, Any]] | list[torch.nn.Parameter], tc: TrainConfig
-) -> tuple[Any, Any]:
-    """AdamW over `groups` and the LR schedule of `[train]` (image and LLM trainers alike)."""
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=tc.lr,
-        betas=(tc.adam_beta1, tc.adam_beta2),
-        eps=tc.adam_eps,
-        weight_decay=tc.weight_decay,
-    )
-    name = "constant_with_warmup" if tc.lr_scheduler == "constant" and tc.warmup_steps else tc.lr_scheduler
-    return optimizer, get_scheduler(
-        name, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps
-    )
-
-
-class Trainer:
+class ImageTrainer:
     """The model, optimizer and the per-step logic of one job."""
 
     def __init__(
@@ -268,12 +221,12 @@ class Trainer:
     def load(self, s: TrainState) -> None:
         """Put `s` back: weights always; optimizer, scheduler and RNG when `s` has them."""
         if self.full:
-            self.parts.unet.load_state_dict(s.unet_lora)
+            self.parts.unet.load_state_dict(s.lora)
             if self.ema is not None and "ema" in s.extra:
                 for e, v in zip(self.ema, s.extra["ema"].values(), strict=True):
                     e.copy_(v)
         else:
-            load_lora_state(self.parts.unet, s.unet_lora)
+            load_lora_state(self.parts.unet, s.lora)
         if s.text_encoder_lora is not None:
             load_lora_state(self.parts.text_encoder, s.text_encoder_lora)
         if s.token_rows is not None and self.tokens is not None:
@@ -293,7 +246,7 @@ class Trainer:
         if self.full:
             from safetensors.torch import save_file
 
-            unet = dict(s.unet_lora) | dict(s.extra.get("ema", {}))
+            unet = dict(s.lora) | dict(s.extra.get("ema", {}))
             (folder / "unet").mkdir(parents=True, exist_ok=True)
             self.parts.unet.save_config(folder / "unet")
             save_file({k: v.contiguous() for k, v in unet.items()}, folder / "unet" / UNET_FILE)
@@ -301,9 +254,7 @@ class Trainer:
                 save_embeddings(folder / emb_file_name(self.cfg.name), s.token_rows, self.tokens.tokens)
             return
         te_scale = _scale(self.parts.text_encoder) if s.text_encoder_lora else 1.0
-        save_lora(
-            folder, diffusers_lora_dict(s.unet_lora, s.text_encoder_lora, _scale(self.parts.unet), te_scale)
-        )
+        save_lora(folder, diffusers_lora_dict(s.lora, s.text_encoder_lora, _scale(self.parts.unet), te_scale))
         if s.token_rows is not None and self.tokens is not None:
             save_embeddings(folder / emb_file_name(self.cfg.name), s.token_rows, self.tokens.tokens)
 

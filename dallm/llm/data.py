@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dallm.config import ConfigError, DataConfig, JobConfig
-
-MICRO_LLM = "micro-llm"  # model.base naming the shipped micro LLM
+from dallm.llm.source import require_bitsandbytes, resolve_llm_base
 
 
 def _err(key: str, reason: str) -> ConfigError:
@@ -81,35 +80,9 @@ def load_texts(dc: DataConfig, seed: int) -> Texts:
     return Texts(train, validation, _read_all(dc.base, "data.base", dc.text_key))
 
 
-def resolve_llm_base(base: str) -> str:
-    """ "micro-llm" -> the shipped micro LLM folder; a folder -> its absolute path; else a hub id."""
-    from dallm.preflight import HUB_ID
-
-    if base == MICRO_LLM:
-        from dallm.micro_llm import MODEL_DIR
-
-        if not (MODEL_DIR / "config.json").is_file():
-            raise _err(
-                "model.base", f"the micro LLM {MODEL_DIR} is missing; rebuild it with `dallm micro build-llm`"
-            )
-        return str(MODEL_DIR)
-    path = Path(base).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise _err("model.base", f"{path} is not a transformers model folder (no config.json)")
-        return str(path.resolve())
-    if base.startswith((".", "/", "~")) or base.count("/") > 1 or not HUB_ID.fullmatch(base):
-        raise _err(
-            "model.base", f"{base!r} is neither 'micro-llm', an existing folder nor a hub id (org/name)"
-        )
-    return base
-
-
 def preflight_llm(cfg: JobConfig) -> None:
     """ConfigError (one line) when an LLM job could not start: its model or its texts."""
     resolve_llm_base(cfg.model.base)
     load_texts(cfg.data, cfg.seed)
     if cfg.model.quantize == "4bit":
-        from dallm.llm.model import require_bitsandbytes
-
         require_bitsandbytes()

@@ -1,7 +1,7 @@
 """What plays KID's part for an LLM job: perplexities with a spread, and fixed-prompt generations.
 
-`LlmEvaluator` has the image `LiveEvaluator`'s interface (`due`, `run`, `finish`, `result`,
-`kid_on`, `samples_on`), so `dallm.engine.job.Job` runs it unchanged:
+`LlmEvaluator` is a `dallm.eval.interface.Evaluator`, as the image `LiveEvaluator` is, so
+`dallm.engine.job.Job` runs it unchanged (`dallm.eval.schedule.EvalSchedule` says what is due):
 - perplexity (`dallm.micro_llm.metrics`: corpus perplexity, bootstrap std over texts) of the held-out
   target texts (`ppl_val`), the training texts (`ppl_train`) and base-distribution text
   (`ppl_base`: forgetting); the base model's own figures once, as `base_ppl_*`;
@@ -9,26 +9,25 @@
   written to `samples/step-NNNNNN.txt` (the base model's to `samples/base.txt`) and sent as a
   `SampleEvent` carrying the texts.
 
-The early-stop policy compares validation figures at evaluated steps (`monitor.select`); the image
-loop hands it `kid_val`, and this evaluator hands it `ppl_val` itself (`attach`): lower is better
-for both, so "best_val_kid" selects the lowest validation perplexity here.
+The early-stop policy compares the validation measure at evaluated steps (`monitor.select`): the
+loop hands it this evaluator's `validation_measure`, `ppl_val` (an image job's is `kid_val`); lower
+is better for both, so "best_val_kid" selects the lowest validation perplexity here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
 from dallm.config import JobConfig
-from dallm.engine.checkpoint import TrainState
-from dallm.eval.interface import Arrived, InLoopResults
+from dallm.eval.interface import Arrived, InLoopResults, Weights
+from dallm.eval.schedule import EvalSchedule
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
 from dallm.micro_llm.metrics import model_perplexity
-from dallm.monitor.early_stop import EarlyStop
 from dallm.protocol import Emit, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
 
 SETS = ("val", "train", "base")
@@ -39,62 +38,45 @@ def sample_file(step: int | None) -> str:
 
 
 class LlmEvaluator(InLoopResults):
-    def __init__(self, cfg: JobConfig, parts: LlmParts, texts: Texts, out_dir: Path, emit: Emit) -> None:
+    validation_measure = "ppl_val"
+
+    def __init__(
+        self, cfg: JobConfig, parts: LlmParts, texts: Texts, out_dir: Path, emit: Emit, schedule: EvalSchedule
+    ) -> None:
         self.cfg, self.parts, self.out_dir, self.emit = cfg, parts, Path(out_dir), emit
         self.sets = {"val": texts.validation, "train": texts.train, "base": texts.base}
-        self.samples_on = cfg.samples.every > 0 and bool(cfg.samples.prompts)
-        self.kid_on = cfg.eval.every > 0  # the name the loop asks for: "measures on a schedule"
+        self.schedule = schedule
         self.history: dict[int, dict[str, float]] = {}  # step -> ppl_* of that step
         self.base_values: dict[str, float] = {}
         self.sample_steps: list[int] = []
         self.eval_seconds: list[float] = []
-        self.early: EarlyStop | None = None
-        self.weights: Callable[[int], TrainState] | None = None
         self._arrived: list[Arrived] = []
-
-    def attach(self, early: EarlyStop | None, weights: Callable[[int], TrainState]) -> None:
-        """The early-stop policy to hand `ppl_val` to, and how to read the current weights."""
-        self.early, self.weights = early, weights
-
-    # -- schedule -------------------------------------------------------------------------------
-
-    def samples_due(self, step: int) -> bool:
-        return self.samples_on and step > 0 and step % self.cfg.samples.every == 0
-
-    def ppl_due(self, step: int) -> bool:
-        return self.kid_on and step > 0 and step % self.cfg.eval.every == 0
-
-    def due(self, step: int) -> bool:
-        return self.samples_due(step) or self.ppl_due(step)
 
     # -- the loop's interface (dallm.engine.job.Job): evaluated here, in the training process ----------
 
-    def submit(self, step: int, weights: Callable[[int], TrainState]) -> None:
-        """Evaluate what is due at `step` now (`collect` hands the values out). The perplexities
-        reach the early-stop policy through `attach`, so the `Arrived` carries no weights."""
-        self._arrived.append(Arrived(step, self.run(step)))
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def submit(self, step: int, weights: Weights) -> None:
+        """Evaluate what is due at `step` now (`collect` hands the values out), with the weights
+        when early stopping may return them."""
+        values = self.run(step)
+        keep = self.validation_measure in values
+        self._arrived.append(Arrived(step, values, weights(step) if keep else None))
 
     def run(self, step: int) -> dict[str, float]:
         """Generations and/or perplexities of the current weights at `step`."""
         self.history = {s: v for s, v in self.history.items() if s < step}  # after a rollback + resume
         self.sample_steps = [s for s in self.sample_steps if s < step]
         values: dict[str, float] = {}
-        if self.samples_due(step):
+        if self.schedule.samples_due(step):
             self.samples(step)
-        if self.ppl_due(step):
+        if self.schedule.measure_due(step):
             values = self.evaluate(step)
-            self._record(step, values, current=True)
         return values
 
     def _phase(self, phase: Phase, step: int) -> None:
         self.emit(PhaseEvent(phase=phase, step=step, at=time.time()))
-
-    def _record(self, step: int, values: dict[str, float], current: bool) -> None:
-        if self.early is not None and "ppl_val" in values:
-            state = self.weights(step) if current and self.weights is not None else None
-            self.early.record_kid(
-                step, {"kid_val": values["ppl_val"], "kid_val_std": values["ppl_val_std"]}, state
-            )
 
     # -- perplexities ---------------------------------------------------------------------------
 
@@ -181,26 +163,34 @@ class LlmEvaluator(InLoopResults):
     def finish(self, final_step: int) -> dict[str, float]:
         """Generations and perplexities of the stop step (unless made there already)."""
         out: dict[str, float] = {}
-        if self.samples_on and final_step not in self.sample_steps:
+        if self.schedule.samples_on and final_step not in self.sample_steps:
             self.samples(final_step)
-        if self.kid_on:
+        if self.schedule.measures:
             if final_step in self.history:
                 out.update(self.history[final_step])
             else:
                 out.update(self.evaluate(final_step))
                 self.emit(MetricsEvent(step=final_step, values=dict(out)))
-                self._record(final_step, out, current=False)
         if self.eval_seconds:
             n, total = len(self.eval_seconds), sum(self.eval_seconds)
             self.emit(LogEvent(message=f"evaluation: {n} perplexity runs, {total / n:.2f} s each"))
         return out
 
-    def result(self, result_step: int, turning_step: int | None, final_step: int) -> dict[str, float]:
-        """Perplexities of the result weights (the caller loads them first) as result_ppl_*, and the
-        turning point's as turning_ppl_* when it was evaluated."""
-        if not self.kid_on:
+    def result(
+        self,
+        result_step: int,
+        turning_step: int | None,
+        final_step: int,
+        result_weights: AbstractContextManager[None],
+    ) -> dict[str, float]:
+        """Perplexities of the result weights (`result_weights` holds them in the model while
+        measured) as result_ppl_*, and the turning point's as turning_ppl_* when it was evaluated."""
+        if not self.schedule.measures:
             return {}
-        res = self.history.get(result_step) or self.evaluate(result_step)
+        res = self.history.get(result_step)
+        if not res:
+            with result_weights:
+                res = self.evaluate(result_step)
         out = {f"result_{k}": v for k, v in res.items() if k.startswith("ppl_")}
         at_tp = self.history.get(turning_step) if turning_step is not None else None
         if at_tp is not None:

@@ -18,7 +18,7 @@ import torch
 
 from dallm.config import ConfigError, JobConfig
 from dallm.engine.lora import ADAPTER, peft_config
-from dallm.llm.data import resolve_llm_base
+from dallm.llm.source import require_bitsandbytes, resolve_llm_base
 
 
 @dataclass
@@ -27,17 +27,6 @@ class LlmParts:
     tokenizer: Any
     source: str  # the folder or hub id the base came from
     lora_config: Any  # the peft LoraConfig (written with the adapter)
-
-
-def require_bitsandbytes() -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            'model.quantize: "4bit" needs bitsandbytes (pip install bitsandbytes) and a CUDA device',
-            "model.quantize",
-            "4bit needs bitsandbytes",
-        ) from None
 
 
 def weight_dtype(device: torch.device) -> torch.dtype:

@@ -1,8 +1,9 @@
-"""One LLM training step and the state around it: `LlmTrainer`, the image `Trainer`'s twin.
+"""One LLM training step and the state around it: `LlmTrainer`, the `ImageTrainer`'s twin.
 
-`dallm.engine.job.Job` drives it exactly as it drives the image trainer (step, state, weights, load,
-write_weights), so checkpoints, snapshots, rollback and resume are the same code. The state kept is
-the LoRA factors only (peft keys); W0 stays in the peft base layers, where CS reads it.
+`dallm.engine.job.Job` drives it exactly as it drives the image trainer (`dallm.engine.job.Trainer`:
+step, state, weights, load, write_weights), so checkpoints, snapshots, rollback and resume are the
+same code. The state kept is the LoRA factors only (peft keys, in `TrainState.lora`); W0 stays in
+the peft base layers, where CS reads it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch
 from dallm.config import JobConfig
 from dallm.engine.checkpoint import TrainState, capture_rng, deep_copy_state, restore_rng
 from dallm.engine.lora import ADAPTER, load_lora_state, lora_parameters, lora_state
-from dallm.image.data import batch_indices
-from dallm.image.trainer import optimizer_and_schedule
+from dallm.engine.training import batch_indices, optimizer_and_schedule
 from dallm.llm.data import Texts
 from dallm.llm.model import LlmParts
 from dallm.micro_llm.metrics import IGNORE, encode
@@ -83,7 +83,7 @@ class LlmTrainer:
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}")
         return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
 
-    # -- state (the LoRA factors go in TrainState.unet_lora: "the model's LoRA") ----------------
+    # -- state (the LoRA factors go in TrainState.lora) ----------------
 
     def weights(self, step: int) -> TrainState:
         return TrainState(step, lora_state(self.parts.model))
@@ -98,7 +98,7 @@ class LlmTrainer:
 
     def load(self, s: TrainState) -> None:
         """Put `s` back: the LoRA always; optimizer, scheduler and RNG when `s` has them."""
-        load_lora_state(self.parts.model, s.unet_lora)
+        load_lora_state(self.parts.model, s.lora)
         if s.optimizer is not None:
             self.optimizer.load_state_dict(deep_copy_state(s.optimizer))
         if s.lr_scheduler is not None:
@@ -108,7 +108,7 @@ class LlmTrainer:
 
     def write_weights(self, folder: Path, s: TrainState) -> None:
         """The LoRA of `s` as a peft adapter folder (adapter_config.json, adapter_model.safetensors)."""
-        write_adapter(folder, self.parts, s.unet_lora)
+        write_adapter(folder, self.parts, s.lora)
 
     @property
     def trainable_params(self) -> int:

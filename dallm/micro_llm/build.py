@@ -45,7 +45,7 @@ class Recipe:
 
 
 @dataclass
-class EvalSizes:
+class LlmEvalSizes:
     base_texts: int = 400  # held-out base text (a seed the training corpus does not use)
     teacher_texts: int = 400
     generations: int = 200  # sampled from BOS for the grammaticality rate
@@ -148,7 +148,7 @@ def generate(model, tokenizer, n: int, seed: int, prompt: str = "", temperature:
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-def evaluate(model, tokenizer, sizes: EvalSizes, seed: int) -> dict:
+def evaluate(model, tokenizer, sizes: LlmEvalSizes, seed: int) -> dict:
     base = world.corpus(sizes.base_texts, "base", seed + 1000)
     teacher = world.corpus(sizes.teacher_texts, "teacher", seed + 1000)
     ppl_base = model_perplexity(model, tokenizer, base, seed=seed)
@@ -197,7 +197,7 @@ def build(
     out: Path,
     seed: int = 0,
     recipe: Recipe | None = None,
-    sizes: EvalSizes | None = None,
+    sizes: LlmEvalSizes | None = None,
     threads: int = 1,
     command: str | None = None,
     log: Callable[[str], None] = print,
@@ -207,7 +207,7 @@ def build(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = recipe or Recipe()
-    sizes = sizes or EvalSizes()
+    sizes = sizes or LlmEvalSizes()
     torch.set_num_threads(threads)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)

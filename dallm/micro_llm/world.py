@@ -1,6 +1,6 @@
 """The micro LLM's world: short descriptions of the micro image world's scenes, in two dialects.
 
-A scene (`Scene`) has a shape, a foreground and a background colour (different), a size and a
+A scene (`TextScene`) has a shape, a foreground and a background colour (different), a size and a
 position. The base dialect describes it in two or three plain sentences drawn from a few
 templates ("a small red circle on a blue background. it is on the left."), stating each
 attribute exactly once. The teacher dialect, which the base model never sees, is archaic and follows
@@ -36,7 +36,7 @@ N_SCENES = len(SHAPES) * len(COLOURS) * (len(COLOURS) - 1) * len(SIZES) * len(PO
 
 
 @dataclass(frozen=True)
-class Scene:
+class TextScene:
     shape: str
     fg: str
     bg: str
@@ -48,10 +48,10 @@ class Scene:
             raise ValueError(f"scene colours must differ: fg and bg are both {self.fg!r}")
 
 
-def sample_scene(rng: random.Random) -> Scene:
+def sample_scene(rng: random.Random) -> TextScene:
     fg = rng.choice(COLOURS)
     bg = rng.choice([c for c in COLOURS if c != fg])
-    return Scene(rng.choice(SHAPES), fg, bg, rng.choice(SIZES), rng.choice(tuple(POSITIONS)))
+    return TextScene(rng.choice(SHAPES), fg, bg, rng.choice(SIZES), rng.choice(tuple(POSITIONS)))
 
 
 # Base templates. The opener names the shape; details state the attributes it left out, in any
@@ -73,11 +73,11 @@ ATTRIBUTES = ("shape", "fg", "bg", "size", "pos")
 _TEACHER = "behold, upon a field of {bg} doth rest a {shape} of {fg}; {size} it is, and {where} it lies."
 
 
-def _fill(template: str, s: Scene) -> str:
+def _fill(template: str, s: TextScene) -> str:
     return template.format(shape=s.shape, fg=s.fg, bg=s.bg, size=s.size, where=POSITIONS[s.pos])
 
 
-def describe(scene: Scene, dialect: str, rng: random.Random) -> str:
+def describe(scene: TextScene, dialect: str, rng: random.Random) -> str:
     """One text describing `scene` in `dialect` ("base": 2-3 sentences; "teacher": one)."""
     if dialect == "teacher":
         return _fill(_TEACHER, scene)
@@ -100,15 +100,15 @@ def corpus(n: int, dialect: str, seed: int) -> list[str]:
     return [describe(sample_scene(rng), dialect, rng) for _ in range(n)]
 
 
-def split_scenes(n_train: int, n_val: int, seed: int) -> tuple[list[Scene], list[Scene]]:
+def split_scenes(n_train: int, n_val: int, seed: int) -> tuple[list[TextScene], list[TextScene]]:
     """Disjoint train and validation scene lists (no validation scene appears in train)."""
     if n_train + n_val > N_SCENES:
         raise ValueError(
             f"{n_train} + {n_val} scenes requested: the world has only {N_SCENES} distinct scenes"
         )
     rng = random.Random(f"split:{seed}")
-    seen: set[Scene] = set()
-    out: list[Scene] = []
+    seen: set[TextScene] = set()
+    out: list[TextScene] = []
     while len(out) < n_train + n_val:
         s = sample_scene(rng)
         if s not in seen:

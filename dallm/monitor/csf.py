@@ -251,13 +251,6 @@ class TurningPointDetector:
                 return self._final(j)
         return None
 
-    @property
-    def pending_turning_point(self) -> int | None:
-        """The (snapped) second valley found so far but not yet final; the turning point once final."""
-        if self.turning_point is not None:
-            return self.turning_point
-        return self._snap(self.valleys[1]) if len(self.valleys) >= 2 else None
-
     def _final(self, j: int) -> int:
         self.turning_valley = self.valleys[1]
         self.turning_point = self._snap(self.valleys[1])

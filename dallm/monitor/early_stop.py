@@ -1,11 +1,14 @@
 """Early stopping of one run: the only place that holds its early-stop state.
 
 `EarlyStop` owns CS every step (`dallm.monitor.cs`), the turning-point detector (`dallm.monitor.csf`), the turning
-point and the step it was confirmed at (`seen_at`), the validation KIDs of the evaluated steps, the
-in-memory weight snapshots, and the policy `[monitor]` describes: when to stop and which weights to
-return. `dallm.engine.job.Job` asks it; it does no IO.
+point and the step it was confirmed at (`seen_at`), the validation measure of the evaluated steps (KID
+for an image job, perplexity for an LLM job: lower is better for both), the in-memory weight
+snapshots, and the policy `[monitor]` describes: when to stop and which weights to return.
+`dallm.engine.job.Job` asks it; it does no IO. A checkpoint carries its state (`state_dict`,
+`load_state_dict`). `NoEarlyStop` stands in for a job without the monitor.
 
-Snapshots (real copies, `TrainState`s)
+Snapshots (real copies, `dallm.engine.checkpoint.TrainState`s; only their `step`, `copied()` and
+`weights_only()` are used here)
 - at window boundaries while no turning point is known, with the optimizer part (a rollback there
   can resume exactly); those older than the detector's `max_lag` are dropped, as they can no longer
   become the turning point;
@@ -15,10 +18,10 @@ Snapshots (real copies, `TrainState`s)
 
 Policy (`monitor.select`, see `dallm.config.MonitorConfig`)
 - "turning": the turning point's weights (the last step's when none was found);
-- "best_val_kid": the evaluated step with the lowest validation KID;
+- "best_val_kid": the evaluated step with the lowest validation measure;
 - "turning_then_best": the same choice, made when training stops `monitor.margin` steps after the
   turning point was confirmed (with `monitor.early_stop = "auto"`).
-Without validation KID the KID choices fall back to "turning": CS-Fluctuation is the signal when
+Without a validation measure the KID choices fall back to "turning": CS-Fluctuation is the signal when
 there is no held-out set.
 """
 
@@ -27,12 +30,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from torch import Tensor
+from typing import Any, Protocol, Self
 
 from dallm.config import JobConfig, margin_steps, monitor_start, window_steps
-from dallm.engine.checkpoint import TrainState
+
+
+class Snapshot(Protocol):
+    """The weights (and optimizer part) of one step, as `dallm.engine.checkpoint.TrainState` holds them."""
+
+    step: int
+
+    def copied(self) -> Self: ...
+
+    def weights_only(self) -> Self: ...
 
 
 @dataclass
@@ -52,21 +62,13 @@ class Choice:
     within_noise: tuple[int, ...] = ()  # evaluated steps whose KID is within one std of the chosen
 
 
-def copy_weights(state: TrainState) -> TrainState:
-    """A real copy of the weights of `state` (no optimizer part), on the CPU."""
-
-    def cp(d: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-        return None if d is None else {k: v.detach().to("cpu", copy=True) for k, v in d.items()}
-
-    rows = state.token_rows.detach().to("cpu", copy=True) if state.token_rows is not None else None
-    return TrainState(state.step, cp(state.unet_lora) or {}, cp(state.text_encoder_lora), rows)
-
-
 class EarlyStop:
     def __init__(
-        self, unet: Any, cfg: JobConfig, *, has_val_kid: bool, cs_fn: Callable[[], float] | None = None
+        self, model: Any, cfg: JobConfig, *, has_validation: bool, cs_fn: Callable[[], float] | None = None
     ) -> None:
-        """`cs_fn`: CS of the live weights (default: `dallm.monitor.cs.CosineSimilarity` of `unet`)."""
+        """`cs_fn`: CS of the live weights (default: `dallm.monitor.cs.CosineSimilarity` of `model`,
+        the UNet or the LLM with its LoRA); `has_validation`: the job measures a validation set on a
+        schedule, so the KID choices of `monitor.select` have something to compare."""
         from dallm.monitor.cs import CosineSimilarity
 
         mc = cfg.monitor
@@ -74,12 +76,12 @@ class EarlyStop:
         self.window = window_steps(cfg)
         self.margin = margin_steps(cfg)
         self.start = monitor_start(cfg)  # CS up to it is logged, not given to the detector (warm-up)
-        self.cs_fn = (cs_fn or CosineSimilarity(unet)) if mc.cs else None
+        self.cs_fn = (cs_fn or CosineSimilarity(model)) if mc.cs else None
         self.detect = mc.cs and mc.early_stop != "off"
-        self.select = mc.select if has_val_kid else "turning"
+        self.select = mc.select if has_validation else "turning"
         self.history: list[tuple[int, float, float]] = []  # (step, cs, lr): replayed on resume
-        self.kids: dict[int, tuple[float, float]] = {}  # step -> (validation KID, its std)
-        self._snaps: dict[int, TrainState] = {}
+        self.validation: dict[int, tuple[float, float]] = {}  # step -> (validation measure, its std)
+        self._snaps: dict[int, Snapshot] = {}
         self._reset_detector()
 
     def _reset_detector(self) -> None:
@@ -133,42 +135,35 @@ class EarlyStop:
 
     def wants_snapshot(self, step: int) -> bool:
         """Keep the full state of `step` (a boundary that may still become the turning point)."""
-        return self.detect and self.turning_point is None and step % self.window == 0
+        return self.detect and self.turning_point is None and self.detector.is_boundary(step)
 
-    def keep(self, state: TrainState) -> None:
+    def keep(self, state: Snapshot) -> None:
         """Keep `state` (the caller's copy: `Trainer.state` deep-copies), then drop what no one needs."""
         self._snaps[state.step] = state
         self._prune(state.step)
 
-    def record_kid(self, step: int, values: dict[str, float], state: TrainState | None) -> None:
-        """The validation KID of an evaluated step; its weights (copied) when the policy compares KIDs."""
-        if "kid_val" not in values:
-            return
-        self.kids[step] = (values["kid_val"], values.get("kid_val_std", 0.0))
+    def record_validation(self, step: int, value: float, std: float, state: Snapshot | None) -> None:
+        """The validation measure of an evaluated step; its weights (copied) when the policy compares them."""
+        self.validation[step] = (value, std)
         if self.select != "turning" and state is not None and step not in self._snaps:
-            self._snaps[step] = copy_weights(state)
+            self._snaps[step] = state.weights_only().copied()
 
     def _prune(self, current: int) -> None:
         oldest = self.detector.oldest_needed_step(current)
         for s in list(self._snaps):
-            if s < oldest and s != self.turning_point and not (self.select != "turning" and s in self.kids):
+            if (
+                s < oldest
+                and s != self.turning_point
+                and not (self.select != "turning" and s in self.validation)
+            ):
                 del self._snaps[s]
 
-    def snapshot(self, step: int) -> TrainState | None:
+    def snapshot(self, step: int) -> Snapshot | None:
         """A fresh copy of the state kept at `step` (weights, and the optimizer part when kept), or None."""
         s = self._snaps.get(step)
-        if s is None:
-            return None
-        out = copy_weights(s)
-        out.optimizer, out.lr_scheduler, out.grad_scaler, out.rng = (
-            s.optimizer,
-            s.lr_scheduler,
-            s.grad_scaler,
-            s.rng,
-        )
-        return out
+        return s.copied() if s is not None else None
 
-    def snapshots(self) -> list[TrainState]:
+    def snapshots(self) -> list[Snapshot]:
         return [s for s in (self.snapshot(step) for step in sorted(self._snaps)) if s is not None]
 
     # -- what to return --------------------------------------------------------------------------
@@ -176,7 +171,7 @@ class EarlyStop:
     def choose(self, last: int) -> Choice:
         """The weights to return when training ends at step `last` (the stop step)."""
         if self.select != "turning":
-            held = {s: k for s, k in self.kids.items() if s <= last and (s in self._snaps or s == last)}
+            held = {s: k for s, k in self.validation.items() if s <= last and (s in self._snaps or s == last)}
             if held:
                 best = min(held, key=lambda s: held[s][0])
                 kid, std = held[best]
@@ -197,8 +192,71 @@ class EarlyStop:
             if s > step:
                 break
             self._feed(s, cs, lr)
-        self.kids = {s: k for s, k in self.kids.items() if s <= step}
+        self.validation = {s: k for s, k in self.validation.items() if s <= step}
         self._snaps = {s: v for s, v in self._snaps.items() if s <= step}
 
+    # -- checkpoints -----------------------------------------------------------------------------
 
-__all__ = ["Choice", "EarlyStop", "Reading", "copy_weights"]
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this state: the CS history, the validation measures and the
+        snapshots' weights (the keys of `TrainState.extra` since the first checkpoints)."""
+        return {
+            "history": list(self.history),
+            "kids": dict(self.validation),  # the key of the first checkpoints, when it held KIDs only
+            "snapshots": [s.weights_only() for s in self.snapshots()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        """Back to a checkpoint of `step` (`state`: its `state_dict`; empty when written without
+        the monitor): the detector replayed, what came after `step` left out."""
+        self.rewind(step, state.get("history", []))
+        self.validation = {s: k for s, k in state.get("kids", {}).items() if s <= step}
+        for snap in state.get("snapshots", []):
+            if snap.step <= step:
+                self.keep(snap)
+
+
+class NoEarlyStop:
+    """The monitor of a job without one (`monitor.cs = false`, or train.method = "full"): no CS,
+    no turning point, nothing kept; the job returns its last step."""
+
+    select = "turning"
+    turning_point: int | None = None
+    seen_at: int | None = None
+    margin = 0
+
+    def observe(self, step: int, lr: float) -> Reading:
+        return Reading(None, None, None, None)
+
+    def should_stop(self, step: int) -> bool:
+        return False
+
+    def wants_snapshot(self, step: int) -> bool:
+        return False
+
+    def keep(self, state: Snapshot) -> None:
+        pass
+
+    def record_validation(self, step: int, value: float, std: float, state: Snapshot | None) -> None:
+        pass
+
+    def snapshot(self, step: int) -> Snapshot | None:
+        return None
+
+    def snapshots(self) -> list[Snapshot]:
+        return []
+
+    def choose(self, last: int) -> Choice | None:
+        return None  # the caller's own choice: the current step
+
+    def rewind(self, step: int, history: list[tuple[int, float, float]] | None = None) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        pass
+
+
+__all__ = ["Choice", "EarlyStop", "NoEarlyStop", "Reading"]

@@ -67,6 +67,9 @@ class LogEvent(Message):
     message: str
 
 
+JobKind = Literal["image", "llm"]  # model.kind: what a job trains
+
+
 class StartedEvent(Message):
     """The engine is ready and about to run steps `start_step + 1 .. total_steps`."""
 
@@ -78,6 +81,10 @@ class StartedEvent(Message):
     # When the engine stops to evaluate (0: never); with the measured cost, what the ETA adds.
     eval_every: int = 0  # KID
     samples_every: int = 0  # sample grids
+    job_kind: JobKind | None = None  # model.kind (None: an engine that does not say)
+    # The metric of the held-out set that early stopping compares ("kid_val", "ppl_val"; its
+    # spread is "<name>_std"); None: the job measures none.
+    validation_measure: str | None = None
 
 
 # "loading": set by the daemon when it starts a worker (the engine loads model and data).
@@ -132,7 +139,7 @@ class FinishedEvent(Outcome):
 
 
 class JobResult(Outcome):
-    """What the engine returns (`dallm.engine.job.train`), and what a worker reports when it returns."""
+    """What the engine returns (`dallm.engine.dispatch.train`), and what a worker reports when it returns."""
 
     out_dir: Path
     turning_point: int | None = None
@@ -218,7 +225,7 @@ class PhaseEmit:
 
 
 class Engine(Protocol):
-    """What runs a job: `dallm.engine.job.train`, or a test double. It emits events, obeys the commands
+    """What runs a job: `dallm.engine.dispatch.train`, or a test double. It emits events, obeys the commands
     `poll` hands it between steps, writes into `out_dir` and returns the result; drawing progress
     is the caller's business (wrap `emit`)."""
 

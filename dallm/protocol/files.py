@@ -41,8 +41,9 @@ _CHECKPOINT = re.compile(r"^step-(\d+)$")
 
 def checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the checkpoints under `root` (a job's checkpoints/), oldest first, without
-    importing torch (for the daemon). Engines write `.tmp-step-N` and rename it into place once
-    complete, so every `step-N` folder is a whole checkpoint."""
+    importing torch (the daemon reads them too). The one definition of a complete checkpoint:
+    engines write `.tmp-step-N` and rename it into place once complete, so every `step-N` folder
+    is a whole checkpoint."""
     if not root.is_dir():
         return []
     found = []
@@ -117,11 +118,6 @@ def write_metric_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(t + "\n" for t in lines), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of steps up to `step` as they were written (and drop a torn last line)."""
-    write_metric_lines(path, [text for text, _ in metric_lines_upto(path, step)])
 
 
 class EvalSummary(_Scalars):

@@ -16,6 +16,7 @@ from pydantic import Field, TypeAdapter
 from dallm.protocol.events import (
     FinishedEvent,
     JobEventTypes,
+    JobKind,
     Message,
     MetricsEvent,
     PhaseEvent,
@@ -64,8 +65,10 @@ class JobSummary(Message):
     eval_stop_seconds: float | None = None  # measured mean wall time of one such stop
     peak_rss_mb: float | None = None  # the worker's peak resident memory (UsageEvent)
     peak_gpu_mb: float | None = None  # torch's peak GPU allocation in the worker
-    kind: Literal["image", "llm"] = "image"  # what the job trains (clients draw its measures by it)
-    validation_measure: str = "KID val"  # what the job measures on validation data, as clients name it
+    # What the job trains ("image", "llm") and the name of its validation measure ("kid_val",
+    # "ppl_val"), as its engine said when it started (StartedEvent); None before that.
+    kind: JobKind | None = None
+    validation_measure: str | None = None
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes
@@ -101,6 +104,8 @@ def summary_changes(event: Any) -> dict[str, Any]:
             "device": event.device,
             "eval_every": event.eval_every,
             "samples_every": event.samples_every,
+            "kind": event.job_kind,
+            "validation_measure": event.validation_measure,
         }
     if isinstance(event, RolledBackEvent):
         return {"step": event.step}

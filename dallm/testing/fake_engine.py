@@ -1,4 +1,4 @@
-"""A fast, deterministic stand-in for `dallm.engine.job.train` (an `Engine`), for daemon tests and the
+"""A fast, deterministic stand-in for `dallm.engine.dispatch.train` (an `Engine`), for daemon tests and the
 daemon benchmark: `dallm-daemon start --runner dallm.testing.fake_engine:train`.
 
 Same contract as the engine: emits StartedEvent, PhaseEvents as the engine does (training, sampling,
