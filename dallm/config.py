@@ -211,6 +211,9 @@ class SamplesConfig(_Section):
     temperature: float = Field(default=0.0, ge=0)
 
 
+VAL_LOSS_TIMESTEPS = (10, 350, 500, 650, 990)  # of 1,000 training timesteps (sd-scripts PR #1856)
+
+
 class EvalConfig(_Section):
     every: int = Field(default=0, ge=0)  # 0: off (still at the end when val_dir or prompts are set)
     features: str = "micro"  # micro | inception | clip:FOLDER
@@ -238,6 +241,29 @@ class EvalConfig(_Section):
     # a key of exactly what makes them (None: $DALLM_CACHE, else <dallm home>/cache/eval).
     cache: bool = True
     cache_dir: Path | None = None
+    # Issue 23's evidence (library: dallm.eval.val_loss, fidelity, kid_spread; docs/evaluation.md).
+    # The validation loss on eval.val_dir: timesteps of a 1,000-step schedule (scaled to the
+    # model's; kohya's PR #1856), fixed noise; [] turns it off.
+    val_loss_timesteps: list[int] = Field(default_factory=lambda: list(VAL_LOSS_TIMESTEPS))
+    fidelity_prompts: int = Field(default=48, ge=0)  # held-out prompts for prompt fidelity; 0: off
+    # Who judges prompt fidelity: "micro" (the feature net's heads) or "clip:FOLDER" (a CLIP score);
+    # None: micro for the micro model, else eval.features when it is clip:FOLDER (`fidelity_judge`).
+    fidelity: str | None = None
+    kid_bootstrap: int = Field(default=1000, ge=2)  # replicates for KID's std of the mean and paired diffs
+
+    @field_validator("val_loss_timesteps")
+    @classmethod
+    def _val_loss_timesteps(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= t < 1000 for t in v) or len(set(v)) != len(v):
+            raise ValueError(f"{v}: distinct timesteps of a 1,000-step schedule (0-999), e.g. [10, 500, 990]")
+        return v
+
+    @field_validator("fidelity")
+    @classmethod
+    def _fidelity(cls, v: str | None) -> str | None:
+        if v is not None and v != "micro" and not (v.startswith("clip:") and len(v) > 5):
+            raise ValueError(f"unknown fidelity judge {v!r}; use micro or clip:FOLDER")
+        return v
 
     @field_validator("max_images")
     @classmethod
@@ -498,6 +524,18 @@ def window_steps(cfg: JobConfig, train_size: int | None = None) -> int:
 def margin_steps(cfg: JobConfig, train_size: int | None = None) -> int:
     """monitor.margin in steps, as `window_steps`."""
     return _span(cfg, cfg.monitor.margin, 0, train_size)
+
+
+def fidelity_judge(cfg: JobConfig) -> str | None:
+    """What judges prompt fidelity: eval.fidelity, else "micro" for the micro model, else the
+    clip:FOLDER of eval.features; None when there is nothing to judge with (or fidelity_prompts = 0)."""
+    if cfg.eval.fidelity_prompts == 0 or cfg.model.kind == "llm":
+        return None
+    if cfg.eval.fidelity is not None:
+        return cfg.eval.fidelity
+    if cfg.model.base == "micro":
+        return "micro"
+    return cfg.eval.features if cfg.eval.features.startswith("clip:") else None
 
 
 def monitor_start(cfg: JobConfig) -> int:

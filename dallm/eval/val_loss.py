@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dallm.config import VAL_LOSS_TIMESTEPS
 from dallm.image.sampling import encode_prompts, sampling_mode
 from dallm.image.trainer import diffusion_target
 
-KOHYA_TIMESTEPS = (10, 350, 500, 650, 990)  # of 1,000 training timesteps (sd-scripts PR #1856)
+KOHYA_TIMESTEPS = (
+    VAL_LOSS_TIMESTEPS  # of 1,000 training timesteps (sd-scripts PR #1856); eval.val_loss_timesteps
+)
 VAL_NOISE_SEED = 1856
 
 
