@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dallm.eval.evidence import checkpoint_evidence
 from dallm.eval.kid_spread import kid_mean, paired_kid_difference, split_references
 from dallm.monitor.selection import Evidence, select_checkpoint
 
@@ -95,20 +96,19 @@ def test_end_to_end_on_split_references():
     noise = rng.normal(0.0, 1.0, (100, 8))  # the same prompts and noise for every checkpoint
     shifts = {30: 0.8, 60: 0.4, 90: 0.15, 120: 0.16, 150: 0.3}
     samples = {s: noise + v for s, v in shifts.items()}
-    choose, report = split_references(len(refs), seed=0)
-    recs = []
-    for s, x in samples.items():
-        m = kid_mean(x, refs[choose], n_boot=200)
-        recs.append(
-            Evidence(s, kid=m.mean, kid_std=m.std, kid_report=kid_mean(x, refs[report], n_boot=2).mean)
-        )
+    fidelity = {30: 1.0, 60: 0.95, 90: 0.9, 120: 0.9, 150: 0.5}
+    recs, paired = checkpoint_evidence(samples, refs, fidelity=fidelity, n_boot=200)
+    choose, report = split_references(len(refs))
+    r90 = next(r for r in recs if r.step == 90)
+    assert r90.kid == pytest.approx(kid_mean(samples[90], refs[choose], n_boot=2).mean)
+    assert r90.kid_report == pytest.approx(kid_mean(samples[90], refs[report], n_boot=2).mean)
+    assert r90.fidelity == 0.9 and r90.val_loss is None and r90.kid_std > 0
+    p = paired_kid_difference(samples[90], samples[120], refs[choose], n_boot=200)
+    assert paired(90, 120) == (p.diff, p.low, p.high)
 
-    def paired(a: int, b: int) -> tuple[float, float, float]:
-        p = paired_kid_difference(samples[a], samples[b], refs[choose], n_boot=200)
-        return p.diff, p.low, p.high
-
-    s = select_checkpoint(recs, paired=paired)
-    assert s.step == 90 and s.signal == "val KID" and s.runner_up == 120
+    s = select_checkpoint(recs, base_fidelity=1.0, paired=paired)
+    assert s.step == 90 and s.signal == "val KID with fidelity guard" and s.runner_up == 120
+    assert s.excluded == (150,)
     d, lo, hi = s.margin
     assert lo <= 0 <= hi  # 90 and 120 are within each other's paired interval: the earlier one
-    assert s.reported_kid == next(r.kid_report for r in recs if r.step == 90)
+    assert s.reported_kid == r90.kid_report and s.reported_on_held_out_half
