@@ -19,9 +19,20 @@ from dallm.config.files import (
     resolve_paths,
     save_config,
 )
-from dallm.config.job import LLM_ATTENTION, LLM_MLP, JobConfig, margin_steps, monitor_start, window_steps
+from dallm.config.job import (
+    LLM_ATTENTION,
+    LLM_MLP,
+    JobConfig,
+    epoch_steps,
+    fidelity_judge,
+    margin_steps,
+    monitor_start,
+    training_set_size,
+    window_steps,
+)
 from dallm.config.sections import (
     HUB_ID,
+    VAL_LOSS_TIMESTEPS,
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -32,7 +43,6 @@ from dallm.config.sections import (
     SamplesConfig,
     TokensConfig,
     TrainConfig,
-    steps_of,
 )
 
 __all__ = [
@@ -62,6 +72,9 @@ __all__ = [
     "parse_override",
     "resolve_paths",
     "save_config",
-    "steps_of",
+    "training_set_size",
+    "epoch_steps",
+    "fidelity_judge",
+    "VAL_LOSS_TIMESTEPS",
     "window_steps",
 ]

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from dallm.config.sections import (
     CheckpointConfig,
+    ConfigError,
     DataConfig,
     EvalConfig,
     LoraConfig,
@@ -19,8 +20,8 @@ from dallm.config.sections import (
     TokensConfig,
     TrainConfig,
     _Section,
-    steps_of,
 )
+from dallm.monitor.window import Span, epochs_of, span_steps, steps_per_epoch
 
 
 class JobConfig(_Section):
@@ -46,11 +47,13 @@ class JobConfig(_Section):
             raise ValueError("data.dir: required (a folder of target images)")
         elif self.data.train or self.data.validation or self.data.base:
             raise ValueError('data.train: text files are for model.kind = "llm"; images go in data.dir')
-        window = steps_of(self.monitor.window, steps, 2)
-        if window > steps:
+        # A window in epochs is known only with the training set (EarlyStop resolves it); a default
+        # window longer than a short run is no error: CS-Fluctuation is just never computed.
+        window = span_steps(self.monitor.window, steps, 2) if epochs_of(self.monitor.window) is None else 0
+        if window > steps and "window" in self.monitor.model_fields_set:
             raise ValueError(f"monitor.window: {self.monitor.window} is larger than train.steps ({steps})")
         start = self.monitor.start_step
-        if start is not None and start + 3 * window > steps:
+        if start is not None and window and start + 3 * window > steps:
             raise ValueError(
                 f"monitor.start_step: {start} leaves fewer than 3 windows ({3 * window} steps) "
                 f"before train.steps ({steps}); CS-Fluctuation would never be computed"
@@ -118,14 +121,54 @@ def _llm_consistent(cfg: JobConfig) -> None:
         raise ValueError('model.quantize: "4bit" needs a CUDA device (bitsandbytes)')
 
 
-def window_steps(cfg: JobConfig) -> int:
-    """monitor.window in steps (a fraction is of train.steps)."""
-    return steps_of(cfg.monitor.window, cfg.train.steps, 2)
+def training_set_size(cfg: JobConfig) -> int:
+    """The number of training images (data.dir's image files, at most data.limit), for an epoch.
+
+    The job knows the loaded set and passes its size instead (`window_steps(cfg, train_size)`); this
+    count is for callers without it. LLM jobs must pass it (their texts are parsed from files)."""
+    if cfg.model.kind == "llm" or cfg.data.dir is None:
+        raise ConfigError("monitor.window: in epochs, the training set's size is needed", "monitor.window")
+    from dallm.image.files import image_files
+
+    try:
+        n = len(image_files(cfg.data.dir))
+    except OSError as e:
+        raise ConfigError(f"data.dir: {cfg.data.dir}: cannot list ({e.strerror})", "data.dir") from None
+    return min(n, cfg.data.limit) if cfg.data.limit else n
 
 
-def margin_steps(cfg: JobConfig) -> int:
-    """monitor.margin in steps (a fraction is of train.steps)."""
-    return steps_of(cfg.monitor.margin, cfg.train.steps, 0)
+def epoch_steps(cfg: JobConfig, train_size: int | None = None) -> int:
+    """Optimizer steps per epoch: every training item once at train.batch_size x train.grad_accum."""
+    n = train_size if train_size is not None else training_set_size(cfg)
+    return steps_per_epoch(n, cfg.train.batch_size, cfg.train.grad_accum)
+
+
+def _span(cfg: JobConfig, span: Span, minimum: int, train_size: int | None) -> int:
+    epochs = epoch_steps(cfg, train_size) if epochs_of(span) is not None else None
+    return span_steps(span, cfg.train.steps, minimum, epochs)
+
+
+def window_steps(cfg: JobConfig, train_size: int | None = None) -> int:
+    """monitor.window in steps (a fraction is of train.steps; epochs need the training set's size,
+    `train_size`, else `training_set_size` counts data.dir)."""
+    return _span(cfg, cfg.monitor.window, 2, train_size)
+
+
+def margin_steps(cfg: JobConfig, train_size: int | None = None) -> int:
+    """monitor.margin in steps, as `window_steps`."""
+    return _span(cfg, cfg.monitor.margin, 0, train_size)
+
+
+def fidelity_judge(cfg: JobConfig) -> str | None:
+    """What judges prompt fidelity: eval.fidelity, else "micro" for the micro model, else the
+    clip:FOLDER of eval.features; None when there is nothing to judge with (or fidelity_prompts = 0)."""
+    if cfg.eval.fidelity_prompts == 0 or cfg.model.kind == "llm":
+        return None
+    if cfg.eval.fidelity is not None:
+        return cfg.eval.fidelity
+    if cfg.model.base == "micro":
+        return "micro"
+    return cfg.eval.features if cfg.eval.features.startswith("clip:") else None
 
 
 def monitor_start(cfg: JobConfig) -> int:

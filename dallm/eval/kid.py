@@ -65,7 +65,8 @@ def subset_for(requested: int | None, n_a: int, n_b: int) -> tuple[int, str | No
     return requested, None
 
 
-def _as_features(x: Tensor | np.ndarray, name: str) -> Tensor:
+def as_features(x: Tensor | np.ndarray, name: str) -> Tensor:
+    """A float64 CPU [N, D] matrix of at least 2 finite rows; ValueError naming `name` otherwise."""
     t = torch.as_tensor(x).detach().to("cpu", torch.float64)
     if t.ndim != 2:
         raise ValueError(f"KID: {name} must be a [N, D] feature matrix, got shape {tuple(t.shape)}")
@@ -74,6 +75,11 @@ def _as_features(x: Tensor | np.ndarray, name: str) -> Tensor:
     if not torch.isfinite(t).all():
         raise ValueError(f"KID: {name} contains NaN or infinite features")
     return t
+
+
+def polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
+    """KID's kernel matrix k(x_i, y_j) = (x_i . y_j / d + 1)^3 (d the feature dimension)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
 
 
 def _mmd2(kxx: Tensor, kyy: Tensor, kxy: Tensor) -> float:
@@ -91,21 +97,17 @@ def kid(
     seed: int = 0,
 ) -> tuple[float, float]:
     """KID between two feature sets [N_a, D] and [N_b, D]: (mean, std) over random subsets."""
-    a = _as_features(feats_a, "feats_a")
-    b = _as_features(feats_b, "feats_b")
+    a = as_features(feats_a, "feats_a")
+    b = as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"KID: feature dimensions differ ({a.shape[1]} vs {b.shape[1]})")
     if subset_size < 2:
         raise ValueError(f"KID: subset_size must be >= 2, got {subset_size}")
     if num_subsets < 1:
         raise ValueError(f"KID: num_subsets must be >= 1, got {num_subsets}")
-    d = a.shape[1]
     m = min(subset_size, len(a), len(b))
     subsets = subset_indices(len(a), len(b), m, num_subsets, seed)
-
-    def kernel(x: Tensor, y: Tensor) -> Tensor:
-        return (x @ y.T / d + 1) ** 3
-
+    kernel = polynomial_kernel
     values = []
     na, nb = len(a), len(b)
     if na * na + nb * nb + na * nb <= _GRAM_BUDGET:
@@ -242,4 +244,13 @@ def choose_sample_count(
     )
 
 
-__all__ = ["STD_EXPONENT", "SampleCount", "choose_sample_count", "kid", "subset_for", "subset_indices"]
+__all__ = [
+    "STD_EXPONENT",
+    "SampleCount",
+    "as_features",
+    "choose_sample_count",
+    "kid",
+    "polynomial_kernel",
+    "subset_for",
+    "subset_indices",
+]

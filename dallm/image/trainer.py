@@ -37,6 +37,14 @@ def _scale(model: Any) -> float:
     return values.pop() if len(values) == 1 else 1.0
 
 
+def diffusion_target(sched: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict at timesteps `t`: the noise (epsilon) or the velocity (v-prediction).
+
+    The training loss and the validation loss (`dallm.eval.val_loss`) both use it.
+    """
+    return noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+
+
 class ImageTrainer:
     """The model, optimizer and the per-step logic of one job."""
 
@@ -133,7 +141,7 @@ class ImageTrainer:
         noisy = sched.add_noise(latents, noise, t)
         if cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t)
         ids = self._token_ids(captions)
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.use_autocast

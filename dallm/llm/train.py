@@ -40,7 +40,7 @@ def train_llm(cfg: JobConfig, out: Path, ckpt: Path | None, emit: PhaseEmit, pol
     trainer = LlmTrainer(cfg, parts, texts, device)
     schedule = eval_schedule(cfg).with_validation(bool(texts.validation))
     early = (
-        EarlyStop(parts.model, cfg, has_validation=schedule.compares_validation)
+        EarlyStop(parts.model, cfg, has_validation=schedule.compares_validation, train_size=len(texts.train))
         if cfg.monitor.cs
         else NoEarlyStop()
     )
