@@ -164,3 +164,13 @@ def test_one_class_per_name() -> None:
             if isinstance(node, ast.ClassDef):
                 seen.setdefault(node.name, []).append(module)
     assert {name: where for name, where in seen.items() if len(where) > 1} == {}
+
+
+def test_every_package_is_listed_for_installation() -> None:
+    """pyproject lists packages by hand (the package-dir mapping); a new subpackage left out installs
+    with an editable checkout but is missing from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {m for m, p in module_files().items() if p.name == "__init__.py"}
+    assert packages - listed == set()
