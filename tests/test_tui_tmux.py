@@ -1,7 +1,8 @@
 # ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
 """End to end as a person sees it: a real daemon runs the micro quickstart, `dallm-tui` runs in a
 tmux pane, and the screen (tmux capture-pane) shows the job, its charts moving and a thumbnail;
-`s` then `y` stops the job and the daemon reports it stopped-early."""
+`s` then `y` stops the job: the daemon reports it `stopped` (the user stopped it, not the monitor)
+and clears its phase."""
 
 from __future__ import annotations
 
@@ -73,8 +74,10 @@ def test_tui_in_tmux_on_the_micro_quickstart(home: Path, daemons) -> None:
         tmux("send-keys", "-t", session, "s")
         screen_until(session, lambda t: f"Stop job {job.id} (quickstart) now?" in t, timeout=15)
         tmux("send-keys", "-t", session, "y")
-        text = screen_until(session, lambda t: "stopped-early" in t, timeout=120)
-        assert wait_state(d.client(), job.id, "stopped-early").state == "stopped-early"
+        text = screen_until(session, lambda t: re.search(r"\bstopped\b(?!-)", t) is not None, timeout=120)
+        ended = wait_state(d.client(), job.id, "stopped")
+        assert ended.state == "stopped" and ended.phase == "" and ended.phase_since is None
+        assert "stopped-early" not in text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 

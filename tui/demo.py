@@ -193,7 +193,7 @@ class DemoRunner:
                 self.conn.emit(
                     action.job, FinishedEvent(reason="stopped", final_step=row.step, result_step=result)
                 )
-                self.conn.set_state(action.job, "stopped-early", f"stopped at step {row.step}")
+                self.conn.set_state(action.job, "stopped", f"stopped at step {row.step}")
             elif action.kind == "cancel":
                 self.conn.set_state(action.job, "cancelled", "cancelled by the user")
             elif action.kind == "checkpoint":
@@ -210,7 +210,7 @@ class DemoRunner:
         self.conn.emit(row.id, RolledBackEvent(step=step, resume=resume))
         if not resume:
             self.conn.emit(row.id, FinishedEvent(reason="rolled_back", final_step=row.step, result_step=step))
-            self.conn.set_state(row.id, "stopped-early", f"rolled back to step {step}")
+            self.conn.set_state(row.id, "stopped", f"rolled back to step {step}")
 
     def _advance(self, job: int) -> None:
         row = self.conn.summary(job)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dallm.cli import CommandError
 
-DONE = ("finished", "stopped-early")
+DONE = ("finished", "stopped", "stopped-early")
 EXIT_UNAVAILABLE = 3
 
 
