@@ -164,6 +164,7 @@ def train(
 
     step = start
     progress_at = 0.0
+    step_at = time.monotonic()
     try:
         while step < total:
             cmd = get()
@@ -195,7 +196,9 @@ def train(
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
             if fault.get("nan") == step:
                 raise FloatingPointError(f"loss is NaN at step {step}")
-            values = {"loss": loss_at(step), "lr": cfg.train.lr}
+            now = time.monotonic()
+            values = {"loss": loss_at(step), "lr": cfg.train.lr, "steps_per_s": 1 / max(now - step_at, 1e-6)}
+            step_at = now
             if step % window == 0:  # CS once a window; its fluctuation looks 3 windows ahead (Eqs. 3-4)
                 values["cs"] = 0.9 + 0.05 * loss_at(step)
                 if step >= 4 * window:
@@ -205,7 +208,7 @@ def train(
                 values |= {"kid_val": 1.0 / step, "kid_val_std": 0.1 / step}
             if time.monotonic() - progress_at >= 1.0 or step == total:
                 progress_at = time.monotonic()
-                send(ProgressEvent(step=step, values={"loss": loss_at(step), "lr": cfg.train.lr}))
+                send(ProgressEvent(step=step, values={k: values[k] for k in ("loss", "lr", "steps_per_s")}))
             event = MetricsEvent(step=step, values=values)
             for _ in range(fault.get("blast", 1)):
                 send(event)
