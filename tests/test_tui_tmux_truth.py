@@ -39,7 +39,8 @@ def tui(home: Path) -> Iterator:
 
     def start(name: str, width: int, height: int, images: str = "none") -> str:
         session = f"dallm-{name}-{int(time.time() * 1000)}"
-        cmd = f"{sys.executable} -m dallm.tui.app --home {home} --images {images}"
+        # without COLUMNS/LINES, which pytest sets (80x24): Textual would take them over the pane's size
+        cmd = f"env -u COLUMNS -u LINES {sys.executable} -m dallm.tui.app --home {home} --images {images}"
         tmux("new-session", "-d", "-s", session, "-x", str(width), "-y", str(height), cmd)
         sessions.append(session)
         return session
@@ -62,7 +63,7 @@ def test_checkpoint_list_is_the_daemons_after_the_end(daemons, tui) -> None:
     listed = re.compile(r"step\s+(\d+)\s+KID")
     text = screen_until(session, lambda t: "not kept" in t and len(listed.findall(t)) >= 2, timeout=60)
     assert sorted(map(int, listed.findall(text))) == [35, 40], text
-    assert "★ TP 6 not kept" in text and "checkpoint.every" in text
+    assert "★ TP 6 not kept" in text and "checkpoint.every" in text, text
     press_until(session, ["Tab"], lambda t: True)
     press_until(session, ["Down"], lambda t: True)  # from 40 to 35
     text = press_until(session, ["r"], lambda t: re.search(r"back to step \d+", t) is not None)
@@ -100,7 +101,9 @@ def test_thumbnail_fills_its_pane_or_points_to_the_gallery(daemons, tui) -> None
     readable (12x6 cells or more) or replaced by the hint to open the gallery."""
     d = daemons(step_s=0.01)
     c = d.client()
-    job = c.submit(config("thumb-png.32", steps=30, every=100, samples={"every": 10}))
+    job = c.submit(
+        config("thumb-png.32", steps=30, every=100, samples={"every": 10, "prompts": ["a red circle"]})
+    )
     assert wait_state(c, job.id, "finished").state == "finished"
     wide = tui("wide", 200, 50, images="halfblock")
     text = screen_until(wide, lambda t: halfblock_box(t)[0] >= 30, timeout=60)
