@@ -123,9 +123,11 @@ def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from dallm.config import run_name
     from dallm.preflight import checked_config
 
     cfg = checked_config(args.config, args.set)  # ConfigError: one line naming the key; nothing queued
+    cfg = run_name(cfg, args.set or [])  # "quickstart lr=3e-3" unless a --set names it
     with _client(args) as c:
         job = c.submit(
             cfg,
@@ -164,9 +166,10 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start (or reuse) a daemon, submit, watch live (the TUI on a terminal, else a progress view)."""
+    from dallm.config import run_name
     from dallm.preflight import checked_config
 
-    cfg = checked_config(args.config, args.set)
+    cfg = run_name(checked_config(args.config, args.set), args.set or [])
     if args.connect is not None:
         return _run(args, cfg)
     ensure_daemon(args.home, args.devices)

@@ -102,12 +102,12 @@ def _failed(e: Exception, folder: Path) -> CommandError:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dallm.config import ConfigError
+    from dallm.config import ConfigError, run_name
     from dallm.engine.dispatch import train
     from dallm.engine.threads import set_torch_threads
     from dallm.preflight import checked_config
 
-    cfg = checked_config(args.config, args.overrides)
+    cfg = run_name(checked_config(args.config, args.overrides), args.overrides or [])
     try:
         threads = set_torch_threads()
     except ValueError as e:
