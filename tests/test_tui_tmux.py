@@ -95,14 +95,14 @@ def press_until(session: str, keys: list[str], predicate: Callable[[str], bool],
 
 
 def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -> None:
-    """The views on a real daemon (fake engine): two jobs compared (their KID curves overlaid, a
-    legend naming both), and the log tail of a job that failed shows the worker's traceback."""
+    """The views on a real daemon (fake engine): two jobs compared (their KID and loss curves
+    overlaid, a legend naming both, their config differences), and the log tail of a job that failed shows the worker's traceback."""
     from daemon_helpers import config
 
     d = daemons(step_s=0.01)
     c = d.client()
     a = c.submit(config("cmp-a", steps=40, every=20, eval={"every": 10}))
-    b = c.submit(config("cmp-b", steps=40, every=20, eval={"every": 10}))
+    b = c.submit(config("cmp-b", steps=40, every=20, eval={"every": 10}, train={"lr": 0.003}))
     boom = c.submit(config("boom-nan.5", steps=20, every=10))
     for job in (a, b):
         assert wait_state(c, job.id, "finished").state == "finished"
@@ -128,6 +128,9 @@ def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -
         text = screen_until(session, lambda t: "KID (val)" in t and f"{a.id} cmp-a" in t, timeout=30)
         kid_legend = next(line for line in text.splitlines() if "KID (val)" in line)
         assert f"{b.id} cmp-b" in kid_legend and f"{a.id} cmp-a" in kid_legend
+        # their losses, and what differs between their configs (the lr)
+        text = screen_until(session, lambda t: re.search(r"train\.lr\s+0\.003 \| 0\.0001", t) is not None)
+        assert re.search(r"^\s*loss\b.*cmp-", text, re.M) is not None, text
         press_until(session, ["Escape"], lambda t: "Comparing" not in t)
         press_until(session, ["Up"], on(b.id, "cmp-b"))
         press_until(session, ["Up"], on(boom.id, "boom-nan.5"))
@@ -135,6 +138,8 @@ def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -
         text = screen_until(session, lambda t: "FloatingPointError: loss is NaN at step 5" in t, timeout=30)
         assert f"worker log of job {boom.id} (boom-nan.5)" in text
         assert "Traceback (most recent call last):" in text
+        # the training lines a trainer's console prints (ProgressEvent, about once a second)
+        assert re.search(r"step\s+1/20\s+loss \d\.\d{4}\s+lr 1\.0e-04", text) is not None, text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         c.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_tui import anyio_backend, conn, make_app, notifications, until  # noqa: F401 - fixtures
+from textual.widgets import Static
 
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
@@ -107,6 +108,11 @@ async def test_compare_overlays_the_marked_jobs(conn: FakeConnection) -> None:
         assert bottom.title == "KID (val)" and len(bottom.traces[1].steps) == 1000 // 50
         legend = top.render_line(0).text
         assert "1 quickstart-r4" in legend and "2 sweep-r16-n20" in legend
+        # the loss of both, and what differs between their configs (read from the daemon)
+        loss = app.screen.query_one("#compare-loss", Chart)
+        await until(pilot, lambda: len(loss.traces) == 2)
+        diff = app.screen.query_one("#compare-config", Static)
+        await until(pilot, lambda: "config differences (1 | 2):" in str(diff.render()))
         # live: job 1 moves on, its curve grows on the open view
         before = len(top.traces[0].steps)
         from dallm.tui.demo import job_events
