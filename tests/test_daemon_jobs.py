@@ -63,6 +63,7 @@ def test_stop_finishes_at_the_turning_point(daemons) -> None:
         c.stop(job.id)
         s = wait_state(c, job.id, "stopped")
         assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        assert (s.phase, s.phase_since) == ("", None)  # an ended job is in no phase (it was "stopping")
         assert s.step >= 10  # it had trained past the turning point
         result = json.loads((Path(s.out_dir) / "result.json").read_text())
         assert (result["reason"], result["result_step"], result["turning_point"]) == ("stopped", 4, 4)
