@@ -98,7 +98,7 @@ def halfblock_box(text: str) -> tuple[int, int]:
 
 def test_thumbnail_fills_its_pane_or_points_to_the_gallery(daemons, tui) -> None:
     """A 32x32 sample: at 200x50 drawn at least 30 columns wide (half-blocks; 8 before), at 80x24 either
-    readable (12x6 cells or more) or replaced by the hint to open the gallery."""
+    readable (10x5 cells or more) or replaced by the hint to open the gallery."""
     d = daemons(step_s=0.01)
     c = d.client()
     job = c.submit(
@@ -113,7 +113,7 @@ def test_thumbnail_fills_its_pane_or_points_to_the_gallery(daemons, tui) -> None
 
     def judged(t: str) -> bool:
         width, lines = halfblock_box(t)
-        return "g opens the gallery" in t or (width >= 12 and lines >= 6)
+        return "g opens the gallery" in t or (width >= 10 and lines >= 5)
 
     screen_until(small, lambda t: "thumb" in t and judged(t), timeout=60)
     c.close()

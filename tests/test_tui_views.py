@@ -65,7 +65,7 @@ async def test_search_filter_hide_and_sort(conn: FakeConnection) -> None:
         await pilot.press("h", "f")  # back; then only the running ones
         await until(pilot, lambda: table_ids(app) == [1])
         assert app.queue_view.state == "running"
-        for _ in range(5):  # round the cycle back to every state
+        for _ in range(6):  # round the cycle back to every state (stopped, stopped-early on the way)
             await pilot.press("f")
         await until(pilot, lambda: len(table_ids(app)) == 4)
         await pilot.press("o")  # sort by name
@@ -227,7 +227,7 @@ async def test_clone_with_overrides(conn: FakeConnection) -> None:
         assert conn.sent[-1].kind == "clone" and conn.sent[-1].overrides == ("train.steps=50", "lora.rank=8")
         clone = conn.show(5)
         assert clone.summary.total_steps == 50 and clone.config["lora"]["rank"] == 8
-        assert clone.config["name"] == "sweep-r16-n20" and "output_dir" not in clone.config
+        assert clone.config["name"] == "sweep-r16-n20 steps=50 rank=8" and "output_dir" not in clone.config
 
 
 def test_parse_overrides() -> None:

@@ -21,7 +21,7 @@ from textual.widgets import Static
 from dallm.tui import images
 from dallm.tui.model import HistoryView, Sample
 
-MIN_COLS, MIN_ROWS = 12, 6  # the smallest image worth judging, in terminal cells
+MIN_COLS, MIN_ROWS = 10, 5  # the smallest image worth judging, in terminal cells
 TOO_SMALL = "too small to judge here: g opens the gallery"
 
 
