@@ -20,6 +20,7 @@ from dallm.protocol import (
     JobUsage,
     LogEvent,
     MetricsEvent,
+    ProgressEvent,
     ResourcesReply,
     RolledBackEvent,
     SampleEvent,
@@ -111,6 +112,9 @@ def job_events(
         if step % eval_every == 0:
             values |= kid_at(step, total)
         out.append(MetricsEvent(step=step, values=values))
+        if step % 10 == 0 or step == step_to:  # the trainer's step, loss and lr, as an engine says them
+            keep = ("loss", "lr", "steps_per_s", "cs")
+            out.append(ProgressEvent(step=step, values={k: values[k] for k in keep}))
         if samples and step % eval_every == 0:
             out.append(sample_event(step))
         if step % ckpt_every == 0:
