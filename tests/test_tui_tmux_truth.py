@@ -64,9 +64,14 @@ def test_checkpoint_list_is_the_daemons_after_the_end(daemons, tui) -> None:
     text = screen_until(session, lambda t: "not kept" in t and len(listed.findall(t)) >= 2, timeout=60)
     assert sorted(map(int, listed.findall(text))) == [35, 40], text
     assert "★ TP 6 not kept" in text and "checkpoint.every" in text, text
-    press_until(session, ["Tab"], lambda t: True)
-    press_until(session, ["Down"], lambda t: True)  # from 40 to 35
-    text = press_until(session, ["r"], lambda t: re.search(r"back to step \d+", t) is not None)
+    tmux("send-keys", "-t", session, "Tab")  # to the checkpoint list, on its newest (40)
+    for _ in range(4):  # ↓ to 35 (a key can be lost: look at the dialog)
+        tmux("send-keys", "-t", session, "Down")
+        time.sleep(0.5)
+        text = press_until(session, ["r"], lambda t: re.search(r"back to step \d+", t) is not None)
+        if "back to step 35" in text:
+            break
+        press_until(session, ["Escape"], lambda t: "back to step" not in t)
     assert "back to step 35" in text, text
     tmux("send-keys", "-t", session, "f")  # finish there
     s = wait_state(c, job, "stopped", timeout=60)
@@ -84,8 +89,8 @@ def test_eta_ends_at_the_stop_early_stopping_named(daemons, tui) -> None:
     row = re.compile(rf"^\s*{job}\s+eta\S*\s+running\b.*?✓ 20\s+(\S+)", re.M)
     text = screen_until(session, lambda t: row.search(t) is not None and row.search(t).group(1) != "-")
     eta = seconds(row.search(text).group(1))
-    step = c.summary(job).step
-    assert eta <= (200 - min(step, 200)) * 0.02 * 3 + 5, text  # not (4000 - step) steps' worth
+    # ~175 steps left at ~40/s; counted to 4000 it would be 3800 steps at most 50/s: over a minute
+    assert eta < 40, text
     assert wait_state(c, job, "stopped-early", timeout=60).step == 200
     c.close()
 
