@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dallm.config.job import folder_name
 from dallm.protocol import ProtocolError
 
 ALLOW_ENV = "DALLM_ALLOW"
@@ -106,7 +107,7 @@ def output_folder(
     leave it), or an absolute one under the roots. ProtocolError invalid_config otherwise."""
     jobs = jobs.resolve()
     if output_dir is None:
-        return jobs / f"{job}-{name}"
+        return jobs / f"{job}-{folder_name(name)}"
     p = Path(output_dir).expanduser()
     if not p.is_absolute():
         out = (jobs / p).resolve()

@@ -33,6 +33,9 @@ class JobService:
     def set_state(self, job: int, state: JobState, reason: str, **fields: Any) -> None:
         """The one way a job changes state (ProtocolError "conflict" when the table forbids it)."""
         self.events.flush()
+        if state not in ("running", "stopping"):  # a job that does not run is in no phase
+            fields.setdefault("phase", None)
+            fields.setdefault("phase_since", None)
         prev = self.store.transition(job, state, reason, check=check_transition, **fields)
         self.publish_state(job, prev, reason)
         log.info("job %s: %s -> %s (%s)", job, prev, state, reason)

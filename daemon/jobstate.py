@@ -1,7 +1,7 @@
 """A job's life in the daemon: its states, which changes are allowed, and the command a job carries
 across a restart (`pending`).
 
-    queued ──> running ──> stopping ──> finished | stopped-early | failed | cancelled
+    queued ──> running ──> stopping ──> finished | stopped | stopped-early | failed | cancelled
        ^  \\       \\______________________^                                 |
        |   ├──> stopping (a finish-only rollback: it writes a result, trains nothing)
        |   └──> failed | cancelled (never ran)                             |

@@ -18,7 +18,14 @@ from dallm.daemon.jobstate import decode_pending
 from dallm.daemon.scheduler import Scheduler, outcome
 from dallm.daemon.store import Store
 from dallm.daemon.worker_messages import WorkerMessages
-from dallm.protocol import InterruptCommand, JobState, RollbackCommand, StopCommand
+from dallm.protocol import (
+    CheckpointsDeletedEvent,
+    InterruptCommand,
+    JobState,
+    RollbackCommand,
+    StopCommand,
+    job_topic,
+)
 
 log = logging.getLogger("dallm.daemon")
 
@@ -119,9 +126,18 @@ class JobLifecycle:
                 fields |= {"result_step": w.done.result_step, "turning_point": w.done.turning_point}
             if row.get("history_gap") and not resume:  # never shown as if whole
                 reason += f"; history incomplete: {row['history_gap']}"
+            self.announce_gone_checkpoints(w.job, Path(row.get("out_dir") or "."))
             self.jobs.set_state(w.job, state, reason, **fields)
             self.sched.release(w)
             identity.forget(self.state_dir, w.job)
+
+    def announce_gone_checkpoints(self, job: int, out: Path) -> None:
+        """The checkpoints the job's history offers that are no longer on disk, said deleted: what
+        the engine did not say (an older engine, a folder removed by hand) is not offered either."""
+        gone = sorted(s for s, p in self.store.live_checkpoints(job).items() if not (out / p).is_dir())
+        if gone:
+            ev = CheckpointsDeletedEvent(steps=gone, reason="not on disk when the job ended")
+            self.events.add_event(job, job_topic(job), ev.kind, None, ev.model_dump_json(), None)
 
     def begin_shutdown(self, hurry: bool = False) -> None:
         """Every running job checkpoints first, for up to shutdown_timeout; `hurry`: kill them now."""

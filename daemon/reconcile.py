@@ -7,7 +7,7 @@ put back as events so the history has no holes.
 - On a daemon restart, for a job whose worker wrote its result.json during this attempt (the file is
   newer than the job's start) while the daemon was down: the same up to its last step, then the
   turning point and the finished event from result.json, and the job ends with that result
-  (finished / stopped-early) instead of running again.
+  (finished / stopped / stopped-early) instead of running again.
 
 Every restore is said in the job's log, with the file it came from.
 """

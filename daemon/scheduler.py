@@ -198,12 +198,12 @@ def result_outcome(done: JobResult, shutting_down: bool) -> tuple[str, str, bool
         )
     if r == "stopped":
         return (
-            "stopped-early",
+            "stopped",
             f"stopped at step {done.final_step}; result is step {done.result_step}",
             False,
         )
     if r == "rolled_back":
-        return "stopped-early", f"rolled back to step {done.result_step}", False
+        return "stopped", f"rolled back to step {done.result_step}", False
     return "finished", f"finished ({r}) at step {done.final_step}", False
 
 

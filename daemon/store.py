@@ -52,7 +52,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     peak_rss_mb REAL,
     peak_gpu_mb REAL,
     kind TEXT,
-    validation_measure TEXT
+    validation_measure TEXT,
+    train_step INTEGER,
+    eval_backlog INTEGER,
+    loss REAL,
+    lr REAL,
+    stop_step INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, id);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -86,7 +91,7 @@ SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
     "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap, "
     "phase, phase_since, eval_every, samples_every, eval_stop_seconds, peak_rss_mb, peak_gpu_mb, "
-    "kind, validation_measure"
+    "kind, validation_measure, train_step, eval_backlog, loss, lr, stop_step"
 )
 # Columns added since the first schema: a store written by an older daemon gets them on open.
 ADDED_COLUMNS = {
@@ -101,6 +106,11 @@ ADDED_COLUMNS = {
     "peak_gpu_mb": "REAL",
     "kind": "TEXT",
     "validation_measure": "TEXT",
+    "train_step": "INTEGER",
+    "eval_backlog": "INTEGER",
+    "loss": "REAL",
+    "lr": "REAL",
+    "stop_step": "INTEGER",
 }
 
 # seq, prev, job, topic, kind, step, t, data, blob
@@ -299,6 +309,23 @@ class Store:
             (job_id,),
         )
         return [CheckpointInfo(step=s, path=json.loads(d)["path"], superseded=bool(x)) for s, d, x in rows]
+
+    def live_checkpoints(self, job_id: int) -> dict[int, str]:
+        """step -> path of the job's checkpoints its history still offers: written, not superseded,
+        not since said deleted (CheckpointsDeletedEvent)."""
+        rows = self.db.execute(
+            "SELECT kind, step, data FROM events WHERE job_id = ? AND kind != 'metrics' "
+            "AND kind IN ('checkpoint', 'checkpoints_deleted') AND superseded = 0 ORDER BY seq",
+            (job_id,),
+        )
+        out: dict[int, str] = {}
+        for kind, step, data in rows:
+            if kind == "checkpoint":
+                out[step] = json.loads(data)["path"]
+            else:
+                for s in json.loads(data)["steps"]:
+                    out.pop(s, None)
+        return out
 
     def last_metrics(self, job_id: int) -> dict[str, float]:
         row = self.db.execute(

@@ -41,6 +41,7 @@ from dallm.protocol import (
     JobEvent,
     JobResult,
     MetricsEvent,
+    ProgressEvent,
     SampleEvent,
     StartedEvent,
     UsageEvent,
@@ -49,6 +50,7 @@ from dallm.protocol import (
     WorkerHello,
     WorkerMessage,
     job_command_adapter,
+    training_line,
 )
 
 DEFAULT_RUNNER = "dallm.engine.dispatch:train"
@@ -133,6 +135,7 @@ class WorkerLink:
         self.lock = threading.Lock()
         self.pending: collections.deque[JobCommand] = collections.deque()
         self.usage_at = 0.0  # when the peak memory was last reported
+        self.total_steps = 0
         self.send(WorkerHello(job=job, attempt=attempt, pid=os.getpid()))
 
     def send(self, message: WorkerMessage) -> None:
@@ -147,6 +150,13 @@ class WorkerLink:
             event = MetricsEvent(
                 step=event.step, values={k: v for k, v in event.values.items() if math.isfinite(v)}
             )
+        if type(event) is ProgressEvent:
+            values = {k: v for k, v in event.values.items() if math.isfinite(v)}
+            event = event.model_copy(update={"values": values})
+            # the worker log reads like a trainer's console: one line per progress report
+            print(training_line(event.step, self.total_steps, values, event.backlog), flush=True)
+        if type(event) is StartedEvent:
+            self.total_steps = event.total_steps
         if self.placement and type(event) is StartedEvent:
             event = event.model_copy(update={"device": f"{event.device} @ {self.placement}"})
         t = repr(time.time()).encode()

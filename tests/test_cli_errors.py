@@ -87,6 +87,22 @@ def test_report_and_export_take_a_job_id_or_name(
     assert _one_line(capsys, "report") == "dallm report: nope: not a folder, and no job 'nope'"
     assert main(["report", str(tmp_path / "no" / "such"), *base]) == 1
     assert _one_line(capsys, "report").endswith("no such job folder")
+    # export errors that say what to do: the cancelled job has no result, an LLM job's is --format peft
+    out = ["--out", str(tmp_path / "x.safetensors"), *base]
+    assert main(["export", "2", "--format", "kohya", *out]) == 1
+    assert _one_line(capsys, "export").startswith("dallm export: job 2 (qs) is cancelled: it has no result; ")
+    llm = tmp_path / "llm-job"
+    llm.mkdir()
+    (llm / "adapter_config.json").write_text("{}")
+    (llm / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["export", str(llm), "--format", "kohya", *out]) == 1
+    assert _one_line(capsys, "export").endswith(
+        "is an LLM job: its result is a peft adapter; use --format peft"
+    )
+    with pytest.raises(SystemExit) as exit_:  # argparse's errors: one line too, not the usage block
+        main(["export", "3", "--format", "bogus", *out])
+    assert exit_.value.code == 2
+    assert _one_line(capsys, "export").startswith("dallm export: argument --format: invalid choice: 'bogus'")
 
 
 def test_logs_follow_shows_the_engines_progress(

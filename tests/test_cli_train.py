@@ -122,3 +122,11 @@ def test_progress_lines_show_kid_with_its_spread() -> None:
         reason="early_stop", final_step=90, result_step=60, result_kid_val=0.1, result_kid_val_std=0.02
     )
     assert lines(done)[1].endswith("result = weights of step 60, its KID val 0.1 ± 0.02")
+
+
+def test_logs_say_which_checkpoints_are_gone() -> None:
+    from dallm.cli.eventlines import EventLines
+    from dallm.protocol import CheckpointsDeletedEvent
+
+    line = EventLines(100)(CheckpointsDeletedEvent(steps=[100, 150], reason="checkpoint.keep = 2"))
+    assert line == ("engine", "checkpoint(s) of step 100, 150 deleted (checkpoint.keep = 2)")

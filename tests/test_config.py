@@ -116,3 +116,18 @@ def test_monitor_start_is_the_lora_warm_up() -> None:
     assert monitor_start(cfg) == 30
     assert monitor_start(config_from_dict(_base(monitor={"start_step": 5}))) == 5
     assert monitor_start(config_from_dict(_base())) == 0
+
+
+def test_a_run_is_named_by_its_overrides_unless_named() -> None:
+    """Two runs of one config tell apart ("quickstart lr=3e-3"); a path is no part of a name; a
+    `--set name=...` wins; the output folder has no space."""
+    from dallm.config import JobConfig, run_name
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(configs / "quickstart.toml", ["train.lr=3e-3", "data.dir=/tmp/x"])
+    named = run_name(cfg, ["train.lr=3e-3", "data.dir=/tmp/x"])
+    assert named.name == "quickstart lr=3e-3" and named.out == Path("runs/quickstart_lr=3e-3")
+    JobConfig.model_validate(named.model_dump())  # a valid name
+    given = load_config(configs / "quickstart.toml", ["name=mine", "train.lr=3e-3"])
+    assert run_name(given, ["name=mine", "train.lr=3e-3"]).name == "mine"
+    assert run_name(cfg, []).name == "quickstart"

@@ -76,7 +76,7 @@ def test_real_job_live_then_graceful_restart_resumes(daemons, tiny_sd: Path, ima
         wait_step(c, job.id, stopped_at + 2, timeout=120)
         c.stop(job.id)
         s = wait_state(c, job.id, TERMINAL_STATES, timeout=120)
-        assert s.state == "stopped-early", s.reason
+        assert s.state == "stopped", s.reason
         assert "resuming" in c.show(job.id).transitions[-3].reason
         steps = metric_steps(c, job.id)
         assert steps == list(range(1, len(steps) + 1)) and steps[-1] > stopped_at

@@ -61,8 +61,9 @@ def test_stop_finishes_at_the_turning_point(daemons) -> None:
         job = c.submit(config("a-tp.4", steps=500, every=5))
         wait_step(c, job.id, 10)
         c.stop(job.id)
-        s = wait_state(c, job.id, "stopped-early")
+        s = wait_state(c, job.id, "stopped")
         assert s.result_step == 4 and s.turning_point == 4 and "result is step 4" in s.reason
+        assert (s.phase, s.phase_since) == ("", None)  # an ended job is in no phase (it was "stopping")
         assert s.step >= 10  # it had trained past the turning point
         result = json.loads((Path(s.out_dir) / "result.json").read_text())
         assert (result["reason"], result["result_step"], result["turning_point"]) == ("stopped", 4, 4)
@@ -84,7 +85,7 @@ def test_rollback_resume_marks_later_history_superseded(daemons) -> None:
         assert len(everything) > 40 and everything[:5] == [1, 2, 3, 4, 5]
         # rollback of a finished job to a checkpoint, finishing there
         c.rollback(job.id, 20)
-        s = wait_state(c, job.id, "stopped-early")
+        s = wait_state(c, job.id, "stopped")
         assert s.result_step == 20 and s.reason == "rolled back to step 20"
         assert json.loads((Path(s.out_dir) / "result.json").read_text())["result_step"] == 20
         with pytest.raises(DaemonError) as err:
@@ -99,7 +100,7 @@ def test_rollbacks_in_either_order_leave_no_hole_in_the_history(daemons) -> None
 
     def roll(job: int, step: int, resume: bool, expect: list[int]) -> None:
         c.rollback(job, step, resume=resume)
-        wait_state(c, job, "finished" if resume else "stopped-early")
+        wait_state(c, job, "finished" if resume else "stopped")
         out = Path(c.summary(job).out_dir)
         on_disk = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert metric_steps(c, job) == on_disk == expect
@@ -304,7 +305,7 @@ def test_rollback_rolls_the_summary_kid_back(daemons) -> None:
         wait_step(c, job, 44)
         assert c.summary(job).kid_val == pytest.approx(1 / 40)
         c.rollback(job, 20)
-        s = wait_state(c, job, "stopped-early")
+        s = wait_state(c, job, "stopped")
         assert (s.step, s.kid_val, s.kid_val_std) == (20, pytest.approx(1 / 20), pytest.approx(0.1 / 20))
         assert next(j for j in c.jobs() if j.id == job).kid_val == pytest.approx(1 / 20)
 
@@ -322,8 +323,8 @@ def test_finish_only_rollback_of_an_ended_job_says_what_it_waits_for(daemons) ->
         s = c.summary(done)
         assert s.state == "queued" and f"waits for a free slot (running: job {busy})" in s.reason
         c.cancel(busy)
-        s = wait_state(c, done, "stopped-early")
+        s = wait_state(c, done, "stopped")
         assert s.result_step == 10
         states = [t.to_state for t in c.show(done).transitions]
-        assert states[-4:] == ["finished", "queued", "stopping", "stopped-early"], states
+        assert states[-4:] == ["finished", "queued", "stopping", "stopped"], states
         assert "writing the result of step 10" in c.show(done).transitions[-2].reason

@@ -88,7 +88,7 @@ def test_stop_rollback_checkpoint_cancel_on_ray_jobs(ray_daemons) -> None:
         b = c.submit(config("b", steps=2000, every=5)).id
         wait_step(c, a, 10, timeout=120)
         c.stop(a)
-        s = wait_state(c, a, "stopped-early", timeout=60)
+        s = wait_state(c, a, "stopped", timeout=60)
         assert s.result_step == 4 and "result is step 4" in s.reason
         wait_step(c, b, 12, timeout=120)
         c.rollback(b, 5, resume=True)  # the job resumes at 5: the history after it is superseded
@@ -98,7 +98,7 @@ def test_stop_rollback_checkpoint_cancel_on_ray_jobs(ray_daemons) -> None:
         c.cancel(b)
         s = wait_state(c, b, "cancelled", timeout=60)
         c.rollback(b, 10)  # a rollback of an ended Ray job runs a Ray task that writes step 10's result
-        s = wait_state(c, b, "stopped-early", timeout=120)
+        s = wait_state(c, b, "stopped", timeout=120)
         assert s.result_step == 10 and s.reason == "rolled back to step 10"
         assert json.loads((Path(s.out_dir) / "result.json").read_text())["result_step"] == 10
 

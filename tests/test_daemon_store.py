@@ -86,7 +86,9 @@ def _worker(**kw) -> WorkerProc:
 
 def test_outcomes() -> None:
     done = JobResult(out_dir="o", final_step=9, result_step=5, reason="stopped")
-    assert outcome(_worker(done=done), False, 0)[0] == "stopped-early"
+    assert outcome(_worker(done=done), False, 0)[0] == "stopped"  # the user stopped it
+    for reason, state in (("rolled_back", "stopped"), ("early_stop", "stopped-early")):
+        assert outcome(_worker(done=done.model_copy(update={"reason": reason})), False, 0)[0] == state
     done = done.model_copy(update={"reason": "completed"})
     assert outcome(_worker(done=done), False, 0)[:2] == ("finished", "completed 9 steps")
     done = done.model_copy(update={"reason": "interrupted"})

@@ -13,9 +13,14 @@ from dallm.protocol import (
     JobSummary,
     MetricsEvent,
     PhaseEvent,
+    ProgressEvent,
+    RolledBackEvent,
     StartedEvent,
+    TurningPointEvent,
     eta_seconds,
     phase_text,
+    step_text,
+    training_line,
 )
 from dallm.protocol.jobs import evaluations_left
 
@@ -71,6 +76,31 @@ def test_eta_before_any_evaluation_was_measured_is_the_training_part() -> None:
     row = running(step=40, total_steps=100, steps_per_s=2.0, eval_every=20)
     assert eta_seconds(row) == pytest.approx(30.0)
     assert eta_seconds(row.model_copy(update={"state": "queued"})) is None
+
+
+def test_eta_ends_at_the_stop_the_engine_named() -> None:
+    """After "stopping at step 263" the ETA counts to 263, not to total_steps (issue 24); a
+    rollback forgets that stop."""
+    row = running(step=249, total_steps=600, steps_per_s=2.0)
+    assert eta_seconds(row) == pytest.approx(351 / 2.0)
+    row = row.apply(TurningPointEvent(step=150, seen_at=233, stop_at=263))
+    assert (row.turning_point, row.stop_step) == (150, 263)
+    assert eta_seconds(row) == pytest.approx(14 / 2.0)
+    assert row.apply(RolledBackEvent(step=100, resume=True)).stop_step is None
+
+
+def test_the_trainer_step_with_the_evaluations_behind_it() -> None:
+    """The rows (MetricsEvent) wait for background evaluations: the step shown is the trainer's
+    (ProgressEvent), the backlog beside it, its loss and lr in the row; the ETA counts from it."""
+    row = running(total_steps=600, steps_per_s=2.0).apply(MetricsEvent(step=29, values={"loss": 0.5}))
+    row = row.apply(ProgressEvent(step=89, values={"loss": 0.25, "lr": 3e-3}, backlog=3))
+    assert (row.step, row.train_step, row.loss, row.lr) == (29, 89, 0.25, 3e-3)
+    assert step_text(row) == "89/600 (eval 3 behind)"
+    assert eta_seconds(row) == pytest.approx(511 / 2.0)
+    assert step_text(row.model_copy(update={"state": "finished"})) == "89/600"
+    assert training_line(89, 600, {"loss": 0.25, "lr": 3e-3, "steps_per_s": 4.125, "cs": 0.9123}, 3) == (
+        "step  89/600  loss 0.2500  lr 3.0e-03  4.12 steps/s  CS 0.912  eval 3 behind"
+    )
 
 
 def test_ls_and_show_name_the_phase_and_an_eta_with_the_evaluations(

@@ -14,7 +14,16 @@ from engine_helpers import job, losses, metrics, same_weights, weights
 from dallm.engine.checkpoint import checkpoint_folders, load_checkpoint
 from dallm.engine.dispatch import train
 from dallm.image.data import DataError
-from dallm.protocol import FinishedEvent, InterruptCommand, JobEvent, MetricsEvent, PhaseEvent, StartedEvent
+from dallm.protocol import (
+    CheckpointsDeletedEvent,
+    FinishedEvent,
+    InterruptCommand,
+    JobEvent,
+    MetricsEvent,
+    PhaseEvent,
+    ProgressEvent,
+    StartedEvent,
+)
 
 
 def test_same_seed_same_losses(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
@@ -132,9 +141,17 @@ def test_v_prediction(tiny_sd_vpred: Path, image_dir: Callable[..., Path], tmp_p
 
 def test_checkpoint_keep_bounds_disk(tiny_sd: Path, image_dir: Callable[..., Path], tmp_path: Path) -> None:
     cfg = job(tiny_sd, image_dir(n=2), checkpoint={"every": 1, "keep": 2}, monitor={"cs": False})
-    train(cfg, out_dir=tmp_path)
+    events: list = []
+    train(cfg, out_dir=tmp_path, emit=events.append)
     assert [s for s, _ in checkpoint_folders(tmp_path / "checkpoints")] == [5, 6]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    # every deletion is said (the daemon's and the TUI's checkpoint lists must not offer them)
+    deleted = [e for e in events if isinstance(e, CheckpointsDeletedEvent)]
+    assert sorted(s for e in deleted for s in e.steps) == [1, 2, 3, 4]
+    assert {e.reason for e in deleted} == {"checkpoint.keep = 2"}
+    # the trainer's own step (ProgressEvent), also at the last step, with its loss and lr
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    assert progress[-1].step == 6 and {"loss", "lr", "steps_per_s"} <= progress[-1].values.keys()
 
 
 def test_bad_image_fails_before_model_loads(

@@ -63,7 +63,7 @@ def test_auto_early_stop_returns_exact_turning_point_weights(
     tp = r.turning_point
     assert r.result_step == tp and tp % 4 == 0 and r.final_step > tp
     (found,) = [e for e in events if isinstance(e, TurningPointEvent)]
-    assert (found.step, found.seen_at) == (tp, r.final_step)
+    assert (found.step, found.seen_at, found.stop_at) == (tp, r.final_step, r.final_step)  # ETA: to it
     # The same run stopped by its step budget at tp has exactly the returned weights.
     plain = job(tiny_sd, images, train={"steps": tp}, monitor=WATCH, checkpoint={"every": 100})
     train(plain, out_dir=tmp_path / "plain")

@@ -1,5 +1,5 @@
 """dallm-tui against a real daemon (child process, fake engine): queue, live history, a failed job's
-reason, `s` stops a running job (the daemon reports stopped-early), kill -9 + restart: reconnect."""
+reason, `s` stops a running job (the daemon reports stopped), kill -9 + restart: reconnect."""
 
 from __future__ import annotations
 
@@ -73,11 +73,11 @@ async def test_tui_on_a_real_daemon(home: Path, daemons) -> None:  # noqa: F811
         steps = app.model.data[jid].series["loss"].steps
         assert (steps[1:] > steps[:-1]).all()  # no duplicates after the backfill
 
-        # `s` (confirmed) stops it; the daemon reports stopped-early. (The TUI must have seen the
+        # `s` (confirmed) stops it; the daemon reports stopped. (The TUI must have seen the
         # restarted job running first: `s` is refused for a job it still shows queued.)
         await until(pilot, lambda: app.model.jobs[jid].state == "running" and app.selected == jid)
         await pilot.press("s")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
-        await until(pilot, lambda: app.model.jobs[jid].state == "stopped-early")
-        assert wait_state(d2.client(), job.id, "stopped-early").state == "stopped-early"
+        await until(pilot, lambda: app.model.jobs[jid].state == "stopped")
+        assert wait_state(d2.client(), job.id, "stopped").state == "stopped"

@@ -118,7 +118,7 @@ async def test_demo_rolls_back_a_finished_job_and_ends_its_running_one() -> None
             step = checkpoints.chosen_step
             assert step is not None and step < 1000
             await pilot.press("r", "f")
-            await until(pilot, lambda: app.model.jobs[2].state == "stopped-early")
+            await until(pilot, lambda: app.model.jobs[2].state == "stopped")
             assert app.model.jobs[2].result_step == step
             assert f"rolled back to step {step}" in header_text(app)
     finally:

@@ -1,7 +1,8 @@
 # ruff: noqa: F811 - pytest fixtures imported from daemon_helpers
 """End to end as a person sees it: a real daemon runs the micro quickstart, `dallm-tui` runs in a
 tmux pane, and the screen (tmux capture-pane) shows the job, its charts moving and a thumbnail;
-`s` then `y` stops the job and the daemon reports it stopped-early."""
+`s` then `y` stops the job: the daemon reports it `stopped` (the user stopped it, not the monitor)
+and clears its phase."""
 
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def test_tui_in_tmux_on_the_micro_quickstart(home: Path, daemons) -> None:
     d = daemons(runner=None, OMP_NUM_THREADS="1")
     job = d.client().submit(config_to_dict(cfg), config_dir=REPO / "configs")  # what `dallm submit` sends
     session = f"dallm-test-{job.id}-{int(time.time())}"
-    tui = f"{sys.executable} -m dallm.tui.app --home {home} --images halfblock"
+    # at the pane's size (160x48): pytest's COLUMNS/LINES (80x24) would win in Textual, and there
+    # the thumbnail gives way to the hint to open the gallery
+    tui = f"env -u COLUMNS -u LINES {sys.executable} -m dallm.tui.app --home {home} --images halfblock"
     tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "48", tui)
     try:
         text = screen_until(session, lambda t: "running" in t and shown_step(t, job.id) > 0)
@@ -73,8 +76,10 @@ def test_tui_in_tmux_on_the_micro_quickstart(home: Path, daemons) -> None:
         tmux("send-keys", "-t", session, "s")
         screen_until(session, lambda t: f"Stop job {job.id} (quickstart) now?" in t, timeout=15)
         tmux("send-keys", "-t", session, "y")
-        text = screen_until(session, lambda t: "stopped-early" in t, timeout=120)
-        assert wait_state(d.client(), job.id, "stopped-early").state == "stopped-early"
+        text = screen_until(session, lambda t: re.search(r"\bstopped\b(?!-)", t) is not None, timeout=120)
+        ended = wait_state(d.client(), job.id, "stopped")
+        assert ended.state == "stopped" and ended.phase == "" and ended.phase_since is None
+        assert "stopped-early" not in text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
@@ -92,14 +97,14 @@ def press_until(session: str, keys: list[str], predicate: Callable[[str], bool],
 
 
 def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -> None:
-    """The views on a real daemon (fake engine): two jobs compared (their KID curves overlaid, a
-    legend naming both), and the log tail of a job that failed shows the worker's traceback."""
+    """The views on a real daemon (fake engine): two jobs compared (their KID and loss curves
+    overlaid, a legend naming both, their config differences), and the log tail of a job that failed shows the worker's traceback."""
     from daemon_helpers import config
 
     d = daemons(step_s=0.01)
     c = d.client()
     a = c.submit(config("cmp-a", steps=40, every=20, eval={"every": 10}))
-    b = c.submit(config("cmp-b", steps=40, every=20, eval={"every": 10}))
+    b = c.submit(config("cmp-b", steps=40, every=20, eval={"every": 10}, train={"lr": 0.003}))
     boom = c.submit(config("boom-nan.5", steps=20, every=10))
     for job in (a, b):
         assert wait_state(c, job.id, "finished").state == "finished"
@@ -125,6 +130,9 @@ def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -
         text = screen_until(session, lambda t: "KID (val)" in t and f"{a.id} cmp-a" in t, timeout=30)
         kid_legend = next(line for line in text.splitlines() if "KID (val)" in line)
         assert f"{b.id} cmp-b" in kid_legend and f"{a.id} cmp-a" in kid_legend
+        # their losses, and what differs between their configs (the lr)
+        text = screen_until(session, lambda t: re.search(r"train\.lr\s+0\.003 \| 0\.0001", t) is not None)
+        assert re.search(r"^\s*loss\b.*cmp-", text, re.M) is not None, text
         press_until(session, ["Escape"], lambda t: "Comparing" not in t)
         press_until(session, ["Up"], on(b.id, "cmp-b"))
         press_until(session, ["Up"], on(boom.id, "boom-nan.5"))
@@ -132,6 +140,8 @@ def test_tui_in_tmux_compare_and_a_failing_jobs_traceback(home: Path, daemons) -
         text = screen_until(session, lambda t: "FloatingPointError: loss is NaN at step 5" in t, timeout=30)
         assert f"worker log of job {boom.id} (boom-nan.5)" in text
         assert "Traceback (most recent call last):" in text
+        # the training lines a trainer's console prints (ProgressEvent, about once a second)
+        assert re.search(r"step\s+1/20\s+loss \d\.\d{4}\s+lr 1\.0e-04", text) is not None, text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         c.close()
@@ -252,7 +262,7 @@ def test_tui_in_tmux_rollback_clears_the_erased_cs_fluctuation(home: Path, daemo
         assert "back to step 60" in text, text
         tmux("send-keys", "-t", session, "f")  # finish there
         text = screen_until(session, lambda t: "rolled back to step 60" in t, timeout=30)
-        assert wait_state(c, job.id, "stopped-early").result_step == 60
+        assert wait_state(c, job.id, "stopped").result_step == 60  # the user's doing: not stopped-early
         last = max(metric_steps(c, job.id, include_superseded=True))
         assert last >= 120 and max(metric_steps(c, job.id)) == 60  # it erased values logged at 61..
         kept = format_number(cs_fluct_at(60))

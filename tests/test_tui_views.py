@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_tui import anyio_backend, conn, make_app, notifications, until  # noqa: F401 - fixtures
+from textual.widgets import Static
 
 from dallm.testing.fake_daemon import FakeConnection
 from dallm.tui.app import DallmApp
@@ -64,7 +65,7 @@ async def test_search_filter_hide_and_sort(conn: FakeConnection) -> None:
         await pilot.press("h", "f")  # back; then only the running ones
         await until(pilot, lambda: table_ids(app) == [1])
         assert app.queue_view.state == "running"
-        for _ in range(5):  # round the cycle back to every state
+        for _ in range(6):  # round the cycle back to every state (stopped, stopped-early on the way)
             await pilot.press("f")
         await until(pilot, lambda: len(table_ids(app)) == 4)
         await pilot.press("o")  # sort by name
@@ -107,6 +108,11 @@ async def test_compare_overlays_the_marked_jobs(conn: FakeConnection) -> None:
         assert bottom.title == "KID (val)" and len(bottom.traces[1].steps) == 1000 // 50
         legend = top.render_line(0).text
         assert "1 quickstart-r4" in legend and "2 sweep-r16-n20" in legend
+        # the loss of both, and what differs between their configs (read from the daemon)
+        loss = app.screen.query_one("#compare-loss", Chart)
+        await until(pilot, lambda: len(loss.traces) == 2)
+        diff = app.screen.query_one("#compare-config", Static)
+        await until(pilot, lambda: "config differences (1 | 2):" in str(diff.render()))
         # live: job 1 moves on, its curve grows on the open view
         before = len(top.traces[0].steps)
         from dallm.tui.demo import job_events
@@ -221,7 +227,7 @@ async def test_clone_with_overrides(conn: FakeConnection) -> None:
         assert conn.sent[-1].kind == "clone" and conn.sent[-1].overrides == ("train.steps=50", "lora.rank=8")
         clone = conn.show(5)
         assert clone.summary.total_steps == 50 and clone.config["lora"]["rank"] == 8
-        assert clone.config["name"] == "sweep-r16-n20" and "output_dir" not in clone.config
+        assert clone.config["name"] == "sweep-r16-n20 steps=50 rank=8" and "output_dir" not in clone.config
 
 
 def test_parse_overrides() -> None:

@@ -24,7 +24,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable, Subscription
 from dallm.client.home import resolve_home
-from dallm.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
+from dallm.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, run_name
 from dallm.protocol import EventEnvelope, JobDetail, JobSummary, ResourcesReply, WorkerLogReply, job_topic
 
 T = TypeVar("T")
@@ -70,12 +70,13 @@ class ActionResult:
 
 
 def clone_config(config: dict, overrides: list[str], job: int) -> dict:
-    """Job `job`'s config (as the daemon resolved it) with `--set` items applied, validated: a
-    ConfigError names the key or the item. Its output_dir is dropped unless an item sets it, so
+    """Job `job`'s config (as the daemon resolved it) with `--set` items applied, validated, and
+    named by them (`run_name`): a ConfigError names the key or the item. Its output_dir is dropped unless an item sets it, so
     the clone writes to a folder of its own rather than over the original's."""
     data = {k: v for k, v in config.items() if k != "output_dir"}
     data = apply_overrides(data, list(overrides))
-    return config_to_dict(config_from_dict(data, f"clone of job {job}", list(overrides)))
+    cfg = config_from_dict(data, f"clone of job {job}", list(overrides))
+    return config_to_dict(run_name(cfg, list(overrides)))  # "quickstart rank=8" unless named
 
 
 @runtime_checkable

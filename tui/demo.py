@@ -20,6 +20,7 @@ from dallm.protocol import (
     JobUsage,
     LogEvent,
     MetricsEvent,
+    ProgressEvent,
     ResourcesReply,
     RolledBackEvent,
     SampleEvent,
@@ -111,6 +112,9 @@ def job_events(
         if step % eval_every == 0:
             values |= kid_at(step, total)
         out.append(MetricsEvent(step=step, values=values))
+        if step % 10 == 0 or step == step_to:  # the trainer's step, loss and lr, as an engine says them
+            keep = ("loss", "lr", "steps_per_s", "cs")
+            out.append(ProgressEvent(step=step, values={k: values[k] for k in keep}))
         if samples and step % eval_every == 0:
             out.append(sample_event(step))
         if step % ckpt_every == 0:
@@ -193,7 +197,7 @@ class DemoRunner:
                 self.conn.emit(
                     action.job, FinishedEvent(reason="stopped", final_step=row.step, result_step=result)
                 )
-                self.conn.set_state(action.job, "stopped-early", f"stopped at step {row.step}")
+                self.conn.set_state(action.job, "stopped", f"stopped at step {row.step}")
             elif action.kind == "cancel":
                 self.conn.set_state(action.job, "cancelled", "cancelled by the user")
             elif action.kind == "checkpoint":
@@ -210,7 +214,7 @@ class DemoRunner:
         self.conn.emit(row.id, RolledBackEvent(step=step, resume=resume))
         if not resume:
             self.conn.emit(row.id, FinishedEvent(reason="rolled_back", final_step=row.step, result_step=step))
-            self.conn.set_state(row.id, "stopped-early", f"rolled back to step {step}")
+            self.conn.set_state(row.id, "stopped", f"rolled back to step {step}")
 
     def _advance(self, job: int) -> None:
         row = self.conn.summary(job)

@@ -14,6 +14,7 @@ import numpy as np
 
 from dallm.protocol import (
     CheckpointEvent,
+    CheckpointsDeletedEvent,
     EventEnvelope,
     FinishedEvent,
     JobStateEvent,
@@ -117,7 +118,8 @@ class JobData:
     superseded: dict[str, Series] = field(default_factory=dict)  # the branch the last rollback left
     samples: list[Sample] = field(default_factory=list)
     base_sample: Sample | None = None  # the base model's grid, kept apart from the history
-    checkpoints: list[Checkpoint] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # the daemon's: on disk, not superseded
+    deleted: dict[int, str] = field(default_factory=dict)  # step -> why its checkpoint is gone
     turning_point: int | None = None
     log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=LOG_LINES))  # (level, text)
     pending: list[EventEnvelope] = field(default_factory=list)  # live events seen before the history
@@ -168,7 +170,14 @@ class JobData:
             self.checkpoints = [c for c in self.checkpoints if c.step != ev.step]
             self.checkpoints.append(Checkpoint(ev.step, ev.path))
             self.checkpoints.sort(key=lambda c: c.step)
+            self.deleted.pop(ev.step, None)
             self._log(("info", f"checkpoint at step {ev.step}"))
+        elif isinstance(ev, CheckpointsDeletedEvent):
+            gone = set(ev.steps)
+            self.checkpoints = [c for c in self.checkpoints if c.step not in gone]
+            self.deleted |= dict.fromkeys(gone, ev.reason)
+            steps = ", ".join(map(str, sorted(gone)))
+            self._log(("info", f"checkpoint(s) at step {steps} deleted ({ev.reason})"))
         elif isinstance(ev, TurningPointEvent):
             self.turning_point = ev.step
             self._log(("info", f"turning point at step {ev.step} (seen at step {ev.seen_at})"))
@@ -242,12 +251,25 @@ class HistoryView:
     job: int
     version: int
     kind: str = "image"  # JobSummary.kind; "image" until the job's engine has said (StartedEvent)
+    live: bool = False  # the job runs: its engine still holds the turning point's weights in memory
 
     @classmethod
     def of(cls, data: JobData, row: JobSummary | None) -> HistoryView:
-        if row is None or row.kind is None:
+        if row is None:
             return cls(data, data.job, data.version)
-        return cls(data, data.job, data.version, row.kind)
+        live = row.state in ("running", "stopping")
+        return cls(data, data.job, data.version, row.kind or "image", live)
+
+    def turning_point_note(self) -> str | None:
+        """Why the turning point cannot be rolled back to, and how to keep it; None when it can (a
+        checkpoint holds it, or the running engine holds it in memory) or there is none."""
+        tp = self.data.turning_point
+        if tp is None or self.live or any(c.step == tp for c in self.data.checkpoints):
+            return None
+        reason = self.data.deleted.get(tp)
+        if reason is not None:
+            return f"deleted ({reason}) before it was found; a larger checkpoint.keep keeps it"
+        return "no checkpoint at its step (checkpoint.every); one every monitor.window steps keeps it"
 
     @property
     def measure(self) -> Measure:

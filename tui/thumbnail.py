@@ -3,7 +3,9 @@ in its sample history) and the labelled grid both it and the gallery use.
 
 The engine's thumbnail is one PNG of prompts (rows) x seeds (columns). `SampleGrid` cuts it into its
 cells and shows each under a `prompt · seed` label, so every image says what it is; each cell's image
-is fitted to the cell by textual-image (aspect kept), so the images grow with the pane.
+is sized to fill its cell (aspect kept, in the terminal's cell proportions), so the images grow with
+the pane. A pane too small for images one can judge (80x24) shows a hint to open the gallery instead:
+an image of a few cells, or a prompt whose row got no room, says nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +14,34 @@ from PIL import Image
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Container, Vertical
-from textual.events import Click
+from textual.events import Click, Resize
 from textual.reactive import reactive, var
 from textual.widgets import Static
 
 from dallm.tui import images
 from dallm.tui.model import HistoryView, Sample
+
+MIN_COLS, MIN_ROWS = 10, 5  # the smallest image worth judging, in terminal cells
+TOO_SMALL = "too small to judge here: g opens the gallery"
+
+
+def cell_aspect() -> float:
+    """A terminal cell's width over its height (pixels); 0.5 when the terminal did not say."""
+    try:
+        from textual_image._terminal import get_cell_size
+
+        size = get_cell_size()
+        return size.width / size.height if size.width and size.height else 0.5
+    except Exception:
+        return 0.5
+
+
+def fitted(image_w: int, image_h: int, cols: int, rows: int, aspect: float) -> tuple[int, int]:
+    """The largest (columns, rows) within `cols` x `rows` that shows a `image_w` x `image_h` image
+    undistorted, with cells `aspect` (width/height) as wide as high."""
+    ratio = image_h / image_w * aspect  # rows per column
+    width = max(1, min(cols, int(rows / ratio)))
+    return width, max(1, min(rows, round(width * ratio)))
 
 
 def cell_label(prompt: str | None, seed: int | None) -> str:
@@ -54,6 +78,14 @@ class SampleCell(Vertical):
             if widget is not None:
                 yield widget(self.image)  # type: ignore[call-arg]
 
+    def fit(self, cols: int, rows: int) -> None:
+        """Size the image to fill `cols` x `rows` cells (below its label), its aspect kept."""
+        if self.image is None:
+            return
+        width, height = fitted(self.image.width, self.image.height, cols, rows, cell_aspect())
+        for widget in self.query(".cell-image > *"):
+            widget.styles.width, widget.styles.height = width, height
+
     def set(self, label: str, image: Image.Image | None) -> None:
         self.label, self.image = label, image
         if not self.is_mounted:
@@ -80,9 +112,35 @@ class SampleGrid(Container):
         super().__init__(**kwargs)
         self.mode = mode
         self.sample: Sample | None = None
+        self.layout_size = (1, 1)  # rows, columns of the grid shown
+        self.small = False  # the hint to open the gallery is shown instead of the images
 
-    def show(self, sample: Sample | None, empty: str = "no samples yet") -> None:
-        if sample is self.sample and self.children:
+    def cell_space(self, rows: int, cols: int) -> tuple[int, int]:
+        """Columns and rows for one cell's image (its label takes a row, the gutter a column)."""
+        return (self.size.width - (cols - 1)) // cols, self.size.height // rows - 1
+
+    def too_small(self, rows: int, cols: int) -> bool:
+        if not self.size.width or not self.size.height:
+            return False  # not laid out yet: on_resize decides
+        width, height = self.cell_space(rows, cols)
+        return width < MIN_COLS or height < MIN_ROWS
+
+    def on_resize(self, event: Resize) -> None:
+        sample = self.sample
+        if sample is None or sample.texts:
+            return
+        if self.small != self.too_small(*self.layout_size):
+            self.show(sample, force=True)
+        else:
+            self._fit()
+
+    def _fit(self) -> None:
+        cols, rows = self.cell_space(*self.layout_size)
+        for cell in self.query(SampleCell):
+            cell.fit(cols, rows)
+
+    def show(self, sample: Sample | None, empty: str = "no samples yet", force: bool = False) -> None:
+        if sample is self.sample and self.children and not force:
             return
         self.sample = sample
         if sample is not None and sample.texts:  # an LLM job: its latest generations as text
@@ -98,16 +156,23 @@ class SampleGrid(Container):
             rows, cols, labels, cells = 1, 1, [" · ".join(sample.prompts)], [image]
         else:
             labels = [cell_label(p, s) for p in sample.prompts for s in sample.seeds]
+        self.layout_size = (rows, cols)
+        self.small = self.too_small(rows, cols)
+        if self.small:
+            self._note_only(TOO_SMALL)
+            return
         current = [c for c in self.children if isinstance(c, SampleCell)]
         if len(current) == len(cells) and len(current) == len(self.children):
             for cell, label, picture in zip(current, labels, cells, strict=True):
                 cell.set(label, picture)
+            self._fit()
             return
         self.styles.grid_size_columns, self.styles.grid_size_rows = cols, rows
         self.remove_children()
         self.mount_all(
             [SampleCell(self.mode, label, cell) for label, cell in zip(labels, cells, strict=True)]
         )
+        self.call_after_refresh(self._fit)
 
     def _note_only(self, text: str | Text) -> None:
         notes = [c for c in self.children if isinstance(c, Static)]

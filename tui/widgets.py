@@ -12,7 +12,7 @@ from textual.reactive import reactive, var
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from dallm.protocol import JobSummary, kid_text, phase_text
+from dallm.protocol import JobSummary, kid_text, phase_text, step_text
 from dallm.tui.compat import set_cell_in_place
 from dallm.tui.model import HistoryView, eta_seconds, format_eta
 
@@ -21,6 +21,7 @@ STATE_STYLES = {
     "running": "bold green",
     "stopping": "yellow",
     "finished": "cyan",
+    "stopped": "cyan",
     "stopped-early": "cyan",
     "failed": "bold red",
     "cancelled": "dim",
@@ -80,7 +81,9 @@ class JobTable(DataTable):
         ("id", "ID"),
         ("name", "Name"),
         ("state", "State"),
-        ("step", "Step"),
+        ("step", "Step"),  # the trainer's, with the evaluations behind it
+        ("loss", "Loss"),
+        ("lr", "LR"),
         ("phase", "Phase"),  # what a step that stands still waits for (evaluation, a checkpoint)
         ("kid", "KID val"),
         ("tp", "TP"),
@@ -102,13 +105,14 @@ class JobTable(DataTable):
 
     @staticmethod
     def cells(row: JobSummary, marked: bool = False) -> dict[str, object]:
-        step = f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
         return {
             "id": str(row.id),
             # A job marked for comparison (space) carries a dot before its name.
             "name": Text.assemble(("● ", "bold magenta"), row.name) if marked else row.name,
             "state": state_text(row.state),
-            "step": step,
+            "step": step_text(row),
+            "loss": "-" if row.loss is None else f"{row.loss:.4f}",
+            "lr": "-" if row.lr is None else f"{row.lr:.1e}",
             "phase": Text(phase_text(row, time.time()) or "-", style="cyan"),
             "kid": kid_text(row.kid_val, row.kid_val_std),
             "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
@@ -185,7 +189,10 @@ class JobHeader(Static):
 
 
 class CheckpointList(OptionList):
-    """Checkpoints of the selected job (step, KID where known); the turning point is starred. The
+    """Checkpoints of the selected job as the daemon has them (step, KID where known): one deleted
+    (`checkpoint.keep`) is gone from the list. The turning point is starred on the checkpoint that
+    holds it; while the job runs its engine holds it in memory (offered); after that, without a
+    checkpoint, it shows as "not kept" with why, and cannot be chosen. The
     cursor follows the newest checkpoint until the user moves it (keys, mouse), then stays on the
     step chosen: kept on an old one while new ones arrived, the first ↓ wrapped round to the top."""
 
@@ -209,15 +216,16 @@ class CheckpointList(OptionList):
         history = self.history
         data = history.data if history else None
         rows: list[tuple[int, float | None, float | None, bool]] = []
+        note = history.turning_point_note() if history is not None else None
         if history is not None and data is not None:
             steps = {c.step for c in data.checkpoints}
-            if data.turning_point is not None:
+            if data.turning_point is not None and history.live:  # in the engine's memory
                 steps.add(data.turning_point)
             rows = [
                 (s, *history.validation_at(s), s == data.turning_point) for s in sorted(steps, reverse=True)
             ]
         measure = history.measure.short if history else ""
-        shown = (data.job if data else None, measure, tuple(rows))
+        shown = (data.job if data else None, measure, tuple(rows), note)
         if shown == self._shown:
             return
         same_job = data is not None and bool(self._shown) and self._shown[0] == data.job
@@ -231,6 +239,9 @@ class CheckpointList(OptionList):
                 if tp:
                     label.append(" ★ TP", style="yellow")
                 self.add_option(Option(label, id=str(step)))
+            if note is not None and data is not None:
+                label = Text.assemble((f"★ TP {data.turning_point} not kept: ", "yellow"), (note, "dim"))
+                self.add_option(Option(label, disabled=True))  # no id: never a rollback target
             steps_list = [r[0] for r in rows]
             self._picked = keep in steps_list  # a pick a rollback erased, or another job: follow again
             if rows:
@@ -255,7 +266,8 @@ class ActivityLog(RichLog):
     LEVEL_STYLES = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(max_lines=1000, wrap=False, markup=False, **kwargs)
+        # wrapped: a long line (the background evaluation falling behind, what to do) is read whole
+        super().__init__(max_lines=1000, wrap=True, markup=False, **kwargs)
         self._shown: tuple[int | None, int] = (None, 0)
 
     def watch_history(self) -> None:

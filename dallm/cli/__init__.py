@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from dallm import __version__
 
@@ -31,8 +32,17 @@ class CommandError(Exception):
         self.code = code
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose errors are one line, like every other error of `dallm` ("dallm export:
+    argument --format: invalid choice: 'bogus' (choose from ...)"), not a usage block; `--help`
+    still prints the usage. Subcommand parsers are of this class too (argparse makes them so)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dallm",
         description="Fine-tune text-to-image diffusion models with LoRA and watch every job live: KID, "
         "CS-Fluctuation early stopping, sample thumbnails; stop or roll back a job from a terminal.",

@@ -7,6 +7,7 @@ from typing import Any
 
 from dallm.protocol import (
     CheckpointEvent,
+    CheckpointsDeletedEvent,
     FinishedEvent,
     JobStateEvent,
     LogEvent,
@@ -62,6 +63,8 @@ class EventLines:
             return None if ev.phase == "training" else ("engine", f"{ev.phase} at step {ev.step}")
         if isinstance(ev, CheckpointEvent):
             return "engine", f"checkpoint of step {ev.step}: {ev.path}"
+        if isinstance(ev, CheckpointsDeletedEvent):  # a rollback to them is no longer possible
+            return "engine", f"checkpoint(s) of step {', '.join(map(str, ev.steps))} deleted ({ev.reason})"
         if isinstance(ev, SampleEvent):
             of = "the base model" if ev.base else f"step {ev.step}"
             return "engine", f"samples of {of}: {ev.path}"

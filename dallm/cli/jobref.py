@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dallm.cli import CommandError
 
-DONE = ("finished", "stopped-early")
+if TYPE_CHECKING:
+    from dallm.protocol import JobSummary
+
+DONE = ("finished", "stopped", "stopped-early")
 EXIT_UNAVAILABLE = 3
 
 
@@ -22,6 +26,11 @@ def looks_like_folder(ref: str) -> bool:
 
 def job_folder(ref: str, home: str | None, connect: str | None) -> Path:
     """The output folder of the daemon's job `ref` (an id, or a name: its newest finished job)."""
+    return job_and_folder(ref, home, connect)[1]
+
+
+def job_and_folder(ref: str, home: str | None, connect: str | None) -> tuple[JobSummary, Path]:
+    """The daemon's job `ref` (an id, or a name: its newest finished job) and its output folder."""
     from dallm.client.client import DaemonClient, DaemonError, DaemonUnavailable
 
     try:
@@ -45,14 +54,19 @@ def job_folder(ref: str, home: str | None, connect: str | None) -> Path:
         raise CommandError(f"{ref}: not a folder, and {e}") from None
     if not job.out_dir or not Path(job.out_dir).is_dir():
         raise CommandError(f"job {job.id} ({job.state}) has no output folder yet")
-    return Path(job.out_dir)
+    return job, Path(job.out_dir)
 
 
 def resolve(ref: str, home: str | None, connect: str | None) -> Path:
     """`ref` as a folder when it is one, else as a daemon job."""
+    return resolve_job(ref, home, connect)[1]
+
+
+def resolve_job(ref: str, home: str | None, connect: str | None) -> tuple[JobSummary | None, Path]:
+    """`ref` as a folder when it is one (no job), else as a daemon job with its folder."""
     path = Path(ref)
     if path.is_dir():
-        return path
+        return None, path
     if looks_like_folder(ref):
         raise CommandError(f"{path}: no such job folder")
-    return job_folder(ref, home, connect)
+    return job_and_folder(ref, home, connect)

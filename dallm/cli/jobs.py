@@ -61,10 +61,10 @@ def _ago(t: float) -> str:
 
 
 def _final(summary: Any, as_json: bool) -> int:
-    """Report a finished wait: exit 0 for finished/stopped-early, 1 for failed/cancelled."""
+    """Report a finished wait: exit 0 for finished/stopped/stopped-early, 1 for failed/cancelled."""
     if as_json:
         _print_json(summary)
-    elif summary.state in ("finished", "stopped-early"):
+    elif summary.state in ("finished", "stopped", "stopped-early"):
         print(f"job {summary.id} {summary.state}: {summary.reason}; result in {summary.out_dir}")
     if summary.state in ("failed", "cancelled"):
         raise CommandError(f"job {summary.id} {summary.state}: {summary.reason}", 1)
@@ -123,9 +123,11 @@ def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from dallm.config import run_name
     from dallm.preflight import checked_config
 
     cfg = checked_config(args.config, args.set)  # ConfigError: one line naming the key; nothing queued
+    cfg = run_name(cfg, args.set or [])  # "quickstart lr=3e-3" unless a --set names it
     with _client(args) as c:
         job = c.submit(
             cfg,
@@ -164,9 +166,10 @@ def ensure_daemon(home: str | None, devices: str | None = None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start (or reuse) a daemon, submit, watch live (the TUI on a terminal, else a progress view)."""
+    from dallm.config import run_name
     from dallm.preflight import checked_config
 
-    cfg = checked_config(args.config, args.set)
+    cfg = run_name(checked_config(args.config, args.set), args.set or [])
     if args.connect is not None:
         return _run(args, cfg)
     ensure_daemon(args.home, args.devices)
@@ -201,7 +204,9 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
                 )
                 tui_main(where)
                 s = c.summary(job.id)
-                if s.state not in ("finished", "stopped-early", "failed", "cancelled"):
+                from dallm.protocol import TERMINAL_STATES
+
+                if s.state not in TERMINAL_STATES:
                     print(f"job {s.id} is {s.state}; `dallm wait {s.id}` waits for it")
                     return 0
                 return _final(s, args.json)
@@ -209,7 +214,7 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, kid_text, phase_text
+    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, kid_text, phase_text, step_text
     from dallm.sweep import sweep_of  # a job in a sweep folder (`dallm sweep`) belongs to that sweep
 
     for state in args.state or []:
@@ -239,7 +244,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if sweeps[j.id] != group:
             group = sweeps[j.id]
             rows.append((f"sweep {group}:",))
-        step = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step)
+        step = step_text(j)  # the trainer's step, with the evaluations behind it
         name = f"  {j.name}" if group else j.name
         phase = phase_text(j, now)
         state = f"{j.state} ({phase})" if phase else j.state
@@ -258,7 +263,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from dallm.protocol import eta_seconds, format_seconds, peak_memory_text, phase_text
+    from dallm.protocol import eta_seconds, format_seconds, peak_memory_text, phase_text, step_text
 
     with _client(args) as c:
         d = c.show(args.job)
@@ -267,9 +272,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     s = d.summary
     print(f"job {s.id} {s.name}: {s.state} ({s.reason})")
-    print(
-        f"  step {s.step}/{s.total_steps}  priority {s.priority}  device {s.device or '-'}  attempts {s.attempts}"
-    )
+    print(f"  step {step_text(s)}  priority {s.priority}  device {s.device or '-'}  attempts {s.attempts}")
     phase = phase_text(s, time.time())
     if phase:
         print(f"  phase {phase}  ETA {format_seconds(eta_seconds(s))} ({_eta_parts(s)})")
@@ -279,7 +282,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if s.history_gap:
         print(f"  history incomplete: {s.history_gap}")
     if s.turning_point is not None:
-        print(f"  turning point: step {s.turning_point}")
+        stops = f"; stops at step {s.stop_step}" if s.stop_step is not None and s.state == "running" else ""
+        print(f"  turning point: step {s.turning_point}{stops}")
     if s.result_step is not None:
         print(f"  result: step {s.result_step}")
     if d.last_metrics:
@@ -299,9 +303,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _eta_parts(s: JobSummary) -> str:
     """What the ETA is made of, so that a user can see evaluation counted."""
-    from dallm.protocol.jobs import evaluations_left
+    from dallm.protocol.jobs import end_step, evaluations_left, trainer_step
 
-    left = max(0, s.total_steps - s.step)
+    left = max(0, end_step(s) - trainer_step(s))
     speed = (
         f"{left} steps at {s.steps_per_s:.3g}/s" if s.steps_per_s else f"{left} steps, speed not measured yet"
     )

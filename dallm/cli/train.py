@@ -7,9 +7,12 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dallm.cli import CommandError
+
+if TYPE_CHECKING:
+    from dallm.protocol import JobSummary
 
 
 def register(sub: Any) -> None:
@@ -99,12 +102,12 @@ def _failed(e: Exception, folder: Path) -> CommandError:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dallm.config import ConfigError
+    from dallm.config import ConfigError, run_name
     from dallm.engine.dispatch import train
     from dallm.engine.threads import set_torch_threads
     from dallm.preflight import checked_config
 
-    cfg = checked_config(args.config, args.overrides)
+    cfg = run_name(checked_config(args.config, args.overrides), args.overrides or [])
     try:
         threads = set_torch_threads()
     except ValueError as e:
@@ -148,12 +151,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_problem(folder: Path, fmt: str, job: JobSummary | None) -> str | None:
+    """Why `folder` cannot be exported as `fmt`, said so that the user knows what to do instead:
+    the format of the job's kind (an LLM job's adapter is `--format peft`), or a job that has no
+    result (cancelled, failed, still running: a checkpoint is exported with `--step N`)."""
+    from dallm.image.export import LORA_FILE
+    from dallm.protocol.files import checkpoint_folders
+
+    adapter = (folder / "adapter_config.json").is_file()  # dallm.llm.trainer.ADAPTER_CONFIG
+    lora = (folder / LORA_FILE).is_file()
+    what = f"job {job.id} ({job.name})" if job is not None else str(folder)
+    if fmt != "peft" and adapter and not lora:
+        return f"{what} is an LLM job: its result is a peft adapter; use --format peft"
+    if fmt == "peft" and lora and not adapter:
+        return f"{what} is an image job: use --format diffusers or --format kohya"
+    if adapter or lora:
+        return None
+    steps = [s for s, _ in checkpoint_folders(folder / "checkpoints")]
+    then = (
+        f"export a checkpoint with --step N (have: {', '.join(map(str, steps))})"
+        if steps
+        else "no checkpoint either"
+    )
+    if job is not None and job.state not in ("finished", "stopped", "stopped-early"):
+        return f"{what} is {job.state}: it has no result; {then}"
+    return f"{what}: no result weights in this folder; {then}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from dallm.cli.jobref import resolve
+    from dallm.cli.jobref import resolve_job
     from dallm.engine.checkpoint import find_checkpoint
     from dallm.image.export import export_lora, kohya_usage
 
-    src = resolve(args.output_dir, args.home, args.connect)
+    job, src = resolve_job(args.output_dir, args.home, args.connect)
+    if args.step is None:
+        problem = export_problem(src, args.format, job)
+        if problem:
+            raise CommandError(problem)
     if args.step is not None:
         try:
             src = find_checkpoint(src, args.step)

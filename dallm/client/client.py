@@ -326,7 +326,7 @@ class DaemonClient:
         on_update: Callable[[JobSummary], None] | None = None,
         poll_s: float = 0.25,
     ) -> JobSummary:
-        """Block until the job is finished, stopped-early, failed or cancelled; its final row.
+        """Block until the job is finished, stopped, stopped-early, failed or cancelled; its final row.
         Rides out a daemon restart (unavailable answers are retried until `timeout`)."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:

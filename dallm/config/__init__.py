@@ -17,6 +17,7 @@ from dallm.config.files import (
     load_config,
     parse_override,
     resolve_paths,
+    run_name,
     save_config,
 )
 from dallm.config.job import (
@@ -71,6 +72,7 @@ __all__ = [
     "monitor_start",
     "parse_override",
     "resolve_paths",
+    "run_name",
     "save_config",
     "training_set_size",
     "epoch_steps",

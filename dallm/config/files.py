@@ -139,6 +139,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     return config_from_dict(data, str(path), overrides)
 
 
+_NAME_VALUE = re.compile(r"^[A-Za-z0-9._,-]{1,24}$")
+
+
+def run_name(cfg: JobConfig, overrides: list[str]) -> JobConfig:
+    """`cfg` named after its `--set` items ("quickstart lr=3e-3": each key's last part and its
+    value), so two runs of one config tell apart in `dallm ls` and the TUI; unless an item names it.
+    Values a name cannot hold (paths, lists) are left out, and the name kept within its 100 characters."""
+    items = [parse_override(o) for o in overrides]
+    if not items or any(keys == ["name"] for keys, _ in items):
+        return cfg
+    parts = [cfg.name]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        short = f"{key.strip().rsplit('.', 1)[-1]}={value.strip()}"
+        if _NAME_VALUE.match(value.strip()) and len(" ".join([*parts, short])) <= 100:
+            parts.append(short)
+    return cfg.model_copy(update={"name": " ".join(parts)})
+
+
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
     """Plain TOML-able data (None values dropped, paths as strings)."""
     return cfg.model_dump(mode="json", exclude_none=True)

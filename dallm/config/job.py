@@ -24,8 +24,14 @@ from dallm.config.sections import (
 from dallm.monitor.window import Span, epochs_of, span_steps, steps_per_epoch
 
 
+def folder_name(name: str) -> str:
+    """A job's name as a folder name: no spaces ("quickstart lr=3e-3" -> "quickstart_lr=3e-3")."""
+    return name.replace(" ", "_")
+
+
 class JobConfig(_Section):
-    name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # Spaces, "=" and "," for a run named by its overrides ("quickstart lr=3e-3", `run_name`).
+    name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=, -]{0,99}$")
     seed: int = 0
     output_dir: Path | None = None  # None: runs/<name>
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -90,7 +96,7 @@ class JobConfig(_Section):
 
     @property
     def out(self) -> Path:
-        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+        return self.output_dir if self.output_dir is not None else Path("runs") / folder_name(self.name)
 
 
 LLM_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama, Qwen2, Mistral, Gemma names

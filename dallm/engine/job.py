@@ -40,6 +40,7 @@ from dallm.monitor.early_stop import EarlyStop, NoEarlyStop
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
+    CheckpointsDeletedEvent,
     Emit,
     InterruptCommand,
     JobCommand,
@@ -47,6 +48,7 @@ from dallm.protocol import (
     LogEvent,
     PhaseEmit,
     Poll,
+    ProgressEvent,
     RollbackCommand,
     RolledBackEvent,
     StartedEvent,
@@ -56,6 +58,9 @@ from dallm.protocol import (
 from dallm.protocol.files import RESULT_FILE, ResultFile, write_json
 
 __all__ = ["Job", "Trainer"]
+
+PROGRESS_S = 1.0  # a ProgressEvent (the trainer's step, loss, lr) at most this often
+PROGRESS_KEYS = ("loss", "lr", "steps_per_s", "cs")
 
 
 class Trainer(Protocol):
@@ -100,6 +105,8 @@ class Job:
         self.late = LateResults(evaluator.pending, self.log, self.emit, self._write_checkpoint)
         self.step = 0
         self._times: list[float] = []
+        self._progress_at = 0.0
+        self._progress: dict[str, float] = {}  # the last known values (CS: once a window)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -140,6 +147,7 @@ class Job:
             self._times = (self._times + [time.perf_counter() - t0])[-10:]
             values["steps_per_s"] = len(self._times) / sum(self._times)
             self._watch(values)
+            self._report_progress(values)
             if submitted := self.evaluator.due(self.step):
                 with isolated_rng():  # inline: evaluated now; background: a copy of the weights goes
                     self.evaluator.submit(self.step, self.trainer.weights)
@@ -156,6 +164,17 @@ class Job:
         # notify / off with select = "turning": the user chose to train on, the result is the last step
         keep_last = self.early.select == "turning"
         return self.finish("completed", self.step if keep_last else None)
+
+    def _report_progress(self, values: dict[str, float]) -> None:
+        """The trainer's step and its last values, about once a second (and at the last step):
+        the rows of the steps after a background evaluation still running wait for it."""
+        self._progress |= {k: float(values[k]) for k in PROGRESS_KEYS if k in values}
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_S and self.step != self.cfg.train.steps:
+            return
+        self._progress_at = now
+        backlog = len(self.evaluator.pending())
+        self.emit(ProgressEvent(step=self.step, values=dict(self._progress), backlog=backlog))
 
     # -- evaluations that come back ---------------------------------------------------------------
 
@@ -199,9 +218,12 @@ class Job:
         if tp is None:
             return None
         if self.cfg.monitor.early_stop != "off":
-            self.emit(TurningPointEvent(step=tp, seen_at=self.step))
+            auto = self.cfg.monitor.early_stop == "auto"
+            margin = self.early.margin if self.early.select == "turning_then_best" else 0
+            stop_at = self.step + margin if auto else None
+            self.emit(TurningPointEvent(step=tp, seen_at=self.step, stop_at=stop_at))
             action = "training on"
-            if self.cfg.monitor.early_stop == "auto":
+            if auto:
                 action = (
                     f"stopping at step {self.step + self.early.margin} with the best "
                     f"{self.evaluator.validation_measure or 'validation measure'} seen"
@@ -269,8 +291,11 @@ class Job:
         folder = save_checkpoint(self.ckpt_root, state, writers)
         tp = self.early.turning_point
         protect = {tp} if tp is not None else set()
-        prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep, protect)
+        deleted = prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep, protect)
         self.emit(CheckpointEvent(step=state.step, path=str(folder.relative_to(self.out))))
+        if deleted:  # the daemon's list (and the TUI's) must not offer them
+            reason = f"checkpoint.keep = {self.cfg.checkpoint.keep}"
+            self.emit(CheckpointsDeletedEvent(steps=deleted, reason=reason))
         return folder
 
     def _rollback(self, step: int, resume: bool) -> JobResult | None:
@@ -291,9 +316,14 @@ class Job:
         self.emit(RolledBackEvent(step=step, resume=resume))
         if not resume:
             return self.finish("rolled_back", step, final_step=reached)
+        gone = [s for s, _ in checkpoint_folders(self.ckpt_root) if s > step]
         for s, folder in checkpoint_folders(self.ckpt_root):  # superseded history
             if s > step:
                 shutil.rmtree(folder, ignore_errors=True)
+        if gone:
+            self.emit(
+                CheckpointsDeletedEvent(steps=gone, reason=f"superseded by the rollback to step {step}")
+            )
         return None
 
     @contextlib.contextmanager

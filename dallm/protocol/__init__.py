@@ -49,6 +49,7 @@ from dallm.protocol.control import (
 from dallm.protocol.events import (
     CheckpointEvent,
     CheckpointNowCommand,
+    CheckpointsDeletedEvent,
     Emit,
     Engine,
     FinishedEvent,
@@ -67,6 +68,7 @@ from dallm.protocol.events import (
     PhaseEmit,
     PhaseEvent,
     Poll,
+    ProgressEvent,
     RollbackCommand,
     RolledBackEvent,
     SampleEvent,
@@ -96,7 +98,10 @@ from dallm.protocol.jobs import (
     kid_text,
     peak_memory_text,
     phase_text,
+    step_text,
     summary_changes,
+    trainer_step,
+    training_line,
 )
 from dallm.protocol.resources import GpuUsage, HostUsage, JobUsage
 from dallm.protocol.wire import (
@@ -125,6 +130,8 @@ __all__ = [
     "MetricsEvent",
     "SampleEvent",
     "CheckpointEvent",
+    "CheckpointsDeletedEvent",
+    "ProgressEvent",
     "TurningPointEvent",
     "LogEvent",
     "StartedEvent",
@@ -136,6 +143,9 @@ __all__ = [
     "format_seconds",
     "kid_text",
     "phase_text",
+    "step_text",
+    "trainer_step",
+    "training_line",
     "peak_memory_text",
     "RolledBackEvent",
     "FinishReason",

@@ -59,6 +59,7 @@ class TurningPointEvent(Message):
     kind: Literal["turning_point"] = "turning_point"
     step: int
     seen_at: int
+    stop_at: int | None = None  # the step the engine will stop at (early_stop = "auto"): the ETA ends there
 
 
 class LogEvent(Message):
@@ -119,6 +120,27 @@ class RolledBackEvent(Message):
     resume: bool
 
 
+class CheckpointsDeletedEvent(Message):
+    """Checkpoint folders the engine deleted (`checkpoint.keep`, or superseded by a rollback): a
+    rollback to these steps is no longer possible."""
+
+    kind: Literal["checkpoints_deleted"] = "checkpoints_deleted"
+    steps: list[int]
+    reason: str  # "checkpoint.keep = 2", "superseded by the rollback to step 40"
+
+
+class ProgressEvent(Message):
+    """The trainer's own step, sent about once a second whatever the metrics rows wait for: with
+    evaluation in the background the rows (MetricsEvent) of the steps after a running evaluation
+    are held until it is back. `values`: loss, lr, steps_per_s, cs (the last known); `backlog`:
+    evaluations still running."""
+
+    kind: Literal["progress"] = "progress"
+    step: int
+    values: dict[str, float]
+    backlog: int = 0
+
+
 FinishReason = Literal["completed", "early_stop", "stopped", "rolled_back", "interrupted"]
 
 
@@ -160,6 +182,8 @@ JobEventTypes = (
     | FinishedEvent
     | PhaseEvent
     | UsageEvent
+    | CheckpointsDeletedEvent
+    | ProgressEvent
 )
 JobEvent = Annotated[JobEventTypes, Field(discriminator="kind")]
 job_event_adapter: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)

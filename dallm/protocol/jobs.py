@@ -20,6 +20,7 @@ from dallm.protocol.events import (
     Message,
     MetricsEvent,
     PhaseEvent,
+    ProgressEvent,
     RolledBackEvent,
     StartedEvent,
     TurningPointEvent,
@@ -28,9 +29,12 @@ from dallm.protocol.events import (
 
 QUEUE_TOPIC = "queue"
 
-JobState = Literal["queued", "running", "stopping", "finished", "stopped-early", "failed", "cancelled"]
+# stopped: the user stopped it (a stop, a rollback); stopped-early: the monitor did (early stopping)
+JobState = Literal[
+    "queued", "running", "stopping", "finished", "stopped", "stopped-early", "failed", "cancelled"
+]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
-TERMINAL_STATES = frozenset({"finished", "stopped-early", "failed", "cancelled"})
+TERMINAL_STATES = frozenset({"finished", "stopped", "stopped-early", "failed", "cancelled"})
 
 
 def job_topic(job: int) -> str:
@@ -69,6 +73,13 @@ class JobSummary(Message):
     # "ppl_val"), as its engine said when it started (StartedEvent); None before that.
     kind: JobKind | None = None
     validation_measure: str | None = None
+    # The trainer's step (ProgressEvent): ahead of `step` while the rows wait for background
+    # evaluations, `eval_backlog` of them still running; its last loss and learning rate.
+    train_step: int | None = None
+    eval_backlog: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    stop_step: int | None = None  # the step the engine said it will stop at (early_stop = "auto")
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes
@@ -93,6 +104,11 @@ def summary_changes(event: Any) -> dict[str, Any]:
         if "eval_stop_seconds" in values:
             out["eval_stop_seconds"] = values["eval_stop_seconds"]
         return out
+    if isinstance(event, ProgressEvent):
+        values = event.values
+        out = {"train_step": event.step, "eval_backlog": event.backlog}
+        out |= {k: values[k] for k in ("loss", "lr", "steps_per_s") if k in values}
+        return out
     if isinstance(event, UsageEvent):
         return {"peak_rss_mb": event.peak_rss_mb, "peak_gpu_mb": event.peak_gpu_mb}
     if isinstance(event, PhaseEvent):
@@ -106,11 +122,13 @@ def summary_changes(event: Any) -> dict[str, Any]:
             "samples_every": event.samples_every,
             "kind": event.job_kind,
             "validation_measure": event.validation_measure,
+            "train_step": event.start_step,
+            "eval_backlog": 0,
         }
     if isinstance(event, RolledBackEvent):
-        return {"step": event.step}
+        return {"step": event.step, "train_step": event.step, "eval_backlog": 0, "stop_step": None}
     if isinstance(event, TurningPointEvent):
-        return {"turning_point": event.step}
+        return {"turning_point": event.step, "stop_step": event.stop_at}
     if isinstance(event, FinishedEvent):
         out = {"result_step": event.result_step}
         if event.result_kid_val is not None:  # the result's KID, not the last evaluated step's
@@ -125,10 +143,50 @@ def _stops(after: int, upto: int, every: int) -> int:
     return upto // every - after // every if every > 0 else 0
 
 
+def trainer_step(row: JobSummary) -> int:
+    """The step the trainer is at: the rows' step lags it while background evaluations run."""
+    return max(row.step, row.train_step or 0)
+
+
+def end_step(row: JobSummary) -> int:
+    """The step the job will end at: the known stop (early stopping said it) or `total_steps`."""
+    if row.stop_step is not None and 0 < row.stop_step < row.total_steps:
+        return row.stop_step
+    return row.total_steps
+
+
+def step_text(row: JobSummary) -> str:
+    """The trainer's step of the job's steps, with the evaluations it runs ahead of: "249/600
+    (eval 3 behind)"."""
+    step = trainer_step(row)
+    text = f"{step}/{row.total_steps}" if row.total_steps else str(step)
+    if row.state in ("running", "stopping") and row.eval_backlog:
+        text += f" (eval {row.eval_backlog} behind)"
+    return text
+
+
+def training_line(step: int, total: int, values: dict[str, float], backlog: int = 0) -> str:
+    """One line of a trainer's console (the worker log): "step   120/600  loss 0.0312  lr 3.0e-03
+    4.12 steps/s  CS 0.912"; the evaluations still running when there are any."""
+    width = len(str(total)) if total else 1
+    parts = [f"step {step:>{width}}/{total}" if total else f"step {step}"]
+    if "loss" in values:
+        parts.append(f"loss {values['loss']:.4f}")
+    if "lr" in values:
+        parts.append(f"lr {values['lr']:.1e}")
+    if "steps_per_s" in values:
+        parts.append(f"{values['steps_per_s']:.2f} steps/s")
+    if "cs" in values:
+        parts.append(f"CS {values['cs']:.3f}")
+    if backlog:
+        parts.append(f"eval {backlog} behind")
+    return "  ".join(parts)
+
+
 def evaluations_left(row: JobSummary) -> int:
     """The evaluation stops still to come: every step where KID or a sample grid is due, plus the
     final evaluation when the last step is not one of them."""
-    a, b, step, total = row.eval_every, row.samples_every, row.step, row.total_steps
+    a, b, step, total = row.eval_every, row.samples_every, trainer_step(row), end_step(row)
     if a <= 0 and b <= 0:
         return 0
     both = math.lcm(a, b) if a > 0 and b > 0 else 0
@@ -138,12 +196,13 @@ def evaluations_left(row: JobSummary) -> int:
 
 
 def eta_seconds(row: JobSummary) -> float | None:
-    """Seconds until a running job ends: its training steps left at the measured training speed
-    plus its evaluation stops left at their measured mean cost (none measured yet: counted as 0,
-    so the ETA grows after the first evaluation rather than guessing)."""
+    """Seconds until a running job ends (at its known stop step, else at total_steps): its training
+    steps left at the measured training speed plus its evaluation stops left at their measured
+    mean cost (none measured yet: counted as 0, so the ETA grows after the first evaluation
+    rather than guessing)."""
     if row.state != "running" or not row.steps_per_s or row.total_steps <= 0:
         return None
-    training = max(0, row.total_steps - row.step) / row.steps_per_s
+    training = max(0, end_step(row) - trainer_step(row)) / row.steps_per_s
     return training + evaluations_left(row) * (row.eval_stop_seconds or 0.0)
 
 

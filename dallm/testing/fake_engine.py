@@ -6,14 +6,16 @@ kid, checkpointing, stopping; each once when it begins), MetricsEvent per step (
 CS-Fluctuation that lags 3 windows, as the engine's), SampleEvent
 (a PNG thumbnail) every `samples.every`, CheckpointEvent every `checkpoint.every` (written atomically
 to checkpoints/step-N/), FinishedEvent; calls `poll()` once per step and obeys Stop / Rollback /
-CheckpointNow / Interrupt; `resume` takes a checkpoint folder or the output folder (latest
+CheckpointNow / Interrupt; prunes to `checkpoint.keep` (never the turning point's) and says which
+it deleted; a ProgressEvent (step, loss, lr) about once a second; `resume` takes a checkpoint folder or the output folder (latest
 checkpoint) and cuts metrics.jsonl after the resume step, putting back the rows the checkpoint saved
 (as the engine does, so a resume after a rollback to an earlier step leaves no hole).
 
 Step time: $DALLM_FAKE_STEP_S (default 0.02 s). Faults come from dot-separated tokens in the job
 name, e.g. name "a-nan.5": `nan.N` (NaN loss at step N), `oom.N` (CUDA OOM at step N), `diskfull.N`
 (ENOSPC while writing the checkpoint of step N), `exit.N` (the process dies at step N), `tp.N`
-(turning point at step N, seen 3 steps later), `blast.N` (N metric events per step, for benchmarks),
+(turning point at step N, seen 3 steps later), `stopat.N` (with tp.N: the turning point says the
+job stops at step N, and it ends there, early-stopped), `blast.N` (N metric events per step, for benchmarks),
 `png.N` (N x N thumbnails).
 """
 
@@ -34,6 +36,7 @@ from dallm.engine.metrics_log import MetricsLog
 from dallm.protocol import (
     CheckpointEvent,
     CheckpointNowCommand,
+    CheckpointsDeletedEvent,
     Emit,
     FinishReason,
     InterruptCommand,
@@ -42,6 +45,7 @@ from dallm.protocol import (
     MetricsEvent,
     PhaseEmit,
     Poll,
+    ProgressEvent,
     RollbackCommand,
     RolledBackEvent,
     SampleEvent,
@@ -49,7 +53,7 @@ from dallm.protocol import (
     StopCommand,
     TurningPointEvent,
 )
-from dallm.protocol.files import METRICS_FILE, RESULT_FILE, ResultFile, write_json
+from dallm.protocol.files import METRICS_FILE, RESULT_FILE, ResultFile, checkpoint_folders, write_json
 
 
 def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -69,7 +73,7 @@ def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (200, 
 
 
 def faults(name: str) -> dict[str, int]:
-    return {k: int(v) for k, v in re.findall(r"(nan|oom|diskfull|exit|tp|blast|png)\.(\d+)", name)}
+    return {k: int(v) for k, v in re.findall(r"(nan|oom|diskfull|exit|tp|stopat|blast|png)\.(\d+)", name)}
 
 
 def loss_at(step: int) -> float:
@@ -127,6 +131,13 @@ def train(
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         send(CheckpointEvent(step=step, path=f"checkpoints/step-{step:06d}"))
+        keep = cfg.checkpoint.keep
+        folders = checkpoint_folders(out / "checkpoints")
+        old = [(s, p) for s, p in folders[: max(0, len(folders) - keep)] if s != turning] if keep else []
+        for _, path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        if old:
+            send(CheckpointsDeletedEvent(steps=[s for s, _ in old], reason=f"checkpoint.keep = {keep}"))
 
     start = 0
     metrics = MetricsLog(out / METRICS_FILE)
@@ -152,6 +163,8 @@ def train(
         return done
 
     step = start
+    progress_at = 0.0
+    step_at = time.monotonic()
     try:
         while step < total:
             cmd = get()
@@ -183,7 +196,9 @@ def train(
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
             if fault.get("nan") == step:
                 raise FloatingPointError(f"loss is NaN at step {step}")
-            values = {"loss": loss_at(step), "lr": cfg.train.lr}
+            now = time.monotonic()
+            values = {"loss": loss_at(step), "lr": cfg.train.lr, "steps_per_s": 1 / max(now - step_at, 1e-6)}
+            step_at = now
             if step % window == 0:  # CS once a window; its fluctuation looks 3 windows ahead (Eqs. 3-4)
                 values["cs"] = 0.9 + 0.05 * loss_at(step)
                 if step >= 4 * window:
@@ -191,6 +206,9 @@ def train(
             if cfg.eval.every and step % cfg.eval.every == 0:  # a KID that depends on the step
                 send.enter("kid", step)
                 values |= {"kid_val": 1.0 / step, "kid_val_std": 0.1 / step}
+            if time.monotonic() - progress_at >= 1.0 or step == total:
+                progress_at = time.monotonic()
+                send(ProgressEvent(step=step, values={k: values[k] for k in ("loss", "lr", "steps_per_s")}))
             event = MetricsEvent(step=step, values=values)
             for _ in range(fault.get("blast", 1)):
                 send(event)
@@ -207,7 +225,9 @@ def train(
                 )
             if fault.get("tp") is not None and step == fault["tp"] + 3:
                 turning = fault["tp"]
-                send(TurningPointEvent(step=turning, seen_at=step))
+                send(TurningPointEvent(step=turning, seen_at=step, stop_at=fault.get("stopat")))
+            if fault.get("stopat") == step and turning is not None:
+                return finish("early_stop", step, turning)
             if step % every == 0 or step == total:
                 save(step)
         return finish("completed", step, step)

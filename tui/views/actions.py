@@ -54,7 +54,7 @@ class ViewActions(JobActions):
             return
         for job in jobs:
             self.feed.want_history(job)
-        self.push_screen(CompareScreen(self.model, jobs))
+        self.push_screen(CompareScreen(self.model, jobs, self.connection))
 
     def action_logs(self) -> None:
         row = self.selected_row("show the log of")

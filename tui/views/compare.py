@@ -1,5 +1,6 @@
-"""Compare runs: the CS-Fluctuation and validation-KID curves of the marked jobs overlaid, one
-colour per job, with a legend (the chart widget of tui/chart.py, as the job view uses it)."""
+"""Compare runs: the CS-Fluctuation, validation-KID and training-loss curves of the marked jobs
+overlaid, one colour per job, with a legend (the chart widget of tui/chart.py, as the job view uses
+it), and what differs between their configs (read from the daemon)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from dallm.tui.chart import Chart, Trace
+from dallm.tui.connection import Connection
 from dallm.tui.model import JobData, Model
+from dallm.tui.views.config_diff import diff_lines
 
 # Distinct on dark and light themes; a job keeps its colour in both charts.
 PALETTE = ("magenta", "green", "dodger_blue1", "orange1", "cyan", "red", "yellow", "purple")
 REFRESH_S = 0.5  # live jobs move: redraw when a compared job's data changed, at most this often
-SERIES = (("cs_fluct", "CS-Fluctuation", "#compare-top"), ("kid_val", "KID (val)", "#compare-bottom"))
+SERIES = (
+    ("cs_fluct", "CS-Fluctuation", "#compare-top"),
+    ("kid_val", "KID (val)", "#compare-bottom"),
+    ("loss", "loss", "#compare-loss"),
+)
 
 
 def compare_traces(model: Model, jobs: list[int], series: str) -> list[Trace]:
@@ -38,10 +45,11 @@ class CompareScreen(Screen[None]):
 
     BINDINGS = [Binding("escape,v,q", "app.pop_screen", "Back")]
 
-    def __init__(self, model: Model, jobs: list[int]) -> None:
+    def __init__(self, model: Model, jobs: list[int], connection: Connection | None = None) -> None:
         super().__init__()
         self.model = model
         self.jobs = jobs
+        self.connection = connection
         self._versions: tuple = ()
 
     def compose(self) -> ComposeResult:
@@ -49,6 +57,8 @@ class CompareScreen(Screen[None]):
         with Vertical(id="compare-charts"):
             yield Chart("CS-Fluctuation", id="compare-top")
             yield Chart("KID (val)", id="compare-bottom")
+            yield Chart("loss", id="compare-loss")
+        yield Static("config differences: reading the configs…", id="compare-config")
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
@@ -58,6 +68,19 @@ class CompareScreen(Screen[None]):
         )
         self.redraw()
         self.set_interval(REFRESH_S, self.redraw)
+        if self.connection is not None:
+            self.run_worker(self._read_configs, thread=True, exit_on_error=False)
+
+    def _read_configs(self) -> None:
+        """In a thread: the jobs' configs from the daemon, then their differences on screen."""
+        assert self.connection is not None
+        try:
+            configs = [self.connection.show(j).config for j in self.jobs]
+        except Exception as e:  # the daemon went away, or refused: say so in place of the diff
+            text = f"config differences: could not read the configs ({e})"
+        else:
+            text = "\n".join(diff_lines([str(j) for j in self.jobs], configs))
+        self.app.call_from_thread(self.query_one("#compare-config", Static).update, text)
 
     def _data(self) -> list[JobData | None]:
         return [self.model.data.get(j) for j in self.jobs]

@@ -17,7 +17,15 @@ from dallm.protocol import JOB_STATES, TERMINAL_STATES, JobSummary
 from dallm.tui.widgets import run_order
 
 # The state filter cycles through these (None: every state).
-STATE_CYCLE: tuple[str | None, ...] = (None, "running", "queued", "failed", "finished", "stopped-early")
+STATE_CYCLE: tuple[str | None, ...] = (
+    None,
+    "running",
+    "queued",
+    "failed",
+    "finished",
+    "stopped",
+    "stopped-early",
+)
 SORTS: dict[str, Callable[[JobSummary], tuple]] = {
     "run order": run_order,
     "name": lambda r: (r.name.lower(), r.id),
