@@ -5,6 +5,8 @@ references and samples, perplexity by a bootstrap over texts)."""
 
 from __future__ import annotations
 
+from dallm.protocol.jobs import JobSummary
+
 SPREAD = "± std of the mean"
 MEASURE_NAMES = {"kid_val": "validation KID", "ppl_val": "validation perplexity"}
 SHORT = {"image": "KID", "llm": "ppl"}
@@ -37,4 +39,38 @@ def fidelity_text(fidelity: float | None, base: float | None) -> str:
     return f"{fidelity:.2f}" + (f" (base {base:.2f})" if base is not None else "")
 
 
-__all__ = ["MEASURE_NAMES", "SPREAD", "fidelity_text", "measure_label", "short_measure", "value_text"]
+def validation_text(s: JobSummary) -> str:
+    """The job's validation measure by its kind, with its spread: "KID 0.0123±0.004", "ppl 12.3±0.5"."""
+    return (
+        "-"
+        if s.validation is None
+        else f"{short_measure(s.kind)} {value_text(s.validation, s.validation_std)}"
+    )
+
+
+def figures_lines(s: JobSummary) -> list[str]:
+    """The validation figures of a job, one a line, each spread named (`dallm show`, the TUI's details)."""
+    out = []
+    if s.validation is not None:
+        name = measure_label(s.validation_measure or ("ppl_val" if s.kind == "llm" else "kid_val"))
+        std = f" ({SPREAD})" if s.validation_std is not None else ""
+        out.append(f"{name}: {short_measure(s.kind)} {value_text(s.validation, s.validation_std)}{std}")
+    if s.val_loss is not None:
+        out.append(f"validation loss: {value_text(s.val_loss)} (fixed timesteps and noise)")
+    if s.fidelity is not None:
+        out.append(f"prompt fidelity (held-out prompts): {fidelity_text(s.fidelity, s.base_fidelity)}")
+    if s.selection:
+        out.append(f"result chosen by {s.selection}")
+    return out
+
+
+__all__ = [
+    "figures_lines",
+    "validation_text",
+    "MEASURE_NAMES",
+    "SPREAD",
+    "fidelity_text",
+    "measure_label",
+    "short_measure",
+    "value_text",
+]
