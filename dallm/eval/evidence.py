@@ -65,9 +65,19 @@ def job_evidence(
 ) -> EvidenceSet | None:
     """The evidence of a job's evaluated `steps`: the sample features and validation references its
     evaluations kept (`dallm.eval.signals`: eval/evidence/), val_loss / fidelity of `history` (step ->
-    the measures of that evaluation), base_fidelity from any of them. None: nothing was measured."""
+    the measures of that evaluation; steps missing there are read from metrics.jsonl, as after a resume),
+    base_fidelity from any of them. None: nothing was measured."""
     from dallm.eval.signals import EVIDENCE_DIR, REFS_FILE, evidence_file
 
+    missing = [s for s in steps if s not in history]
+    if missing:  # evaluated before a resume: the figures are in metrics.jsonl
+        from dallm.protocol.files import METRICS_FILE, MetricsFileError, read_metrics
+
+        try:
+            logged = {int(r["step"]): r for r in read_metrics(out_dir / METRICS_FILE)}
+        except (OSError, MetricsFileError):
+            logged = {}
+        history = {**{s: logged[s] for s in missing if s in logged and "kid_val" in logged[s]}, **history}
     rows = {s: history[s] for s in steps if s in history}
     if not rows:
         return None
