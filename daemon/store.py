@@ -86,7 +86,7 @@ SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
     "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap, "
     "phase, phase_since, eval_every, samples_every, eval_stop_seconds, peak_rss_mb, peak_gpu_mb, "
-    "kind, validation_measure"
+    "kind, validation_measure, validation, validation_std, val_loss, fidelity, base_fidelity, selection"
 )
 # Columns added since the first schema: a store written by an older daemon gets them on open.
 ADDED_COLUMNS = {
@@ -101,6 +101,12 @@ ADDED_COLUMNS = {
     "peak_gpu_mb": "REAL",
     "kind": "TEXT",
     "validation_measure": "TEXT",
+    "validation": "REAL",
+    "validation_std": "REAL",
+    "val_loss": "REAL",
+    "fidelity": "REAL",
+    "base_fidelity": "REAL",
+    "selection": "TEXT",
 }
 
 # seq, prev, job, topic, kind, step, t, data, blob

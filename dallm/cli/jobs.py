@@ -234,8 +234,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print("no jobs")
         return 0
     now = time.time()
-    print(f"VALIDATION: the job's validation measure (KID or ppl) {SPREAD}; FIDELITY: on held-out prompts")
-    head = ("ID", "NAME", "STATE", "PRIO", "STEP", "VALIDATION", "VAL LOSS", "FIDELITY", "ETA")
+    # VAL: the job's validation measure by its kind (KID, ppl) ± the std of its mean; FIDELITY: prompt
+    # fidelity on held-out prompts (the base model's beside it)
+    head = ("ID", "NAME", "STATE", "PRIO", "STEP", f"VAL ({SPREAD.upper()})", "VAL LOSS", "FIDELITY", "ETA")
     rows = [head + ("DEVICE", "AGE", "REASON")]
     group: str | None = None
     for j in jobs:

@@ -41,20 +41,19 @@ def fidelity_text(fidelity: float | None, base: float | None) -> str:
 
 def validation_text(s: JobSummary) -> str:
     """The job's validation measure by its kind, with its spread: "KID 0.0123±0.004", "ppl 12.3±0.5"."""
+    value, std = (s.validation, s.validation_std) if s.validation is not None else (s.kid_val, s.kid_val_std)
     return (
-        "-"
-        if s.validation is None
-        else f"{short_measure(s.kind)} {value_text(s.validation, s.validation_std)}"
-    )
+        "-" if value is None else f"{short_measure(s.kind)} {value_text(value, std)}"
+    )  # kid_val: older rows
 
 
 def figures_lines(s: JobSummary) -> list[str]:
     """The validation figures of a job, one a line, each spread named (`dallm show`, the TUI's details)."""
     out = []
-    if s.validation is not None:
+    if s.validation is not None or s.kid_val is not None:
         name = measure_label(s.validation_measure or ("ppl_val" if s.kind == "llm" else "kid_val"))
-        std = f" ({SPREAD})" if s.validation_std is not None else ""
-        out.append(f"{name}: {short_measure(s.kind)} {value_text(s.validation, s.validation_std)}{std}")
+        has_std = (s.validation_std if s.validation is not None else s.kid_val_std) is not None
+        out.append(f"{name}: {validation_text(s)}" + (f" ({SPREAD})" if has_std else ""))
     if s.val_loss is not None:
         out.append(f"validation loss: {value_text(s.val_loss)} (fixed timesteps and noise)")
     if s.fidelity is not None:
