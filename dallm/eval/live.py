@@ -14,10 +14,9 @@ KID (the study's Section 2.3) compares `eval.num_images` images generated from t
 the first `data.limit`), (b) the held-out targets (`eval.val_dir`; its spread is the std of the
 mean, `dallm.eval.kid_spread`), (c) the base model's images for the same prompts (learned tokens
 replaced by `tokens.init_word`, or removed) and noise, generated once per job with every adapter
-off (features cached in `eval/base_features.pt`, images kept in `eval/base/`). Target and base
-features are shared between jobs (`dallm.eval.cache`). Here evaluation happens in the loop;
-`dallm.eval.background.BackgroundEvaluator` wraps a `LiveEvaluator` whose `Work` is done by a
-process of its own.
+off (features cached in `eval/base_features.pt`, images in `eval/base/`), shared between jobs as the
+targets' are (`dallm.eval.cache`). Here evaluation happens in the loop; `BackgroundEvaluator`
+(`dallm.eval.background`) wraps a `LiveEvaluator` whose `Work` is done by a process of its own.
 """
 
 from __future__ import annotations
@@ -338,6 +337,7 @@ class LiveEvaluator(InLoopResults):
             self._base_grid()
         if self.schedule.measures:
             self.references()
+            self.signals.prime()
 
     # -- KID ------------------------------------------------------------------------------------
 

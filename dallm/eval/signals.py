@@ -90,6 +90,7 @@ class Signals:
         self._train_prompts, self._train_files = list(train_prompts), list(train_files)
         self._shape = latent_shape
         self._base: dict[str, float] = {}
+        self._refs_kept = False
         self._val: tuple[Tensor, list[str]] | None = None  # held-out latents and captions, once
         self._fid: tuple[list[Any], list[str], Tensor, str] | None = None  # scenes, prompts, noise, style
 
@@ -103,19 +104,24 @@ class Signals:
         if self.judge is not None:
             out.update(self._fidelity(base=False))
         if not self._base and out:
-            if self.val_loss_on:
-                self._base.update({f"base_{k}": v for k, v in self._val_loss(base=True).items()})
-            if self.judge is not None:
-                self._base.update({f"base_{k}": v for k, v in self._fidelity(base=True).items()})
+            self.prime()
         return out | self._base
+
+    def prime(self) -> None:
+        """The base model's figures, now (before training, for a job that changes the base weights
+        themselves: train.method = "full" has no adapters to turn off later)."""
+        if self.val_loss_on:
+            self._base.update({f"base_{k}": v for k, v in self._val_loss(base=True).items()})
+        if self.judge is not None:
+            self._base.update({f"base_{k}": v for k, v in self._fidelity(base=True).items()})
 
     def keep(self, step: int, samples: Tensor, val_refs: Tensor | None) -> None:
         """The validation-KID sample features of `step` (and the references, once) for paired KIDs."""
         if val_refs is None:
             return
-        refs = self.out_dir / EVIDENCE_DIR / REFS_FILE
-        if not refs.is_file():
-            _save(refs, {"features": val_refs})
+        if not self._refs_kept:  # this job's references (an old folder may hold another job's)
+            _save(self.out_dir / EVIDENCE_DIR / REFS_FILE, {"features": val_refs})
+            self._refs_kept = True
         _save(evidence_file(self.out_dir, step), {"step": step, "features": samples})
 
     # -- validation loss -----------------------------------------------------------------------
