@@ -141,6 +141,19 @@ def test_select_evidence_chooses_with_the_fidelity_guard_and_keeps_best_val_kid_
     assert not early.should_stop(50 + early.margin - 1) and early.should_stop(50 + early.margin)
 
 
+def test_an_llm_jobs_evidence_is_its_validation_perplexity() -> None:
+    from types import SimpleNamespace
+
+    from dallm.llm.evaluation import LlmEvaluator
+    from dallm.monitor.selection import select_checkpoint
+
+    fake = SimpleNamespace(history={10: {"ppl_val": 9.0}, 20: {"ppl_val": 7.5}, 30: {"ppl_train": 3.0}})
+    found = LlmEvaluator.evidence(fake, [10, 20, 30])  # type: ignore[arg-type]
+    assert found is not None and [(r.step, r.val_loss) for r in found.records] == [(10, 9.0), (20, 7.5)]
+    assert select_checkpoint(found.records, found.base_fidelity, 0.2, found.paired).signal == "val loss"
+    assert LlmEvaluator.evidence(fake, [30]) is None  # type: ignore[arg-type]
+
+
 # -- labels ---------------------------------------------------------------------------------------
 
 
