@@ -91,7 +91,8 @@ SUMMARY_COLUMNS = (
     "id, name, state, priority, step, total_steps, device, reason, created, updated, attempts, out_dir, "
     "turning_point, result_step, kid_val, kid_val_std, steps_per_s, history_gap, "
     "phase, phase_since, eval_every, samples_every, eval_stop_seconds, peak_rss_mb, peak_gpu_mb, "
-    "kind, validation_measure, train_step, eval_backlog, loss, lr, stop_step"
+    "kind, validation_measure, train_step, eval_backlog, loss, lr, stop_step, validation, validation_std, "
+    "val_loss, fidelity, base_fidelity, selection"
 )
 # Columns added since the first schema: a store written by an older daemon gets them on open.
 ADDED_COLUMNS = {
@@ -111,6 +112,12 @@ ADDED_COLUMNS = {
     "loss": "REAL",
     "lr": "REAL",
     "stop_step": "INTEGER",
+    "validation": "REAL",
+    "validation_std": "REAL",
+    "val_loss": "REAL",
+    "fidelity": "REAL",
+    "base_fidelity": "REAL",
+    "selection": "TEXT",
 }
 
 # seq, prev, job, topic, kind, step, t, data, blob

@@ -109,7 +109,9 @@ class WorkerMessages:
             w.last_step = after
             step = None if isinstance(ev, StartedEvent) else ev.step
             if after > 0 or isinstance(ev, RolledBackEvent):
-                self.events.update_row(job, {"kid_val": kid, "kid_val_std": std})
+                # (an LLM job's ppl shows "-" until its next evaluation: not an erased figure)
+                erased = {"validation": kid, "validation_std": std, "val_loss": None, "fidelity": None}
+                self.events.update_row(job, {"kid_val": kid, "kid_val_std": std} | erased)
         elif isinstance(ev, FinishedEvent):
             w.finished = ev
         self.events.add_event(job, job_topic(job), ev.kind, step, raw.decode(), blob, t)

@@ -117,11 +117,11 @@ def test_progress_lines_show_kid_with_its_spread() -> None:
 
     lines = EventLines(100)
     _, text = lines(MetricsEvent(step=30, values={"loss": 0.5, "kid_val": 0.134, "kid_val_std": 0.041}))
-    assert text.endswith("KID val 0.134 ± 0.041")
+    assert text.endswith("KID val 0.134 ± 0.041 (std of the mean)")
     done = FinishedEvent(
         reason="early_stop", final_step=90, result_step=60, result_kid_val=0.1, result_kid_val_std=0.02
     )
-    assert lines(done)[1].endswith("result = weights of step 60, its KID val 0.1 ± 0.02")
+    assert lines(done)[1].endswith("result = weights of step 60, its KID val 0.1 ± 0.02 (std of the mean)")
 
 
 def test_logs_say_which_checkpoints_are_gone() -> None:

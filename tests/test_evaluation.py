@@ -302,14 +302,17 @@ def test_engine_job_with_evaluation_then_report(
     assert (started.job_kind, started.validation_measure, started.eval_every) == ("image", "kid_val", 2)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kid_steps = [r["step"] for r in rows if "kid_val" in r]
-    assert kid_steps == [2, 4, 6]
+    assert kid_steps == [2, 3, 4, 6]  # eval.every and the checkpoint steps (checkpoint.every = 3)
     assert all(set(r) >= KID_KEYS and r["eval_seconds"] > 0 for r in rows if "kid_val" in r)
+    # the repeatable validation loss on eval.val_dir, and the base model's (no fidelity judge here)
+    assert all({"val_loss", "val_loss_t990", "base_val_loss"} <= set(r) for r in rows if "kid_val" in r)
+    assert not any("fidelity" in r for r in rows)
     result = json.loads((out / "result.json").read_text())
-    assert result["eval"]["eval_count"] == 3 and 0 < result["eval"]["eval_share"] < 1
+    assert result["eval"]["eval_count"] == 4 and 0 < result["eval"]["eval_share"] < 1
     assert [e.step for e in events if isinstance(e, SampleEvent)] == [0, 2, 4, 6]  # 0: the base
     # the live stream carries the same KID as the log (the daemon and the TUI only see events)
     live = {e.step: e.values for e in events if isinstance(e, MetricsEvent) and "kid_val" in e.values}
-    assert sorted(live) == [2, 4, 6]
+    assert sorted(live) == [2, 3, 4, 6]
     assert all(live[r["step"]]["kid_val"] == r["kid_val"] for r in rows if "kid_val" in r)
     finished = [e for e in events if isinstance(e, FinishedEvent)]
     best = min(live, key=lambda s: live[s]["kid_val"])  # select: the best validation KID evaluated

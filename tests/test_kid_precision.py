@@ -165,7 +165,11 @@ def test_job_uses_the_chosen_count_through_the_background_evaluator(
     events: list[JobEvent] = []
     train(cfg, out_dir=out, emit=events.append)
     rows = [json.loads(t) for t in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["eval_num_images"]) for r in rows if "kid_val" in r] == [(2, 8.0), (4, 8.0)]
+    assert [(r["step"], r["eval_num_images"]) for r in rows if "kid_val" in r] == [
+        (2, 8.0),
+        (3, 8.0),
+        (4, 8.0),
+    ]
     said = [e.message for e in events if isinstance(e, LogEvent) and e.message.startswith("KID samples: ")]
     assert len(said) == 1 and "capped by eval.max_images" in said[0] and "\n" not in said[0]
     summary = json.loads((out / "eval" / "summary.json").read_text())

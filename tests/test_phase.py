@@ -130,7 +130,7 @@ def test_ls_and_show_name_the_phase_and_an_eta_with_the_evaluations(
     assert main(["ls"]) == 0
     header, line = capsys.readouterr().out.splitlines()
     assert "ETA" in header and "running (kid 1m0" in line and "1m00s" in line  # 30 s training + 3 x 10 s
-    assert "KID VAL" in header and "0.0606±0.16" in line  # the KID with its spread
+    assert "VAL (± STD OF THE MEAN)" in header and "KID 0.0606±0.16" in line  # the KID, its spread named
     assert main(["ls", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)[0]
     assert listed["phase"] == "kid" and listed["eta_s"] == pytest.approx(60.0)

@@ -158,9 +158,11 @@ async def test_kid_is_shown_with_its_spread(conn: FakeConnection) -> None:
     app = make_app(conn)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, loaded(app))
-        conn.emit(1, MetricsEvent(step=301, values={"kid_val": 0.0016, "kid_val_std": 0.13}))
+        conn.emit(1, MetricsEvent(step=301, values={"kid_val": 0.0016, "kid_val_std": 0.13, "val_loss": 0.21,
+                                                    "fidelity": 0.85}))  # fmt: skip
         table = app.query_one(JobTable)
-        await until(pilot, lambda: str(table.get_cell("1", "kid")) == "0.0016±0.13")
+        await until(pilot, lambda: str(table.get_cell("1", "val")) == "KID 0.0016±0.13")
+        assert str(table.get_cell("1", "vloss")) == "0.2100" and str(table.get_cell("1", "fid")) == "0.85"
 
 
 def row_order(app) -> list[str]:

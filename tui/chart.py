@@ -39,7 +39,7 @@ class Trace:
     values: np.ndarray
     color: str
     dim: bool = False  # superseded by a rollback, or the raw curve under a smoothed one: faint, no legend
-    err: np.ndarray | None = None  # a spread per point (KID's std over subsets): drawn as error bars
+    err: np.ndarray | None = None  # a spread per point (the series' _std): drawn as error bars
 
 
 def ema(values: np.ndarray, weight: float, block: int = 256) -> np.ndarray:

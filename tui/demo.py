@@ -86,7 +86,11 @@ def kid_at(step: int, total: int) -> dict[str, float]:
         "kid_train": 0.09 * math.exp(-3 * x) + 0.004,
         "kid_val": 0.09 * math.exp(-2.5 * x) + 0.012 + 0.03 * max(0.0, x - 0.6) ** 2,
         "kid_base": 0.01 + 0.08 * (1 - math.exp(-2 * x)),
-        "kid_val_std": 0.004 + 0.02 * math.exp(-2 * x),  # the spread over KID subsets
+        "kid_val_std": 0.004 + 0.02 * math.exp(-2 * x),  # the std of the validation KID's mean
+        # the repeatable validation loss, and prompt fidelity falling as the LoRA overfits
+        "val_loss": 0.12 + 0.2 * math.exp(-3 * x) + 0.02 * max(0.0, x - 0.6),
+        "fidelity": 0.97 - 0.3 * max(0.0, x - 0.4),
+        "base_fidelity": 0.97,
     }
 
 

@@ -106,8 +106,9 @@ HELP = """\
   ?            this help          q  quit
 
 The yellow ┊ in a chart marks the turning point (second valley of CS-Fluctuation). KID is
-drawn with error bars (± its std over subsets) and ● on each evaluation; KID < 0 is an
-unbiased estimate of "no difference" (the chart says so).
+drawn with error bars (val: ± the std of the mean; train, base: ± the std over subsets) and ● on
+each evaluation; KID < 0 is an unbiased estimate of "no difference" (the chart says so). The
+queue's Val column is the validation measure (KID, or ppl for LLM jobs) ± the std of its mean.
 Mouse: click a job, a checkpoint, a key in the footer; click the left/right half of the
 thumbnail to step back/forward through the samples.
 """

@@ -13,8 +13,9 @@ from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
 from dallm.protocol import JobSummary, kid_text, phase_text, step_text
+from dallm.protocol.labels import validation_text, value_text
 from dallm.tui.compat import set_cell_in_place
-from dallm.tui.model import HistoryView, eta_seconds, format_eta
+from dallm.tui.model import HistoryView, JobData, eta_seconds, format_eta
 
 STATE_STYLES = {
     "queued": "dim",
@@ -85,7 +86,9 @@ class JobTable(DataTable):
         ("loss", "Loss"),
         ("lr", "LR"),
         ("phase", "Phase"),  # what a step that stands still waits for (evaluation, a checkpoint)
-        ("kid", "KID val"),
+        ("val", "Val ±sd mean"),  # the validation measure by the job's kind, ± the std of its mean
+        ("vloss", "Val loss"),
+        ("fid", "Fidelity"),  # prompt fidelity on held-out prompts
         ("tp", "TP"),
         ("eta", "ETA"),
         ("device", "Device"),
@@ -114,7 +117,9 @@ class JobTable(DataTable):
             "loss": "-" if row.loss is None else f"{row.loss:.4f}",
             "lr": "-" if row.lr is None else f"{row.lr:.1e}",
             "phase": Text(phase_text(row, time.time()) or "-", style="cyan"),
-            "kid": kid_text(row.kid_val, row.kid_val_std),
+            "val": validation_text(row),
+            "vloss": value_text(row.val_loss),
+            "fid": "-" if row.fidelity is None else f"{row.fidelity:.2f}",
             "tp": "-" if row.turning_point is None else Text(f"✓ {row.turning_point}", style="yellow"),
             "eta": format_eta(eta_seconds(row)),
             "device": row.device or "-",
@@ -236,6 +241,7 @@ class CheckpointList(OptionList):
             self.clear_options()
             for step, kid, std, tp in rows:
                 label = Text(f"step {step:>6}  {measure} {kid_text(kid, std):>7}")
+                label.append(checkpoint_figures(data, step), style="dim")  # val loss, prompt fidelity
                 if tp:
                     label.append(" ★ TP", style="yellow")
                 self.add_option(Option(label, id=str(step)))
@@ -290,3 +296,13 @@ class ActivityLog(RichLog):
 
     def note(self, line: str, style: str = "italic") -> None:
         self.write(Text(line, style=style))
+
+
+def checkpoint_figures(data: JobData | None, step: int) -> str:
+    """A checkpoint entry's other figures, where measured at its step: "  loss 0.123  fid 0.85"."""
+    if data is None:
+        return ""
+    loss, fid = data.value_at("val_loss", step), data.value_at("fidelity", step)
+    return (f"  loss {loss:.4g}" if loss is not None else "") + (
+        f"  fid {fid:.2f}" if fid is not None else ""
+    )

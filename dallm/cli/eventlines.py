@@ -20,13 +20,24 @@ from dallm.protocol import (
 )
 
 # Metric names shown on a progress line, in this order, with their labels.
-SHOWN = (("loss", "loss"), ("cs_fluct", "cs-fluct"), ("kid_train", "KID train"), ("kid_val", "KID val"))
+SHOWN = (
+    ("loss", "loss"),
+    ("cs_fluct", "cs-fluct"),
+    ("kid_train", "KID train"),
+    ("kid_val", "KID val"),
+    ("ppl_val", "ppl val"),
+    ("val_loss", "val loss"),
+    ("fidelity", "prompt fidelity"),
+)
 
 
 def _with_spread(values: dict[str, float], key: str) -> str:
-    """`0.134 ± 0.04` for a KID with its std over subsets, else the value alone."""
+    """`0.134 ± 0.04 (std of the mean)`: a figure with its spread, named; else the value alone."""
     std = values.get(f"{key}_std")
-    return f"{values[key]:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+    if std is None:
+        return f"{values[key]:.4g}"
+    which = "std of the mean" if key.endswith("_val") else "std over subsets"
+    return f"{values[key]:.4g} ± {std:.2g} ({which})"
 
 
 class EventLines:
@@ -38,7 +49,7 @@ class EventLines:
 
     def _metrics(self, ev: MetricsEvent) -> tuple[str, str] | None:
         tenth = ev.step * 10 // self.total if self.total else ev.step
-        evaluated = any(k.startswith("kid_") for k in ev.values)
+        evaluated = any(k.startswith(("kid_", "ppl_")) for k in ev.values)
         if tenth <= self.tenth and not evaluated:
             return None
         self.tenth = max(self.tenth, tenth)
@@ -76,9 +87,14 @@ class EventLines:
         if isinstance(ev, FinishedEvent):
             kid = ""
             if ev.result_kid_val is not None:
-                std = f" ± {ev.result_kid_val_std:.2g}" if ev.result_kid_val_std is not None else ""
+                std = (
+                    f" ± {ev.result_kid_val_std:.2g} (std of the mean)"
+                    if ev.result_kid_val_std is not None
+                    else ""
+                )
                 kid = f", its KID val {ev.result_kid_val:.4g}{std}"
+            chosen = f"; chosen: {ev.selection}" if ev.selection else ""
             return "engine", (
-                f"done ({ev.reason}) at step {ev.final_step}; result = weights of step {ev.result_step}{kid}"
+                f"done ({ev.reason}) at step {ev.final_step}; result = weights of step {ev.result_step}{kid}{chosen}"
             )
         return None

@@ -84,9 +84,9 @@ class _LineProgress:
         if s.state == self.state and (tenth <= self.tenth or now - self.last < 5):
             return
         self.state, self.tenth, self.last = s.state, tenth, now
-        from dallm.protocol import kid_text
+        from dallm.protocol.labels import validation_text
 
-        kid = f"  KID val {kid_text(s.kid_val, s.kid_val_std)}" if s.kid_val is not None else ""
+        kid = f"  {validation_text(s)}" if s.validation is not None else ""
         tp = f"  turning point {s.turning_point}" if s.turning_point is not None else ""
         total = f"/{s.total_steps}" if s.total_steps else ""
         print(f"job {s.id} {s.state:<13} step {s.step}{total}{kid}{tp}", file=sys.stderr, flush=True)
@@ -109,10 +109,10 @@ def _wait(c: Any, job: int | str, timeout: float | None, as_json: bool) -> int:
     ) as bar:
         task = bar.add_task("", total=None, job=job, state="", extra="")
 
-        from dallm.protocol import kid_text
+        from dallm.protocol.labels import validation_text
 
         def update(s: Any) -> None:
-            extra = f"KID {kid_text(s.kid_val, s.kid_val_std)}" if s.kid_val is not None else ""
+            extra = validation_text(s) if s.validation is not None else ""
             bar.update(task, total=s.total_steps or None, completed=s.step, state=s.state, extra=extra)
 
         summary = c.wait(job, timeout=timeout, on_update=update)
@@ -214,7 +214,8 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, kid_text, phase_text, step_text
+    from dallm.protocol import JOB_STATES, eta_seconds, format_seconds, phase_text, step_text
+    from dallm.protocol.labels import SPREAD, fidelity_text, validation_text, value_text
     from dallm.sweep import sweep_of  # a job in a sweep folder (`dallm sweep`) belongs to that sweep
 
     for state in args.state or []:
@@ -238,7 +239,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print("no jobs")
         return 0
     now = time.time()
-    rows = [("ID", "NAME", "STATE", "PRIO", "STEP", "KID VAL", "ETA", "DEVICE", "AGE", "REASON")]
+    # VAL: the job's validation measure by its kind (KID, ppl) ± the std of its mean; FIDELITY: prompt
+    # fidelity on held-out prompts (the base model's beside it)
+    head = ("ID", "NAME", "STATE", "PRIO", "STEP", f"VAL ({SPREAD.upper()})", "VAL LOSS", "FIDELITY", "ETA")
+    rows = [head + ("DEVICE", "AGE", "REASON")]
     group: str | None = None
     for j in jobs:
         if sweeps[j.id] != group:
@@ -250,8 +254,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         state = f"{j.state} ({phase})" if phase else j.state
         eta = format_seconds(eta_seconds(j))
         rows.append(
-            (str(j.id), name, state, str(j.priority), step, kid_text(j.kid_val, j.kid_val_std), eta)
-            + (j.device or "-", _ago(j.created), j.reason)
+            (str(j.id), name, state, str(j.priority), step, validation_text(j), value_text(j.val_loss))
+            + (fidelity_text(j.fidelity, j.base_fidelity), eta, j.device or "-", _ago(j.created), j.reason)
         )
     widths = [max(len(r[i]) for r in rows if len(r) > 1) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -286,6 +290,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  turning point: step {s.turning_point}{stops}")
     if s.result_step is not None:
         print(f"  result: step {s.result_step}")
+    from dallm.protocol.labels import figures_lines
+
+    for line in figures_lines(s):
+        print(f"  {line}")
     if d.last_metrics:
         print("  last metrics: " + "  ".join(f"{k}={v:.5g}" for k, v in d.last_metrics.items()))
     if d.checkpoints:

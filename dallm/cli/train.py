@@ -148,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{result.reason}: step {result.final_step}, result = weights of step {result.result_step}{tp}; in {out}"
     )
+    if result.selection:  # monitor.select = "evidence": which signal chose it, by what paired margin
+        print(f"chosen: {result.selection}")
     return 0
 
 

@@ -170,7 +170,11 @@ class MonitorConfig(_Section):
     # `margin` past the turning point's confirmation and returning the best validation KID seen
     # ("turning_then_best"). The KID choices need eval.val_dir and eval.every; without them the
     # job returns the turning point (CS-Fluctuation is the signal when there is no held-out set).
-    select: Literal["turning", "best_val_kid", "turning_then_best"] = "turning_then_best"
+    # "evidence": as "turning_then_best" for when to stop, and the result chosen on the evidence
+    # (dallm.monitor.selection: the lowest validation KID on one half of the references among the
+    # checkpoints that keep prompt fidelity within `fidelity_margin` of the base's, judged on paired
+    # differences, reported on the other half).
+    select: Literal["turning", "best_val_kid", "turning_then_best", "evidence"] = "turning_then_best"
     margin: Span = 30  # as `window`; in steps by default, so that the stop does not follow the budget
     # Selection on the evidence (dallm.monitor.selection): a checkpoint is eligible while its prompt
     # fidelity on held-out prompts is at least the base model's minus this (absolute; micro heads

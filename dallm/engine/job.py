@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -55,9 +55,13 @@ from dallm.protocol import (
     StopCommand,
     TurningPointEvent,
 )
-from dallm.protocol.files import RESULT_FILE, ResultFile, write_json
+from dallm.protocol.files import RESULT_FILE, ResultFile, SelectionInfo, write_json
+from dallm.protocol.labels import measure_label
 
-__all__ = ["Job", "Trainer"]
+if TYPE_CHECKING:
+    from dallm.monitor.selection import Selection
+
+__all__ = ["Job", "Trainer", "selection_info"]
 
 PROGRESS_S = 1.0  # a ProgressEvent (the trainer's step, loss, lr) at most this often
 PROGRESS_KEYS = ("loss", "lr", "steps_per_s", "cs")
@@ -219,17 +223,17 @@ class Job:
             return None
         if self.cfg.monitor.early_stop != "off":
             auto = self.cfg.monitor.early_stop == "auto"
-            margin = self.early.margin if self.early.select == "turning_then_best" else 0
+            margin = self.early.margin if self.early.select in ("turning_then_best", "evidence") else 0
             stop_at = self.step + margin if auto else None
             self.emit(TurningPointEvent(step=tp, seen_at=self.step, stop_at=stop_at))
             action = "training on"
             if auto:
-                action = (
-                    f"stopping at step {self.step + self.early.margin} with the best "
-                    f"{self.evaluator.validation_measure or 'validation measure'} seen"
-                    if self.early.select == "turning_then_best"
-                    else "stopping"
-                )
+                measure = measure_label(self.evaluator.validation_measure)
+                action = {
+                    "turning_then_best": f"stopping at step {self.step + self.early.margin} with the best {measure} seen",
+                    "evidence": f"stopping at step {self.step + self.early.margin}; the result chosen on the "
+                    f"evidence ({measure}, prompt fidelity, paired differences)",
+                }.get(self.early.select, "stopping")
             self.emit(
                 LogEvent(message=f"turning point (second valley of CS-Fluctuation) at step {tp}; {action}")
             )
@@ -358,7 +362,7 @@ class Job:
             self.phases.enter("stopping", self.step)
             self._record_validation(self.step, extra, None)
         if result_step is None:
-            choice = self.early.choose(self.step)
+            choice = self.early.choose(self.step, self.evaluator.evidence)
             result_step = choice.step if choice is not None else self.step
         if write:
             state = self._state_at(result_step, need_optimizer=False)
@@ -386,6 +390,12 @@ class Job:
             result_kid_val=extra.get("result_kid_val"),
             result_kid_val_std=extra.get("result_kid_val_std"),
         )
+        sel = choice.selection if choice is not None and choice.step == result_step else None
+        if sel is not None:
+            update: dict[str, Any] = {"selection": sel.describe()}
+            if sel.reported_kid is not None:  # on references the choice did not use: no winner's curse
+                update |= {"result_kid_val": sel.reported_kid, "result_kid_val_std": None}
+            result = result.model_copy(update=update)
         info = ResultFile(
             reason=result.reason,
             final_step=final_step,
@@ -397,8 +407,24 @@ class Job:
             steps_saved=1 - self.step / self.cfg.train.steps,  # counted from the stop step
             selected_by=choice.why if choice is not None else None,
             within_noise=list(choice.within_noise) if choice is not None else [],
+            selection=selection_info(sel) if sel is not None else None,
             eval=extra,
         )
         write_json(self.out / RESULT_FILE, info)
         self.emit(result.finished_event())
         return result
+
+
+def selection_info(sel: Selection) -> SelectionInfo:
+    """result.json's record of a choice on the evidence."""
+    return SelectionInfo(
+        signal=sel.signal,
+        text=sel.describe(),
+        reported_kid=sel.reported_kid,
+        reported_on_held_out_half=sel.reported_on_held_out_half,
+        runner_up=sel.runner_up,
+        margin=list(sel.margin) if sel.margin is not None else None,
+        paired=sel.paired,
+        eligible=list(sel.eligible),
+        excluded=list(sel.excluded),
+    )

@@ -48,7 +48,9 @@ from dallm.eval.messages import (
     EvalRequest,
     RequestKind,
 )
+from dallm.eval.signals import measures_of
 from dallm.image.models import ModelParts
+from dallm.monitor.selection import EvidenceSet
 from dallm.protocol import JobEvent, LogEvent, Phase, PhaseEvent, SampleEvent
 
 _POLL_S = 0.2  # how often a waiting trainer checks that the evaluator process is alive
@@ -264,6 +266,10 @@ class BackgroundEvaluator:
     def summary(self) -> dict[str, float]:
         return self.live.summary()
 
+    def evidence(self, steps: list[int]) -> EvidenceSet | None:
+        """The live evaluator's: the process keeps the evidence in the job's folder (eval/evidence)."""
+        return self.live.evidence(steps)
+
     def close(self) -> None:
         """Ask the process to end; one that does not within a few seconds is terminated."""
         if self._proc.is_alive():
@@ -370,8 +376,7 @@ class BackgroundEvaluator:
         if self.schedule.samples_due(step):
             live.sample_steps.append(step)
         if self.schedule.measure_due(step):
-            kid = {k: v for k, v in values.items() if k.startswith(("kid_", "base_kid_"))}
-            live.kid_history[step] = kid
+            live.kid_history[step] = measures_of(values)
         values = dict(values)
         values["eval_worker_seconds"] = values.pop("eval_seconds", seconds)
         # What the trainer stops for per evaluation (the ETA counts it): copying the weights, waits.

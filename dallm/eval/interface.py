@@ -14,6 +14,7 @@ from typing import Protocol
 
 from dallm.engine.checkpoint import TrainState
 from dallm.eval.schedule import EvalSchedule
+from dallm.monitor.selection import EvidenceSet
 
 Weights = Callable[[int], TrainState]  # the trainable weights of a step, copied (Trainer.weights)
 
@@ -58,6 +59,10 @@ class Evaluator(Protocol):
 
     def close(self) -> None: ...
 
+    def evidence(self, steps: list[int]) -> EvidenceSet | None:
+        """What monitor.select = "evidence" compares at the evaluated `steps` (None: nothing measured)."""
+        ...
+
 
 class Work(Protocol):
     """Who makes the samples and KIDs that `finish` and `result` ask for, and what it cost the
@@ -91,6 +96,10 @@ class InLoopResults:
 
     def close(self) -> None:
         """Nothing to release in the loop's own process."""
+
+    def evidence(self, steps: list[int]) -> EvidenceSet | None:
+        """None: no evidence beyond the validation measure (an evaluator with more overrides this)."""
+        return None
 
 
 class NoEvaluator(InLoopResults):

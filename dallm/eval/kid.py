@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from dallm.config import EvalConfig
 
 # Precompute the full kernel matrices when they are at most this many entries in all (8 bytes each).
 _GRAM_BUDGET = 3 * 4096 * 4096
@@ -244,7 +248,21 @@ def choose_sample_count(
     )
 
 
+def count_for_target(ev: EvalConfig, refs: dict[str, Tensor], seed: int) -> SampleCount:
+    """The sample count for eval.kid_std_target, from the KID std of the base model's images
+    (already made with eval.num_images) to the validation targets (else the training targets)."""
+    name, key = ("val", "eval.val_dir") if "val" in refs else ("train", "data.dir")
+    base, ref = refs["base"], refs[name]
+    subset, _ = subset_for(ev.subset_size, len(base), len(ref))
+    _, std = kid(base, ref, subset_size=subset, num_subsets=ev.num_subsets, seed=seed)
+    assert ev.kid_std_target is not None
+    return choose_sample_count(
+        std, len(base), subset, ev.kid_std_target, max(ev.max_images, ev.num_images), key, len(ref)
+    )
+
+
 __all__ = [
+    "count_for_target",
     "STD_EXPONENT",
     "SampleCount",
     "as_features",

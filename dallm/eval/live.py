@@ -1,28 +1,22 @@
-"""Live evaluation of a training job: fixed-seed sample grids and KID to three references.
+"""Live evaluation of a training job: fixed-seed sample grids, KID to three references and the
+other signals of `dallm.eval.signals` (validation loss, prompt fidelity, the evidence kept per step).
 
 The training loop constructs one `LiveEvaluator` per job (its `dallm.eval.interface.Evaluator`) and
-asks `due(step)` after each step (`dallm.eval.schedule.EvalSchedule` says what is due);
-`run(step)` makes what is due, emits the `SampleEvent`s itself and returns the scalars (kid_train,
-kid_train_std, kid_val, kid_val_std, kid_base, kid_base_std, base_kid_train, base_kid_val (+ _std:
-the base model's own KID to the targets, the level to beat), eval_seconds, eval_share) for the
-engine to fold into its metrics row of that step. `finish(final_step)` evaluates the stop step,
-writes the evolution strips and returns a summary of the cost (result.json's "eval"); `result`
-measures the weights the job returns.
+asks `due(step)` after each step (`dallm.eval.schedule.EvalSchedule` says what is due); `run(step)`
+makes what is due, emits the `SampleEvent`s itself and returns the scalars (kid_*, base_kid_* (+
+_std), val_loss*, fidelity*, base_*, eval_seconds, eval_share) for the engine's metrics row of that
+step. `finish(final_step)` evaluates the stop step, writes the evolution strips and returns the cost
+(result.json's "eval"); `result` measures the weights the job returns; `evidence` is what
+monitor.select = "evidence" compares.
 
 KID (the study's Section 2.3) compares `eval.num_images` images generated from the eval prompts
-(default: the training captions) with fixed initial noise to
-  (a) the training targets (`data.dir`, the first `data.limit` images),
-  (b) the held-out targets (`eval.val_dir`, when set),
-  (c) the base model's images for the same prompts (learned tokens replaced by `tokens.init_word`,
-      or removed) and the same noise,
-      generated once per job with every adapter off; their features are cached in
-      `eval/base_features.pt` (reused on resume when model, prompts and settings match) and the
-      images are kept in `eval/base/` to look at.
-Target features are computed once per job. The subset size is capped at the smaller sample count.
-Base and target features are also shared between jobs (`dallm.eval.cache`, keyed by exactly what
-makes them). `submit` / `collect` are how the job asks: here evaluation happens in the loop;
-`dallm.eval.background.BackgroundEvaluator` (eval.mode = "background") wraps a `LiveEvaluator` whose
-`Work` (the samples and KIDs themselves) is done by a process of its own.
+(default: the training captions) with fixed initial noise to (a) the training targets (`data.dir`,
+the first `data.limit`), (b) the held-out targets (`eval.val_dir`; its spread is the std of the
+mean, `dallm.eval.kid_spread`), (c) the base model's images for the same prompts (learned tokens
+replaced by `tokens.init_word`, or removed) and noise, generated once per job with every adapter
+off (features cached in `eval/base_features.pt`, images in `eval/base/`), shared between jobs as the
+targets' are (`dallm.eval.cache`). Here evaluation happens in the loop; `BackgroundEvaluator`
+(`dallm.eval.background`) wraps a `LiveEvaluator` whose `Work` is done by a process of its own.
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from dallm.eval.interface import Arrived, InLoopResults, Weights, Work
 from dallm.eval.kid import SampleCount, subset_for
 from dallm.eval.sample_grids import write_evolution, write_grid
 from dallm.eval.schedule import eval_schedule
+from dallm.eval.signals import Signals, kid_values
 from dallm.image.sampling import (
     ModelLike,
     SamplerSettings,
@@ -55,6 +50,7 @@ from dallm.image.sampling import (
     strip_tokens,
     to_pil,
 )
+from dallm.monitor.selection import EvidenceSet
 from dallm.protocol import JobEvent, LogEvent, MetricsEvent, Phase, PhaseEvent, SampleEvent
 from dallm.protocol.files import EVAL_SUMMARY_FILE, EvalSummary, write_json
 
@@ -116,6 +112,10 @@ class LiveEvaluator(InLoopResults):
                 t0 = clock()
                 _ = self.extractor
                 self.setup_seconds = clock() - t0
+        self.signals = Signals(
+            cfg, parts, self.out_dir, self.device, lambda p, z, base: self._generate(p, z, self._settings(ev.steps, ev.guidance), base),
+            lambda: self.extractor, train_prompts, self.base_prompt, shape, getattr(self, "_train_files", []),
+        )  # fmt: skip
 
     def _use_images(self, n: int) -> None:
         """Evaluate with `n` images from now on: image i keeps its prompt and noise whatever n is
@@ -337,6 +337,7 @@ class LiveEvaluator(InLoopResults):
             self._base_grid()
         if self.schedule.measures:
             self.references()
+            self.signals.prime()
 
     # -- KID ------------------------------------------------------------------------------------
 
@@ -392,21 +393,11 @@ class LiveEvaluator(InLoopResults):
         return refs
 
     def _choose_count(self, refs: dict[str, torch.Tensor]) -> SampleCount:
-        """The sample count for eval.kid_std_target, from the KID std of the base model's images
-        (already made with eval.num_images) to the validation targets (else the training targets)."""
-        from dallm.eval.kid import choose_sample_count, kid
+        """The sample count for eval.kid_std_target (`dallm.eval.kid.count_for_target`), logged."""
+        from dallm.eval.kid import count_for_target
 
-        ev = self.cfg.eval
-        name, key = ("val", "eval.val_dir") if "val" in refs else ("train", "data.dir")
-        base, ref = refs["base"], refs[name]
-        subset, _ = subset_for(ev.subset_size, len(base), len(ref))
-        _, std = kid(base, ref, subset_size=subset, num_subsets=ev.num_subsets, seed=self.cfg.seed)
-        assert ev.kid_std_target is not None
-        count = choose_sample_count(
-            std, len(base), subset, ev.kid_std_target, max(ev.max_images, ev.num_images), key, len(ref)
-        )
-        level = "warning" if count.limit != "target" else "info"
-        self.emit(LogEvent(level=level, message=count.describe()))
+        count = count_for_target(self.cfg.eval, refs, self.cfg.seed)
+        self.emit(LogEvent(level="warning" if count.limit != "target" else "info", message=count.describe()))
         return count
 
     def _extractor_key(self) -> dict[str, Any]:
@@ -479,6 +470,8 @@ class LiveEvaluator(InLoopResults):
         wanted = self.count.subset_size if self.count is not None else ev.subset_size
 
         def kid_to(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+            if name.endswith("kid_val"):  # the validation KID's spread: the std of the mean (bootstrap)
+                return kid_values(name, a, b, ev.kid_bootstrap, self.cfg.seed)
             subset, warning = subset_for(wanted, len(a), len(b))
             if warning is not None and name not in self._subset_warned:  # once per reference
                 self._subset_warned.add(name)
@@ -494,6 +487,14 @@ class LiveEvaluator(InLoopResults):
                 if name in refs:
                     self._base_kid.update(kid_to(f"base_kid_{name}", refs["base"], refs[name]))
         values.update(self._base_kid)
+        values.update(self.signals.measure())  # validation loss, prompt fidelity
+        self.signals.keep(step, feats, refs.get("val"))  # for paired differences at the choice
         self.kid_history[step] = values
         self.eval_seconds.append(self.clock() - t0)
         return values
+
+    def evidence(self, steps: list[int]) -> EvidenceSet | None:
+        """What `monitor.select = "evidence"` compares at `steps` (`dallm.eval.evidence.job_evidence`)."""
+        from dallm.eval.evidence import job_evidence
+
+        return job_evidence(self.out_dir, self.kid_history, steps, self.cfg.eval.kid_bootstrap, self.cfg.seed)

@@ -1,4 +1,4 @@
-"""When a job evaluates, resolved once from its config (as `dallm.config.window_steps` is): the one
+"""When a job evaluates (on its schedule and at every checkpoint step), resolved once from its config (as `dallm.config.window_steps` is): the one
 place that says whether samples and measures (KID for an image job, perplexities for an LLM job)
 are on, when they are due, and whether there is a validation measure for early stopping.
 
@@ -21,6 +21,9 @@ class EvalSchedule:
     # measures at the end also without a schedule when it names eval.val_dir or eval.prompts.
     measures: bool
     validation: bool  # a held-out set: the validation measure (kid_val, ppl_val) is among the values
+    # Checkpoints are written every this many steps: with a schedule, the measures are due there too,
+    # so that every checkpoint in the list has its figures (issue 24) and can be chosen on them.
+    checkpoint_every: int = 0
 
     @property
     def samples_on(self) -> bool:
@@ -40,7 +43,9 @@ class EvalSchedule:
         return self.samples_on and step > 0 and step % self.samples_every == 0
 
     def measure_due(self, step: int) -> bool:
-        return self.measures and self.every > 0 and step > 0 and step % self.every == 0
+        if not (self.measures and self.every > 0 and step > 0):
+            return False
+        return step % self.every == 0 or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
 
     def due(self, step: int) -> bool:
         return self.samples_due(step) or self.measure_due(step)
@@ -57,9 +62,9 @@ def eval_schedule(cfg: JobConfig) -> EvalSchedule:
     samples_every = cfg.samples.every if cfg.samples.prompts else 0
     if cfg.model.kind == "llm":
         validation = bool(cfg.data.validation) or cfg.data.val_fraction > 0
-        return EvalSchedule(samples_every, ev.every, ev.every > 0, validation)
+        return EvalSchedule(samples_every, ev.every, ev.every > 0, validation, cfg.checkpoint.every)
     measures = ev.every > 0 or ev.val_dir is not None or bool(ev.prompts)
-    return EvalSchedule(samples_every, ev.every, measures, ev.val_dir is not None)
+    return EvalSchedule(samples_every, ev.every, measures, ev.val_dir is not None, cfg.checkpoint.every)
 
 
 __all__ = ["EvalSchedule", "eval_schedule"]

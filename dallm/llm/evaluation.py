@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,10 @@ SETS = ("val", "train", "base")
 
 def sample_file(step: int | None) -> str:
     return "samples/base.txt" if step is None else f"samples/step-{step:06d}.txt"
+
+
+if TYPE_CHECKING:
+    from dallm.monitor.selection import EvidenceSet
 
 
 class LlmEvaluator(InLoopResults):
@@ -103,6 +108,18 @@ class LlmEvaluator(InLoopResults):
         values["eval_seconds"] = self.eval_seconds[-1]
         values["eval_stop_seconds"] = sum(self.eval_seconds) / len(self.eval_seconds)
         return values
+
+    def evidence(self, steps: list[int]) -> EvidenceSet | None:
+        """For monitor.select = "evidence": ppl_val is each evaluated step's validation loss (no KID
+        and no prompt fidelity for text: the selection falls to the lowest validation loss)."""
+        from dallm.monitor.selection import Evidence, EvidenceSet
+
+        rows = [
+            Evidence(s, val_loss=self.history[s]["ppl_val"])
+            for s in steps
+            if "ppl_val" in self.history.get(s, {})
+        ]
+        return EvidenceSet(rows, None, None) if rows else None
 
     # -- generations ----------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ Policy (`monitor.select`, see `dallm.config.MonitorConfig`)
 - "best_val_kid": the evaluated step with the lowest validation measure;
 - "turning_then_best": the same choice, made when training stops `monitor.margin` steps after the
   turning point was confirmed (with `monitor.early_stop = "auto"`).
+- "evidence": stops as "turning_then_best"; the choice is `dallm.monitor.selection.select_checkpoint`
+  on the evaluator's evidence (validation KID guarded by prompt fidelity, paired differences).
 Without a validation measure the KID choices fall back to "turning": CS-Fluctuation is the signal when
 there is no held-out set.
 """
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 from dallm.config import JobConfig, margin_steps, monitor_start, window_steps
+from dallm.monitor.selection import EvidenceSet, Selection, select_checkpoint
 
 
 class Snapshot(Protocol):
@@ -58,8 +61,9 @@ class Choice:
     """The step whose weights a run returns, and why."""
 
     step: int
-    why: str  # turning | best_val_kid | last (no turning point, or no KID to compare)
+    why: str  # turning | best_val_kid | evidence | last (no turning point, or no KID to compare)
     within_noise: tuple[int, ...] = ()  # evaluated steps whose KID is within one std of the chosen
+    selection: Selection | None = None  # with why = "evidence": which signal chose, by what margin
 
 
 class EarlyStop:
@@ -87,6 +91,7 @@ class EarlyStop:
         self.cs_fn = (cs_fn or CosineSimilarity(model)) if mc.cs else None
         self.detect = mc.cs and mc.early_stop != "off"
         self.select = mc.select if has_validation else "turning"
+        self.fidelity_margin = mc.fidelity_margin
         self.history: list[tuple[int, float, float]] = []  # (step, cs, lr): replayed on resume
         self.validation: dict[int, tuple[float, float]] = {}  # step -> (validation measure, its std)
         self._snaps: dict[int, Snapshot] = {}
@@ -137,7 +142,7 @@ class EarlyStop:
         """With early_stop = "auto": at the turning point's confirmation (+ margin for turning_then_best)."""
         if self.cfg.early_stop != "auto" or self.seen_at is None:
             return False
-        return step >= self.seen_at + (self.margin if self.select == "turning_then_best" else 0)
+        return step >= self.seen_at + (self.margin if self.select in ("turning_then_best", "evidence") else 0)
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -176,10 +181,26 @@ class EarlyStop:
 
     # -- what to return --------------------------------------------------------------------------
 
-    def choose(self, last: int) -> Choice:
-        """The weights to return when training ends at step `last` (the stop step)."""
+    def choose(self, last: int, evidence: Callable[[list[int]], EvidenceSet | None] | None = None) -> Choice:
+        """The weights to return when training ends at step `last` (the stop step); `evidence`: what
+        the evaluator measured at the given steps (for select = "evidence")."""
         if self.select != "turning":
             held = {s: k for s, k in self.validation.items() if s <= last and (s in self._snaps or s == last)}
+            found = (
+                evidence(sorted(held))
+                if held and evidence is not None and self.select == "evidence"
+                else None
+            )
+            if found is not None and found.records:
+                tp = (
+                    self.turning_point
+                    if self.turning_point is not None and self.turning_point <= last
+                    else None
+                )
+                sel = select_checkpoint(
+                    found.records, found.base_fidelity, self.fidelity_margin, found.paired, tp
+                )
+                return Choice(sel.step, "evidence", (), sel)
             if held:
                 best = min(held, key=lambda s: held[s][0])
                 kid, std = held[best]
@@ -254,7 +275,9 @@ class NoEarlyStop:
     def snapshots(self) -> list[Snapshot]:
         return []
 
-    def choose(self, last: int) -> Choice | None:
+    def choose(
+        self, last: int, evidence: Callable[[list[int]], EvidenceSet | None] | None = None
+    ) -> Choice | None:
         return None  # the caller's own choice: the current step
 
     def rewind(self, step: int, history: list[tuple[int, float, float]] | None = None) -> None:

@@ -74,6 +74,16 @@ class Selection:
         return text
 
 
+@dataclass(frozen=True)
+class EvidenceSet:
+    """What a job's evaluator measured, for `select_checkpoint`: records, paired differences (None:
+    unpaired from the stds) and the base model's prompt fidelity (None: no guard)."""
+
+    records: list[Evidence]
+    paired: Callable[[int, int], Interval] | None
+    base_fidelity: float | None
+
+
 def _unpaired(a: Evidence, b: Evidence) -> Interval:
     d = (a.kid or 0.0) - (b.kid or 0.0)
     half = Z95 * math.hypot(a.kid_std or 0.0, b.kid_std or 0.0)
@@ -167,4 +177,4 @@ def _by_kid(
     )
 
 
-__all__ = ["Evidence", "Interval", "Selection", "select_checkpoint"]
+__all__ = ["Evidence", "EvidenceSet", "Interval", "Selection", "select_checkpoint"]

@@ -151,7 +151,10 @@ class Outcome(Message):
     final_step: int  # the last step trained
     result_step: int  # the step whose weights were written as the result
     result_kid_val: float | None = None  # validation KID of the result weights, when measured
-    result_kid_val_std: float | None = None  # its spread (std over KID subsets)
+    result_kid_val_std: float | None = None  # its spread (the std of the mean)
+    # With monitor.select = "evidence": which signal chose the result and by what paired margin
+    # (`dallm.monitor.selection.Selection.describe`); result_kid_val is then the held-out half's.
+    selection: str | None = None
 
 
 class FinishedEvent(Outcome):

@@ -129,6 +129,22 @@ class EvalSummary(_Scalars):
     sample_count: str | None = None  # why the KID used eval_samples_num_images samples (eval.kid_std_target)
 
 
+class SelectionInfo(BaseModel):
+    """result.json's "selection" (monitor.select = "evidence"): `dallm.monitor.selection.Selection`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal: str  # which evidence chose the result (val KID with fidelity guard, val loss, ...)
+    text: str  # the whole choice in one line (Selection.describe)
+    reported_kid: float | None = None  # the result's validation KID, on the held-out half when below
+    reported_on_held_out_half: bool = False
+    runner_up: int | None = None
+    margin: list[float] | None = None  # KID(result) - KID(runner-up), its 95% interval low, high
+    paired: bool = False  # the margin is a paired difference (same references and noise)
+    eligible: list[int] = Field(default_factory=list)  # steps within the fidelity margin of the base
+    excluded: list[int] = Field(default_factory=list)  # steps the fidelity guard left out
+
+
 class ResultFile(BaseModel):
     """result.json, written when a job ends: why, its last step, the step whose weights are the
     result, the turning point when one was found, and the final evaluation."""
@@ -143,8 +159,9 @@ class ResultFile(BaseModel):
     seen_at: int | None = None  # the step at which the turning point was confirmed
     total_steps: int | None = None  # train.steps
     steps_saved: float | None = None  # 1 - stop_step / total_steps
-    selected_by: str | None = None  # turning | best_val_kid | last: why result_step was chosen
+    selected_by: str | None = None  # turning | best_val_kid | evidence | last: why result_step was chosen
     within_noise: list[int] = Field(default_factory=list)  # evaluated steps within one KID std of it
+    selection: SelectionInfo | None = None  # selected_by = "evidence": the signal and the paired margin
     eval: dict[str, float | None] = Field(default_factory=dict)
 
 

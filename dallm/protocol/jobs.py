@@ -80,6 +80,15 @@ class JobSummary(Message):
     loss: float | None = None
     lr: float | None = None
     stop_step: int | None = None  # the step the engine said it will stop at (early_stop = "auto")
+    # The job's validation measure (kid_val or ppl_val) of the last evaluation (or of the result),
+    # with its std of the mean; the repeatable validation loss and prompt fidelity on held-out
+    # prompts (and the base model's), where the job measures them (dallm.eval.signals).
+    validation: float | None = None
+    validation_std: float | None = None
+    val_loss: float | None = None
+    fidelity: float | None = None
+    base_fidelity: float | None = None
+    selection: str | None = None  # which signal chose the result, by what margin (select = "evidence")
 
     def apply(self, event: AnyEvent) -> JobSummary:
         """The row after `event`: a state event carries the whole new row; an engine event changes
@@ -99,6 +108,12 @@ def summary_changes(event: Any) -> dict[str, Any]:
         if "kid_val" in values:
             out["kid_val"] = values["kid_val"]
             out["kid_val_std"] = values.get("kid_val_std")  # a KID without a spread has none
+        for name in ("kid_val", "ppl_val"):
+            if name in values:
+                out["validation"], out["validation_std"] = values[name], values.get(f"{name}_std")
+        for name in ("val_loss", "fidelity", "base_fidelity"):
+            if name in values:
+                out[name] = values[name]
         if "steps_per_s" in values:
             out["steps_per_s"] = values["steps_per_s"]
         if "eval_stop_seconds" in values:
@@ -130,10 +145,10 @@ def summary_changes(event: Any) -> dict[str, Any]:
     if isinstance(event, TurningPointEvent):
         return {"turning_point": event.step, "stop_step": event.stop_at}
     if isinstance(event, FinishedEvent):
-        out = {"result_step": event.result_step}
+        out = {"result_step": event.result_step, "selection": event.selection}
         if event.result_kid_val is not None:  # the result's KID, not the last evaluated step's
-            out["kid_val"] = event.result_kid_val
-            out["kid_val_std"] = event.result_kid_val_std
+            out["kid_val"] = out["validation"] = event.result_kid_val
+            out["kid_val_std"] = out["validation_std"] = event.result_kid_val_std
         return out
     return {}
 

@@ -6,7 +6,8 @@ rollback) and `result.json` (the turning point, when one was found), and writes 
 
 - loss.png     loss (raw and smoothed), with lr and grad_norm panels when logged
 - cs.png       CS and CS-Fluctuation, the turning point marked
-- kid.png      KID to the training targets, the validation targets and the base model, +- std bands,
+- kid.png      KID to the training targets, the validation targets (+- std of the mean) and the base
+               model (+- std over subsets),
                and the base model's own KID to the targets (dotted: the level to beat)
                (with the final evaluation and KID at the turning point from result.json's "eval")
 - ppl.png      (LLM jobs, in kid.png's place) perplexity of the validation texts, the training
@@ -245,7 +246,12 @@ def plot_kid(
     _mark_turning(axes, turning)
     fig.set_size_inches(9.5, 3.6)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    spread = "bootstrap std over texts" if metric == "ppl" else "mean +- std over subsets"
+    # the validation KID's band is the std of its mean (bootstrap); the others' the std over subsets
+    spread = (
+        "bootstrap std over texts"
+        if metric == "ppl"
+        else "val: +- std of the mean; others: +- std over subsets"
+    )
     return _save(fig, path, f"{title}: {name} ({spread})")
 
 

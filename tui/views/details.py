@@ -19,6 +19,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from dallm.protocol import JobDetail, format_seconds, peak_memory_text, phase_text
+from dallm.protocol.labels import figures_lines
 from dallm.tui.connection import Connection, ConnectionLost
 
 
@@ -59,6 +60,8 @@ def detail_text(detail: JobDetail, now: float) -> Text:
         t.append(f"\n  turning point: step {s.turning_point}")
     if s.result_step is not None:
         t.append(f"\n  result: step {s.result_step}")
+    for line in figures_lines(s):  # the validation figures with their spread named, and the choice
+        t.append(f"\n  {line}")
     if detail.last_metrics:
         t.append("\n  last metrics: " + "  ".join(f"{k}={v:.5g}" for k, v in detail.last_metrics.items()))
     if detail.checkpoints:
