@@ -23,6 +23,7 @@ from dallm.client.transport import (
     server_keys,
     start_authenticator,
 )
+from dallm.daemon.gate import MAX_SUBSCRIBERS, MAX_TOTAL, Gate, budget, ensure_descriptors
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
 from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
 
@@ -45,9 +46,12 @@ class Sockets:
         self.control_endpoints: list[str] = []
         self.pubs: list[zmq.Socket] = []
         self.event_endpoints: list[str] = []
+        ensure_descriptors(budget(len(bind), 1 + len(bind)))  # every cap of daemon/gate.py reached
+        self.gate = Gate()  # caps the connections of every TCP socket and event socket
         self._bind_ipc()
         for endpoint in bind:
             self._bind_tcp(endpoint)
+        self.gate.start()
 
     def _control_socket(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -67,6 +71,7 @@ class Sockets:
     def _bind_ipc(self) -> None:
         ctl, pub = self._control_socket(), self.pub_socket()
         ctl.bind(self.paths.endpoint("control"))
+        self.gate.watch(pub, self.paths.endpoint("events"), MAX_SUBSCRIBERS, subscribers=True)
         pub.bind(self.paths.endpoint("events"))
         self.control.append(ctl)
         self.pubs.append(pub)
@@ -102,6 +107,8 @@ class Sockets:
         make_curve_server(ctl, public, secret)
         make_curve_server(pub, public, secret)
         self.curve_control.add(ctl)
+        self.gate.watch(ctl, endpoint, MAX_TOTAL)
+        self.gate.watch(pub, event_endpoint(endpoint), MAX_SUBSCRIBERS, subscribers=True)
         ctl.bind(endpoint)
         pub.bind(event_endpoint(endpoint))
         self.control.append(ctl)
@@ -143,13 +150,18 @@ class Sockets:
         """Close the CURVE event socket on `endpoint` and put a new one there, bound by `bind`: a
         PUB cannot drop one subscriber, so every one of them reconnects (with its key)."""
         i = self.event_endpoints.index(endpoint)
+        self.gate.stop()
+        self.gate.unwatch(self.pubs[i])
         self.pubs[i].close(0)
         pub = self.pub_socket()
         make_curve_server(pub, *server_keys(self.paths.keys))
+        self.gate.watch(pub, endpoint, MAX_SUBSCRIBERS, subscribers=True)
         bind(pub, endpoint)
         self.pubs[i] = pub
+        self.gate.start()
 
     def close(self) -> None:
+        self.gate.close()
         for s in [*self.control, *self.pubs, self.workers]:
             s.close(0)
         if self.auth is not None:

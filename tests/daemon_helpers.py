@@ -42,9 +42,11 @@ class DaemonProc:
             self.env.pop("DALLM_JOB_RUNNER", None)
         self.env.update(env)
         self.proc: subprocess.Popen | None = None
+        self.prefix: list[str] = []  # before the daemon's command line (`prlimit --nofile=N:N`)
 
     def start(self, timeout: float = 30.0) -> DaemonProc:
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "dallm.daemon.cli",
