@@ -24,6 +24,7 @@ from dallm.daemon.limits import MAX_HISTORY_PAGE, page_rows
 from dallm.daemon.resources import ResourceSampler, RunningWorker
 from dallm.daemon.scheduler import Scheduler, WorkerProc
 from dallm.daemon.store import Store
+from dallm.jobfiles import UnsafeJobFolder, read_fd
 from dallm.preflight import PreflightError, preflight
 from dallm.protocol import (
     TERMINAL_STATES,
@@ -246,7 +247,7 @@ def worker_log(ctx: Context, req: WorkerLogRequest) -> WorkerLogReply:
     row = _job(ctx, req.job)
     path = Path(row["out_dir"] or ".") / WORKER_LOG
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(read_fd(path.parent, WORKER_LOG), "rb") as f:  # a planted link is refused
             size = os.fstat(f.fileno()).st_size
             if req.offset is None:
                 start = max(0, size - req.max_bytes)
@@ -256,8 +257,9 @@ def worker_log(ctx: Context, req: WorkerLogRequest) -> WorkerLogReply:
             data = f.read(min(req.max_bytes, size - start))
     except FileNotFoundError:
         return WorkerLogReply(path=str(path), text="", start=0, end=0, size=0)
-    except OSError as e:
-        raise ProtocolError("conflict", f"job {row['id']}: cannot read {path}: {e.strerror}") from None
+    except (OSError, UnsafeJobFolder) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ProtocolError("conflict", f"job {row['id']}: cannot read {path}: {why}") from None
     if req.offset is None and start > 0 and b"\n" in data:
         cut = data.index(b"\n") + 1  # a tail starts at a line's start
         data, start = data[cut:], start + cut

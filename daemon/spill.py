@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dallm.daemon.store import SUMMARY_COLUMNS, EventRow
+from dallm.jobfiles import UnsafeJobFolder, append_fd
 from dallm.protocol import envelope_frames
 
 log = logging.getLogger("dallm.daemon")
@@ -86,7 +87,7 @@ def _decode(line: bytes, job: int) -> tuple[int, int, list[EventRow], dict[str, 
 def append_line(path: Path, line: bytes) -> None:
     """Append one whole line or nothing: a failed write (ENOSPC) is cut off again, so the next
     append does not continue a torn line. 0600: the events are the job owner's."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = append_fd(path.parent, path.name)  # no planted link followed (dallm/jobfiles.py)
     try:
         start = os.fstat(fd).st_size
         try:
@@ -167,8 +168,8 @@ class Spill:
             path = folder / SPILL_FILE
             try:
                 append_line(path, encode_line(self.batches, job, part, updates.get(job, {})))
-            except OSError as e:
-                self._drop(job, part, f"cannot append to {path}: {e.strerror or e}")
+            except (OSError, UnsafeJobFolder) as e:
+                self._drop(job, part, f"cannot append to {path}: {getattr(e, 'strerror', None) or e}")
                 continue
             if job not in self.files:
                 log.warning("job %s: store unwritable and memory spill full: events go to %s", job, path)

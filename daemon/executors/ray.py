@@ -28,6 +28,7 @@ from typing import Any
 
 from dallm.daemon.executors.relay import Relay
 from dallm.daemon.executors.spec import WorkerSpec
+from dallm.jobfiles import NOFOLLOW, append_fd
 
 log = logging.getLogger("dallm.daemon")
 MARKER = ".dallm-shared-check"
@@ -66,7 +67,7 @@ def run_worker(argv: list[str], env: dict[str, str], log_path: str, config: str,
                 "error": f"{config} is not the daemon's on node {node}: job folders must be on storage "
                          "every node sees (docs/cluster.md)"}  # fmt: skip
     full = {**os.environ, **env, "DALLM_PLACEMENT": placement, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "ab") as out:
+    with os.fdopen(append_fd(Path(log_path).parent, Path(log_path).name), "ab") as out:  # no planted link
         proc = subprocess.Popen([*argv, "--parent", str(os.getpid())], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full, cwd=str(Path(config).parent.parent),
                                 start_new_session=True)  # fmt: skip
@@ -84,10 +85,23 @@ def run_worker(argv: list[str], env: dict[str, str], log_path: str, config: str,
     return {"code": proc.returncode, "placement": placement, "error": None}
 
 
+def write_marker(folder: Path, token: str) -> Path:
+    """The shared-storage marker, in a folder made fresh for it (mkdir fails on anything planted
+    there; 0755 and 0644: nodes may run as another user) and created O_EXCL without following a link."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f"{MARKER}-{token[:12]}"
+    probe.mkdir(mode=0o755)
+    fd = os.open(probe / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return probe / "token"
+
+
 def probe_marker(path: str) -> str:
-    """A probe task: the marker's text as this node sees it ("" when it cannot read it)."""
+    """A probe task: the marker's text as this node sees it ("" when it cannot read it, or it is a link)."""
     try:
-        return Path(path).read_text()
+        with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as f:
+            return f.read(256).decode(errors="replace")
     except OSError:
         return ""
 
@@ -180,7 +194,6 @@ class RayExecutor:
             "DALLM_WORKER_SECRET_KEY": secret.decode(),
         }
         digest = hashlib.sha256(spec.config.read_bytes()).hexdigest()
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
         task = self.remote.options(
             num_gpus=self.gpus, num_cpus=1, name=f"dallm-job-{spec.job}.{spec.attempt}"
         )
@@ -208,10 +221,8 @@ def check_shared(ray: Any, folders: list[Path]) -> None:
     probe = ray.remote(num_cpus=0, max_retries=0)(probe_marker)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / MARKER
         token = secrets.token_hex(16)
-        marker.write_text(token)
+        marker = write_marker(folder, token)
         refs = {
             n["NodeManagerAddress"]: probe.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
@@ -226,6 +237,8 @@ def check_shared(ray: Any, folders: list[Path]) -> None:
         finally:
             with contextlib.suppress(OSError):
                 marker.unlink()
+            with contextlib.suppress(OSError):
+                marker.parent.rmdir()
         blind = sorted(node for node, text in seen.items() if text != token)
         if blind:
             raise RuntimeError(f"{folder} is not on storage every Ray node sees (node {', '.join(blind)} "
