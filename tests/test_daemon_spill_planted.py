@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import config, daemons, home, wait_state  # noqa: F401
+from daemon_helpers import config, daemons, ended_then_killed, home, wait_state  # noqa: F401
 
 from dallm.daemon.spill import SPILL_FILE, Spill, append_line, encode_line
 from dallm.daemon.store import EventRow
-from dallm.protocol import TERMINAL_STATES, LogEvent, job_topic
+from dallm.protocol import LogEvent, job_topic
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -71,14 +70,7 @@ def test_a_spill_file_not_written_as_the_daemon_writes_it_is_not_replayed(tmp_pa
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_a_planted_spill_file_is_not_replayed_at_restart(daemons, home: Path) -> None:
-    d = daemons()
-    with d.client() as c:
-        job = c.submit(config("left", steps=3, every=3)).id
-        out = Path(wait_state(c, job, set(TERMINAL_STATES)).out_dir)
-    d.kill9()
-    db = sqlite3.connect(home / "dallm.db")
-    head = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-    db.close()
+    job, out, head = ended_then_killed(daemons(), 3)
     # The folder as a daemon before issue 25 accepted it: nobody's, open to all; nobody's spill file.
     os.chmod(home.parent, 0o755)
     os.chmod(home, 0o755)
