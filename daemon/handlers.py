@@ -25,7 +25,7 @@ from dallm.daemon.resources import ResourceSampler, RunningWorker
 from dallm.daemon.scheduler import Scheduler, WorkerProc
 from dallm.daemon.store import Store
 from dallm.jobfiles import UnsafeJobFolder, read_fd
-from dallm.preflight import PreflightError, preflight
+from dallm.preflight import PreflightError, check_hub, preflight
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
@@ -103,6 +103,7 @@ def submit(ctx: Context, req: SubmitRequest, local: bool = False) -> JobReply:
     check_reads(cfg, req.source, roots)  # before the preflight looks at anything: no existence leak
     try:  # the same preflight as `dallm submit`, as the daemon's machine sees the files
         preflight(cfg)
+        check_hub(cfg.model.base)  # a hub id it cannot fetch fails now, with the cause, not 30 s later
     except PreflightError as e:
         raise ProtocolError("preflight_failed", f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
