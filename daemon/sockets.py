@@ -27,7 +27,8 @@ from dallm.daemon.gate import MAX_SUBSCRIBERS, MAX_TOTAL, Gate, budget, ensure_d
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
 from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
 
-PUB_HWM = 10_000  # per subscriber; beyond it PUB drops (training never waits on a subscriber)
+PUB_HWM = 2000  # per subscriber, with MAX_SUBSCRIBERS (daemon/gate.py) the memory bound; beyond it PUB
+# drops (training never waits on a subscriber; a client fills the gap from the history)
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 

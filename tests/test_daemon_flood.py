@@ -84,3 +84,43 @@ def test_descriptor_limit_too_low_is_refused_in_one_line() -> None:
     with pytest.raises(RuntimeError, match=r"descriptor limit \(\d+\) is below the \d+ this daemon needs"):
         ensure_descriptors(hard + 1 if hard != resource.RLIM_INFINITY else 2**62)
     assert ensure_descriptors(min(soft, 64)) == soft  # enough already: left as it is
+
+
+def test_subscribers_are_capped_and_the_daemon_keeps_serving(home: Path) -> None:
+    """Issue 25: 300 subscribers that never read took the daemon's RSS from 80 to 451 MB."""
+    import zmq
+    from daemon_helpers import config
+
+    from dallm.client.home import DaemonPaths
+    from dallm.daemon.gate import MAX_SUBSCRIBERS
+
+    d = DaemonProc(home).start()
+    ctx = zmq.Context()
+    subs = []
+    try:
+        for _ in range(MAX_SUBSCRIBERS + 36):
+            s = ctx.socket(zmq.SUB)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            s.connect(DaemonPaths(home).endpoint("events"))
+            subs.append(s)
+        time.sleep(1.0)  # connected (or cut)
+        with d.client() as c:
+            c.submit(config("x", steps=3))
+            time.sleep(1.5)
+            heard = sum(1 for s in subs if s.poll(100, zmq.POLLIN))
+            assert 0 < heard <= MAX_SUBSCRIBERS
+            assert c.ping().pid == d.proc.pid
+        for s in subs:
+            s.close(0)
+        subs.clear()
+        time.sleep(0.5)
+        with d.client() as c, c.subscribe(since=None) as sub:  # room again once they left
+            time.sleep(0.3)
+            c.submit(config("y", steps=3))
+            assert sub.get(timeout=10) is not None
+    finally:
+        for s in subs:
+            s.close(0)
+        ctx.term()
+        d.cleanup()
