@@ -142,7 +142,11 @@ class Gate:
             sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
         mon = sock.get_monitor_socket(_EVENTS)
         self._watched.append(sock)
-        self.gauges[mon] = Gauge(endpoint, local_address(endpoint), max_total, subscribers=subscribers)
+        # IPC: only the daemon's user reaches it, with no handshake to wait for: no pending cap.
+        pending = MAX_PENDING if endpoint.startswith("tcp://") else max_total
+        self.gauges[mon] = Gauge(
+            endpoint, local_address(endpoint), max_total, pending, subscribers=subscribers
+        )
 
     def unwatch(self, sock: zmq.Socket) -> None:
         """Before `sock` is closed (an event socket replaced); the thread must be stopped."""
