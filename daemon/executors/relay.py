@@ -5,7 +5,8 @@ local one.
 Each job attempt gets its own key pair (`add`); the ZAP handler admits only keys of jobs running
 now, and every message must come from the key of the identity ("job.attempt") it claims, so one
 job's key cannot speak for another job. `remove` revokes the key when the job has ended. The
-daemon's key pair is made fresh at each start; the secret keys never touch the disk.
+daemon's key pair is made fresh at each start; its secret never touches the disk (a worker's
+secret goes through its job folder, 0600: daemon/executors/ray_trust.py).
 """
 
 from __future__ import annotations
