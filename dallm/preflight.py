@@ -160,6 +160,7 @@ MAX_RESOLUTION = 4096  # or 4x the model's native side, if larger
 # absurd (batch_size 10**9) long before a worker sits at step 0 growing its memory.
 ACTIVATION_BYTES = 8
 DEFAULT_WIDTH = 320  # a hub model's, unread
+SHIPPED = ("micro", "micro-llm")  # the models in this installation (dallm.llm.data.MICRO_LLM: no import)
 
 
 def machine_memory() -> int:
@@ -196,9 +197,7 @@ def check_bounds(cfg: JobConfig, shape: ModelShape | None, resolution: int | Non
 def check_hub(base: str) -> None:
     """A hub id the job would download: refused (one line, the cause) when it is not in the local
     cache and cannot be fetched: HF_HUB_OFFLINE is set, or the hub's host does not resolve."""
-    from dallm.llm.data import MICRO_LLM
-
-    if base in ("micro", MICRO_LLM) or base.startswith((".", "/", "~")) or not HUB_ID.fullmatch(base):
+    if base in SHIPPED or base.startswith((".", "/", "~")) or not HUB_ID.fullmatch(base):
         return
     from urllib.parse import urlparse
 
