@@ -76,7 +76,7 @@ def run_worker(argv: list[str], env: dict[str, str], log_path: str, config: str,
     }  # not a task argument
     with os.fdopen(append_fd(Path(log_path).parent, Path(log_path).name), "ab") as out:  # no planted link
         proc = subprocess.Popen([*argv, "--parent", str(os.getpid())], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=full, cwd=str(Path(config).parent.parent),
+                                stdin=subprocess.DEVNULL, env=full, cwd=str(Path(config).parent),
                                 start_new_session=True)  # fmt: skip
     try:
         while proc.poll() is None:  # a sleep loop: a KeyboardInterrupt is raised between bytecodes
