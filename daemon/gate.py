@@ -12,8 +12,9 @@ sees the end and closes it). Caps, per socket:
   not done within HANDSHAKE_S (ZMQ_HANDSHAKE_IVL), so a connection older than that is authenticated.
 A flooding attacker holds at most MAX_PENDING descriptors of each socket, for HANDSHAKE_S at a time.
 
-Descriptors: `ensure_descriptors` raises the soft limit toward the hard one at start, and refuses to
-start (one line) when even the hard limit leaves no room for every cap.
+Descriptors: each owner of watched sockets `claim`s what their caps need; the soft limit is raised
+toward the hard one to cover every claim, and the start is refused (one line) when even the hard
+limit leaves no room for them.
 """
 
 from __future__ import annotations
@@ -42,8 +43,22 @@ _EVENTS = int(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
 
 
 def budget(tcp_sockets: int, event_sockets: int) -> int:
-    """Descriptors the daemon needs with every cap reached."""
+    """Descriptors the daemon needs with every cap reached (FD_RESERVE included)."""
     return FD_RESERVE + tcp_sockets * MAX_TOTAL + event_sockets * MAX_SUBSCRIBERS
+
+
+_claimed = [FD_RESERVE]  # descriptors the sockets of this process may hold with every cap reached
+
+
+def claim(n: int) -> None:
+    """`n` more descriptors for the caps of new sockets: the soft limit raised to cover all claims
+    (ensure_descriptors); RuntimeError when the hard limit cannot. `release` when they close."""
+    ensure_descriptors(_claimed[0] + n)
+    _claimed[0] += n
+
+
+def release(n: int) -> None:
+    _claimed[0] -= n
 
 
 def ensure_descriptors(need: int) -> int:
@@ -135,7 +150,7 @@ class Gate:
         self._thread: threading.Thread | None = None
         self._trim = False
 
-    def watch(self, sock: zmq.Socket, endpoint: str, max_total: int, subscribers: bool = False) -> None:
+    def watch(self, sock: zmq.Socket, endpoint: str, max_total: int, subscribers: bool = False) -> Gauge:
         """Before `sock` is bound, with the thread stopped: a connection over its caps is cut as soon
         as it is accepted."""
         if endpoint.startswith("tcp://"):
@@ -144,9 +159,9 @@ class Gate:
         self._watched.append(sock)
         # IPC: only the daemon's user reaches it, with no handshake to wait for: no pending cap.
         pending = MAX_PENDING if endpoint.startswith("tcp://") else max_total
-        self.gauges[mon] = Gauge(
-            endpoint, local_address(endpoint), max_total, pending, subscribers=subscribers
-        )
+        gauge = Gauge(endpoint, local_address(endpoint), max_total, pending, subscribers=subscribers)
+        self.gauges[mon] = gauge
+        return gauge
 
     def unwatch(self, sock: zmq.Socket) -> None:
         """Before `sock` is closed (an event socket replaced); the thread must be stopped."""

@@ -23,7 +23,7 @@ from dallm.client.transport import (
     server_keys,
     start_authenticator,
 )
-from dallm.daemon.gate import MAX_SUBSCRIBERS, MAX_TOTAL, Gate, budget, ensure_descriptors
+from dallm.daemon.gate import FD_RESERVE, MAX_SUBSCRIBERS, MAX_TOTAL, Gate, budget, claim, release
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
 from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
 
@@ -47,7 +47,8 @@ class Sockets:
         self.control_endpoints: list[str] = []
         self.pubs: list[zmq.Socket] = []
         self.event_endpoints: list[str] = []
-        ensure_descriptors(budget(len(bind), 1 + len(bind)))  # every cap of daemon/gate.py reached
+        self._claim = budget(len(bind), 1 + len(bind)) - FD_RESERVE
+        claim(self._claim)  # descriptors for every cap of daemon/gate.py
         self.gate = Gate()  # caps the connections of every TCP socket and event socket
         self._bind_ipc()
         for endpoint in bind:
@@ -163,6 +164,7 @@ class Sockets:
 
     def close(self) -> None:
         self.gate.close()
+        release(self._claim)
         for s in [*self.control, *self.pubs, self.workers]:
             s.close(0)
         if self.auth is not None:

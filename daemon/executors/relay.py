@@ -19,6 +19,7 @@ import threading
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from dallm.daemon.gate import MAX_TOTAL, Gate, claim, local_address, release
 from dallm.protocol import MAX_WORKER_BYTES
 
 log = logging.getLogger("dallm.daemon")
@@ -44,6 +45,10 @@ class Relay:
         self.front.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_BYTES)
         self.front.setsockopt(zmq.RCVHWM, 100_000)
         self.front.setsockopt(zmq.LINGER, 0)
+        # A flood of connections on this port must not fill the daemon's descriptors (daemon/gate.py).
+        claim(MAX_TOTAL)
+        self.gate = Gate()
+        gauge = self.gate.watch(self.front, "tcp://*:0", MAX_TOTAL)
         host, _, port = bind.removeprefix("tcp://").rpartition(":")
         if host and port.isdigit():
             self.front.bind(bind)
@@ -51,6 +56,8 @@ class Relay:
         else:
             host = bind.removeprefix("tcp://")
             self.endpoint = f"tcp://{host}:{self.front.bind_to_random_port(f'tcp://{host}')}"
+        gauge.endpoint, gauge.local = self.endpoint, local_address(self.endpoint)
+        self.gate.start()
         self.daemon_endpoint = daemon_endpoint
         self.ops: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.stopping = threading.Event()
@@ -77,6 +84,8 @@ class Relay:
     def close(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=5)
+        self.gate.close()
+        release(MAX_TOTAL)
         self.auth.stop()
         self.ctx.destroy(linger=0)
 
