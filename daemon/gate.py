@@ -95,7 +95,10 @@ def _cut(fd: int, local: object) -> bool:
     """Shut down connection `fd` if it is still one of this listener's (same local address)."""
     if _local_name(fd) != local:
         return False
-    s = socket.socket(fileno=fd)
+    try:
+        s = socket.socket(fileno=fd)  # ZMQ may have closed it an instant ago
+    except OSError:
+        return False
     try:
         s.shutdown(socket.SHUT_RDWR)
         return True
@@ -203,7 +206,10 @@ class Gate:
             except zmq.ZMQError:
                 return  # the context is ending
             for mon in ready:
-                self._drain(mon, self.gauges[mon])
+                try:
+                    self._drain(mon, self.gauges[mon])
+                except Exception:  # the thread must live: a dead one leaves ZMQ's monitor pipe full
+                    log.exception("connection gate")
             now = time.monotonic()
             if now - swept > 1.0:  # a dropped monitor event must not leave a slot taken for good
                 swept = now

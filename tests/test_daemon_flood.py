@@ -72,11 +72,25 @@ def test_a_connection_flood_does_not_crash_the_daemon(home: Path) -> None:
                 flood.stdin.close()
                 flood.wait(10)
         time.sleep(HANDSHAKE_S + 0.5)  # the flood's pending slots have timed out
-        with DaemonClient(endpoint, home=home, timeout=5) as late:
-            assert late.ping().pid == d.proc.pid
+        assert _late_ping(endpoint, home) == d.proc.pid  # a new peer gets in again
         assert "over its caps cut" in d.log_text()
     finally:
         d.cleanup()
+
+
+def _late_ping(endpoint: str, home: Path) -> int:
+    """A new TCP client's ping; on a loaded machine the last of the flood's connections may hold the
+    pending slots a few seconds more (ZMQ's client retries by itself): up to 4 tries."""
+    from dallm.client.client import DaemonUnavailable
+
+    for _ in range(3):
+        try:
+            with DaemonClient(endpoint, home=home, timeout=5) as late:
+                return late.ping().pid
+        except DaemonUnavailable:
+            time.sleep(1.0)
+    with DaemonClient(endpoint, home=home, timeout=5) as late:
+        return late.ping().pid
 
 
 def test_descriptor_limit_too_low_is_refused_in_one_line() -> None:
