@@ -14,7 +14,9 @@ Attacks (each prints PASS or FAIL; the exit status is 1 when any did harm, 77 wh
              marker file) in a folder it owns, asks for a job there and a rollback to step 3 with
              resume (refused: no way in), and root, tricked into submitting that folder, is refused
              by path confinement; the engine's checkpoint loader refuses the file (weights_only).
-The daemon runs the fake engine (`dallm.testing.fake_engine`), so the run takes seconds.
+Issue 25's attacks (bench/attack_issue25.py): flood, links, spill, limits.
+The daemon runs the fake engine (`dallm.testing.fake_engine`), with 1,024 descriptors, offline
+(HF_HUB_OFFLINE), so the run takes seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attack_issue25 as issue25  # noqa: E402 - bench/ is no package
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 SKIP = 77
@@ -96,6 +103,12 @@ def _requests(victim_dir: Path, planted: Path) -> list[bytes]:
 
 def attacker(args: argparse.Namespace) -> dict[str, object]:
     """One attack as nobody; a dict of what it managed (all zero / False when it did no harm)."""
+    if args.attack == "flood":
+        return issue25.flood(int(args.tcp))
+    if args.attack == "links":
+        return issue25.plant_links(Path(args.planted), json.loads(args.targets))
+    if args.attack == "plant":
+        return issue25.plant_in(Path(args.planted), args.name, args.text)
     from dallm.client.home import DaemonPaths
 
     paths = DaemonPaths(Path(args.home))
@@ -160,11 +173,64 @@ def free_port() -> int:
     return port
 
 
+def _few_descriptors() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (issue25.DAEMON_FDS, issue25.DAEMON_FDS))
+
+
 def start_daemon(home: Path, env: dict[str, str], port: int) -> subprocess.Popen:
+    """The daemon, with few descriptors (a flood fills them at once), until it answers."""
+    from dallm.client.client import DaemonClient, DaemonError
+
     cmd = [sys.executable, "-m", "dallm.daemon.cli", "start", "--foreground", "--home", str(home),
            "--bind", f"tcp://127.0.0.1:{port}"]  # fmt: skip
-    log = open(home.parent / "daemon.log", "ab")  # noqa: SIM115 - the daemon's, for a failure
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(home.parent.parent / "daemon.log", "ab")  # noqa: SIM115 - the daemon's, for a failure
+    daemon = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=_few_descriptors)  # fmt: skip
+    end = time.monotonic() + 30
+    while True:
+        try:
+            with DaemonClient(home=home, timeout=2) as c:
+                c.ping()
+            return daemon
+        except DaemonError:
+            if time.monotonic() > end or daemon.poll() is not None:
+                raise RuntimeError(f"the daemon did not start: see {log.name}") from None
+            time.sleep(0.2)
+
+
+def stop_daemon(daemon: subprocess.Popen) -> None:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(10)
+
+
+@dataclass
+class Owner:
+    """Root's client and its job configs (for bench/attack_issue25.py)."""
+
+    c: Any
+    data: Path
+
+    def job_config(self, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "train": {"steps": 5},
+            "data": {"dir": str(self.data), "instance_prompt": "a red circle"},
+        }
+
+    def wait_end(self, job: int) -> Any:
+        end = time.monotonic() + 60
+        while (s := self.c.summary(job)).state not in ("finished", "failed", "cancelled"):
+            if time.monotonic() > end:
+                raise RuntimeError(f"job {job} did not end ({s.state})")
+            time.sleep(0.1)
+        return s
 
 
 def victim(keep: bool) -> int:
@@ -188,14 +254,20 @@ def victim(keep: bool) -> int:
     planted.mkdir()
     os.chown(planted, 65534, 65534)
     allowed = base / "allowed"
-    allowed.mkdir(mode=0o700)
+    allowed.mkdir(mode=0o755)
+    shared = allowed / "shared"  # a folder every user may write in, as /tmp (issue 25's links, spill)
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    data = allowed / "data"
+    data.mkdir(mode=0o700)
     from dallm.testing.fake_engine import tiny_png
 
     for i in range(2):  # the submit preflight wants images; the fake engine reads none
-        (allowed / f"{i}.png").write_bytes(tiny_png(32, 32))
+        (data / f"{i}.png").write_bytes(tiny_png(32, 32))
     paths = DaemonPaths(home)
     shutil.rmtree(paths.socket_dir, ignore_errors=True)
-    env = dict(os.environ, DALLM_JOB_RUNNER="dallm.testing.fake_engine:train", DALLM_ALLOW=str(allowed))
+    env = dict(os.environ, DALLM_JOB_RUNNER="dallm.testing.fake_engine:train", DALLM_ALLOW=str(allowed),
+               HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(base / "hub-cache"))  # fmt: skip
     env.pop("DALLM_CONNECT", None)
     common = [
         "--home",
@@ -229,16 +301,6 @@ def victim(keep: bool) -> int:
         shutil.rmtree(paths.socket_dir)
 
         daemon = start_daemon(home, env, port)
-        end = time.monotonic() + 30
-        while True:
-            try:
-                with DaemonClient(home=home, timeout=2) as c:
-                    c.ping()
-                break
-            except DaemonError:
-                if time.monotonic() > end or daemon.poll() is not None:
-                    raise RuntimeError(f"the daemon did not start: see {base / 'daemon.log'}") from None
-                time.sleep(0.2)
         server_public, _ = zmq.auth.load_certificate(paths.keys / "server.key")
         tcp = ["--tcp", f"tcp://127.0.0.1:{port}", "--server-key", server_public.decode()]
 
@@ -253,7 +315,7 @@ def victim(keep: bool) -> int:
         harm = [f"nobody got {got['answers']} answer(s)"] if got["answers"] else []
         refusals: list[str] = []
         with DaemonClient(home=home, timeout=10) as c:  # root, tricked into nobody's folder
-            cfg = {"name": "tricked", "train": {"steps": 5}, "data": {"dir": str(allowed), "instance_prompt": "a red circle"},
+            cfg = {"name": "tricked", "train": {"steps": 5}, "data": {"dir": str(data), "instance_prompt": "a red circle"},
                    "output_dir": str(planted)}  # fmt: skip
             try:
                 c.submit(cfg)
@@ -276,26 +338,39 @@ def victim(keep: bool) -> int:
         with DaemonClient(home=home, timeout=5) as c:
             c.ping()  # still up: nobody's shutdown did not reach it
         results.append(("pickle", not harm, "; ".join(harm or [json.dumps(got), *refusals])))
+
+        script = str(Path(__file__).resolve())
+        results.append(("flood", *issue25.check_flood(NOBODY, script, port, home)))
+        with DaemonClient(home=home, timeout=10) as c:
+            owner = Owner(c, data)
+            results.append(("links", *issue25.check_links(as_nobody, owner, shared, base)))
+            job = c.submit(owner.job_config("spilled") | {"output_dir": str(shared / "exp3")}).id
+            owner.wait_end(job)
+            head = c.ping().head
+        stop_daemon(daemon)
+        outside = base / "outside"
+        issue25.plant_spill(as_nobody, shared / "exp3", job, head, outside)
+        daemon = start_daemon(home, env, port)
+        with DaemonClient(home=home, timeout=10) as c:
+            results.append(("spill", *issue25.check_spill(Owner(c, data), job, outside)))
+            results.append(("limits", *issue25.check_limits(Owner(c, data), home)))
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
+        if daemon is not None:
+            stop_daemon(daemon)
         shutil.rmtree(paths.socket_dir, ignore_errors=True)
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
     for name, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}")
-    return 0 if all(ok for _, ok, _ in results) and len(results) == 5 else 1
+    return 0 if all(ok for _, ok, _ in results) and len(results) == 9 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--keep", action="store_true", help="keep the temp folder (home, daemon.log)")
     p.add_argument("--attacker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--attack", "--home", "--sock-dir", "--planted", "--marker", "--tcp", "--server-key"):
+    for name in ("--attack", "--home", "--sock-dir", "--planted", "--marker", "--tcp", "--server-key",
+                 "--targets", "--name", "--text"):  # fmt: skip
         p.add_argument(name, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.attacker:

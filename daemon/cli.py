@@ -121,19 +121,22 @@ def run_foreground(args: argparse.Namespace, paths: DaemonPaths) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, lambda signum, frame: daemon.reload_keys())
     logging.getLogger("dallm.daemon").info(
-        "daemon %d on %s, slots %s, control %s",
+        "daemon %d on %s, slots %s, control %s%s",
         os.getpid(),
         paths.home,
         daemon.slots,
         daemon.sockets.control_endpoints,
+        f"; {daemon.sched.executor.trust}" if hasattr(daemon.sched.executor, "trust") else "",
     )
     return daemon.run()
 
 
 def executor_options(args: argparse.Namespace) -> dict[str, object]:
-    if args.executor == "local" and (args.ray_address or args.gpus_per_job is not None or args.worker_host):
-        raise Fail("--ray-address, --gpus-per-job and --worker-host go with --executor ray")
-    return {"address": args.ray_address, "gpus_per_job": args.gpus_per_job, "worker_host": args.worker_host}
+    if args.executor == "local" and (args.ray_address or args.gpus_per_job is not None or args.worker_host
+                                     or args.trust_cluster):  # fmt: skip
+        raise Fail("--ray-address, --gpus-per-job, --worker-host and --trust-cluster go with --executor ray")
+    return {"address": args.ray_address, "gpus_per_job": args.gpus_per_job, "worker_host": args.worker_host,
+            "trust_cluster": args.trust_cluster}  # fmt: skip
 
 
 def executor_args(args: argparse.Namespace) -> list[str]:
@@ -144,7 +147,7 @@ def executor_args(args: argparse.Namespace) -> list[str]:
                         ("--worker-host", args.worker_host)):  # fmt: skip
         if value is not None:
             out += [flag, str(value)]
-    return out
+    return out + (["--trust-cluster"] if args.trust_cluster else [])
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -238,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--worker-host", metavar="HOST",
                    help="Ray: the address of this machine that nodes reach (default: the one Ray uses)")  # fmt: skip
+    s.add_argument("--trust-cluster", action="store_true",
+                   help="Ray: run on a cluster without token authentication; whoever reaches it gets "
+                        "this daemon's user's rights (docs/cluster.md)")  # fmt: skip
     s.set_defaults(func=cmd_start)
     t = sub.add_parser("stop", help="stop gracefully: running jobs checkpoint and resume at the next start")
     t.add_argument("--timeout", type=float, default=300.0)

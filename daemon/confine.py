@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dallm.config.job import folder_name
+from dallm.jobfiles import job_folder_problem
 from dallm.protocol import ProtocolError
 
 ALLOW_ENV = "DALLM_ALLOW"
@@ -118,4 +119,8 @@ def output_folder(
         return out
     if not inside(p, roots):
         raise ProtocolError("invalid_config", outside_message(source, "output_dir", output_dir, roots))
-    return p.resolve()
+    out = p.resolve()
+    problem = job_folder_problem(out)  # someone else's folder: files in it may be their links
+    if problem:
+        raise ProtocolError("invalid_config", f"{source}: output_dir: {out} {problem}; refusing to use it")
+    return out

@@ -24,7 +24,8 @@ from dallm.daemon.limits import MAX_HISTORY_PAGE, page_rows
 from dallm.daemon.resources import ResourceSampler, RunningWorker
 from dallm.daemon.scheduler import Scheduler, WorkerProc
 from dallm.daemon.store import Store
-from dallm.preflight import PreflightError, preflight
+from dallm.jobfiles import UnsafeJobFolder, read_fd
+from dallm.preflight import PreflightError, check_hub, preflight
 from dallm.protocol import (
     TERMINAL_STATES,
     CancelRequest,
@@ -102,6 +103,7 @@ def submit(ctx: Context, req: SubmitRequest, local: bool = False) -> JobReply:
     check_reads(cfg, req.source, roots)  # before the preflight looks at anything: no existence leak
     try:  # the same preflight as `dallm submit`, as the daemon's machine sees the files
         preflight(cfg)
+        check_hub(cfg.model.base)  # a hub id it cannot fetch fails now, with the cause, not 30 s later
     except PreflightError as e:
         raise ProtocolError("preflight_failed", f"{req.source}: {e}") from None
     data = cfg.model_dump(mode="json")
@@ -246,7 +248,7 @@ def worker_log(ctx: Context, req: WorkerLogRequest) -> WorkerLogReply:
     row = _job(ctx, req.job)
     path = Path(row["out_dir"] or ".") / WORKER_LOG
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(read_fd(path.parent, WORKER_LOG), "rb") as f:  # a planted link is refused
             size = os.fstat(f.fileno()).st_size
             if req.offset is None:
                 start = max(0, size - req.max_bytes)
@@ -256,8 +258,9 @@ def worker_log(ctx: Context, req: WorkerLogRequest) -> WorkerLogReply:
             data = f.read(min(req.max_bytes, size - start))
     except FileNotFoundError:
         return WorkerLogReply(path=str(path), text="", start=0, end=0, size=0)
-    except OSError as e:
-        raise ProtocolError("conflict", f"job {row['id']}: cannot read {path}: {e.strerror}") from None
+    except (OSError, UnsafeJobFolder) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ProtocolError("conflict", f"job {row['id']}: cannot read {path}: {why}") from None
     if req.offset is None and start > 0 and b"\n" in data:
         cut = data.index(b"\n") + 1  # a tail starts at a line's start
         data, start = data[cut:], start + cut

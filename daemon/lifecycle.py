@@ -18,6 +18,7 @@ from dallm.daemon.jobstate import decode_pending
 from dallm.daemon.scheduler import Scheduler, outcome
 from dallm.daemon.store import Store
 from dallm.daemon.worker_messages import WorkerMessages
+from dallm.jobfiles import make_job_folder, write_file
 from dallm.protocol import (
     CheckpointsDeletedEvent,
     InterruptCommand,
@@ -34,7 +35,8 @@ class JobLifecycle:
     """Starts, reaps and shuts down jobs; every state it gives a job goes through the job service."""
 
     def __init__(self, store: Store, sched: Scheduler, events: EventLog, jobs: JobService,
-                 worker_messages: WorkerMessages, state_dir: Path, shutdown_timeout: float) -> None:  # fmt: skip
+                 worker_messages: WorkerMessages, state_dir: Path, shutdown_timeout: float,
+                 roots: tuple[Path, ...] = ()) -> None:  # fmt: skip
         self.store = store
         self.sched = sched
         self.events = events
@@ -44,6 +46,7 @@ class JobLifecycle:
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.shutdown_timeout = shutdown_timeout
+        self.roots = roots  # the folders jobs may use: a job folder's chain is checked from its root
 
     def schedule(self) -> None:
         while not self.shutting_down and self.sched.free_slot() is not None:
@@ -66,11 +69,12 @@ class JobLifecycle:
         if resume is not None and resume == out and not any((out / "checkpoints").glob("step-*")):
             resume = None  # nothing saved yet: start over
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            make_job_folder(out, self.roots)  # ours, 0700, no link planted on the way (dallm/jobfiles.py)
             self.events.remember_folder(job, out)
-            cfg_path = out / "job-config.json"
             config = json.loads(row["config"])
-            cfg_path.write_text(json.dumps(for_slot(config, self.sched.devices[slot])))
+            cfg_path = write_file(
+                out, "job-config.json", json.dumps(for_slot(config, self.sched.devices[slot])).encode()
+            )
             w = self.sched.start(job, attempt, cfg_path, out, resume, out / "worker.log", slot, config)
         except Exception as e:  # a job that cannot start fails alone; the daemon serves on
             log.exception("job %s: cannot start", job)

@@ -14,10 +14,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from dallm.jobfiles import UnsafeJobFolder, read_fd
 
 log = logging.getLogger("dallm.daemon")
 
@@ -79,8 +82,9 @@ def fits(need: int | None, others: list[int | None], total: int | None) -> tuple
 
 def read_peak(out: Path) -> int | None:
     """The peak a worker wrote in its output folder, None when absent or unreadable."""
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        value = json.loads((out / PEAK_FILE).read_text()).get("bytes")
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, UnsafeJobFolder):
+        with os.fdopen(read_fd(out, PEAK_FILE), "rb") as f:  # no planted link followed
+            value = json.loads(f.read(4096)).get("bytes")
         if isinstance(value, int) and value > 0:
             return value
     return None

@@ -31,8 +31,9 @@ from dallm.daemon.events import EventLog
 from dallm.daemon.jobs import JobService
 from dallm.daemon.jobstate import CancelPending, decode_pending
 from dallm.daemon.scheduler import result_outcome
-from dallm.daemon.spill import SPILL_FILE
+from dallm.daemon.spill import SPILL_FILE, open_spill
 from dallm.daemon.store import Store
+from dallm.jobfiles import UnsafeJobFolder
 from dallm.protocol import (
     CheckpointEvent,
     FinishedEvent,
@@ -102,8 +103,15 @@ class Reconciler:
         files = {}
         for s in self.store.list_jobs():
             path = Path(s.out_dir) / SPILL_FILE
-            if s.out_dir and path.is_file():
-                files[s.id] = path
+            if not s.out_dir or not os.path.lexists(path):
+                continue
+            try:  # only a file the daemon's user wrote, in a folder of its own (daemon/spill.py)
+                open_spill(path).close()
+            except (OSError, UnsafeJobFolder) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                log.error("job %s: %s not replayed: %s", s.id, path, why)
+                continue
+            files[s.id] = path
         if not files:
             return
         held = self.events.adopt(files)

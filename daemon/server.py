@@ -79,7 +79,7 @@ class Daemon:
         self.worker_messages = WorkerMessages(self.sockets.workers, self.sched, self.store, self.events,
                                               self.jobs, self.reconciler)  # fmt: skip
         self.lifecycle = JobLifecycle(self.store, self.sched, self.events, self.jobs, self.worker_messages,
-                                      self.paths.state_dir, shutdown_timeout)  # fmt: skip
+                                      self.paths.state_dir, shutdown_timeout, roots.for_request(False, None))  # fmt: skip
         context = handlers.Context(
             store=self.store, jobs=self.jobs, events=self.events, sched=self.sched,
             command=self.worker_messages.command, schedule=self.lifecycle.schedule,

@@ -23,10 +23,12 @@ from dallm.client.transport import (
     server_keys,
     start_authenticator,
 )
+from dallm.daemon.gate import FD_RESERVE, MAX_SUBSCRIBERS, MAX_TOTAL, Gate, budget, claim, release
 from dallm.daemon.limits import CONTROL_RCVHWM, CONTROL_SNDHWM
 from dallm.protocol import MAX_CONTROL_BYTES, MAX_WORKER_BYTES
 
-PUB_HWM = 10_000  # per subscriber; beyond it PUB drops (training never waits on a subscriber)
+PUB_HWM = 2000  # per subscriber, with MAX_SUBSCRIBERS (daemon/gate.py) the memory bound; beyond it PUB
+# drops (training never waits on a subscriber; a client fills the gap from the history)
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
@@ -45,9 +47,13 @@ class Sockets:
         self.control_endpoints: list[str] = []
         self.pubs: list[zmq.Socket] = []
         self.event_endpoints: list[str] = []
+        self._claim = budget(len(bind), 1 + len(bind)) - FD_RESERVE
+        claim(self._claim)  # descriptors for every cap of daemon/gate.py
+        self.gate = Gate()  # caps the connections of every TCP socket and event socket
         self._bind_ipc()
         for endpoint in bind:
             self._bind_tcp(endpoint)
+        self.gate.start()
 
     def _control_socket(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -67,6 +73,7 @@ class Sockets:
     def _bind_ipc(self) -> None:
         ctl, pub = self._control_socket(), self.pub_socket()
         ctl.bind(self.paths.endpoint("control"))
+        self.gate.watch(pub, self.paths.endpoint("events"), MAX_SUBSCRIBERS, subscribers=True)
         pub.bind(self.paths.endpoint("events"))
         self.control.append(ctl)
         self.pubs.append(pub)
@@ -102,6 +109,8 @@ class Sockets:
         make_curve_server(ctl, public, secret)
         make_curve_server(pub, public, secret)
         self.curve_control.add(ctl)
+        self.gate.watch(ctl, endpoint, MAX_TOTAL)
+        self.gate.watch(pub, event_endpoint(endpoint), MAX_SUBSCRIBERS, subscribers=True)
         ctl.bind(endpoint)
         pub.bind(event_endpoint(endpoint))
         self.control.append(ctl)
@@ -143,13 +152,19 @@ class Sockets:
         """Close the CURVE event socket on `endpoint` and put a new one there, bound by `bind`: a
         PUB cannot drop one subscriber, so every one of them reconnects (with its key)."""
         i = self.event_endpoints.index(endpoint)
+        self.gate.stop()
+        self.gate.unwatch(self.pubs[i])
         self.pubs[i].close(0)
         pub = self.pub_socket()
         make_curve_server(pub, *server_keys(self.paths.keys))
+        self.gate.watch(pub, endpoint, MAX_SUBSCRIBERS, subscribers=True)
         bind(pub, endpoint)
         self.pubs[i] = pub
+        self.gate.start()
 
     def close(self) -> None:
+        self.gate.close()
+        release(self._claim)
         for s in [*self.control, *self.pubs, self.workers]:
             s.close(0)
         if self.auth is not None:

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import heapq
 import json
 import logging
 import os
 import sqlite3
+import stat
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dallm.daemon.store import SUMMARY_COLUMNS, EventRow
-from dallm.protocol import envelope_frames
+from dallm.jobfiles import UnsafeJobFolder, append_fd, read_fd
+from dallm.protocol import QUEUE_TOPIC, envelope_frames, job_topic
 
 log = logging.getLogger("dallm.daemon")
 
@@ -64,9 +67,13 @@ def encode_line(batch: int, job: int, rows: list[EventRow], updates: dict[str, A
     return (json.dumps({"b": batch, "job": job, "rows": out, "updates": updates}) + "\n").encode()
 
 
-# The job row's columns a spilled batch may set: the file lies in a job folder, so only known column
-# names of it reach the store's SQL (values are parameters), and only events of its own job.
-UPDATABLE = frozenset(k.strip() for k in SUMMARY_COLUMNS.split(",")) - {"id"}
+# The job row's columns a spilled line may set: progress only. The file lies in a job folder, so
+# only known column names reach the store's SQL (values are parameters), only events of its own job,
+# and never what the daemon derives itself (state, reason, name, out_dir, ...): a batch never sets
+# those (state changes go through JobService), a forged line could.
+NEVER_SPILLED = frozenset({"id", "name", "state", "reason", "out_dir", "priority", "created", "updated",
+                           "attempts", "history_gap"})  # fmt: skip
+UPDATABLE = frozenset(k.strip() for k in SUMMARY_COLUMNS.split(",")) - NEVER_SPILLED
 
 
 def _decode(line: bytes, job: int) -> tuple[int, int, list[EventRow], dict[str, Any]]:
@@ -78,15 +85,32 @@ def _decode(line: bytes, job: int) -> tuple[int, int, list[EventRow], dict[str, 
                      None if step is None else int(step), float(t), str(data),
                      None if blob is None else base64.b64decode(blob)))  # fmt: skip
     updates = dict(d["updates"])
-    if int(d["job"]) != job or any(r[2] != job for r in rows) or not UPDATABLE.issuperset(updates):
+    topics = (job_topic(job), QUEUE_TOPIC)
+    if (
+        int(d["job"]) != job
+        or any(r[2] != job or r[3] not in topics for r in rows)
+        or not UPDATABLE.issuperset(updates)
+    ):
         raise ValueError("a line of another job, or a column a batch never sets")
     return int(d["b"]), job, rows, updates
+
+
+def open_spill(path: Path) -> BinaryIO:
+    """A spill file for reading, only if the daemon's user wrote it: in a folder of ours that no one
+    else may write in, not a link, ours, 0600 (as append_line makes it); OSError or UnsafeJobFolder
+    otherwise. A file someone else planted in a shared folder is never replayed."""
+    f = os.fdopen(read_fd(path.parent, path.name), "rb")
+    mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+    if mode != 0o600:
+        f.close()
+        raise PermissionError(errno.EPERM, f"has mode {mode:04o}, not the 0600 the daemon writes")
+    return f
 
 
 def append_line(path: Path, line: bytes) -> None:
     """Append one whole line or nothing: a failed write (ENOSPC) is cut off again, so the next
     append does not continue a torn line. 0600: the events are the job owner's."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = append_fd(path.parent, path.name)  # no planted link followed (dallm/jobfiles.py)
     try:
         start = os.fstat(fd).st_size
         try:
@@ -139,7 +163,7 @@ class Spill:
         topic's last, from which the daemon's numbering must go on."""
         top, topics = committed, {}
         for job, path in files.items():
-            with contextlib.suppress(OSError), path.open("rb") as f:
+            with contextlib.suppress(OSError, UnsafeJobFolder), open_spill(path) as f:
                 for line in f:
                     try:
                         batch, _, rows, _ = _decode(line, job)
@@ -167,8 +191,8 @@ class Spill:
             path = folder / SPILL_FILE
             try:
                 append_line(path, encode_line(self.batches, job, part, updates.get(job, {})))
-            except OSError as e:
-                self._drop(job, part, f"cannot append to {path}: {e.strerror or e}")
+            except (OSError, UnsafeJobFolder) as e:
+                self._drop(job, part, f"cannot append to {path}: {getattr(e, 'strerror', None) or e}")
                 continue
             if job not in self.files:
                 log.warning("job %s: store unwritable and memory spill full: events go to %s", job, path)
@@ -217,12 +241,15 @@ class Spill:
         """The lines of a spill file; one that cannot be read back is counted lost once (a replay
         that the store cuts short reads the file again)."""
         try:
-            f = path.open("rb")
-        except OSError as e:
+            f = open_spill(path)
+        except (OSError, UnsafeJobFolder) as e:
             if (path, 0) not in self.unreadable:
                 self.unreadable.add((path, 0))
                 self._drop(
-                    job, [], f"cannot read {path}: {e.strerror or e}", lines=max(1, self.on_disk.get(job, 0))
+                    job,
+                    [],
+                    f"cannot read {path}: {getattr(e, 'strerror', None) or e}",
+                    lines=max(1, self.on_disk.get(job, 0)),
                 )
             return
         with f:
@@ -247,6 +274,8 @@ class Spill:
             self.on_disk[job] = self.on_disk.get(job, 0) - len(rows)
             publish([envelope_frames(r[0], r[1], r[3], r[2], r[6], r[7], r[8]) for r in rows])
         for job, path in self.files.items():
+            if (path, 0) in self.unreadable:
+                continue  # not ours to delete (see open_spill): left for its owner to see
             with contextlib.suppress(OSError):
                 path.unlink()
             log.warning("job %s: spilled events replayed into the store from %s", job, path)

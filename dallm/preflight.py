@@ -11,12 +11,21 @@ every image the job would use, which for this project's 5-50 images takes millis
 - `data.dir` / `data.class_dir`: exist, hold images, list no unsupported files (unless
   `data.on_bad_image = "skip"`), every image used decodes and is large enough, and each has a
   caption when there is no `data.instance_prompt`; at least `data.limit` usable images;
-- `eval.val_dir`: at least 2 images that decode; the Inception weights file or CLIP folder.
+- `eval.val_dir`: at least 2 images that decode; the Inception weights file or CLIP folder;
+- upper bounds (issue 25): `train.steps`, `train.batch_size`, `model.resolution`, and the batch's
+  activation memory, estimated from the model's width and the image side, against this machine's.
+
+A relative `model.base` that is no `./path` is a hub id, wherever the process runs: whether a folder
+of that name exists in the current directory never decides it (the daemon's is not the client's).
+`check_hub` (the daemon's submit) refuses a hub id that cannot be fetched: not in the local cache
+while offline (HF_HUB_OFFLINE, or the hub's host cannot be resolved), with the cause.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +33,8 @@ from typing import Any
 from dallm.config import HUB_ID, ConfigError, JobConfig, key_error, load_config
 from dallm.image.files import IMAGE_EXTS, ImageFileError, image_files, open_rgb, unsupported_files
 
-__all__ = ["ModelShape", "PreflightError", "checked_config", "model_shape", "preflight", "resolve_base"]
+__all__ = ["ModelShape", "PreflightError", "check_hub", "checked_config", "model_shape", "preflight",
+           "resolve_base"]  # fmt: skip
 
 
 class PreflightError(ConfigError):
@@ -56,11 +66,12 @@ def resolve_base(base: str) -> str:
             )
         return str(MODEL_DIR)
     path = Path(base).expanduser()
-    if path.exists():
+    local = path.is_absolute() or base.startswith((".", "~"))  # else a hub id, whatever the cwd holds
+    if local and path.exists():
         if not path.is_dir() or not (path / "unet").is_dir():
             raise PreflightError("model.base", f"{path} is not a diffusers model folder (no unet/ subfolder)")
         return str(path.resolve())
-    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+    if local or base.count("/") > 1:
         raise PreflightError(
             "model.base", f"folder {base} does not exist; give 'micro', a diffusers folder or a hub id"
         )
@@ -96,7 +107,7 @@ def _json(folder: Path, part: str) -> dict[str, Any] | None:
 def model_shape(base: str) -> ModelShape:
     source = resolve_base(base)
     folder = Path(source)
-    if not folder.is_dir():  # a hub id: nothing to read without the hub
+    if not folder.is_absolute():  # a hub id: nothing to read without the hub
         return ModelShape(source)
     unet, vae, text = _json(folder, "unet"), _json(folder, "vae"), _json(folder, "text_encoder")
     try:
@@ -135,6 +146,72 @@ def _check_sizes(cfg: JobConfig, shape: ModelShape) -> int | None:
             f"{te_rank} is wider than the text encoder ({shape.text_width}); use at most {shape.text_width}",
         )
     return resolution
+
+
+MAX_STEPS = 10**9
+MAX_BATCH = 65_536
+MAX_RESOLUTION = 4096  # or 4x the model's native side, if larger
+# Activation bytes per image pixel per channel of the UNet's narrowest level, forward and backward:
+# an order of magnitude (SD 1.5, 512 px, width 320: about 0.6 GiB an image), enough to refuse the
+# absurd (batch_size 10**9) long before a worker sits at step 0 growing its memory.
+ACTIVATION_BYTES = 8
+DEFAULT_WIDTH = 320  # a hub model's, unread
+SHIPPED = ("micro", "micro-llm")  # the models in this installation (dallm.llm.data.MICRO_LLM: no import)
+
+
+def machine_memory() -> int:
+    """This machine's RAM in bytes (0 when unknown: no memory bound)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0
+
+
+def check_bounds(cfg: JobConfig, shape: ModelShape | None, resolution: int | None) -> None:
+    """Upper bounds of the sizes a job asks for (one line each)."""
+    if cfg.train.steps > MAX_STEPS:
+        raise PreflightError("train.steps", f"{cfg.train.steps} is more than {MAX_STEPS}")
+    if cfg.train.batch_size > MAX_BATCH:
+        raise PreflightError("train.batch_size", f"{cfg.train.batch_size} is more than {MAX_BATCH}")
+    if shape is None:
+        return
+    most = max(MAX_RESOLUTION, 4 * (shape.resolution or 0))
+    if resolution is not None and resolution > most:
+        raise PreflightError(
+            "model.resolution", f"{resolution} is more than {most} (4x the model's own side or 4096)"
+        )
+    side, memory = resolution or shape.resolution or 512, machine_memory()
+    need = cfg.train.batch_size * side * side * (shape.unet_width or DEFAULT_WIDTH) * ACTIVATION_BYTES
+    if memory and need > memory:
+        raise PreflightError(
+            "train.batch_size",
+            f"{cfg.train.batch_size} images of {side} px need about {need / 2**30:,.0f} GiB of activations "
+            f"(the preflight's estimate); this machine has {memory / 2**30:,.0f} GiB",
+        )
+
+
+def check_hub(base: str) -> None:
+    """A hub id the job would download: refused (one line, the cause) when it is not in the local
+    cache and cannot be fetched: HF_HUB_OFFLINE is set, or the hub's host does not resolve."""
+    if base in SHIPPED or base.startswith((".", "/", "~")) or not HUB_ID.fullmatch(base):
+        return
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for name in ("model_index.json", "config.json"):
+        if isinstance(try_to_load_from_cache(base, name), str):
+            return
+    where = f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise PreflightError("model.base", f"hub id {base!r} is {where} and HF_HUB_OFFLINE is set")
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise PreflightError(
+            "model.base", f"hub id {base!r} is {where} and {host} cannot be reached ({e.strerror or e})"
+        ) from None
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -205,6 +282,7 @@ def _check_images(
 def preflight(cfg: JobConfig) -> None:
     """Raise PreflightError (one line, naming the key or file) when `cfg` could not run."""
     if cfg.model.kind == "llm":
+        check_bounds(cfg, None, None)
         from dallm.llm.data import preflight_llm
 
         try:
@@ -214,6 +292,7 @@ def preflight(cfg: JobConfig) -> None:
         return
     shape = model_shape(cfg.model.base)
     resolution = _check_sizes(cfg, shape)
+    check_bounds(cfg, shape, resolution)
     min_size = cfg.data.min_size or max(1, (resolution or 2) // 2)
     _check_images("data.dir", cfg.data.dir, cfg, min_size,
                   limit=cfg.data.limit, prompt=cfg.data.instance_prompt, need=cfg.data.limit or 1)  # fmt: skip

@@ -9,6 +9,7 @@ import functools
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,11 @@ class DaemonProc:
             self.env.pop("DALLM_JOB_RUNNER", None)
         self.env.update(env)
         self.proc: subprocess.Popen | None = None
+        self.prefix: list[str] = []  # before the daemon's command line (`prlimit --nofile=N:N`)
 
     def start(self, timeout: float = 30.0) -> DaemonProc:
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "dallm.daemon.cli",
@@ -193,3 +196,15 @@ def metric_steps(c: DaemonClient, job: int, include_superseded: bool = False) ->
         for e in events
         if isinstance(e.event, MetricsEvent) and (include_superseded or not e.superseded)
     ]
+
+
+def ended_then_killed(d: DaemonProc, steps: int) -> tuple[int, Path, int]:
+    """A job run to its end, then the daemon killed -9: (job, its folder, the store's last seq)."""
+    with d.client() as c:
+        job = c.submit(config("left", steps=steps, every=steps)).id
+        out = Path(wait_state(c, job, set(TERMINAL_STATES)).out_dir)
+    d.kill9()
+    db = sqlite3.connect(d.home / "dallm.db")
+    head = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    db.close()
+    return job, out, head

@@ -1,4 +1,4 @@
-"""Issue 13: the second-user attacks (bench/attack_second_user.py) do no harm. They need root (the
+"""Issues 13 and 25: the second-user attacks (bench/attack_second_user.py) do no harm. They need root (the
 attacker is `nobody`, via setpriv): CI runs as root; elsewhere the test is skipped and says why."""
 
 from __future__ import annotations
@@ -22,5 +22,5 @@ def test_a_second_local_user_cannot_harm_the_daemon() -> None:
     lines = res.stdout.strip().splitlines()
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(line.split()[1] for line in lines if line.startswith("PASS")) == [
-        "home:", "ipc:", "pickle:", "squat:", "tcp:",
+        "flood:", "home:", "ipc:", "limits:", "links:", "pickle:", "spill:", "squat:", "tcp:",
     ]  # fmt: skip

@@ -16,7 +16,10 @@ from dallm.daemon.executors.local import LocalExecutor
 def test_ray_options_need_the_ray_executor(tmp_path: Path, capsys) -> None:
     assert main(["start", "--foreground", "--home", str(tmp_path / "h"), "--gpus-per-job", "0.5"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "dallm-daemon start: --ray-address, --gpus-per-job and --worker-host go with --executor ray"
+    assert err == (
+        "dallm-daemon start: --ray-address, --gpus-per-job, --worker-host and --trust-cluster go with --executor ray"
+    )
+    assert main(["start", "--foreground", "--home", str(tmp_path / "h"), "--trust-cluster"]) == 1
 
 
 def test_the_ray_executor_without_ray_says_how_to_get_it(monkeypatch) -> None:

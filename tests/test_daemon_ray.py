@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,13 +36,23 @@ STORE_BYTES = 80 * 2**20  # the object store's least: the jobs pass small dicts 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+    """With Ray's token authentication (issue 25: the daemon refuses an open cluster); the token in
+    the environment, which the daemons of these tests inherit."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # this process reads its mode and token again (as Ray's own setup does)
+    AuthenticationTokenLoader.instance().reset_cache()
+    temp = str(Path(tempfile.mkdtemp(prefix="ray-")) / "r")  # Ray makes it 0777: in a 0700 folder
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": temp,
                 "object_store_memory": STORE_BYTES, "include_dashboard": False})  # fmt: skip
     for _ in range(2):
         c.add_node(num_cpus=1, num_gpus=1, object_store_memory=STORE_BYTES)
     c.wait_for_nodes()
     yield c
     c.shutdown()
+    del os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN"]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from daemon_helpers import config, daemons, home, metric_steps, wait_state, wait_step  # noqa: F401
+from daemon_helpers import config, daemons, ended_then_killed, home, metric_steps, wait_state, wait_step  # noqa: F401
 
 from dallm.daemon.reconcile import sample_grids
 from dallm.daemon.spill import SPILL_FILE, append_line, encode_line
@@ -114,14 +114,7 @@ def test_sample_grids_from_the_index_stay_inside_the_job_folder(tmp_path: Path) 
 
 
 def test_a_spill_file_a_dead_daemon_left_is_replayed_first(daemons, home: Path) -> None:
-    d = daemons()
-    with d.client() as c:
-        job = c.submit(config("left", steps=5, every=5)).id
-        out = Path(wait_state(c, job, set(TERMINAL_STATES)).out_dir)
-    d.kill9()
-    db = sqlite3.connect(home / "dallm.db")
-    head = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-    db.close()
+    job, out, head = ended_then_killed(daemons(), 5)
     # What a daemon that died during a store outage left in the job folder: two batches.
     rows = [
         (head + i, 0, job, job_topic(job), "log", None, time.time(),

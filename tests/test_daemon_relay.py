@@ -66,3 +66,26 @@ def test_a_job_key_speaks_for_its_job_only(link: tuple[zmq.Socket, Relay]) -> No
     assert received(daemon, 1_500) is None
     for s in (a, thief, stranger, late):
         s.close()
+
+
+def test_a_connection_flood_on_the_worker_port_is_capped(link: tuple[zmq.Socket, Relay]) -> None:
+    """Issue 25: the relay's TCP port is open to the network; connections that never handshake are
+    cut beyond the caps (daemon/gate.py), so they cannot fill the daemon's descriptors."""
+    import socket
+    import time
+
+    from dallm.daemon.gate import MAX_PENDING
+
+    _, relay = link
+    port = int(relay.endpoint.rsplit(":", 1)[1])
+    held = []
+    for _ in range(300):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        held.append(s)
+    time.sleep(1.0)
+    (gauge,) = relay.gate.gauges.values()
+    assert len(gauge.live) <= MAX_PENDING and gauge.refused >= 100  # (the rest wait in the backlog)
+    for s in held:
+        s.close()

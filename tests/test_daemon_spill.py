@@ -139,7 +139,7 @@ def test_spill_overflow_marks_the_history_incomplete(inproc, home: Path, capsys,
 
 
 def _rows(job: int, seqs: range) -> list[EventRow]:
-    return [(q, q - 1, job, f"job/{job}", "metrics", q, float(q), json.dumps({"x": q}), None) for q in seqs]
+    return [(q, q - 1, job, job_topic(job), "metrics", q, float(q), json.dumps({"x": q}), None) for q in seqs]
 
 
 def test_spill_files_replay_in_seq_order_across_jobs_and_resume_after_a_cut(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_spill_files_replay_in_seq_order_across_jobs_and_resume_after_a_cut(tmp_
     sp.push(_rows(1, range(1, 3)), {1: {"step": 2}}, [[b"m"]])  # memory
     sp.push(_rows(1, range(3, 5)) + _rows(2, range(5, 6)), {1: {"step": 4}}, [[b"x"]])  # disk from here
     sp.push(_rows(2, range(6, 7)), {}, [[b"y"]])  # fits in memory, but goes after the files: to disk
-    sp.push([(7, 0, 2, "job/2", "sample", 7, 7.0, "{}", b"\x89PNG")], {}, [])
+    sp.push([(7, 0, 2, job_topic(2), "sample", 7, 7.0, "{}", b"\x89PNG")], {}, [])
     assert len(sp) == 7 and (folders[1] / SPILL_FILE).exists() and (folders[2] / SPILL_FILE).exists()
     written: list[int] = []
     updates: list[dict[int, dict[str, Any]]] = []
@@ -234,7 +234,7 @@ def test_a_spill_line_of_another_job_or_column_is_refused(tmp_path: Path) -> Non
     append_line(path, encode_line(2, 1, _rows(1, range(2, 3)), {"config": "{}"}))
     append_line(path, encode_line(3, 1, _rows(1, range(3, 4)), {"step": 3}))
     sp = Spill()
-    assert sp.adopt({1: path}, committed=0) == (3, {"job/1": 3})
+    assert sp.adopt({1: path}, committed=0) == (3, {job_topic(1): 3})
     written: list[int] = []
     gaps: dict[int, str] = {}
     full = [True]

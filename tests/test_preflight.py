@@ -17,7 +17,7 @@ from daemon_helpers import config, daemons, home  # noqa: F401
 from dallm.cli import main
 from dallm.client.client import DaemonError
 from dallm.config import config_from_dict
-from dallm.preflight import PreflightError, model_shape, preflight
+from dallm.preflight import PreflightError, check_hub, model_shape, preflight, resolve_base
 
 
 def _cfg(data_dir: Path, **sections: dict[str, Any]) -> Any:
@@ -142,3 +142,71 @@ def test_submit_sweep_and_daemon_refuse_and_queue_nothing(
             assert main(["sweep", str(job), "--grid", "train.lr=1e-4,2e-4", "--dry-run", *argv, *base]) == 1
             assert message.split(": ", 1)[1][:30] in capsys.readouterr().err, case
         assert len(c.jobs()) == 1  # nothing was queued
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"train": {"batch_size": 10**9}}, "train.batch_size: 1000000000 is more than 65536"),
+        (
+            {"train": {"batch_size": 60_000}, "model": {"resolution": 4096}},
+            "train.batch_size: 60000 images of 4096 px need about",
+        ),
+        ({"train": {"steps": 10**12}}, "train.steps: 1000000000000 is more than"),
+        ({"model": {"resolution": 2**20}}, "model.resolution: 1048576 is more than 4096"),
+    ],
+    ids=["batch", "batch-memory", "steps", "resolution"],
+)
+def test_upper_bounds_are_refused_in_one_line(tmp_path: Path, sections: dict[str, Any], message: str) -> None:
+    """Issue 25: a batch of 10**9 was queued and sat at step 0 growing its memory."""
+    folder = write_images(tmp_path / "imgs", 2)
+    with pytest.raises(PreflightError) as e:
+        preflight(_cfg(folder, **sections))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_relative_base_is_a_hub_id_whatever_the_cwd_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25: `org/model` was a folder or a hub id depending on the process's working directory."""
+    from dallm.micro import MODEL_DIR
+
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "model").symlink_to(MODEL_DIR)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_base("org/model") == "org/model"
+    assert model_shape("org/model").resolution is None  # nothing read from the cwd's folder
+    assert resolve_base("./org/model") == str(MODEL_DIR.resolve())  # an explicit path is one
+
+
+def test_an_unfetchable_hub_id_is_refused_with_its_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        PreflightError,
+        match=r"model.base: hub id 'nosuch/model' is not in the local .* HF_HUB_OFFLINE is set",
+    ):
+        check_hub("nosuch/model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://no-such-host.invalid")
+    with pytest.raises(PreflightError, match=r"no-such-host.invalid cannot be reached \(.+\)"):
+        check_hub("nosuch/model")
+    check_hub("micro")
+    check_hub("micro-llm")
+
+
+def test_the_daemon_refuses_an_offline_hub_id_and_a_huge_batch_at_submit(daemons, home: Path) -> None:
+    d = daemons(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(home.parent / "empty-cache"))
+    with d.client() as c:
+        for sections, message in [
+            ({"model": {"base": "nosuch/model"}}, "HF_HUB_OFFLINE is set"),
+            ({"train": {"batch_size": 10**9}}, "train.batch_size: 1000000000 is more than"),
+        ]:
+            with pytest.raises(DaemonError) as err:
+                c.submit(config("x", steps=3, **sections))
+            assert err.value.code == "preflight_failed" and message in str(err.value)
+        assert c.jobs() == []

@@ -75,3 +75,12 @@ def test_daemon_answers_bad_request_not_internal(daemons, home: Path) -> None:
             assert c.summary(1).priority == 0 and c.ping()  # nothing changed, still serving
     finally:
         s.close(0)
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_a_request_carries_finite_numbers_only(value: str) -> None:
+    """Issue 25: `lr = Infinity` in a raw JSON request (the CLI refuses it; Python's JSON does not)."""
+    cfg = json.dumps(config("inf", steps=5)).replace('"steps": 5', f'"steps": 5, "lr": {value}')
+    with pytest.raises(ProtocolError) as err:
+        decode_request(f'{{"v":1,"id":1,"req":{{"op":"submit","config":{cfg}}}}}'.encode())
+    assert err.value.code == "bad_request" and "finite" in str(err.value)

@@ -25,5 +25,5 @@ def make_executor(name: str, options: dict[str, Any], folders: list[Path]) -> Ex
         from dallm.daemon.executors.ray import RayExecutor
 
         return RayExecutor(options.get("address") or "auto", folders, options.get("gpus_per_job"),
-                           options.get("worker_host"))  # fmt: skip
+                           options.get("worker_host"), bool(options.get("trust_cluster")))  # fmt: skip
     raise ValueError(f"--executor {name!r}: use local or ray")

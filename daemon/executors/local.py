@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 from dallm.daemon.executors.spec import WorkerSpec, worker_env
+from dallm.jobfiles import append_fd
 
 
 def detect_devices(spec: str | None) -> list[str]:
@@ -76,10 +77,11 @@ class LocalExecutor:
     def start(self, spec: WorkerSpec) -> LocalHandle:
         env = worker_env(spec, os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if spec.device == "cpu" else spec.device
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.log, "ab") as out:
+        # cwd: the job folder, which no one else may enter: a relative name the engine resolves (a hub
+        # id that is also a folder name) never finds something another user planted.
+        with os.fdopen(append_fd(spec.log.parent, spec.log.name), "ab") as out:  # no planted link
             proc = subprocess.Popen(spec.argv(os.getpid()), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, cwd=spec.out.parent,
+                                    stdin=subprocess.DEVNULL, env=env, cwd=spec.out,
                                     start_new_session=True)  # fmt: skip
         return LocalHandle(proc)
 

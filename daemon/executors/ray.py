@@ -26,8 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dallm.daemon.executors.ray_trust import SECRET_FILE, check_trust, read_secret
 from dallm.daemon.executors.relay import Relay
 from dallm.daemon.executors.spec import WorkerSpec
+from dallm.jobfiles import NOFOLLOW, append_fd, write_file
 
 log = logging.getLogger("dallm.daemon")
 MARKER = ".dallm-shared-check"
@@ -65,10 +67,16 @@ def run_worker(argv: list[str], env: dict[str, str], log_path: str, config: str,
         return {"code": 2, "placement": placement,
                 "error": f"{config} is not the daemon's on node {node}: job folders must be on storage "
                          "every node sees (docs/cluster.md)"}  # fmt: skip
-    full = {**os.environ, **env, "DALLM_PLACEMENT": placement, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "ab") as out:
+    full = {
+        **os.environ,
+        **env,
+        "DALLM_PLACEMENT": placement,
+        "PYTHONUNBUFFERED": "1",
+        "DALLM_WORKER_SECRET_KEY": read_secret(Path(log_path).parent),
+    }  # not a task argument
+    with os.fdopen(append_fd(Path(log_path).parent, Path(log_path).name), "ab") as out:  # no planted link
         proc = subprocess.Popen([*argv, "--parent", str(os.getpid())], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=full, cwd=str(Path(config).parent.parent),
+                                stdin=subprocess.DEVNULL, env=full, cwd=str(Path(config).parent),
                                 start_new_session=True)  # fmt: skip
     try:
         while proc.poll() is None:  # a sleep loop: a KeyboardInterrupt is raised between bytecodes
@@ -84,10 +92,23 @@ def run_worker(argv: list[str], env: dict[str, str], log_path: str, config: str,
     return {"code": proc.returncode, "placement": placement, "error": None}
 
 
+def write_marker(folder: Path, token: str) -> Path:
+    """The shared-storage marker, in a folder made fresh for it (mkdir fails on anything planted
+    there; 0755 and 0644: nodes may run as another user) and created O_EXCL without following a link."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f"{MARKER}-{token[:12]}"
+    probe.mkdir(mode=0o755)
+    fd = os.open(probe / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return probe / "token"
+
+
 def probe_marker(path: str) -> str:
-    """A probe task: the marker's text as this node sees it ("" when it cannot read it)."""
+    """A probe task: the marker's text as this node sees it ("" when it cannot read it, or it is a link)."""
     try:
-        return Path(path).read_text()
+        with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as f:
+            return f.read(256).decode(errors="replace")
     except OSError:
         return ""
 
@@ -139,7 +160,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str, folders: list[Path], gpus_per_job: float | None = None,
-                 worker_host: str | None = None) -> None:  # fmt: skip
+                 worker_host: str | None = None, trust_cluster: bool = False) -> None:  # fmt: skip
         self.ray = ray = _import_ray()
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -149,7 +170,10 @@ class RayExecutor:
             raise ValueError(f"--gpus-per-job {gpus_per_job:g}: the cluster has {self.cluster_gpus:g} GPU(s)")
         self.gpus = gpus_per_job if gpus_per_job is not None else (1.0 if self.cluster_gpus else 0.0)
         self.host = worker_host or ray.util.get_node_ip_address()
+        self.trust = check_trust(ray, trust_cluster)  # before any job: an open cluster is refused
+        log.log(logging.WARNING if "TRUSTED" in self.trust else logging.INFO, "%s", self.trust)
         check_shared(ray, folders)
+        self.secrets: dict[bytes, Path] = {}  # identity -> its secret's file, until released
         self.remote = ray.remote(max_retries=0)(run_worker)
         self.relay: Relay | None = None
 
@@ -177,10 +201,12 @@ class RayExecutor:
         env |= spec.env | {
             "DALLM_WORKER_SERVER_KEY": self.relay.public.decode(),
             "DALLM_WORKER_PUBLIC_KEY": public.decode(),
-            "DALLM_WORKER_SECRET_KEY": secret.decode(),
         }
+        # The secret goes through the job folder (0600, the daemon's user's): a task's arguments
+        # are readable by every user of the cluster (daemon/executors/ray_trust.py).
+        write_file(spec.out, SECRET_FILE, secret)
+        self.secrets[identity] = spec.out / SECRET_FILE
         digest = hashlib.sha256(spec.config.read_bytes()).hexdigest()
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
         task = self.remote.options(
             num_gpus=self.gpus, num_cpus=1, name=f"dallm-job-{spec.job}.{spec.attempt}"
         )
@@ -193,6 +219,10 @@ class RayExecutor:
     def release(self, identity: bytes) -> None:
         if self.relay is not None:
             self.relay.remove(identity)
+        secret = self.secrets.pop(identity, None)
+        if secret is not None:
+            with contextlib.suppress(OSError):
+                secret.unlink()
 
     def close(self) -> None:
         if self.relay is not None:
@@ -208,10 +238,8 @@ def check_shared(ray: Any, folders: list[Path]) -> None:
     probe = ray.remote(num_cpus=0, max_retries=0)(probe_marker)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / MARKER
         token = secrets.token_hex(16)
-        marker.write_text(token)
+        marker = write_marker(folder, token)
         refs = {
             n["NodeManagerAddress"]: probe.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
@@ -226,6 +254,8 @@ def check_shared(ray: Any, folders: list[Path]) -> None:
         finally:
             with contextlib.suppress(OSError):
                 marker.unlink()
+            with contextlib.suppress(OSError):
+                marker.parent.rmdir()
         blind = sorted(node for node, text in seen.items() if text != token)
         if blind:
             raise RuntimeError(f"{folder} is not on storage every Ray node sees (node {', '.join(blind)} "

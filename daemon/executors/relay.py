@@ -5,7 +5,8 @@ local one.
 Each job attempt gets its own key pair (`add`); the ZAP handler admits only keys of jobs running
 now, and every message must come from the key of the identity ("job.attempt") it claims, so one
 job's key cannot speak for another job. `remove` revokes the key when the job has ended. The
-daemon's key pair is made fresh at each start; the secret keys never touch the disk.
+daemon's key pair is made fresh at each start; its secret never touches the disk (a worker's
+secret goes through its job folder, 0600: daemon/executors/ray_trust.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from dallm.daemon.gate import MAX_TOTAL, Gate, claim, local_address, release
 from dallm.protocol import MAX_WORKER_BYTES
 
 log = logging.getLogger("dallm.daemon")
@@ -43,6 +45,10 @@ class Relay:
         self.front.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_BYTES)
         self.front.setsockopt(zmq.RCVHWM, 100_000)
         self.front.setsockopt(zmq.LINGER, 0)
+        # A flood of connections on this port must not fill the daemon's descriptors (daemon/gate.py).
+        claim(MAX_TOTAL)
+        self.gate = Gate()
+        gauge = self.gate.watch(self.front, "tcp://*:0", MAX_TOTAL)
         host, _, port = bind.removeprefix("tcp://").rpartition(":")
         if host and port.isdigit():
             self.front.bind(bind)
@@ -50,6 +56,8 @@ class Relay:
         else:
             host = bind.removeprefix("tcp://")
             self.endpoint = f"tcp://{host}:{self.front.bind_to_random_port(f'tcp://{host}')}"
+        gauge.endpoint, gauge.local = self.endpoint, local_address(self.endpoint)
+        self.gate.start()
         self.daemon_endpoint = daemon_endpoint
         self.ops: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.stopping = threading.Event()
@@ -76,6 +84,8 @@ class Relay:
     def close(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=5)
+        self.gate.close()
+        release(MAX_TOTAL)
         self.auth.stop()
         self.ctx.destroy(linger=0)
 

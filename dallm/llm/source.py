@@ -37,7 +37,7 @@ def resolve_llm_base(base: str) -> str:
             )
         return str(MODEL_DIR)
     path = Path(base).expanduser()
-    if path.exists():
+    if (path.is_absolute() or base.startswith((".", "~"))) and path.exists():  # never by the cwd's folders
         if not (path / "config.json").is_file():
             raise _err("model.base", f"{path} is not a transformers model folder (no config.json)")
         return str(path.resolve())

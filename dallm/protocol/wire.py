@@ -31,7 +31,7 @@ def _open_frame(frame: bytes, key: str) -> tuple[int, dict]:
     from dallm.protocol.limits import FrameShapeError, loads_bounded
 
     try:
-        data = loads_bounded(frame)
+        data = loads_bounded(frame, finite=key == "req")
     except FrameShapeError as e:
         raise ProtocolError("bad_request", str(e)) from None
     except (ValueError, UnicodeDecodeError):
