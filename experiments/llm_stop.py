@@ -1,7 +1,7 @@
 """Early stopping on the micro LLM where it overfits (issue 23, item 4's LLM test): record, then replay.
 
     python experiments/llm_stop.py record --data-seed 1 --seeds 0-5 --lr-scheduler constant [--texts 8]
-    python experiments/llm_stop.py replay experiments/data/llm [--tune-seeds 0-2] [--out DIR]
+    python experiments/llm_stop.py replay experiments/data/llm [--tune-seeds 0-1] [--out DIR]
     python experiments/llm_stop.py pack runs/experiments/llm_stop experiments/data/llm
 
 `record` trains `configs/llm-quickstart.toml` with `lora.mlp = true`, rank 8, on `--texts` teacher
@@ -91,7 +91,8 @@ def record(args: argparse.Namespace) -> int:
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
     for seed in seeds_arg(args.seeds):
-        out = OUT / f"{name}-{args.lr_scheduler}" / f"seed{seed}"
+        tag = f"{name}-{args.lr_scheduler}" + ("" if args.lr == LR else f"-lr{args.lr}")
+        out = OUT / tag / f"seed{seed}"
         if any(out.glob("*/result.json")):  # finished: a rerun continues with the next seed
             continue
         cmd = [sys.executable, "-m", "dallm", "sweep", str(CONFIG), "--local", "--id", out.name]
@@ -156,7 +157,8 @@ def main() -> int:
     k.add_argument("dest", type=Path)
     y = sub.add_parser("replay", help="every policy and baseline from packed logs: the tables")
     y.add_argument("folder", type=Path, help="the packed logs (*.jsonl.gz)")
-    y.add_argument("--tune-seeds", default="0-2", help="training seeds the CS policy is chosen on")
+    y.add_argument("--tune-seeds", default="0-1", help="training seeds the CS policy is chosen on")
+    y.add_argument("--tune-setting", default="constant, lr 0.003", help="the setting tuned on")
     y.add_argument("--out", type=Path, default=None, help="also write the tables and runs.csv here")
     args = p.parse_args()
     if args.cmd == "record":

@@ -269,6 +269,10 @@ def windows_table(runs: list[Run]) -> list[str]:
     return out
 
 
+def setting(run: Run) -> str:
+    return f"{run.head['lr_scheduler']}, lr {float(run.head['lr']):g}"
+
+
 def replay_main(args: argparse.Namespace) -> int:
     from llm_stop import seeds_arg
 
@@ -279,32 +283,39 @@ def replay_main(args: argparse.Namespace) -> int:
     plist = policies()
     res = {p: {r.name: score(r, *f(r)) for r in runs} for p, f in plist.items()}
     tune_seeds = set(seeds_arg(args.tune_seeds))
-    lines = ["## Precondition (all runs)", ""]
-    for sched in sorted({r.head["lr_scheduler"] for r in runs}):
-        group = [r for r in runs if r.head["lr_scheduler"] == sched]
-        lines += [f"lr schedule {sched}:", "", *precondition(group), ""]
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(setting(r), []).append(r)
+    lines = ["## Precondition", ""]
+    for name, group in groups.items():
+        lines += [f"{name}:", "", *precondition(group), ""]
     lines += ["## The turning point against the window (all runs)", "", *windows_table(runs), ""]
-    for sched in sorted({r.head["lr_scheduler"] for r in runs}) + ["all"]:
-        group = [r for r in runs if sched in ("all", r.head["lr_scheduler"])]
-        tune = [r.name for r in group if r.head["seed"] in tune_seeds]
-        test = [r.name for r in group if r.head["seed"] not in tune_seeds]
-        if not tune or not test:
+    # One CS policy, chosen on the tuning seeds of one setting; every other run is a test run.
+    tune = [r.name for r in groups.get(args.tune_setting, []) if r.head["seed"] in tune_seeds]
+    if not tune:
+        print(f"no run of {args.tune_setting!r} with a seed in {sorted(tune_seeds)} to tune on")
+        return 1
+    cs_names = [p for p in plist if p.startswith("CS ")]
+    tuned = min(summarise(res, cs_names, tune), key=lambda r: (r["median"], -r["saved"]))["policy"]
+    shown = [tuned] + [p for p in plist if p.startswith("CS M") and p.endswith("then best +30")]
+    shown = list(dict.fromkeys(shown + [p for p in plist if not p.startswith("CS ")]))
+    lines += [
+        f"CS policy chosen on {args.tune_setting}, seeds {sorted(tune_seeds)} x data seeds ({len(tune)} runs; "
+        f"lowest median regret, then most steps saved, among {len(cs_names)}): **{tuned}**.",
+        "",
+    ]
+    for name, group in [*groups.items(), ("all test runs", runs)]:
+        test = [r.name for r in group if r.name not in tune]
+        if not test:
             continue
-        cs_names = [p for p in plist if p.startswith("CS ")]
-        tuned = min(summarise(res, cs_names, tune), key=lambda r: (r["median"], -r["saved"]))["policy"]
-        shown = [tuned] + [p for p in plist if p.startswith("CS M") and p.endswith("then best +30")]
-        shown += [p for p in plist if not p.startswith("CS ")]
-        shown = list(dict.fromkeys(shown))
         seeds = sorted({r.head["seed"] for r in group if r.name in test})
         data = sorted({r.head["data_seed"] for r in group})
         lines += [
-            f"## lr schedule {sched}: test runs (seeds {seeds} x data seeds {data}, {len(test)} runs)",
-            "",
-            f"CS policy chosen on the tuning seeds {sorted(tune_seeds)} ({len(tune)} runs): **{tuned}**.",
+            f"## {name}: test runs (seeds {seeds} x data seeds {data}, {len(test)} runs)",
             "",
             *table(summarise(res, shown, test)),
             "",
-            f"All CS policies on the test runs ({sched}):",
+            f"All CS policies on these test runs ({name}):",
             "",
             *table(summarise(res, [tuned] + [p for p in cs_names if p != tuned], test)),
             "",
@@ -317,13 +328,13 @@ def replay_main(args: argparse.Namespace) -> int:
         with open(args.out / "runs.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(
-                ["policy", "run", "seed", "data_seed", "lr_scheduler", "stop", "returned", "oracle", "regret"]
+                ["policy", "run", "seed", "data_seed", "setting", "stop", "returned", "oracle", "regret"]
             )
             for p, per in res.items():
                 for r in runs:
                     x = per[r.name]
                     w.writerow(
-                        [p, r.name, r.head["seed"], r.head["data_seed"], r.head["lr_scheduler"]]
+                        [p, r.name, r.head["seed"], r.head["data_seed"], setting(r)]
                         + [x["stop"], x["returned"], x["oracle"], f"{x['regret']:.5f}"]
                     )
     return 0
