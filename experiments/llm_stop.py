@@ -133,9 +133,9 @@ def pack(args: argparse.Namespace) -> int:
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         rows = [{k: r[k] for k in KEEP if k in r} for r in rows if "cs" in r or "ppl_val" in r]
         name = head["run"].replace("/", "_") + ".jsonl.gz"
-        with gzip.open(args.dest / name, "wt") as f:
-            f.write(json.dumps(head) + "\n")
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        body = json.dumps(head) + "\n" + "".join(json.dumps(r) + "\n" for r in rows)
+        # mtime 0: packing the same runs again gives the same bytes (no spurious git changes)
+        (args.dest / name).write_bytes(gzip.compress(body.encode(), mtime=0))
         n += 1
     print(f"packed {n} runs into {args.dest}")
     return 0
