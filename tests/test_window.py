@@ -159,3 +159,13 @@ def test_the_lr_scaling_uses_the_mean_lr_of_the_window():
         assert value == pytest.approx(got[j], rel=1e-9)
     # a constant lr is the paper's Eq. 4 unchanged
     assert cs_fluctuation(list(cs), m, 1e-3)[1] == pytest.approx(var[0] / 1e-3)
+
+
+def test_a_short_job_with_the_default_window_survives_a_round_trip_through_its_saved_config() -> None:
+    """The daemon saves the whole config (job-config.json) and the worker reads it again: the default
+    window, now written out, must not turn into "larger than train.steps" (every short daemon job failed)."""
+    from dallm.config import config_from_dict, config_to_dict
+
+    cfg = config_from_dict({"data": {"dir": "x"}, "train": {"steps": 5}})
+    again = config_from_dict(config_to_dict(cfg))
+    assert again.monitor.window == cfg.monitor.window and again.train.steps == 5

@@ -53,10 +53,11 @@ class JobConfig(_Section):
             raise ValueError("data.dir: required (a folder of target images)")
         elif self.data.train or self.data.validation or self.data.base:
             raise ValueError('data.train: text files are for model.kind = "llm"; images go in data.dir')
-        # A window in epochs is known only with the training set (EarlyStop resolves it); a default
-        # window longer than a short run is no error: CS-Fluctuation is just never computed.
+        # A window in epochs is known only with the training set (EarlyStop resolves it); the default
+        # window longer than a short run is no error: CS-Fluctuation is just never computed. Judged by
+        # value, not by "was it set": a config saved whole (job-config.json) and read again sets every key.
         window = span_steps(self.monitor.window, steps, 2) if epochs_of(self.monitor.window) is None else 0
-        if window > steps and "window" in self.monitor.model_fields_set:
+        if window > steps and self.monitor.window != MonitorConfig.model_fields["window"].default:
             raise ValueError(f"monitor.window: {self.monitor.window} is larger than train.steps ({steps})")
         start = self.monitor.start_step
         if start is not None and window and start + 3 * window > steps:
