@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dallm.eval.fidelity import micro_fidelity
 from dallm.micro import load_feature_net
-from dallm.micro.build import eval_prompts, prompt_following, to_tensor
+from dallm.micro.build import eval_prompts, to_tensor
 from dallm.micro.compare import generate, load_finetuned
 from dallm.micro.teacher import render_teacher
 from dallm.report.sweep import load_runs
@@ -30,9 +31,7 @@ def measure(job_dir: Path, n: int, net) -> dict[str, float]:
     pipe = load_finetuned(job_dir)
     scenes = eval_prompts(n, 6060)
     images = generate(pipe, [s.caption("<s1><s2>") for s in scenes], seed=6061)
-    acc = prompt_following(net, images, scenes)
-    acc["baroque"] = float(net.predict(images)["style"].float().mean())
-    return acc
+    return micro_fidelity(net, images, scenes)
 
 
 def main() -> int:
@@ -49,10 +48,9 @@ def main() -> int:
     scenes = eval_prompts(args.n, 6060)
     rng = np.random.default_rng(6062)
     teacher = to_tensor(np.stack([render_teacher(s, rng) for s in scenes]))
-    t = prompt_following(net, teacher, scenes)
-    t_baroque = float(net.predict(teacher)["style"].float().mean())
+    t = micro_fidelity(net, teacher, scenes)
     lines.append(
-        f"| teacher images | - | {t['shape']:.2f} | {t['fg']:.2f} | {t['bg']:.2f} | {t_baroque:.2f} |"
+        f"| teacher images | - | {t['shape']:.2f} | {t['fg']:.2f} | {t['bg']:.2f} | {t['style']:.2f} |"
     )
     print(lines[-1], flush=True)
     for rd in load_runs(args.sweep, sweep):
@@ -61,7 +59,7 @@ def main() -> int:
         a = measure(rd.folder, args.n, net)
         params = ", ".join(f"{k}={v}" for k, v in rd.run.params.items())
         lines.append(
-            f"| {rd.run.name} | {params} | {a['shape']:.2f} | {a['fg']:.2f} | {a['bg']:.2f} | {a['baroque']:.2f} |"
+            f"| {rd.run.name} | {params} | {a['shape']:.2f} | {a['fg']:.2f} | {a['bg']:.2f} | {a['style']:.2f} |"
         )
         print(lines[-1], flush=True)
     text = f"Prompt following of each run's result ({args.n} held-out scenes):\n\n" + "\n".join(lines) + "\n"

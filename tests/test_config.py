@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dallm.config import ConfigError, config_from_dict, load_config, parse_override, save_config
+from dallm.config import (
+    ConfigError,
+    config_from_dict,
+    fidelity_judge,
+    load_config,
+    parse_override,
+    save_config,
+)
 
 
 def _base(**over: dict) -> dict:
@@ -31,6 +38,14 @@ def _base(**over: dict) -> dict:
         ({"data": {"on_bad_image": "ignore"}}, "data.on_bad_image", "error"),
         ({"tokens": {"ti_steps": 10}}, "tokens.ti_steps", "no tokens"),
         ({"monitor": {"start_step": 90}}, "monitor.start_step", "fewer than 3 windows"),
+        ({"monitor": {"window": "two epochs"}}, "monitor.window", "epochs"),
+        ({"monitor": {"margin": {"epochs": 0}}}, "monitor.margin", "more than 0"),
+        ({"monitor": {"fidelity_margin": -1}}, "monitor.fidelity_margin", "greater than or equal to 0"),
+        ({"eval": {"val_loss_timesteps": [10, 1000]}}, "eval.val_loss_timesteps", "0-999"),
+        ({"eval": {"val_loss_timesteps": [10, 10]}}, "eval.val_loss_timesteps", "distinct"),
+        ({"eval": {"fidelity": "vibes"}}, "eval.fidelity", "micro or clip:FOLDER"),
+        ({"eval": {"fidelity_prompts": -1}}, "eval.fidelity_prompts", "greater than or equal to 0"),
+        ({"eval": {"kid_bootstrap": 1}}, "eval.kid_bootstrap", "greater than or equal to 2"),
     ],
 )
 def test_bad_config_names_key(override: dict, key: str, reason: str) -> None:
@@ -44,6 +59,18 @@ def test_bad_config_names_key(override: dict, key: str, reason: str) -> None:
 def test_missing_data_dir() -> None:
     with pytest.raises(ConfigError, match="data.dir: required"):
         config_from_dict({})
+
+
+def test_who_judges_prompt_fidelity() -> None:
+    assert fidelity_judge(config_from_dict(_base())) == "micro"  # the micro model: its feature net
+    real = {"model": {"base": "/models/sd15"}}
+    assert fidelity_judge(config_from_dict(_base(**real))) is None  # inception features: no CLIP to ask
+    clip = _base(**real, eval={"features": "clip:/models/clip"})
+    assert fidelity_judge(config_from_dict(clip)) == "clip:/models/clip"
+    chosen = _base(**real, eval={"fidelity": "clip:/m/c"})
+    assert fidelity_judge(config_from_dict(chosen)) == "clip:/m/c"
+    assert fidelity_judge(config_from_dict(_base(eval={"fidelity_prompts": 0}))) is None
+    assert config_from_dict(_base()).eval.val_loss_timesteps == [10, 350, 500, 650, 990]
 
 
 def test_bad_set(tmp_path: Path) -> None:

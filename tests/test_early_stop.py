@@ -40,7 +40,8 @@ def csf_transcription(cs: list[float], m: int, lr: list[float]) -> list[float | 
             continue
         xs = [x(i) for i in range(j, j + m)]
         mean = sum(xs) / m
-        out.append(sum((v - mean) ** 2 for v in xs) / m / lr[j])  # Eq. 4
+        lr_j = sum(lr[j : j + 3 * m - 2]) / (3 * m - 2)  # the steps the variance spans
+        out.append(sum((v - mean) ** 2 for v in xs) / m / lr_j)  # Eq. 4
     return out
 
 
@@ -283,14 +284,22 @@ def test_guard_is_scale_free_where_a_range_guard_is_blinded_by_the_start_up_spik
 
 @pytest.mark.parametrize(
     ("value", "steps", "want"),
-    [(60, 600, 60), ("10%", 600, 60), (0.05, 600, 30), ("5%", 40, 2), ("30", 600, 30)],
+    [
+        (60, 600, 60),
+        ("10%", 600, 60),
+        (0.05, 600, 30),
+        ("5%", 40, 2),
+        ("30", 600, 30),
+        ({"steps": 40}, 600, 40),
+        ({"fraction": 0.1}, 600, 60),
+    ],
 )
 def test_window_in_steps_or_a_fraction(value, steps, want):
     assert window_steps(cfg_for(steps, window=value)) == want
 
 
 def test_window_and_margin_errors_name_the_key():
-    for bad in ("ten", 1.5, -0.1, "0%", 1, True):
+    for bad in ("ten", 1.5, -0.1, "0%", 1, True, "0 epochs", {"epochs": -1}, {"steps": 2.5}, {"weeks": 1}):
         with pytest.raises(ConfigError, match="monitor.window"):
             cfg_for(600, window=bad)
     with pytest.raises(ConfigError, match="monitor.margin"):

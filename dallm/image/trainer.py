@@ -65,6 +65,14 @@ def isolated_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def diffusion_target(sched: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict at timesteps `t`: the noise (epsilon) or the velocity (v-prediction).
+
+    The training loss and the validation loss (`dallm.eval.val_loss`) both use it.
+    """
+    return noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+
+
 def optimizer_and_schedule(
     groups: list[dict[str, Any]] | list[torch.nn.Parameter], tc: TrainConfig
 ) -> tuple[Any, Any]:
@@ -180,7 +188,7 @@ class Trainer:
         noisy = sched.add_noise(latents, noise, t)
         if cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t)
         ids = self._token_ids(captions)
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.use_autocast

@@ -37,7 +37,11 @@ def train_llm(cfg: JobConfig, out: Path, ckpt: Path | None, emit: PhaseEmit, pol
     parts = load_llm(cfg, device)
     trainer = LlmTrainer(cfg, parts, texts, device)
     has_val = bool(texts.validation) and cfg.eval.every > 0
-    early = EarlyStop(parts.model, cfg, has_val_kid=has_val) if cfg.monitor.cs else None
+    early = (
+        EarlyStop(parts.model, cfg, has_val_kid=has_val, train_size=len(texts.train))
+        if cfg.monitor.cs
+        else None
+    )
     evaluator = None
     if cfg.samples.every or cfg.eval.every:
         evaluator = LlmEvaluator(cfg, parts, texts, out, emit)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dallm.build_manifest import device_name, versions, write_manifest
+from dallm.eval.fidelity import prompt_following  # the library's measure, used here and by experiments
 from dallm.image.tiny import save_sd_pipeline
 from dallm.micro import featnet as featnet_mod
 from dallm.micro.stages import (
@@ -175,13 +176,6 @@ def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int, bat
         ).images
         out.append(img.float().cpu())
     return torch.cat(out)
-
-
-@torch.no_grad()
-def prompt_following(net, images: torch.Tensor, scenes: list[Scene]) -> dict[str, float]:
-    pred = net.predict(images.to(next(net.parameters()).device))
-    y = labels(scenes, 0)
-    return {k: float((pred[k].cpu() == y[:, i]).float().mean()) for i, k in enumerate(("shape", "fg", "bg"))}
 
 
 @torch.no_grad()

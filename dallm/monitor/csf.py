@@ -13,13 +13,16 @@ CS-Fluctuation (Eqs. 3-4), index alignment
     CSF_j is indexed, as in the paper, at the first step of its windows: it depends on
     CS_{j-1} .. CS_{j+3M-3}, so it becomes known at step j + 3M - 3 (the paper's Algorithm 1 writes
     a lag of M, which counts one window; three nested forward windows of M values lag 3(M-1)).
-    `lr_j` is the learning rate at step j (the index step); CSF_j is None where lr_j <= 0.
+    `lr_j` is the mean learning rate of steps j .. j+3M-3, the updates whose CS differences the
+    variance spans (the paper has one constant lr; under a warm-up or cosine schedule the lr at the
+    index step alone would scale a variance shaped by 3M-2 others). CSF_j is None where lr_j <= 0.
 
 The paper's protocol and ours
     The paper computes CS every step and sets M to the steps of one epoch (50 repeats of 20-30
-    images, 10 epochs: M is about 10% of the run) for diffusion models, and to 100 of 1,500 steps
-    (7%) for LLMs. dallm computes CS every step too; `monitor.window` takes steps or a fraction of
-    `train.steps` ("10%"), so the paper's proportion carries over to any run length.
+    images) for diffusion models, and to 100 of 1,500 steps for LLMs: M is tied to the data, not to
+    the budget. dallm computes CS every step too; `monitor.window` takes steps or epochs
+    (`dallm.monitor.window`); a fraction of `train.steps` only as an explicit choice, since the
+    turning point falls at about 1-5x M and would then follow whatever budget was typed.
 
 Turning point: two rules (`rule`)
     "paper": Algorithm 1 as written. A valley is a CSF sample after which the first difference of
@@ -96,7 +99,8 @@ def cs_fluctuation(cs: Sequence[float], window: int, lr: float | Sequence[float]
 
     out[j] = CSF_j as in the module docstring: defined for 1 <= j <= len(cs) - 3*window + 2 (and
     lr_j > 0), None elsewhere (index 0 has no slope; the last 3*window - 3 values are not known yet).
-    `lr` is one learning rate or one per step (same length as `cs`).
+    `lr` is one learning rate or one per step (same length as `cs`); lr_j is its mean over the steps
+    j .. j + 3*window - 3.
     """
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
@@ -110,10 +114,10 @@ def cs_fluctuation(cs: Sequence[float], window: int, lr: float | Sequence[float]
             raise ValueError(f"lr: expected one value or {n} values, got {lrs.shape[0] if lrs.ndim else 1}")
     out: list[float | None] = [None] * n
     var = _csf_core(values, window)
+    lr_mean = _sliding(lrs[1:], csf_lag(window) + 1, "mean")  # lr_j at position j-1
     for pos, v in enumerate(var):
-        j = pos + 1
-        if lrs[j] > 0:
-            out[j] = float(v / lrs[j])
+        if lr_mean[pos] > 0:
+            out[pos + 1] = float(v / lr_mean[pos])
     return out
 
 
@@ -208,7 +212,7 @@ class TurningPointDetector:
         if len(self._cs) < self._span:
             return None
         j = step - csf_lag(self.window)  # the index step of the new CSF value
-        lr_j = self._lr[1]  # _cs[0] is CS_{j-1}, _cs[1] is CS_j
+        lr_j = sum(self._lr[1:]) / (self._span - 1)  # steps j .. j+3M-3 (_cs[0] is CS_{j-1})
         var = float(_csf_core(np.asarray(self._cs), self.window)[0])
         found = self.observe_csf(j, var / lr_j if lr_j > 0 else None)
         if found is not None:

@@ -64,15 +64,23 @@ def copy_weights(state: TrainState) -> TrainState:
 
 class EarlyStop:
     def __init__(
-        self, unet: Any, cfg: JobConfig, *, has_val_kid: bool, cs_fn: Callable[[], float] | None = None
+        self,
+        unet: Any,
+        cfg: JobConfig,
+        *,
+        has_val_kid: bool,
+        cs_fn: Callable[[], float] | None = None,
+        train_size: int | None = None,
     ) -> None:
-        """`cs_fn`: CS of the live weights (default: `dallm.monitor.cs.CosineSimilarity` of `unet`)."""
+        """`cs_fn`: CS of the live weights (default: `dallm.monitor.cs.CosineSimilarity` of `unet`).
+        `train_size`: training items (images, texts), for a window or margin in epochs; None counts
+        data.dir's images (`dallm.config.training_set_size`)."""
         from dallm.monitor.cs import CosineSimilarity
 
         mc = cfg.monitor
         self.cfg = mc
-        self.window = window_steps(cfg)
-        self.margin = margin_steps(cfg)
+        self.window = window_steps(cfg, train_size)
+        self.margin = margin_steps(cfg, train_size)
         self.start = monitor_start(cfg)  # CS up to it is logged, not given to the detector (warm-up)
         self.cs_fn = (cs_fn or CosineSimilarity(unet)) if mc.cs else None
         self.detect = mc.cs and mc.early_stop != "off"
