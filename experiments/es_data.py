@@ -10,7 +10,8 @@ One `<group>/<name>.json.gz` per finished, scored run (`es_record.py`, `es_score
   - `kid_val` (50 samples of the training captions vs the 100 held-out images, the unbiased KID of
     all of them), `kid_val_std` (its std of the mean: bootstrap over samples and references,
     `dallm.eval.kid_spread`), `kid_val_a` / `kid_val_b` (against the two halves of
-    `split_references(100)`: choose on a, report on b), `kid_val_boot` (bootstrap replicates);
+    `split_references(100)`: choose on a, report on b), `kid_val_boot` / `kid_val_a_boot` /
+    `kid_val_b_boot` (bootstrap replicates against all references / half a / half b);
   - `val_loss` (mean noise-prediction MSE over 100 held-out images x 5 fixed timesteps, fixed
     noise), `val_loss_std` (std of that mean over images), `val_loss_img` (per image, for paired
     differences);
@@ -96,7 +97,8 @@ class Kid:
 def rates(t: torch.Tensor) -> dict[str, float]:
     """[N, 7] (predicted shape fg bg style | asked shape fg bg) -> fractions as prompted / in style."""
     out = {k: float((t[:, i] == t[:, 4 + i]).float().mean()) for i, k in enumerate(("shape", "fg", "bg"))}
-    out["style"] = float((t[:, 3] == 1).float().mean())  # style 1 = the teacher's (featnet.STYLES)
+    out["style"] = float((t[:, 3] == 1).float().mean())  # style 1 = the teacher's (world.STYLES)
+    out["fidelity"] = (out["shape"] + out["fg"] + out["bg"]) / 3  # as dallm.eval.fidelity.micro_fidelity
     return {k: round(v, 4) for k, v in out.items()}
 
 
@@ -113,6 +115,7 @@ def summarise(folder: Path, val: torch.Tensor, fresh: torch.Tensor) -> dict:
     train = [[r["step"], r.get("cs"), r.get("lr"), r.get("loss")] for r in rows if "loss" in r]
     half_a, half_b = split_references(len(val), 0)
     kv, kf = Kid(val, 50), Kid(fresh, 120)
+    ka, kb = Kid(val[half_a], 50), Kid(val[half_b], 50)
     evals: dict[str, dict] = {}
     for path in sorted((folder / "scores").glob("step-*.pt")):
         step = int(path.stem.split("-")[1])
@@ -120,8 +123,8 @@ def summarise(folder: Path, val: torch.Tensor, fresh: torch.Tensor) -> dict:
         e: dict = {}
         e["kid_val"], e["kid_val_boot"] = kv(d["val"])
         e["kid_val_std"] = round(float(np.std(e["kid_val_boot"], ddof=1)), 5)
-        e["kid_val_a"] = kv(d["val"], half_a)[0]
-        e["kid_val_b"] = kv(d["val"], half_b)[0]
+        e["kid_val_a"], e["kid_val_a_boot"] = ka(d["val"])
+        e["kid_val_b"], e["kid_val_b_boot"] = kb(d["val"])
         vl = d["val_loss"].double().mean(1)
         e["val_loss"] = float(vl.mean())
         e["val_loss_std"] = float(vl.std() / len(vl) ** 0.5)

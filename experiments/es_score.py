@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "runs" / "experiments" / "data"
 N_VAL = 50  # the engine's eval.num_images of the earlier study
-N_FRESH = 40  # per noise seed: 120 samples per checkpoint (the CPU budget; the issue asks more)
+N_FRESH = 30  # per noise seed: 90 samples per checkpoint (the CPU budget; the issue asks 200 x 3)
 FRESH_SEEDS = (7001, 7002, 7003)
 N_FID = 32
 FID_SEEDS = {"fid_choose": 6060, "fid_report": 6160}  # scene seeds: disjoint held-out prompt sets
@@ -44,9 +44,9 @@ VAL_LOSS_T = (10, 350, 500, 650, 990)
 VAL_LOSS_SEED = 4242
 STEPS, GUIDANCE = 10, 5.0
 # Fresh references and the report's fidelity at every checkpoint up to DENSE_UNTIL, then every
-# SPARSE_EVERY steps (the CPU budget: the runs' best steps were 60-390 in the earlier study); the
+# SPARSE_EVERY steps (the CPU budget: the runs' best steps were 60-180 in 9 of 10 earlier runs); the
 # validation sets, which policies choose on, at every checkpoint.
-DENSE_UNTIL, SPARSE_EVERY = 300, 60
+DENSE_UNTIL, SPARSE_EVERY = 240, 60
 FULL = ("val", "val_loss", "fresh", "fid_choose", "fid_report")
 LIGHT = ("val", "val_loss", "fid_choose")
 
@@ -160,10 +160,12 @@ class Scorer:
             out[name] = torch.cat([got, labels], dim=1)  # predicted shape fg bg style | asked shape fg bg
         return out
 
-    def run(self, light_after: int | None, extra: set[int]) -> int:
+    def run(self, light_after: int | None, extra: set[int], sparse_after: int | None = None) -> int:
         """Score every checkpoint not scored yet: everything at steps <= DENSE_UNTIL, at multiples of
         SPARSE_EVERY and at `extra`; past `light_after` (and at the other steps) only what choosing
-        needs (val, val_loss, fid_choose). A step scored light is rescored in full when asked."""
+        needs (val, val_loss, fid_choose); step 0 (the base) light too (its fidelity sets are the same
+        in every run). Past `sparse_after`, only multiples of SPARSE_EVERY at all. A step scored light
+        is rescored in full when asked."""
         from dallm.engine.checkpoint import list_checkpoints, load_checkpoint
         from dallm.eval.background import _load_weights
 
@@ -173,7 +175,9 @@ class Scorer:
         done = 0
         for step, ck in states:
             path = dest / f"step-{step:06d}.pt"
-            full = (step <= DENSE_UNTIL or step % SPARSE_EVERY == 0 or step in extra) and (
+            if sparse_after is not None and step > sparse_after and step % SPARSE_EVERY and step not in extra:
+                continue
+            full = (0 < step <= DENSE_UNTIL or (step and step % SPARSE_EVERY == 0) or step in extra) and (
                 light_after is None or step <= light_after
             )
             sets = FULL if full else LIGHT
@@ -197,6 +201,7 @@ def main() -> int:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--light-after", type=int, default=None, help="past this step only what choosing needs")
     p.add_argument("--full-steps", default="", help="comma-separated steps to score in full as well")
+    p.add_argument("--sparse-after", type=int, default=None, help="past this step only every SPARSE_EVERY")
     args = p.parse_args()
     torch.set_num_threads(1)
     for folder in args.runs:
@@ -204,7 +209,7 @@ def main() -> int:
             print(f"{folder}: not finished, skipped", file=sys.stderr)
             continue
         extra = {int(x) for x in args.full_steps.split(",") if x}
-        Scorer(folder).run(args.light_after, extra)
+        Scorer(folder).run(args.light_after, extra, args.sparse_after)
     return 0
 
 
