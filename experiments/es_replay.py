@@ -524,6 +524,89 @@ def budget(runs: list[Run], sel: SelChoice) -> list[str]:
     return lines
 
 
+def spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 2 and np.std(rx) and np.std(ry) else math.nan
+
+
+def disguise(runs: list[Run], w: tuple[str, float], on: str) -> list[str]:
+    """Does the turning point follow the run's best step, or sit at a fixed fraction of the run?"""
+    tps, seen, bests = [], [], []
+    for r in runs:
+        tp, sa = turning(r, window_steps(r, *w))
+        if tp is None:
+            continue
+        tps.append(tp)
+        seen.append(sa)
+        bests.append(best_of(r, on))
+    if not tps:
+        return ["no turning point found"]
+    return [
+        f"- M = {wlabel(w)}, {len(tps)} runs with a turning point: turning point {min(tps)}-{max(tps)} "
+        f"(median {statistics.median(tps):g}), confirmed at {min(seen)}-{max(seen)}; the run's best step "
+        f"{min(bests)}-{max(bests)} (median {statistics.median(bests):g}); Spearman rank correlation "
+        f"turning point vs best step {spearman(tps, bests):+.2f}; turning point - best step: "
+        f"{', '.join(f'{t - b:+d}' for t, b in zip(tps, bests, strict=True))}."
+    ]
+
+
+def curves(runs: list[Run]) -> list[str]:
+    """Per learning rate and step: the mean (min-max over runs) of what was measured."""
+    lines = [
+        "| lr | step | runs | KID_fresh | val KID | val loss | fidelity (report) | shape | style |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lr in sorted({r.lr for r in runs}):
+        group = [r for r in runs if r.lr == lr]
+        for step in sorted({s for r in group for s in r.full}):
+            es = [r.ev[step] for r in group if step in r.full]
+
+            def cell(vals: list[float]) -> str:
+                return f"{statistics.fmean(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})"
+
+            fr = [e["fid_report"] for e in es]
+            lines.append(
+                f"| {lr:g} | {step} | {len(es)} | {cell([e['kid_fresh'] for e in es])} "
+                f"| {cell([e['kid_val'] for e in es])} | {cell([e['val_loss'] for e in es])} "
+                f"| {statistics.fmean((f['shape'] + f['fg'] + f['bg']) / 3 for f in fr):.2f} "
+                f"| {statistics.fmean(f['shape'] for f in fr):.2f} | {statistics.fmean(f['style'] for f in fr):.2f} |"
+            )
+    return lines
+
+
+def base_fresh(runs: list[Run]) -> float | None:
+    """The base model's KID_fresh (step 0 scored in full in one run: the same prompts and noise in all)."""
+    return next((r.ev[0]["kid_fresh"] for r in runs if 0 in r.ev and "kid_fresh" in r.ev[0]), None)
+
+
+def quickstart_target(runs: list[Run], base: float | None, pols: dict[str, Policy]) -> list[str]:
+    """Issue 23's target for the quickstart's result: shape as prompted >= 0.8 and judged in style >= 0.8
+    on held-out prompts, KID_fresh under half the base's."""
+    if base is None:
+        return ["(the base model's KID_fresh is not scored yet)"]
+
+    def ok(r: Run, s: int) -> bool:
+        f = r.ev[s].get("fid_report")
+        return bool(f) and f["shape"] >= 0.8 and f["style"] >= 0.8 and r.ev[s]["kid_fresh"] < base / 2
+
+    steps = [(r, s) for r in runs for s in r.full]
+    hits = [(r.name, s) for r, s in steps if ok(r, s)]
+    lines = [
+        f"- base model KID_fresh {base:.3f}; checkpoints meeting all three (shape >= 0.8, style >= 0.8, "
+        f"KID_fresh < {base / 2:.3f}): {len(hits)} of {len(steps)} scored in full"
+        + (f" ({', '.join(f'{n} step {s}' for n, s in hits[:12])})" if hits else "")
+        + ".",
+        "- with shape >= 0.8 alone: "
+        f"{sum(1 for r, s in steps if r.ev[s]['fid_report']['shape'] >= 0.8)}; with style >= 0.8 and KID_fresh "
+        f"under half the base: {sum(1 for r, s in steps if r.ev[s]['fid_report']['style'] >= 0.8 and r.ev[s]['kid_fresh'] < base / 2)}.",
+    ]
+    for label, pol in pols.items():
+        outs = [(r, judge(r, pol)) for r in runs]
+        n = sum(1 for r, o in outs if o.regret is not None and ok(r, o.returned))
+        lines.append(f"- {label}: its result meets all three in {n} of {len(runs)} runs.")
+    return lines
+
+
 def criteria(test: list[Run], csf: Policy, eq: Policy, eq_label: str) -> list[str]:
     s = summary(test, csf, eq)
     m, lo, hi = s["diff"]
@@ -577,9 +660,26 @@ def main() -> int:
         "",
         *table(tune, pols, eq_label, "val_b"),
         "",
+        "## The quickstart's target (test seeds, report prompts)",
+        "",
+        *(quickstart_target(test, base_fresh(runs), pols) if test else []),
+        "",
+        "## Does the turning point follow the best step? (test seeds, best by KID_fresh)",
+        "",
+        *(disguise(test, w, "fresh") if test else []),
+        *(disguise(test, ("steps", 30.0), "fresh") if test and w != ("steps", 30.0) else []),
+        "",
+        "Tune seeds (best by half-b val KID):",
+        "",
+        *disguise(tune, w, "val_b"),
+        "",
         "## Budget invariance: result step planned at 600 vs 1,200 steps (constant lr, same seed)",
         "",
         *budget([r for r in runs if r.group == "test"], sel),
+        "",
+        "## Along the runs (test seeds): mean (min-max) per evaluated step",
+        "",
+        *(curves(test) if test else []),
         "",
         "## Per run, test seeds",
         "",
