@@ -17,8 +17,8 @@ One `<group>/<name>.json.gz` per finished, scored run (`es_record.py`, `es_score
     differences);
   - `fid_choose` / `fid_report`: the fraction of the 32 held-out scene prompts whose shape / fg / bg
     the feature net reads as prompted, and the fraction judged in the teacher's style;
-  - where scored in full: `kid_fresh` (120 samples from 3 noise seeds never used for choosing vs 200
-    fresh teacher images), `kid_fresh_seed` (each seed's 40 alone), `kid_fresh_boot`.
+  - where scored in full: `kid_fresh` (60 samples from 3 noise seeds never used for choosing vs 200
+    fresh teacher images), `kid_fresh_seed` (each seed's 20 alone), `kid_fresh_boot`.
   The `_boot` lists are `N_BOOT` bootstrap replicates whose resampling (reference indices, sample
   indices: row i has the same prompt and noise at every step) is the same at every step of a run, so
   replicate b of step s minus replicate b of step t is a paired replicate of KID(s) - KID(t).
@@ -114,7 +114,7 @@ def summarise(folder: Path, val: torch.Tensor, fresh: torch.Tensor) -> dict:
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [[r["step"], r.get("cs"), r.get("lr"), r.get("loss")] for r in rows if "loss" in r]
     half_a, half_b = split_references(len(val), 0)
-    kv, kf = Kid(val, 50), Kid(fresh, 120)
+    kv, kfs = Kid(val, 50), {}  # fresh: one per sample count (60; tune s0 has 90 and 120)
     ka, kb = Kid(val[half_a], 50), Kid(val[half_b], 50)
     evals: dict[str, dict] = {}
     for path in sorted((folder / "scores").glob("step-*.pt")):
@@ -134,6 +134,7 @@ def summarise(folder: Path, val: torch.Tensor, fresh: torch.Tensor) -> dict:
             e["fid_report"] = rates(d["fid_report"])
         if "fresh" in d:
             f = d["fresh"]
+            kf = kfs.setdefault(f.shape[0] * f.shape[1], Kid(fresh, f.shape[0] * f.shape[1]))
             e["kid_fresh"], e["kid_fresh_boot"] = kf(f.reshape(-1, f.shape[-1]))
             e["kid_fresh_seed"] = [kf(f[k], np.arange(len(fresh)))[0] for k in range(len(f))]
         evals[str(step)] = e
@@ -168,8 +169,10 @@ def main() -> int:
         if not (folder / "scores" / "done").is_file() or (dest.is_file() and not a.force):
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(dest, "wt") as f:
+        tmp = dest.with_suffix(".tmp")
+        with gzip.open(tmp, "wt") as f:
             json.dump(summarise(folder, val, fresh), f, separators=(",", ":"))
+        tmp.rename(dest)
         n += 1
         print(dest, flush=True)
     print(f"{n} run(s) written to {a.out}")

@@ -632,7 +632,9 @@ def main() -> int:
     ref30 = fixed(0.3, "last")
     grid, w, sel = tune_grid(tune, ref30)
     csf_tune = summary(tune, csf_alone(*w), ref30, "val_b")
-    eq_frac = EVERY * round(statistics.median(csf_tune["stops"]) / EVERY) / 600
+    # The nearest step scored in full in every test run (dense to 240, then 300, 360, 480, 600).
+    grid = [*range(30, 241, 30), 300, 360, 480, 600]
+    eq_frac = min(grid, key=lambda g: abs(g - statistics.median(csf_tune["stops"]))) / 600
     pols = standard_policies(w, sel, eq_frac)
     eq_label = next(k for k in pols if k.startswith(f"fixed stop at {eq_frac:.0%} (CSF"))
 
