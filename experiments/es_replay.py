@@ -498,7 +498,7 @@ def budget(runs: list[Run], sel: SelChoice) -> list[str]:
         return ["No 1,200-step runs yet."]
     pols = {
         "CSF alone, M = 30 steps": csf_alone("steps", 30),
-        "CSF alone, M = 12 epochs": csf_alone("epochs", 12),
+        "CSF alone, M = 10 epochs": csf_alone("epochs", 10),
         "CSF alone, M = 5% of the plan": csf_alone("fraction", 0.05),
         "CSF alone, M = 10% of the plan": csf_alone("fraction", 0.1),
         sel_label(sel): selection(*sel),
@@ -633,8 +633,8 @@ def main() -> int:
     grid, w, sel = tune_grid(tune, ref30)
     csf_tune = summary(tune, csf_alone(*w), ref30, "val_b")
     # The nearest step scored in full in every test run (dense to 240, then 300, 360, 480, 600).
-    grid = [*range(30, 241, 30), 300, 360, 480, 600]
-    eq_frac = min(grid, key=lambda g: abs(g - statistics.median(csf_tune["stops"]))) / 600
+    full_grid = [*range(30, 241, 30), 300, 360, 480, 600]
+    eq_frac = min(full_grid, key=lambda g: abs(g - statistics.median(csf_tune["stops"]))) / 600
     pols = standard_policies(w, sel, eq_frac)
     eq_label = next(k for k in pols if k.startswith(f"fixed stop at {eq_frac:.0%} (CSF"))
 
