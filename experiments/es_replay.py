@@ -607,18 +607,38 @@ def quickstart_target(runs: list[Run], base: float | None, pols: dict[str, Polic
     return lines
 
 
-def criteria(test: list[Run], csf: Policy, eq: Policy, eq_label: str) -> list[str]:
+def criteria(
+    test: list[Run], csf: Policy, eq: Policy, eq_label: str, name: str = "CS-Fluctuation alone"
+) -> list[str]:
     s = summary(test, csf, eq)
     m, lo, hi = s["diff"]
     scored = s["n"] - s["unscored"]
     frac = s["within"] / scored if scored else math.nan
     return [
-        f"- CS-Fluctuation alone vs {eq_label} (equal savings): paired KID_fresh difference mean {m:+.3f}, "
+        f"- {name} (median stop {statistics.median(s['stops']):g}) vs {eq_label} (equal savings): paired KID_fresh difference mean {m:+.3f}, "
         f"95% CI [{lo:+.3f}, {hi:+.3f}] over {len(test)} test runs: "
         f"{'PASS' if hi <= 0.02 else 'FAIL'} (criterion: upper end <= 0.02).",
-        f"- CS-Fluctuation alone within one paired SE of the run's best: {s['within']}/{scored} = {frac:.0%}: "
+        f"- {name} within one paired SE of the run's best: {s['within']}/{scored} = {frac:.0%}: "
         f"{'PASS' if frac >= 0.8 else 'FAIL'} (criterion: >= 80%).",
     ]
+
+
+FULL_GRID = [*range(30, 241, 30), 300, 360, 480, 600]  # steps scored in full in every test run
+
+
+def equal_savings(tune: list[Run], w: tuple[str, float]) -> float:
+    """The fraction of the run at CSF alone's median stop on tune, on the grid of steps scored in full."""
+    stops = summary(tune, csf_alone(*w), fixed(0.3, "last"), "val_b")["stops"]
+    return min(FULL_GRID, key=lambda g: abs(g - statistics.median(stops))) / 600
+
+
+def old_default_criteria(tune: list[Run], test: list[Run]) -> list[str]:
+    """The same criteria for CS-Fluctuation alone at the old default window (30 steps)."""
+    eq = equal_savings(tune, ("steps", 30.0))
+    label = f"fixed stop at {eq:.0%}, last weights"
+    return criteria(
+        test, csf_alone("steps", 30), fixed(eq, "last"), label, "CS-Fluctuation alone, M = 30 steps"
+    )
 
 
 def main() -> int:
@@ -631,10 +651,7 @@ def main() -> int:
     test = plans([r for r in runs if r.group == "test"])
     ref30 = fixed(0.3, "last")
     grid, w, sel = tune_grid(tune, ref30)
-    csf_tune = summary(tune, csf_alone(*w), ref30, "val_b")
-    # The nearest step scored in full in every test run (dense to 240, then 300, 360, 480, 600).
-    full_grid = [*range(30, 241, 30), 300, 360, 480, 600]
-    eq_frac = min(full_grid, key=lambda g: abs(g - statistics.median(csf_tune["stops"]))) / 600
+    eq_frac = equal_savings(tune, w)
     pols = standard_policies(w, sel, eq_frac)
     eq_label = next(k for k in pols if k.startswith(f"fixed stop at {eq_frac:.0%} (CSF"))
 
@@ -653,7 +670,18 @@ def main() -> int:
         "",
         "Pass criteria (test seeds):",
         "",
-        *(criteria(test, pols[next(iter(pols))], pols[eq_label], eq_label) if test else []),
+        *(
+            criteria(
+                test,
+                pols[next(iter(pols))],
+                pols[eq_label],
+                eq_label,
+                f"CS-Fluctuation alone, M = {wlabel(w)}",
+            )
+            if test
+            else []
+        ),
+        *(old_default_criteria(tune, test) if test and w != ("steps", 30.0) else []),
         "",
         "## Tune seeds (defaults chosen here)",
         "",
