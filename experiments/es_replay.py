@@ -389,6 +389,13 @@ def standard_policies(w: tuple[str, float], sel: SelChoice, eq_frac: float) -> d
         ),
         f"fixed stop at {eq_frac:.0%}, best val KID so far": fixed(eq_frac, "best"),
         sel_label(sel): selection(*sel),
+    }
+    # The engine's select_checkpoint as merged (paired, earliest not reliably worse, guard 0.2) and the
+    # tuned rule with the guards the grid tried, so the test seeds show what the guard costs and buys.
+    for c in [("paired", margin, 0.2, sw), (sel[0], margin, 0.2, sw), (sel[0], margin, 0.4, sw)]:
+        if c != sel:
+            pols[sel_label(c)] = selection(*c)
+    pols |= {
         f"turning (M = {wlabel(sw)}) + {margin} steps, lowest val KID (all refs), no guard": select(
             *sw, margin, None, "kid_val"
         ),
