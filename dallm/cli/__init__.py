@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dallm",
         description="Fine-tune text-to-image diffusion models with LoRA and watch every job live: KID, "
         "CS-Fluctuation early stopping, sample thumbnails; stop or roll back a job from a terminal.",
-        epilog="`dallm COMMAND --help` lists a command's options; README.md has examples.",
+        epilog="Early stopping: CS-Fluctuation's turning point says the best checkpoint is behind you, "
+        "not where it is (out of sample it behaved like a fixed stop; docs/results.md section 3): the "
+        "default returns the lowest validation KID evaluated once the turning point is confirmed "
+        "(monitor.select). `dallm COMMAND --help` lists a command's options; README.md has examples.",
     )
     parser.add_argument("--version", action="version", version=f"dallm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

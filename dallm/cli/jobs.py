@@ -87,6 +87,8 @@ class _LineProgress:
         from dallm.protocol.labels import validation_text
 
         kid = f"  {validation_text(s)}" if s.validation is not None else ""
+        if kid and s.validation_std is not None:
+            kid += " (± std of the mean)"  # the spread is named where it is shown (issue 23)
         tp = f"  turning point {s.turning_point}" if s.turning_point is not None else ""
         total = f"/{s.total_steps}" if s.total_steps else ""
         print(f"job {s.id} {s.state:<13} step {s.step}{total}{kid}{tp}", file=sys.stderr, flush=True)
