@@ -92,7 +92,7 @@ def test_the_default_window_and_margin_are_steps_not_a_fraction():
     assert window_steps(cfg(10)) == c.monitor.window  # a short run: no error, CS-Fluctuation just never comes
     with pytest.raises(ConfigError, match="monitor.window: 50 is larger than train.steps"):
         cfg(10, window=50)  # an explicit window is checked
-    assert c.monitor.fidelity_margin == 0.2
+    assert c.monitor.fidelity_margin == 0.4
     with pytest.raises(ConfigError, match="monitor.fidelity_margin"):
         cfg(10, fidelity_margin=-0.1)
 
