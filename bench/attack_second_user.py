@@ -302,7 +302,11 @@ def victim(keep: bool) -> int:
 
         daemon = start_daemon(home, env, port)
         server_public, _ = zmq.auth.load_certificate(paths.keys / "server.key")
-        tcp = ["--tcp", f"tcp://127.0.0.1:{port}", "--server-key", server_public.decode()]
+        tcp = [
+            "--tcp",
+            f"tcp://127.0.0.1:{port}",
+            f"--server-key={server_public.decode()}",
+        ]  # z85 may start with "-"
 
         got = as_nobody(["--attack", "tcp", *common, *tcp])
         results.append(("tcp", got == {"plaintext answers": 0, "own-key answers": 0}, json.dumps(got)))
