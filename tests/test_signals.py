@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dallm.config import config_from_dict, load_config
 from dallm.eval.evidence import job_evidence
 from dallm.eval.kid_spread import kid_mean
 from dallm.eval.schedule import eval_schedule
-from dallm.eval.signals import evidence_file, kid_values, measures_of
+from dallm.eval.signals import REFS_FILE, evidence_file, kid_values, measures_of
 from dallm.monitor.early_stop import EarlyStop
 from dallm.monitor.selection import Evidence, EvidenceSet
 from dallm.protocol import FinishedEvent, JobEvent, JobSummary, LogEvent, MetricsEvent, StartedEvent
@@ -67,14 +68,14 @@ def test_job_evidence_pairs_the_kept_features_and_falls_back_to_the_figures(tmp_
     for step, shift in shifts.items():
         path = evidence_file(tmp_path, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": step, "features": torch.randn(10, 6, generator=gen) + shift}, path)
+        save_file({"features": torch.randn(10, 6, generator=gen) + shift}, str(path))
         history[step] = {
             "kid_val": shift,
             "val_loss": shift / 10,
             "fidelity": 1 - shift / 4,
             "base_fidelity": 1.0,
         }
-    torch.save({"features": refs}, tmp_path / "eval" / "evidence" / "val_refs.pt")
+    save_file({"features": refs}, str(tmp_path / "eval" / "evidence" / REFS_FILE))
     found = job_evidence(tmp_path, history, [10, 20, 30], n_boot=50)
     assert found is not None and found.paired is not None and found.base_fidelity == 1.0
     by_step = {r.step: r for r in found.records}

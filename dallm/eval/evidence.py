@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from dallm.eval.kid_spread import N_BOOT, kid_mean, paired_kid_difference, split_references
@@ -67,6 +66,8 @@ def job_evidence(
     evaluations kept (`dallm.eval.signals`: eval/evidence/), val_loss / fidelity of `history` (step ->
     the measures of that evaluation; steps missing there are read from metrics.jsonl, as after a resume),
     base_fidelity from any of them. None: nothing was measured."""
+    from safetensors.torch import load_file
+
     from dallm.eval.signals import EVIDENCE_DIR, REFS_FILE, evidence_file
 
     missing = [s for s in steps if s not in history]
@@ -89,8 +90,8 @@ def job_evidence(
     for s in rows:
         path = evidence_file(out_dir, s)
         if path.is_file():
-            samples[s] = torch.load(path, weights_only=True)["features"]
-    refs = torch.load(refs_path, weights_only=True)["features"] if refs_path.is_file() else None
+            samples[s] = load_file(str(path))["features"]
+    refs = load_file(str(refs_path))["features"] if refs_path.is_file() else None
     if (
         refs is not None
         and samples

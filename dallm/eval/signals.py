@@ -31,7 +31,7 @@ from dallm.config import JobConfig, fidelity_judge
 
 FIDELITY_SEED_OFFSET = 0xF1DE  # the fidelity samples' noise differs from the KID samples'
 EVIDENCE_DIR = Path("eval") / "evidence"
-REFS_FILE = "val_refs.pt"
+REFS_FILE = "val_refs.safetensors"
 # The metric names an evaluation of the measures returns (what the trainer keeps per step).
 MEASURE_PREFIXES = ("kid_", "base_kid_", "val_loss", "base_val_loss", "fidelity", "base_fidelity")
 
@@ -45,13 +45,16 @@ def measures_of(values: dict[str, float]) -> dict[str, float]:
 
 
 def evidence_file(out_dir: Path, step: int) -> Path:
-    return out_dir / EVIDENCE_DIR / f"step_{step:06d}.pt"
+    return out_dir / EVIDENCE_DIR / f"step_{step:06d}.safetensors"
 
 
-def _save(path: Path, obj: Any) -> None:
+def _save(path: Path, features: Tensor) -> None:
+    """Features as safetensors (never a pickle: the design card's rule for files read back), atomically."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    save_file({"features": features.detach().cpu().contiguous()}, str(tmp))
     tmp.replace(path)
 
 
@@ -120,9 +123,9 @@ class Signals:
         if val_refs is None:
             return
         if not self._refs_kept:  # this job's references (an old folder may hold another job's)
-            _save(self.out_dir / EVIDENCE_DIR / REFS_FILE, {"features": val_refs})
+            _save(self.out_dir / EVIDENCE_DIR / REFS_FILE, val_refs)
             self._refs_kept = True
-        _save(evidence_file(self.out_dir, step), {"step": step, "features": samples})
+        _save(evidence_file(self.out_dir, step), samples)
 
     # -- validation loss -----------------------------------------------------------------------
 
